@@ -1,0 +1,305 @@
+"""The /v2 HTTP API: parse and validate, call a Source, shape the response.
+
+No httpx and no SQL here. Every ``RegistryError`` becomes OCI error JSON in
+``registry_error``; anything else is logged and answered as a 500 in the same
+shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Mapping
+from urllib.parse import urlencode
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route as HttpRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .errors import (NotFound, PaginationInvalid, RangeNotSatisfiable, RegistryError,
+                     Unsupported)
+from .fill import FillFailed
+from .models import validate_digest, validate_name, validate_reference, validate_tag
+from .routing import Route, Router
+from .store import BlobBody, Source
+
+log = logging.getLogger("mirror.api")
+
+API_VERSION = (b"docker-distribution-api-version", b"registry/2.0")
+PAGE_MAX = 1000
+PAGE_DEFAULT = 100
+
+
+@dataclass
+class Registry:
+    """What the routes serve from; built by app.py's lifespan."""
+
+    router: Router
+    sources: Mapping[str, Source]
+    repositories: Callable[[], Awaitable[list[tuple[str, str]]]]
+
+
+# -- responses ----------------------------------------------------------------------------
+
+
+def error_response(exc: RegistryError, method: str = "GET") -> Response:
+    headers = dict(exc.headers)
+    if method == "HEAD":
+        return Response(status_code=exc.status, headers=headers)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+class BlobResponse(Response):
+    """Streams a BlobBody; stops reading as soon as the client goes away, and aborts
+    the connection (never a short body that looks complete) if the source fails."""
+
+    def __init__(self, body: BlobBody, status: int, headers: dict[str, str],
+                 start: int, end: int | None, send_body: bool) -> None:
+        self.status_code = status
+        self.blob = body
+        self.start, self.end = start, end
+        self.send_body = send_body
+        self.init_headers(headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        if not self.send_body:
+            await send({"type": "http.response.body", "body": b""})
+            return
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.create_task(watch())
+        chunks = self.blob.chunks(self.start, self.end)
+        try:
+            async for chunk in chunks:
+                if gone.is_set():
+                    return
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        except (FillFailed, RegistryError, OSError) as exc:
+            # Headers are out: the only honest signal left is to break the connection.
+            log.warning("aborting response for %s: %s", self.blob.digest, exc)
+            raise
+        finally:
+            watcher.cancel()
+            await chunks.aclose()
+
+
+def parse_range(header: str | None, size: int | None) -> tuple[int, int] | None:
+    """(start, end exclusive) for one ``bytes=`` range; None to serve the whole blob."""
+    if not header or size is None:
+        return None
+    m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
+    if not m or (not m.group(1) and not m.group(2)):
+        return None            # multiple ranges or another unit: the whole blob (RFC 9110)
+    first, last = m.group(1), m.group(2)
+    if not first:              # suffix: the last N bytes
+        n = int(last)
+        if n == 0 or size == 0:
+            raise RangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
+        return max(0, size - n), size
+    start = int(first)
+    end = min(int(last) + 1, size) if last else size
+    if start >= size or (last and int(last) < start):
+        raise RangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
+    return start, end
+
+
+# -- request parsing ---------------------------------------------------------------------
+
+_MANIFEST = re.compile(r"(.+)/manifests/([^/]+)")
+_UPLOADS = re.compile(r"(.+)/blobs/uploads(?:/.*)?")
+_BLOB = re.compile(r"(.+)/blobs/([^/]+)")
+_TAGS = re.compile(r"(.+)/tags/list")
+
+
+def _registry(request: Request) -> Registry:
+    return request.app.state.registry
+
+
+def _route(request: Request, name: str) -> tuple[Route, Source]:
+    registry = _registry(request)
+    ns = request.query_params.get("ns")
+    route = registry.router.resolve(name, ns)
+    return route, registry.sources[route.upstream]
+
+
+def _page(request: Request, validate_last) -> tuple[int, str | None]:
+    raw_n = request.query_params.get("n")
+    n = PAGE_DEFAULT
+    if raw_n is not None:
+        if not raw_n.isdigit() or len(raw_n) > 9:
+            raise PaginationInvalid(f"n must be a non-negative integer, got {raw_n[:20]!r}")
+        n = min(int(raw_n), PAGE_MAX)
+    last = request.query_params.get("last")
+    if last is not None and last != "":
+        validate_last(last)
+    return n, last or None
+
+
+def _paginate(items: list[str], n: int, last: str | None) -> tuple[list[str], bool]:
+    if last is not None:
+        items = [i for i in items if i > last]
+    return items[:n], len(items) > n
+
+
+def _link(path: str, n: int, last: str, extra: dict[str, str]) -> str:
+    query = urlencode({**extra, "n": n, "last": last})
+    return f'<{path}?{query}>; rel="next"'
+
+
+def _common_headers(route: Route) -> dict[str, str]:
+    return {"OCI-Namespace": route.namespace} if route.namespace else {}
+
+
+# -- endpoints ---------------------------------------------------------------------------
+
+
+async def base(request: Request) -> Response:
+    return JSONResponse({})
+
+
+async def catalog(request: Request) -> Response:
+    registry = _registry(request)
+    n, last = _page(request, validate_name)
+    names = sorted({registry.router.display_name(u, r) for u, r in await registry.repositories()})
+    page, more = _paginate(names, n, last)
+    headers = {"Link": _link("/v2/_catalog", n, page[-1], {})} if more and page else {}
+    return JSONResponse({"repositories": page}, headers=headers)
+
+
+async def dispatch(request: Request) -> Response:
+    path = request.path_params["path"]
+    method = request.method
+    if method not in ("GET", "HEAD"):
+        raise Unsupported(f"{method} is not supported: this mirror serves pulls only")
+    if m := _MANIFEST.fullmatch(path):
+        return await manifest(request, m.group(1), m.group(2))
+    if _UPLOADS.fullmatch(path):
+        raise Unsupported("pushing is not supported: this mirror serves pulls only")
+    if m := _BLOB.fullmatch(path):
+        return await blob(request, m.group(1), m.group(2))
+    if m := _TAGS.fullmatch(path):
+        return await tags(request, m.group(1))
+    raise NotFound(f"no such endpoint: /v2/{path[:200]}")
+
+
+async def manifest(request: Request, name: str, reference: str) -> Response:
+    validate_name(name)
+    validate_reference(reference)
+    route, source = _route(request, name)
+    accept = request.headers.getlist("accept")
+    if request.method == "HEAD":
+        info = await source.head_manifest(route.repository, reference, accept)
+        body, digest, media_type, size = b"", info.digest, info.media_type, info.size
+    else:
+        m = await source.get_manifest(route.repository, reference, accept)
+        body, digest, media_type, size = m.data, m.digest, m.media_type, m.size
+    headers = {"Docker-Content-Digest": digest, "ETag": f'"{digest}"',
+               "Content-Type": media_type, "Content-Length": str(size), **_common_headers(route)}
+    return Response(body, headers=headers)
+
+
+async def blob(request: Request, name: str, digest: str) -> Response:
+    validate_name(name)
+    validate_digest(digest)
+    route, source = _route(request, name)
+    headers = {"Docker-Content-Digest": digest, "ETag": f'"{digest}"',
+               "Content-Type": "application/octet-stream", "Accept-Ranges": "bytes",
+               **_common_headers(route)}
+    if request.method == "HEAD":
+        size = await source.stat_blob(route.repository, digest)
+        if size >= 0:
+            headers["Content-Length"] = str(size)
+        return Response(b"", headers=headers)
+    body = await source.open_blob(route.repository, digest)
+    rng = parse_range(request.headers.get("range"), body.size)
+    if rng is None:
+        if body.size is not None:
+            headers["Content-Length"] = str(body.size)
+        return BlobResponse(body, 200, headers, 0, None, True)
+    start, end = rng
+    headers["Content-Length"] = str(end - start)
+    headers["Content-Range"] = f"bytes {start}-{end - 1}/{body.size}"
+    return BlobResponse(body, 206, headers, start, end, True)
+
+
+async def tags(request: Request, name: str) -> Response:
+    validate_name(name)
+    route, source = _route(request, name)
+    n, last = _page(request, validate_tag)
+    all_tags = await source.tags(route.repository)
+    page, more = _paginate(sorted(all_tags), n, last)
+    headers = _common_headers(route)
+    if more and page:
+        extra = {"ns": route.namespace} if route.namespace else {}
+        headers["Link"] = _link(f"/v2/{name}/tags/list", n, page[-1], extra)
+    return Response(json.dumps({"name": name, "tags": page}), headers=headers,
+                    media_type="application/json")
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+async def registry_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RegistryError)
+    if exc.status >= 500:
+        log.warning("%s %s -> %d %s", request.method, request.url.path, exc.status, exc.message)
+    return error_response(exc, request.method)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        err: RegistryError = Unsupported(f"{request.method} is not supported here")
+    elif exc.status_code == 404:
+        err = NotFound(f"no such endpoint: {request.url.path[:200]}")
+    else:
+        err = RegistryError(exc.detail)
+        err.status = exc.status_code
+    return error_response(err, request.method)
+
+
+async def unexpected_error(request: Request, exc: Exception) -> Response:
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return error_response(RegistryError("internal error; see the mirror's log"), request.method)
+
+
+EXCEPTION_HANDLERS = {RegistryError: registry_error, HTTPException: http_error,
+                      Exception: unexpected_error}
+
+ROUTES = [
+    HttpRoute("/v2/", base, methods=["GET", "HEAD"]),
+    HttpRoute("/v2/_catalog", catalog, methods=["GET", "HEAD"]),
+    HttpRoute("/v2/{path:path}", dispatch,
+              methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]),
+]
+
+
+class APIVersionHeader:
+    """Adds ``Docker-Distribution-API-Version: registry/2.0`` to every response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_header(message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), API_VERSION]
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)

@@ -1,0 +1,42 @@
+"""create_app(config): the ASGI application.
+
+The lifespan builds the cache (files + index), one Upstream and one ProxyStore
+per configured upstream, and closes them in reverse order.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+
+from .api import EXCEPTION_HANDLERS, ROUTES, APIVersionHeader, Registry
+from .cache import LocalCache
+from .config import Config
+from .proxy import ProxyStore
+from .routing import Router
+from .upstream import Upstream
+
+log = logging.getLogger("mirror")
+
+
+def create_app(config: Config) -> APIVersionHeader:
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        local = await LocalCache.open(config.data_dir)
+        sources = {name: ProxyStore(local, Upstream(up), up.tag_ttl)
+                   for name, up in config.upstreams.items()}
+        app.state.registry = Registry(Router(config), sources, local.repositories)
+        log.info("mirror ready on %s: upstreams %s (default %s), data in %s", config.listen,
+                 ", ".join(f"{n}={u.url}" for n, u in config.upstreams.items()),
+                 config.default, local.data_dir)
+        try:
+            yield
+        finally:
+            for source in sources.values():
+                await source.aclose()
+            await local.close()
+
+    app = Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    return APIVersionHeader(app)

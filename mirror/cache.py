@@ -1,0 +1,225 @@
+"""LocalCache: content-addressed files under the data directory, and the index.
+
+Layout::
+
+    data_dir/blobs/sha256/ab/ab12...   every blob and manifest, named by its digest
+    data_dir/tmp/                      files being written; removed at start-up
+    data_dir/index.db                  the SQLite index
+
+A file appears under ``blobs/`` only through ``os.replace`` of a temp file whose
+hash matched. Paths are built from validated digests only, never request text.
+Hot lookups (blob present, tag -> digest, repository links) are answered from
+in-memory maps loaded at start-up and kept in step with the index.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from . import fileio
+from .errors import DigestInvalid
+from .index import Index, TagRow
+from .models import HASHES, DIGEST_RE, Manifest, ManifestInfo, References
+
+log = logging.getLogger("mirror.cache")
+
+MANIFEST_MEMORY = 64 * 1024 * 1024   # bytes of hot manifests kept in memory
+
+
+class TempBlob:
+    """A file being written under data_dir/tmp, hashed as it is written."""
+
+    def __init__(self, path: Path, fd: int, algorithm: str) -> None:
+        self.path = path
+        self.fd = fd
+        self.size = 0
+        self._hasher = HASHES[algorithm]()
+        self._algorithm = algorithm
+        self.closed = False
+
+    async def write(self, data: bytes) -> None:
+        self._hasher.update(data)
+        await fileio.write_all(self.fd, data)
+        self.size += len(data)
+
+    @property
+    def digest(self) -> str:
+        return f"{self._algorithm}:{self._hasher.hexdigest()}"
+
+    def _close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)
+
+    async def discard(self) -> None:
+        def rm() -> None:
+            self._close()
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        await fileio.run(rm)
+
+
+class LocalCache:
+    def __init__(self, data_dir: Path, index: Index) -> None:
+        self.data_dir = data_dir
+        self.index = index
+        self._blobs: dict[str, int] = {}
+        self._manifests: dict[str, tuple[str, int]] = {}
+        self._tags: dict[tuple[str, str, str], TagRow] = {}
+        self._links: set[tuple[str, str, str]] = set()
+        self._hot: OrderedDict[str, bytes] = OrderedDict()
+        self._hot_bytes = 0
+        self._temp_seq = 0
+
+    @classmethod
+    async def open(cls, data_dir: Path) -> "LocalCache":
+        data_dir = Path(data_dir).resolve()
+
+        def prepare() -> None:
+            (data_dir / "blobs").mkdir(parents=True, exist_ok=True)
+            tmp = data_dir / "tmp"
+            if tmp.exists():
+                shutil.rmtree(tmp)       # partial fills of an earlier run
+            tmp.mkdir()
+        await fileio.run(prepare)
+        index = await Index.open(data_dir / "index.db")
+        cache = cls(data_dir, index)
+        cache._blobs = await index.load_blobs()
+        cache._manifests = await index.load_manifests()
+        cache._tags = {(t.upstream, t.repository, t.tag): t for t in await index.load_tags()}
+        cache._links = await index.load_links()
+        log.info("cache at %s: %d blobs, %d manifests, %d tags", data_dir,
+                 len(cache._blobs), len(cache._manifests), len(cache._tags))
+        return cache
+
+    async def close(self) -> None:
+        await self.index.close()
+
+    # -- paths -----------------------------------------------------------------------------
+
+    def path_for(self, digest: str) -> Path:
+        if not DIGEST_RE.fullmatch(digest):          # defence in depth: callers validated
+            raise DigestInvalid(f"invalid digest {digest[:200]!r}")
+        algorithm, hexpart = digest.split(":", 1)
+        return self.data_dir / "blobs" / algorithm / hexpart[:2] / hexpart
+
+    # -- read side -------------------------------------------------------------------------
+
+    def blob_size(self, digest: str) -> int | None:
+        return self._blobs.get(digest)
+
+    def manifest_info(self, digest: str) -> ManifestInfo | None:
+        entry = self._manifests.get(digest)
+        return ManifestInfo(digest, entry[0], entry[1]) if entry else None
+
+    async def read_manifest(self, digest: str) -> Manifest | None:
+        info = self.manifest_info(digest)
+        if info is None:
+            return None
+        data = self._hot.get(digest)
+        if data is None:
+            try:
+                data = await fileio.run(self.path_for(digest).read_bytes)
+            except FileNotFoundError:
+                log.error("manifest %s is in the index but its file is gone", digest)
+                return None
+            self._remember(digest, data)
+        else:
+            self._hot.move_to_end(digest)
+        self.index.touch(digest, manifest=True)
+        return Manifest(data, info.media_type, digest)
+
+    def _remember(self, digest: str, data: bytes) -> None:
+        self._hot[digest] = data
+        self._hot_bytes += len(data)
+        while self._hot_bytes > MANIFEST_MEMORY and self._hot:
+            _, old = self._hot.popitem(last=False)
+            self._hot_bytes -= len(old)
+
+    def tag(self, upstream: str, repository: str, tag: str) -> TagRow | None:
+        return self._tags.get((upstream, repository, tag))
+
+    def tags_of(self, upstream: str, repository: str) -> list[str]:
+        return sorted(t for (u, r, t) in self._tags if u == upstream and r == repository)
+
+    def linked(self, upstream: str, repository: str, digest: str) -> bool:
+        return (upstream, repository, digest) in self._links
+
+    def touch_blob(self, digest: str) -> None:
+        self.index.touch(digest)
+
+    # -- write side ------------------------------------------------------------------------
+
+    async def new_temp(self, algorithm: str = "sha256") -> TempBlob:
+        self._temp_seq += 1
+        path = self.data_dir / "tmp" / f"{os.getpid()}-{self._temp_seq}-{time.monotonic_ns()}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        fd = await fileio.run(os.open, path, flags, 0o644)
+        return TempBlob(path, fd, algorithm)
+
+    async def commit_blob(self, temp: TempBlob, digest: str) -> int:
+        """Make ``temp`` the blob ``digest`` if its bytes hash to it; else discard it."""
+        await self._place(temp, digest)
+        self._blobs[digest] = temp.size
+        await self.index.add_blob(digest, temp.size)
+        return temp.size
+
+    async def _place(self, temp: TempBlob, digest: str) -> None:
+        """Verify, then rename into place atomically; a mismatch discards the file."""
+        if temp.digest != digest:
+            await temp.discard()
+            raise DigestInvalid(f"content hashed to {temp.digest}, expected {digest}")
+        final = self.path_for(digest)
+
+        def place() -> None:
+            temp._close()
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(temp.path, final)
+        await fileio.run(place)
+
+    async def put_manifest(self, upstream: str, repository: str, manifest: Manifest,
+                           refs: References) -> None:
+        """Store a verified manifest (its digest is the hash of its bytes) and link
+        it, and everything it references, to the repository."""
+        if manifest.digest not in self._manifests:
+            temp = await self.new_temp(manifest.digest.split(":", 1)[0])
+            try:
+                await temp.write(manifest.data)
+            except BaseException:
+                await temp.discard()
+                raise
+            await self._place(temp, manifest.digest)
+            await self.index.add_manifest(manifest.digest, manifest.media_type, manifest.size, refs)
+            self._manifests[manifest.digest] = (manifest.media_type, manifest.size)
+            self._remember(manifest.digest, manifest.data)
+        await self.link(upstream, repository, (manifest.digest, *refs.blobs, *refs.manifests))
+
+    async def link(self, upstream: str, repository: str, digests) -> None:
+        new = [d for d in digests if (upstream, repository, d) not in self._links]
+        if new:
+            await self.index.link(upstream, repository, new)
+            self._links.update((upstream, repository, d) for d in new)
+
+    async def set_tag(self, upstream: str, repository: str, tag: str, digest: str,
+                      ttl: float) -> None:
+        now = time.time()
+        row = TagRow(upstream, repository, tag, digest, now, now + ttl)
+        await self.index.set_tag(row)
+        self._tags[(upstream, repository, tag)] = row
+
+    async def tag_list(self, upstream: str, repository: str):
+        return await self.index.tag_list(upstream, repository)
+
+    async def set_tag_list(self, upstream: str, repository: str, tags: list[str], ttl: float) -> None:
+        now = time.time()
+        await self.index.set_tag_list(upstream, repository, tags, now, now + ttl)
+
+    async def repositories(self) -> list[tuple[str, str]]:
+        return await self.index.repositories()

@@ -1,0 +1,240 @@
+"""config.yml -> frozen, validated settings.
+
+Every key has a default, so no file at all gives the embedded default: a mirror
+of Docker Hub on 0.0.0.0:5000 caching under ./data. A bad file raises
+``ConfigError`` whose message is one line naming the key and the problem.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+import yaml
+
+from .models import NAME_RE
+
+DOCKER_HUB = "docker.io"
+DOCKER_HUB_URL = "https://registry-1.docker.io"
+
+
+class ConfigError(Exception):
+    """One line: where, which key, what is wrong."""
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    name: str
+    url: str
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tag_ttl: float = 300.0
+    library_prefix: bool = False      # one-component names get "library/" (Docker Hub)
+    timeout: float = 30.0             # connect and read timeout, seconds
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "0.0.0.0"
+    port: int = 5000
+    data_dir: Path = Path("data")
+    max_size: int | None = None
+    default: str = DOCKER_HUB
+    upstreams: Mapping[str, UpstreamConfig] = field(default_factory=lambda: MappingProxyType(
+        {DOCKER_HUB: UpstreamConfig(DOCKER_HUB, DOCKER_HUB_URL, library_prefix=True)}))
+    log_level: str = "info"
+
+    @property
+    def listen(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+# -- value parsers: each raises ValueError with a short reason ------------------------------
+
+_UNITS_TIME = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_UNITS_SIZE = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2,
+               "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
+               "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_duration(value: Any) -> float:
+    """``90s``, ``5m``, ``1h``, ``7d`` or a plain number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 90s, 5m, 1h or 7d")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(value))
+        if not m:
+            raise ValueError(f"expected a duration like 90s, 5m, 1h or 7d, got {value!r}")
+        seconds = float(m.group(1)) * _UNITS_TIME[m.group(2) or "s"]
+    if seconds < 0:
+        raise ValueError("must not be negative")
+    return seconds
+
+
+def parse_size(value: Any) -> int:
+    """``50GiB``, ``512MiB``, ``10GB`` or a plain number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size like 512MiB or 50GiB")
+    if isinstance(value, int):
+        size = value
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+        unit = m.group(2).lower() if m else None
+        if not m or unit not in _UNITS_SIZE:
+            raise ValueError(f"expected a size like 512MiB or 50GiB, got {value!r}")
+        size = int(float(m.group(1)) * _UNITS_SIZE[unit])
+    if size <= 0:
+        raise ValueError("must be positive")
+    return size
+
+
+def parse_listen(value: Any) -> tuple[str, int]:
+    text = str(value)
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "0.0.0.0", text
+    host = host.strip("[]") or "0.0.0.0"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT like 0.0.0.0:5000, got {text!r}")
+    return host, int(port)
+
+
+def parse_url(value: Any) -> str:
+    url = str(value).rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+    return url
+
+
+def _expand_env(value: Any, key: str) -> Any:
+    """Replace ``${VAR}`` in strings with the environment's value."""
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: re.Match) -> str:
+        name = m.group(1)
+        if name not in os.environ:
+            raise ConfigError(f"{key}: environment variable {name} is not set")
+        return os.environ[name]
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", sub, value)
+
+
+# -- loading --------------------------------------------------------------------------------
+
+_TOP_KEYS = {"listen", "data_dir", "max_size", "default", "upstreams", "log_level"}
+_UPSTREAM_KEYS = {"url", "username", "password", "tag_ttl", "library_prefix", "timeout"}
+_LOG_LEVELS = {"critical", "error", "warning", "info", "debug"}
+
+
+def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Config:
+    """Read ``path`` (or nothing: the embedded default) and apply CLI overrides."""
+    raw: dict = {}
+    where = "config"
+    if path is not None:
+        where = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{where}: not valid YAML{at}: "
+                              f"{getattr(exc, 'problem', None) or exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: expected a mapping of keys at the top level")
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return _build(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _field(key: str, parse, value):
+    try:
+        return parse(value)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+def _build(raw: dict) -> Config:
+    unknown = set(map(str, raw)) - _TOP_KEYS
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown key (known: {', '.join(sorted(_TOP_KEYS))})")
+    kwargs: dict[str, Any] = {}
+    if "listen" in raw:
+        kwargs["host"], kwargs["port"] = _field("listen", parse_listen, _expand_env(raw["listen"], "listen"))
+    if "data_dir" in raw:
+        value = _expand_env(raw["data_dir"], "data_dir")
+        if not isinstance(value, (str, os.PathLike)) or not str(value):
+            raise ConfigError("data_dir: expected a directory path")
+        kwargs["data_dir"] = Path(value)
+    if raw.get("max_size") is not None:
+        kwargs["max_size"] = _field("max_size", parse_size, _expand_env(raw["max_size"], "max_size"))
+    if "log_level" in raw:
+        level = str(raw["log_level"]).lower()
+        if level not in _LOG_LEVELS:
+            raise ConfigError(f"log_level: expected one of {', '.join(sorted(_LOG_LEVELS))}")
+        kwargs["log_level"] = level
+    if "upstreams" in raw:
+        ups = raw["upstreams"]
+        if not isinstance(ups, dict) or not ups:
+            raise ConfigError("upstreams: expected a mapping of upstream name to settings")
+        kwargs["upstreams"] = MappingProxyType({str(n): _upstream(str(n), v) for n, v in ups.items()})
+    upstreams = kwargs.get("upstreams", Config().upstreams)
+    default = str(raw.get("default", DOCKER_HUB if DOCKER_HUB in upstreams else next(iter(upstreams))))
+    if default not in upstreams:
+        raise ConfigError(f"default: {default!r} is not one of the configured upstreams "
+                          f"({', '.join(upstreams)})")
+    kwargs["default"] = default
+    return Config(**kwargs)
+
+
+def _upstream(name: str, raw: Any) -> UpstreamConfig:
+    key = f"upstreams.{name}"
+    if not NAME_RE.fullmatch(name) or "/" in name:
+        raise ConfigError(f"{key}: upstream names are one path component like docker.io or ghcr.io")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key}: expected a mapping with at least url")
+    unknown = set(map(str, raw)) - _UPSTREAM_KEYS
+    if unknown:
+        raise ConfigError(f"{key}.{sorted(unknown)[0]}: unknown key "
+                          f"(known: {', '.join(sorted(_UPSTREAM_KEYS))})")
+    values = {k: _expand_env(v, f"{key}.{k}") for k, v in raw.items()}
+    if "url" not in values:
+        if name != DOCKER_HUB:
+            raise ConfigError(f"{key}.url: missing (the upstream registry's URL, e.g. https://{name})")
+        values["url"] = DOCKER_HUB_URL
+    kwargs: dict[str, Any] = {"name": name, "url": _field(f"{key}.url", parse_url, values["url"]),
+                              "library_prefix": name == DOCKER_HUB}
+    for k in ("username", "password"):
+        if values.get(k) is not None:
+            if not isinstance(values[k], (str, int)):
+                raise ConfigError(f"{key}.{k}: expected a string")
+            kwargs[k] = str(values[k])
+    if ("username" in kwargs) != ("password" in kwargs):
+        raise ConfigError(f"{key}: username and password go together")
+    if "tag_ttl" in values:
+        kwargs["tag_ttl"] = _field(f"{key}.tag_ttl", parse_duration, values["tag_ttl"])
+    if "timeout" in values:
+        kwargs["timeout"] = _field(f"{key}.timeout", parse_duration, values["timeout"])
+        if kwargs["timeout"] <= 0:
+            raise ConfigError(f"{key}.timeout: must be positive")
+    if "library_prefix" in values:
+        if not isinstance(values["library_prefix"], bool):
+            raise ConfigError(f"{key}.library_prefix: expected true or false")
+        kwargs["library_prefix"] = values["library_prefix"]
+    return UpstreamConfig(**kwargs)

@@ -1,0 +1,190 @@
+"""Bodies of blobs: a cached file, or a fill in progress.
+
+A ``Fill`` is one upstream download of a blob into a temp file, running as its
+own task (detached from the request that started it). Any number of readers
+follow the growing file. The last byte is held back until the whole blob is
+verified, so a download that turns out wrong or short ends every reader's
+response aborted, never complete-looking with bad bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import AsyncIterator
+
+from . import fileio
+from .cache import LocalCache, TempBlob
+from .errors import DigestInvalid, RegistryError, UpstreamBadContent, UpstreamUnavailable
+from .upstream import Upstream
+
+log = logging.getLogger("mirror.fill")
+
+WRITE_BACKLOG = 8 * 1024 * 1024   # bytes received but not yet written before we wait
+
+
+class CachedBlob:
+    """A blob already in the cache."""
+
+    def __init__(self, path: Path, digest: str, size: int) -> None:
+        self.path = path
+        self.digest = digest
+        self.size = size
+
+    async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        end = self.size if end is None else end
+        fd = await fileio.open_read(self.path)
+        try:
+            pos = start
+            async for chunk in fileio.read_range(fd, start, end):
+                pos += len(chunk)
+                yield chunk
+            if pos < end:
+                raise RegistryError(f"cached blob {self.digest} is shorter than its index entry")
+        finally:
+            os.close(fd)
+
+
+class FillFailed(Exception):
+    """Raised to readers when the download they follow failed after their headers went out."""
+
+
+class Fill:
+    def __init__(self, cache: LocalCache, upstream: Upstream, repository: str, digest: str) -> None:
+        self.cache = cache
+        self.upstream = upstream
+        self.repository = repository
+        self.digest = digest
+        self.size: int | None = None
+        self.written = 0
+        self.error: BaseException | None = None
+        self.done = False
+        self._temp: TempBlob | None = None
+        self._started = asyncio.Event()
+        self._finished = asyncio.Event()
+        self._progress = asyncio.Event()
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> "Fill":
+        self.task = asyncio.create_task(self._run(), name=f"fill {self.digest}")
+        return self
+
+    async def wait_started(self) -> None:
+        """Wait until upstream answered with headers; raise its error if it did not."""
+        await self._started.wait()
+        if self.error is not None and self.size is None and self.written == 0:
+            raise self.error
+
+    # -- the download ------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        inflight: asyncio.Future | None = None
+        try:
+            self._temp = await self.cache.new_temp(self.digest.split(":", 1)[0])
+            async with self.upstream.stream_blob(self.repository, self.digest) as resp:
+                length = resp.headers.get("content-length", "")
+                self.size = int(length) if length.isdigit() else None
+                self._started.set()
+                pending = bytearray()
+                async for chunk in resp.aiter_raw():
+                    pending += chunk
+                    # One write in flight at a time; what arrives meanwhile is coalesced
+                    # into the next write, so readers see bytes soon and writes stay big.
+                    if inflight is not None and (inflight.done() or len(pending) >= WRITE_BACKLOG):
+                        await self._settle(inflight)
+                        inflight = None
+                    if inflight is None:
+                        inflight = asyncio.ensure_future(self._temp.write(bytes(pending)))
+                        pending.clear()
+                if inflight is not None:
+                    await self._settle(inflight)
+                    inflight = None
+                if pending:
+                    await self._temp.write(bytes(pending))
+                    self._advance()
+            if self.size is not None and self._temp.size != self.size:
+                raise UpstreamUnavailable(f"upstream {self.upstream.name}: blob {self.digest} "
+                                          f"ended after {self._temp.size} of {self.size} bytes")
+            try:
+                await self.cache.commit_blob(self._temp, self.digest)
+            except DigestInvalid as exc:
+                raise UpstreamBadContent(f"upstream {self.upstream.name}: blob {exc.message}") from None
+            self.size = self._temp.size
+            log.info("cached blob %s (%d bytes) from %s/%s", self.digest, self.size,
+                     self.upstream.name, self.repository)
+        except BaseException as exc:
+            self.error = exc if isinstance(exc, RegistryError) else UpstreamUnavailable(
+                f"fill of {self.digest} failed: {type(exc).__name__}: {exc}")
+            if not isinstance(exc, RegistryError):
+                log.error("fill of %s failed", self.digest, exc_info=exc)
+            else:
+                log.warning("fill of %s failed: %s", self.digest, exc.message)
+            if inflight is not None:
+                inflight.cancel()
+                await asyncio.gather(inflight, return_exceptions=True)
+            if self._temp is not None:
+                await self._temp.discard()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        finally:
+            self.done = True
+            self._started.set()
+            self._finished.set()
+            self._notify()
+
+    async def _settle(self, inflight: asyncio.Future) -> None:
+        await inflight
+        self._advance()
+
+    def _advance(self) -> None:
+        assert self._temp is not None
+        self.written = self._temp.size
+        self._notify()
+
+    def _notify(self) -> None:
+        event, self._progress = self._progress, asyncio.Event()
+        event.set()
+
+    # -- readers -----------------------------------------------------------------------------
+
+    def _readable(self) -> int:
+        """Bytes a reader may have now: all when verified, else all but the last."""
+        if self.done and self.error is None:
+            return self.written
+        cap = self.written - 1 if self.size is None else min(self.written, self.size - 1)
+        return max(0, cap)
+
+    async def _open(self) -> int:
+        if not self.done and self._temp is not None:
+            try:
+                return await fileio.open_read(self._temp.path)
+            except FileNotFoundError:
+                pass     # committed (or discarded) in between: wait for the outcome
+        await self._finished.wait()
+        if self.error is not None:
+            raise FillFailed(str(self.error))
+        return await fileio.open_read(self.cache.path_for(self.digest))
+
+    async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        fd = await self._open()
+        try:
+            pos = start
+            while True:
+                if self.error is not None:
+                    raise FillFailed(str(self.error))
+                target = end if end is not None else (self.written if self.done else None)
+                if target is not None and pos >= target:
+                    return
+                limit = self._readable() if target is None else min(self._readable(), target)
+                if pos < limit:
+                    async for chunk in fileio.read_range(fd, pos, limit):
+                        pos += len(chunk)
+                        yield chunk
+                    continue
+                if self.done:
+                    raise FillFailed(f"range beyond the end of blob {self.digest}")
+                await self._progress.wait()
+        finally:
+            os.close(fd)

@@ -1,0 +1,214 @@
+"""The SQLite index (aiosqlite, WAL): blobs, manifests, tags, repository links, usage.
+
+One connection, so one writer. Multi-statement writes hold ``_write_lock`` so
+no other coroutine's statements land inside them. Usage (last access, hits) is
+kept in memory and flushed about once a second in one transaction, so no request
+waits for a SQLite write on a cache hit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import aiosqlite
+
+from .models import References
+
+log = logging.getLogger("mirror.index")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS blobs (
+    digest TEXT PRIMARY KEY, size INTEGER NOT NULL,
+    first_seen REAL NOT NULL, last_access REAL NOT NULL, hits INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS manifests (
+    digest TEXT PRIMARY KEY, media_type TEXT NOT NULL, size INTEGER NOT NULL,
+    first_seen REAL NOT NULL, last_access REAL NOT NULL, hits INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS manifest_refs (
+    manifest TEXT NOT NULL, child TEXT NOT NULL, kind TEXT NOT NULL,
+    PRIMARY KEY (manifest, child));
+CREATE INDEX IF NOT EXISTS manifest_refs_child ON manifest_refs (child);
+CREATE TABLE IF NOT EXISTS tags (
+    upstream TEXT NOT NULL, repository TEXT NOT NULL, tag TEXT NOT NULL, digest TEXT NOT NULL,
+    fetched_at REAL NOT NULL, expires_at REAL NOT NULL,
+    PRIMARY KEY (upstream, repository, tag));
+CREATE TABLE IF NOT EXISTS repo_links (
+    upstream TEXT NOT NULL, repository TEXT NOT NULL, digest TEXT NOT NULL,
+    PRIMARY KEY (upstream, repository, digest));
+CREATE TABLE IF NOT EXISTS tag_lists (
+    upstream TEXT NOT NULL, repository TEXT NOT NULL, tags TEXT NOT NULL,
+    fetched_at REAL NOT NULL, expires_at REAL NOT NULL,
+    PRIMARY KEY (upstream, repository));
+"""
+SCHEMA_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class TagRow:
+    upstream: str
+    repository: str
+    tag: str
+    digest: str
+    fetched_at: float
+    expires_at: float
+
+
+class Index:
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+        self._write_lock = asyncio.Lock()
+        self._usage: dict[tuple[str, str], list[float]] = {}   # (table, digest) -> [last, hits]
+        self._flusher: asyncio.Task | None = None
+
+    @classmethod
+    async def open(cls, path: Path, flush_interval: float = 1.0) -> "Index":
+        db = await aiosqlite.connect(str(path))
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=NORMAL")
+        await db.execute("PRAGMA busy_timeout=5000")
+        await db.executescript(SCHEMA)
+        await db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+        await db.commit()
+        index = cls(db)
+        index._flusher = asyncio.create_task(index._flush_loop(flush_interval))
+        return index
+
+    async def close(self) -> None:
+        if self._flusher:
+            self._flusher.cancel()
+            try:
+                await self._flusher
+            except asyncio.CancelledError:
+                pass
+        await self.flush_usage()
+        await self._db.close()
+
+    # -- loading at start-up ----------------------------------------------------------------
+
+    async def load_blobs(self) -> dict[str, int]:
+        rows = await self._db.execute_fetchall("SELECT digest, size FROM blobs")
+        return {d: s for d, s in rows}
+
+    async def load_manifests(self) -> dict[str, tuple[str, int]]:
+        rows = await self._db.execute_fetchall("SELECT digest, media_type, size FROM manifests")
+        return {d: (mt, s) for d, mt, s in rows}
+
+    async def load_tags(self) -> list[TagRow]:
+        rows = await self._db.execute_fetchall(
+            "SELECT upstream, repository, tag, digest, fetched_at, expires_at FROM tags")
+        return [TagRow(*r) for r in rows]
+
+    async def load_links(self) -> set[tuple[str, str, str]]:
+        rows = await self._db.execute_fetchall("SELECT upstream, repository, digest FROM repo_links")
+        return {tuple(r) for r in rows}
+
+    # -- writes (cache misses: not on the hot path) -----------------------------------------
+
+    async def add_blob(self, digest: str, size: int) -> None:
+        now = time.time()
+        async with self._write_lock:
+            await self._db.execute(
+                "INSERT INTO blobs (digest, size, first_seen, last_access) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (digest) DO UPDATE SET size = excluded.size", (digest, size, now, now))
+            await self._db.commit()
+
+    async def add_manifest(self, digest: str, media_type: str, size: int, refs: References) -> None:
+        now = time.time()
+        children = [(digest, c, "blob") for c in refs.blobs] + \
+                   [(digest, c, "manifest") for c in refs.manifests]
+        async with self._write_lock:
+            await self._db.execute(
+                "INSERT INTO manifests (digest, media_type, size, first_seen, last_access) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (digest) DO NOTHING",
+                (digest, media_type, size, now, now))
+            await self._db.executemany(
+                "INSERT OR IGNORE INTO manifest_refs (manifest, child, kind) VALUES (?, ?, ?)", children)
+            await self._db.commit()
+
+    async def set_tag(self, row: TagRow) -> None:
+        async with self._write_lock:
+            await self._db.execute(
+                "INSERT INTO tags VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (upstream, repository, tag) "
+                "DO UPDATE SET digest = excluded.digest, fetched_at = excluded.fetched_at, "
+                "expires_at = excluded.expires_at",
+                (row.upstream, row.repository, row.tag, row.digest, row.fetched_at, row.expires_at))
+            await self._db.commit()
+
+    async def link(self, upstream: str, repository: str, digests: Iterable[str]) -> None:
+        rows = [(upstream, repository, d) for d in digests]
+        if not rows:
+            return
+        async with self._write_lock:
+            await self._db.executemany("INSERT OR IGNORE INTO repo_links VALUES (?, ?, ?)", rows)
+            await self._db.commit()
+
+    async def set_tag_list(self, upstream: str, repository: str, tags: list[str],
+                           fetched_at: float, expires_at: float) -> None:
+        async with self._write_lock:
+            await self._db.execute(
+                "INSERT INTO tag_lists VALUES (?, ?, ?, ?, ?) ON CONFLICT (upstream, repository) "
+                "DO UPDATE SET tags = excluded.tags, fetched_at = excluded.fetched_at, "
+                "expires_at = excluded.expires_at",
+                (upstream, repository, json.dumps(tags), fetched_at, expires_at))
+            await self._db.commit()
+
+    # -- reads for the rarer endpoints -------------------------------------------------------
+
+    async def tag_list(self, upstream: str, repository: str) -> tuple[list[str], float] | None:
+        rows = await self._db.execute_fetchall(
+            "SELECT tags, expires_at FROM tag_lists WHERE upstream = ? AND repository = ?",
+            (upstream, repository))
+        if not rows:
+            return None
+        return json.loads(rows[0][0]), rows[0][1]
+
+    async def repositories(self) -> list[tuple[str, str]]:
+        rows = await self._db.execute_fetchall(
+            "SELECT DISTINCT upstream, repository FROM repo_links "
+            "WHERE digest IN (SELECT digest FROM manifests) ORDER BY upstream, repository")
+        return [tuple(r) for r in rows]
+
+    # -- usage, batched ------------------------------------------------------------------------
+
+    def touch(self, digest: str, manifest: bool = False) -> None:
+        key = ("manifests" if manifest else "blobs", digest)
+        entry = self._usage.get(key)
+        if entry is None:
+            self._usage[key] = [time.time(), 1]
+        else:
+            entry[0] = time.time()
+            entry[1] += 1
+
+    async def flush_usage(self) -> None:
+        if not self._usage:
+            return
+        usage, self._usage = self._usage, {}
+        by_table: dict[str, list[tuple[float, float, str]]] = {"blobs": [], "manifests": []}
+        for (table, digest), (last, hits) in usage.items():
+            by_table[table].append((last, hits, digest))
+        async with self._write_lock:
+            for table, rows in by_table.items():
+                if rows:
+                    await self._db.executemany(
+                        f"UPDATE {table} SET last_access = max(last_access, ?), hits = hits + ? "
+                        "WHERE digest = ?", rows)
+            await self._db.commit()
+
+    async def _flush_loop(self, interval: float) -> None:
+        checkpoint_every = max(1, int(60 / interval))
+        n = 0
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.flush_usage()
+                n += 1
+                if n % checkpoint_every == 0:
+                    await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except Exception:  # keep flushing; a failed flush only loses usage counts
+                log.exception("index usage flush failed")

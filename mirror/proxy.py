@@ -1,0 +1,213 @@
+"""ProxyStore: the cache first, the upstream on a miss, and the cache filled from it.
+
+- By digest: immutable. Served from the cache when this repository is known to
+  hold it (linked); content cached for another repository is served after one
+  upstream HEAD confirms this repository has it too (so a digest is no key to
+  content from a repository one could not pull).
+- By tag: a pointer with a TTL. Inside it, no upstream call. After it, a HEAD
+  revalidates and a GET happens only when the digest changed. Upstream
+  unavailable while a copy is cached: the copy is served (stale) and counted.
+- One upstream request per (repository, reference, Accept) for manifests and one
+  fill per blob digest, however many clients ask at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Awaitable, Callable, TypeVar
+
+from .cache import LocalCache
+from .errors import BlobUnknown, Denied, ManifestUnknown, NameUnknown, UpstreamUnavailable
+from .fill import CachedBlob, Fill
+from .models import INDEX_TYPES, Manifest, ManifestInfo, acceptable, accepted_types, is_digest
+from .upstream import Upstream
+
+log = logging.getLogger("mirror.proxy")
+
+T = TypeVar("T")
+NOT_THERE = (BlobUnknown, ManifestUnknown, NameUnknown, Denied)
+
+
+class SingleFlight:
+    """Concurrent calls with the same key share one execution and its result."""
+
+    def __init__(self) -> None:
+        self._calls: dict[object, asyncio.Future] = {}
+
+    async def do(self, key: object, fn: Callable[[], Awaitable[T]]) -> T:
+        fut = self._calls.get(key)
+        if fut is None:
+            fut = asyncio.ensure_future(fn())
+            self._calls[key] = fut
+            fut.add_done_callback(lambda f: self._calls.pop(key, None) if self._calls.get(key) is f
+                                  else None)
+        # shield: one waiter going away must not cancel the shared call
+        return await asyncio.shield(fut)
+
+
+class ProxyStore:
+    def __init__(self, local: LocalCache, remote: Upstream, tag_ttl: float) -> None:
+        self.local = local
+        self.remote = remote
+        self.name = remote.name
+        self.tag_ttl = tag_ttl
+        self.stale_serves = 0
+        self._flights = SingleFlight()
+        self._fills: dict[str, Fill] = {}
+
+    async def aclose(self) -> None:
+        for fill in list(self._fills.values()):
+            if fill.task:
+                fill.task.cancel()
+        await asyncio.gather(*(f.task for f in self._fills.values() if f.task),
+                             return_exceptions=True)
+        await self.remote.aclose()
+
+    # -- manifests -----------------------------------------------------------------------
+
+    async def get_manifest(self, repository: str, reference: str, accept: list[str]) -> Manifest:
+        if is_digest(reference):
+            manifest = await self._cached_by_digest(repository, reference)
+            return manifest or await self._fetch(repository, reference, accept)
+        accepted = accepted_types(accept)
+        row = self.local.tag(self.name, repository, reference)
+        cached = await self.local.read_manifest(row.digest) if row else None
+        if cached is not None and not acceptable(cached.media_type, accepted):
+            # The client asked for another form than the one the tag is cached as:
+            # pass its Accept upstream; do not repoint the tag at that form.
+            return await self._fetch(repository, reference, accept, update_tag=False)
+        if cached is not None:
+            if row.expires_at > time.time():
+                return cached
+            try:
+                info = await self._flights.do(
+                    ("head", repository, reference),
+                    lambda: self.remote.head_manifest(repository, reference, accept))
+            except UpstreamUnavailable as exc:
+                return self._stale(cached, repository, reference, exc)
+            if info is not None and info.digest == row.digest:
+                await self.local.set_tag(self.name, repository, reference, row.digest, self.tag_ttl)
+                return cached
+        try:
+            return await self._fetch(repository, reference, accept,
+                                     update_tag=_full_accept(accepted))
+        except UpstreamUnavailable as exc:
+            if cached is not None:
+                return self._stale(cached, repository, reference, exc)
+            raise
+
+    async def head_manifest(self, repository: str, reference: str,
+                            accept: list[str]) -> ManifestInfo:
+        if is_digest(reference):
+            info = self.local.manifest_info(reference)
+            if info is not None and await self._authorized(repository, reference, blob=False):
+                return info
+        else:
+            row = self.local.tag(self.name, repository, reference)
+            info = self.local.manifest_info(row.digest) if row else None
+            if (info is not None and row.expires_at > time.time()
+                    and acceptable(info.media_type, accepted_types(accept))):
+                return info
+        # Revalidation and misses both go through GET's logic (HEAD upstream first
+        # when a copy is cached), so HEAD and GET always agree.
+        manifest = await self.get_manifest(repository, reference, accept)
+        return ManifestInfo(manifest.digest, manifest.media_type, manifest.size)
+
+    async def _cached_by_digest(self, repository: str, digest: str) -> Manifest | None:
+        if self.local.manifest_info(digest) is None:
+            return None
+        if not await self._authorized(repository, digest, blob=False):
+            raise ManifestUnknown(f"manifest {digest} is not known in {repository}")
+        return await self.local.read_manifest(digest)
+
+    async def _fetch(self, repository: str, reference: str, accept: list[str],
+                     update_tag: bool = True) -> Manifest:
+        async def fetch() -> Manifest:
+            manifest, refs = await self.remote.get_manifest(repository, reference, accept)
+            await self.local.put_manifest(self.name, repository, manifest, refs)
+            if update_tag and not is_digest(reference):
+                await self.local.set_tag(self.name, repository, reference, manifest.digest,
+                                         self.tag_ttl)
+            return manifest
+        return await self._flights.do(("get", repository, reference, tuple(accept), update_tag),
+                                      fetch)
+
+    def _stale(self, cached: Manifest, repository: str, reference: str,
+               exc: UpstreamUnavailable) -> Manifest:
+        self.stale_serves += 1
+        log.warning("serving stale %s/%s:%s (%s): %s", self.name, repository, reference,
+                    cached.digest, exc.message)
+        return cached
+
+    # -- blobs ---------------------------------------------------------------------------
+
+    async def open_blob(self, repository: str, digest: str):
+        size = self.local.blob_size(digest)
+        if size is not None:
+            if not await self._authorized(repository, digest, blob=True):
+                raise BlobUnknown(f"blob {digest} is not known in {repository}")
+            self.local.touch_blob(digest)
+            return CachedBlob(self.local.path_for(digest), digest, size)
+        fill = self._fills.get(digest)
+        if fill is not None and not fill.done:
+            if not await self._authorized(repository, digest, blob=True):
+                raise BlobUnknown(f"blob {digest} is not known in {repository}")
+        else:
+            fill = Fill(self.local, self.remote, repository, digest).start()
+            self._fills[digest] = fill
+            fill.task.add_done_callback(
+                lambda _: self._fills.pop(digest, None) if self._fills.get(digest) is fill else None)
+            await fill.wait_started()
+            await self.local.link(self.name, repository, [digest])
+            return fill
+        await fill.wait_started()
+        return fill
+
+    async def stat_blob(self, repository: str, digest: str) -> int:
+        size = self.local.blob_size(digest)
+        if size is not None and await self._authorized(repository, digest, blob=True):
+            return size
+        fill = self._fills.get(digest)
+        if fill is not None and fill.size is not None and self.local.linked(self.name, repository, digest):
+            return fill.size
+        return await self.remote.stat_blob(repository, digest)
+
+    async def _authorized(self, repository: str, digest: str, blob: bool) -> bool:
+        """Whether this repository may be served cached content ``digest``."""
+        if self.local.linked(self.name, repository, digest):
+            return True
+        try:
+            if blob:
+                await self.remote.stat_blob(repository, digest)
+            else:
+                await self.remote.head_manifest(repository, digest, [])
+        except NOT_THERE:
+            return False
+        await self.local.link(self.name, repository, [digest])
+        return True
+
+    # -- tags ----------------------------------------------------------------------------
+
+    async def tags(self, repository: str) -> list[str]:
+        cached = await self.local.tag_list(self.name, repository)
+        if cached is not None and cached[1] > time.time():
+            return cached[0]
+        try:
+            tags = await self._flights.do(("tags", repository), lambda: self.remote.tags(repository))
+        except UpstreamUnavailable as exc:
+            known = cached[0] if cached is not None else self.local.tags_of(self.name, repository)
+            if not known:
+                raise
+            self.stale_serves += 1
+            log.warning("serving stale tag list of %s/%s: %s", self.name, repository, exc.message)
+            return known
+        await self.local.set_tag_list(self.name, repository, tags, self.tag_ttl)
+        return tags
+
+
+def _full_accept(accepted: list[str]) -> bool:
+    """Whether a client's Accept lets upstream answer with the tag's own manifest
+    (an index included): only then may the answer repoint the cached tag."""
+    return not accepted or "*/*" in accepted or any(t in INDEX_TYPES for t in accepted)

@@ -1,0 +1,44 @@
+"""The protocols the layers meet at.
+
+``Source`` is the read side the API serves from. ``ProxyStore`` implements it (cache
+first, then upstream); so could a bare cache (offline) or a bare upstream
+(pass-through), and the routes would not change.
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Protocol
+
+from .models import Manifest, ManifestInfo
+
+
+class BlobBody(Protocol):
+    """Bytes of one blob, readable by range. ``size`` is None when not yet known."""
+
+    digest: str
+    size: int | None
+
+    def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """Bytes [start, end) (to the end when ``end`` is None). Raises if the bytes
+        cannot all be delivered, so a response is aborted, never silently short."""
+        ...
+
+
+class ManifestSource(Protocol):
+    async def get_manifest(self, repository: str, reference: str,
+                           accept: list[str]) -> Manifest: ...
+
+    async def head_manifest(self, repository: str, reference: str,
+                            accept: list[str]) -> ManifestInfo: ...
+
+    async def tags(self, repository: str) -> list[str]: ...
+
+
+class BlobSource(Protocol):
+    async def open_blob(self, repository: str, digest: str) -> BlobBody: ...
+
+    async def stat_blob(self, repository: str, digest: str) -> int: ...
+
+
+class Source(ManifestSource, BlobSource, Protocol):
+    async def aclose(self) -> None: ...

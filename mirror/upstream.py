@@ -1,0 +1,374 @@
+"""Upstream: the one place that talks to an upstream registry.
+
+One ``httpx.AsyncClient`` per upstream. Requests go out anonymously until the
+upstream answers 401 with a challenge; then Basic credentials or a Bearer token
+(fetched from the challenge's realm, cached per scope until shortly before it
+expires) are added and the request is retried once. Redirects are followed by
+hand so ``Authorization`` is only ever sent to the upstream's own origin.
+Upstream failures become ``RegistryError``s in ``_error`` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import ipaddress
+import json
+import logging
+import re
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import AsyncIterator
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+
+from . import __version__
+from .config import UpstreamConfig
+from .errors import (BY_CODE, BlobUnknown, Denied, ManifestUnknown, NameUnknown, RegistryError,
+                     UpstreamBadContent, UpstreamRateLimited, UpstreamUnavailable)
+from .models import (DEFAULT_ACCEPT, DIGEST_RE, MANIFEST_MAX, SCHEMA1_TYPES, TAG_RE, Manifest, ManifestInfo,
+                     References, is_digest, parse_manifest)
+
+log = logging.getLogger("mirror.upstream")
+
+REDIRECTS = {301, 302, 303, 307, 308}
+MAX_REDIRECTS = 5
+TAG_PAGES = 50          # tags/list pages followed before giving up on the rest
+ERROR_BODY_MAX = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Challenge:
+    scheme: str                 # "bearer" or "basic"
+    params: dict[str, str]
+
+
+def parse_challenge(header: str | None) -> Challenge | None:
+    if not header:
+        return None
+    scheme, _, rest = header.strip().partition(" ")
+    params = {k.lower(): v1 if v1 is not None and q else v2
+              for k, q, v1, v2 in ((m.group(1), m.group(2), m.group(3), m.group(4))
+                                   for m in re.finditer(r'([A-Za-z_]+)=(?:(")([^"]*)"|([^",\s]*))', rest))}
+    scheme = scheme.lower()
+    if scheme not in ("bearer", "basic"):
+        return None
+    return Challenge(scheme, params)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class Upstream:
+    def __init__(self, config: UpstreamConfig, client: httpx.AsyncClient | None = None) -> None:
+        self.config = config
+        self.name = config.name
+        self._origin = _origin(config.url)
+        self._client = client or httpx.AsyncClient(
+            timeout=httpx.Timeout(config.timeout),
+            limits=httpx.Limits(max_connections=100, max_keepalive_connections=32),
+            headers={"User-Agent": f"mirror/{__version__}"},
+            follow_redirects=False,
+        )
+        self._challenge: Challenge | None = None
+        self._tokens: dict[str, tuple[str, float]] = {}      # scope -> (Authorization, expires)
+        self._token_locks: dict[str, asyncio.Lock] = {}
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    # -- the read API --------------------------------------------------------------------
+
+    async def get_manifest(self, repository: str, reference: str,
+                           accept: list[str]) -> tuple[Manifest, References]:
+        async with self._stream("GET", self._url(repository, "manifests", reference), repository,
+                                self._accept_headers(accept), what="manifest") as resp:
+            data = bytearray()
+            async for chunk in resp.aiter_bytes():
+                data += chunk
+                if len(data) > MANIFEST_MAX:
+                    raise UpstreamBadContent(f"upstream {self.name}: manifest larger than "
+                                             f"{MANIFEST_MAX} bytes")
+            data = bytes(data)
+            content_type = resp.headers.get("content-type")
+            header_digest = resp.headers.get("docker-content-digest")
+        algorithm = reference.split(":", 1)[0] if is_digest(reference) else "sha256"
+        digest = f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+        if is_digest(reference) and digest != reference:
+            raise UpstreamBadContent(f"upstream {self.name}: manifest {reference} hashed to {digest}")
+        try:
+            media_type, refs = parse_manifest(data, content_type)
+        except RegistryError as exc:
+            raise UpstreamBadContent(f"upstream {self.name}: {exc.message}") from None
+        # A schema1 signed manifest's digest is over its payload without signatures, and
+        # registries converting to it re-sign on every GET: its header cannot match.
+        if (header_digest and header_digest.startswith(f"{algorithm}:")
+                and header_digest != digest and media_type not in SCHEMA1_TYPES):
+            raise UpstreamBadContent(f"upstream {self.name}: manifest for {reference} hashed to "
+                                     f"{digest}, upstream said {header_digest[:80]}")
+        return Manifest(data, media_type, digest), refs
+
+    async def head_manifest(self, repository: str, reference: str,
+                            accept: list[str]) -> ManifestInfo | None:
+        """Digest, type and size from a HEAD (free on Docker Hub's pull limit);
+        None when upstream does not say the digest."""
+        resp = await self._request("HEAD", self._url(repository, "manifests", reference),
+                                   repository, self._accept_headers(accept))
+        if resp.status_code != 200:
+            raise self._error(resp, b"", "manifest", repository, reference)
+        digest = resp.headers.get("docker-content-digest", "")
+        media_type = resp.headers.get("content-type", "").split(";", 1)[0].strip()
+        size = resp.headers.get("content-length", "")
+        if not DIGEST_RE.fullmatch(digest) or not media_type or not size.isdigit():
+            return None
+        return ManifestInfo(digest, media_type, int(size))
+
+    async def stat_blob(self, repository: str, digest: str) -> int:
+        resp = await self._request("HEAD", self._url(repository, "blobs", digest), repository, [])
+        if resp.status_code != 200:
+            raise self._error(resp, b"", "blob", repository, digest)
+        size = resp.headers.get("content-length", "")
+        return int(size) if size.isdigit() else -1
+
+    @asynccontextmanager
+    async def stream_blob(self, repository: str, digest: str,
+                          offset: int = 0) -> AsyncIterator[httpx.Response]:
+        """The upstream response for a blob, body not yet read (status 200, or 206 from
+        ``offset``). Bytes come from ``response.aiter_raw()``: no content decoding."""
+        headers = [("Accept-Encoding", "identity")]
+        if offset:
+            headers.append(("Range", f"bytes={offset}-"))
+        async with self._stream("GET", self._url(repository, "blobs", digest), repository,
+                                headers, what="blob") as resp:
+            yield resp
+
+    async def tags(self, repository: str) -> list[str]:
+        """The whole tag list, following upstream pagination."""
+        url = self._url(repository, "tags", "list") + "?n=1000"
+        tags: list[str] = []
+        for _ in range(TAG_PAGES):
+            resp = await self._request("GET", url, repository, [("Accept", "application/json")])
+            body = await self._read_limited(resp, 16 * 1024 * 1024)
+            if resp.status_code != 200:
+                raise self._error(resp, body, "name", repository, "")
+            try:
+                page = json.loads(body).get("tags") or []
+            except (ValueError, AttributeError):
+                raise UpstreamBadContent(f"upstream {self.name}: tag list is not JSON") from None
+            tags += [t for t in page if isinstance(t, str) and TAG_RE.fullmatch(t)]
+            nxt = _next_link(resp.headers.get("link"))
+            if not nxt:
+                break
+            url = urljoin(url, nxt)
+            if _origin(url) != self._origin:
+                break
+        return sorted(set(tags))
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _url(self, repository: str, kind: str, reference: str) -> str:
+        # repository and reference are validated by models before they get here.
+        return f"{self.config.url}/v2/{repository}/{kind}/{reference}"
+
+    @staticmethod
+    def _accept_headers(accept: list[str]) -> list[tuple[str, str]]:
+        lines = accept or [DEFAULT_ACCEPT]
+        return [("Accept", line) for line in lines]
+
+    @asynccontextmanager
+    async def _stream(self, method: str, url: str, repository: str, headers,
+                      what: str) -> AsyncIterator[httpx.Response]:
+        resp = await self._request(method, url, repository, headers, stream=True)
+        try:
+            if resp.status_code not in (200, 206):
+                body = await self._read_limited(resp, ERROR_BODY_MAX)
+                raise self._error(resp, body, what, repository, url.rsplit("/", 1)[-1])
+            yield resp
+        except httpx.TimeoutException:
+            raise UpstreamUnavailable(f"upstream {self.name}: timed out reading {what}") from None
+        except httpx.TransportError as exc:
+            raise UpstreamUnavailable(f"upstream {self.name}: connection broke reading {what}: "
+                                      f"{type(exc).__name__}") from None
+        finally:
+            await resp.aclose()
+
+    async def _read_limited(self, resp: httpx.Response, limit: int) -> bytes:
+        data = bytearray()
+        try:
+            async for chunk in resp.aiter_bytes():
+                data += chunk
+                if len(data) > limit:
+                    break
+        except httpx.HTTPError:
+            pass
+        finally:
+            await resp.aclose()
+        return bytes(data[:limit])
+
+    async def _request(self, method: str, url: str, repository: str, headers,
+                       stream: bool = False) -> httpx.Response:
+        scope = f"repository:{repository}:pull"
+        for attempt in range(2):
+            auth = await self._authorization(scope)
+            resp = await self._send(method, url, list(headers), auth, stream)
+            if resp.status_code != 401 or attempt == 1:
+                return resp
+            challenge = parse_challenge(resp.headers.get("www-authenticate"))
+            if challenge is None or (challenge.scheme == "basic" and not self.config.username):
+                return resp
+            await resp.aclose()
+            self._challenge = challenge
+            self._tokens.pop(scope, None)
+        raise AssertionError("unreachable")
+
+    async def _send(self, method: str, url: str, headers: list, auth: str | None,
+                    stream: bool) -> httpx.Response:
+        for _ in range(MAX_REDIRECTS + 1):
+            hdrs = list(headers)
+            if auth and _origin(url) == self._origin:
+                hdrs.append(("Authorization", auth))
+            request = self._client.build_request(method, url, headers=hdrs)
+            try:
+                resp = await self._client.send(request, stream=stream)
+            except httpx.TimeoutException:
+                raise UpstreamUnavailable(f"upstream {self.name}: timed out") from None
+            except httpx.TransportError as exc:
+                raise UpstreamUnavailable(f"upstream {self.name} unreachable: "
+                                          f"{type(exc).__name__}") from None
+            location = resp.headers.get("location")
+            if resp.status_code in REDIRECTS and location:
+                await resp.aclose()
+                url = urljoin(url, location)
+                if urlsplit(url).scheme not in ("http", "https"):
+                    raise UpstreamUnavailable(f"upstream {self.name}: redirect to a non-HTTP URL")
+                if resp.status_code == 303:
+                    method = "GET"
+                continue
+            remaining = resp.headers.get("ratelimit-remaining")
+            if remaining is not None:
+                log.debug("upstream %s ratelimit-remaining %s", self.name, remaining)
+            return resp
+        raise UpstreamUnavailable(f"upstream {self.name}: too many redirects")
+
+    # -- authentication ------------------------------------------------------------------
+
+    def _basic(self) -> str | None:
+        if not self.config.username:
+            return None
+        raw = f"{self.config.username}:{self.config.password or ''}".encode()
+        return "Basic " + base64.b64encode(raw).decode()
+
+    async def _authorization(self, scope: str) -> str | None:
+        challenge = self._challenge
+        if challenge is None:
+            return None
+        if challenge.scheme == "basic":
+            return self._basic()
+        cached = self._tokens.get(scope)
+        if cached and cached[1] > time.monotonic():
+            return cached[0]
+        lock = self._token_locks.setdefault(scope, asyncio.Lock())
+        async with lock:        # one token fetch per scope, however many requests wait
+            cached = self._tokens.get(scope)
+            if cached and cached[1] > time.monotonic():
+                return cached[0]
+            value, ttl = await self._fetch_token(challenge, scope)
+            self._tokens[scope] = (value, time.monotonic() + ttl)
+            return value
+
+    async def _fetch_token(self, challenge: Challenge, scope: str) -> tuple[str, float]:
+        realm = challenge.params.get("realm", "")
+        parts = urlsplit(realm)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UpstreamUnavailable(f"upstream {self.name}: bad token realm in challenge")
+        params = {"scope": scope}
+        if challenge.params.get("service"):
+            params["service"] = challenge.params["service"]
+        headers = []
+        basic = self._basic()
+        # Credentials only travel over TLS (or to a loopback realm, as in tests).
+        if basic and (parts.scheme == "https" or _is_loopback(parts.hostname)):
+            headers.append(("Authorization", basic))
+        try:
+            resp = await self._client.get(realm, params=params, headers=headers)
+        except httpx.TransportError as exc:
+            raise UpstreamUnavailable(f"upstream {self.name}: token service unreachable: "
+                                      f"{type(exc).__name__}") from None
+        if resp.status_code in (401, 403):
+            raise Denied(f"upstream {self.name}: token service refused "
+                         f"{'the configured credentials' if basic else 'anonymous access'}")
+        if resp.status_code == 429:
+            raise UpstreamRateLimited(f"upstream {self.name}: token service rate limited",
+                                      headers=_retry_after(resp))
+        if resp.status_code != 200:
+            raise UpstreamUnavailable(f"upstream {self.name}: token service answered "
+                                      f"{resp.status_code}")
+        try:
+            body = resp.json()
+            token = body.get("token") or body.get("access_token")
+            expires_in = float(body.get("expires_in") or 60)
+        except (ValueError, AttributeError, TypeError):
+            raise UpstreamUnavailable(f"upstream {self.name}: token service sent no token") from None
+        if not isinstance(token, str) or not token:
+            raise UpstreamUnavailable(f"upstream {self.name}: token service sent no token")
+        return f"Bearer {token}", max(1.0, min(expires_in, 3600) - 15)
+
+    # -- the one error mapping -------------------------------------------------------------
+
+    def _error(self, resp: httpx.Response, body: bytes, what: str, repository: str,
+               reference: str) -> RegistryError:
+        status = resp.status_code
+        code, message = _upstream_error(body)
+        where = f"upstream {self.name}"
+        detail = {"upstream": self.name, "status": status}
+        if status == 429:
+            return UpstreamRateLimited(f"{where} rate limit reached: {message or 'too many requests'}",
+                                       detail=detail, headers=_retry_after(resp))
+        if status >= 500:
+            return UpstreamUnavailable(f"{where} answered {status}: {message or resp.reason_phrase}",
+                                       detail=detail)
+        if status in (401, 403):
+            return Denied(f"{where} denied access to {repository} ({message or status}); "
+                          "the repository may not exist or need credentials", detail=detail)
+        if status == 404:
+            cls = BY_CODE.get(code or "") or {"manifest": ManifestUnknown, "blob": BlobUnknown}.get(
+                what, NameUnknown)
+            return cls(f"{where}: {message or 'not found'}: {repository}"
+                       f"{'@' if ':' in reference else ':'}{reference}" if reference else
+                       f"{where}: {message or 'not found'}: {repository}", detail=detail)
+        cls = BY_CODE.get(code or "")
+        if cls is not None:
+            return cls(f"{where}: {message}", detail=detail)
+        return UpstreamUnavailable(f"{where} answered {status}", detail=detail)
+
+
+def _upstream_error(body: bytes) -> tuple[str | None, str | None]:
+    try:
+        err = json.loads(body)["errors"][0]
+        return str(err.get("code"))[:64], str(err.get("message"))[:300]
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None, None
+
+
+def _retry_after(resp: httpx.Response) -> dict[str, str]:
+    value = resp.headers.get("retry-after", "")
+    return {"Retry-After": value} if value and len(value) < 64 else {}
+
+
+def _next_link(header: str | None) -> str | None:
+    if not header:
+        return None
+    m = re.search(r'<([^>]+)>\s*;\s*rel="?next"?', header)
+    return m.group(1) if m else None

@@ -1,0 +1,78 @@
+"""The mirror under test, as a real process: ``python -m mirror serve`` on 127.0.0.1.
+
+``MirrorProcess(tmpdir, config)`` writes ``config`` (a dict, as config.yml would
+hold it; ``listen`` and ``data_dir`` are filled in) and starts the server with its
+log in ``<tmpdir>/mirror.log``. ``.url``, ``.host``, ``.data_dir``, ``.log_text()``,
+``.restart()``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from .ports import free_port, wait_http
+
+
+class MirrorProcess:
+    def __init__(self, tmpdir, config: dict, env: dict | None = None) -> None:
+        self.dir = Path(tmpdir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.url = f"http://{self.host}"
+        self.data_dir = self.dir / "data"
+        self.config = {"listen": self.host, "data_dir": str(self.data_dir), **config}
+        self.config_path = self.dir / "config.yml"
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        self.log_path = self.dir / "mirror.log"
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "MirrorProcess":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mirror", "serve", "--config", str(self.config_path)],
+            stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.dir)
+        log.close()
+        try:
+            wait_http(f"{self.url}/v2/", timeout=20, alive=lambda: self.proc.poll() is None)
+        except Exception:
+            self.stop()
+            raise RuntimeError(f"mirror did not start:\n{self.log_text()[-3000:]}") from None
+        return self
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            if kill:
+                self.proc.kill()
+            else:
+                self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> "MirrorProcess":
+        self.stop()
+        return self.start()
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def __enter__(self) -> "MirrorProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

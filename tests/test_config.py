@@ -1,0 +1,98 @@
+"""config.yml: defaults, units, environment references and one-line errors."""
+
+import pytest
+
+from mirror.config import ConfigError, load_config, parse_duration, parse_size
+from mirror.routing import Router
+from mirror.errors import NameInvalid, NameUnknown
+
+
+def write(tmp_path, text):
+    path = tmp_path / "config.yml"
+    path.write_text(text)
+    return path
+
+
+def test_embedded_default_is_a_docker_hub_mirror():
+    config = load_config(None)
+    assert config.listen == "0.0.0.0:5000"
+    assert str(config.data_dir) == "data"
+    assert config.default == "docker.io"
+    hub = config.upstreams["docker.io"]
+    assert hub.url == "https://registry-1.docker.io" and hub.library_prefix and hub.tag_ttl == 300
+
+
+def test_units():
+    assert parse_duration("90s") == 90 and parse_duration("5m") == 300
+    assert parse_duration("1h") == 3600 and parse_duration("2d") == 172800 and parse_duration(7) == 7
+    assert parse_size("50GiB") == 50 * 1024**3 and parse_size("512MiB") == 512 * 1024**2
+    assert parse_size("10KiB") == 10240 and parse_size(100) == 100
+
+
+def test_full_config_with_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("GHCR_TOKEN", "s3cret")
+    path = write(tmp_path, """
+listen: 127.0.0.1:5001
+data_dir: /tmp/x
+max_size: 50GiB
+upstreams:
+  docker.io:
+    url: https://docker.m.daocloud.io
+    tag_ttl: 90s
+  ghcr.io:
+    url: https://ghcr.io
+    username: me
+    password: ${GHCR_TOKEN}
+default: docker.io
+""")
+    config = load_config(path)
+    assert (config.host, config.port, config.max_size) == ("127.0.0.1", 5001, 50 * 1024**3)
+    assert config.upstreams["docker.io"].library_prefix
+    assert config.upstreams["docker.io"].tag_ttl == 90
+    assert config.upstreams["ghcr.io"].password == "s3cret"
+    assert not config.upstreams["ghcr.io"].library_prefix
+    assert "s3cret" not in repr(config)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("listen: nowhere", "listen"),
+    ("max_size: lots", "max_size"),
+    ("colour: blue", "colour"),
+    ("upstreams:\n  ghcr.io: {}", "upstreams.ghcr.io.url"),
+    ("upstreams:\n  ghcr.io: {url: ftp://x}", "upstreams.ghcr.io.url"),
+    ("upstreams:\n  ghcr.io: {url: 'https://ghcr.io', tag_ttl: soon}", "upstreams.ghcr.io.tag_ttl"),
+    ("upstreams:\n  ghcr.io: {url: 'https://ghcr.io', password: '${NOPE_UNSET_VAR}'}",
+     "upstreams.ghcr.io.password"),
+    ("upstreams:\n  ghcr.io: {url: 'https://ghcr.io', colour: 1}", "upstreams.ghcr.io.colour"),
+    ("default: quay.io", "default"),
+    ("listen: [1, 2", "line"),
+])
+def test_bad_config_is_one_line_naming_the_key(tmp_path, text, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    message = str(info.value)
+    assert "\n" not in message and key in message and str(tmp_path) in message
+
+
+def test_routing(tmp_path):
+    config = load_config(write(tmp_path, """
+upstreams:
+  docker.io: {}
+  ghcr.io: {url: https://ghcr.io}
+"""))
+    router = Router(config)
+    assert router.resolve("alpine").repository == "library/alpine"
+    assert router.resolve("alpine").upstream == "docker.io"
+    assert router.resolve("org/app").repository == "org/app"
+    r = router.resolve("ghcr.io/org/app")
+    assert (r.upstream, r.repository, r.namespace) == ("ghcr.io", "org/app", None)
+    r = router.resolve("org/app", ns="ghcr.io")
+    assert (r.upstream, r.repository, r.namespace) == ("ghcr.io", "org/app", "ghcr.io")
+    assert router.resolve("docker.io/alpine").repository == "library/alpine"
+    assert router.resolve("alpine", ns="docker.io").repository == "library/alpine"
+    with pytest.raises(NameUnknown):
+        router.resolve("org/app", ns="quay.io")
+    with pytest.raises(NameInvalid):
+        router.resolve("../x")
+    assert router.display_name("docker.io", "library/alpine") == "library/alpine"
+    assert router.display_name("ghcr.io", "org/app") == "ghcr.io/org/app"
