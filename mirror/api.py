@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .errors import (NotFound, PaginationInvalid, RangeNotSatisfiable, RegistryError,
                      Unsupported)
 from .fill import FillFailed
-from .models import validate_digest, validate_name, validate_reference, validate_tag
+from .models import sanitize_accept, validate_digest, validate_name, validate_reference, validate_tag
 from .routing import Route, Router
 from .store import BlobBody, Source
 
@@ -180,7 +180,10 @@ async def catalog(request: Request) -> Response:
 
 
 async def dispatch(request: Request) -> Response:
-    path = request.path_params["path"]
+    # Parse the path as sent: percent-escapes stay escaped (and so fail the grammar)
+    # instead of turning into separators.
+    raw = request.scope.get("raw_path")
+    path = raw.decode("latin-1")[len("/v2/"):] if raw else request.path_params["path"]
     method = request.method
     if method not in ("GET", "HEAD"):
         raise Unsupported(f"{method} is not supported: this mirror serves pulls only")
@@ -199,7 +202,7 @@ async def manifest(request: Request, name: str, reference: str) -> Response:
     validate_name(name)
     validate_reference(reference)
     route, source = _route(request, name)
-    accept = request.headers.getlist("accept")
+    accept = sanitize_accept(request.headers.getlist("accept"))
     if request.method == "HEAD":
         info = await source.head_manifest(route.repository, reference, accept)
         body, digest, media_type, size = b"", info.digest, info.media_type, info.size

@@ -87,9 +87,26 @@ def accepted_types(accept_headers: list[str]) -> list[str]:
     for line in accept_headers:
         for item in line.split(","):
             mt = item.split(";", 1)[0].strip()
-            if mt and MEDIA_TYPE_RE.fullmatch(mt) or mt == "*/*":
+            if MEDIA_TYPE_RE.fullmatch(mt) or mt == "*/*":
                 types.append(mt)
     return types
+
+
+def sanitize_accept(lines: list[str], max_lines: int = 32) -> list[str]:
+    """The client's Accept lines, each kept as a line (so all of them can be forwarded
+    upstream) but holding only well-formed media ranges; empty lines dropped."""
+    out = []
+    for line in lines[:max_lines]:
+        items = []
+        for item in line.split(","):
+            item = item.strip()
+            mt = item.split(";", 1)[0].strip()
+            if (len(item) <= 256 and item.isprintable()
+                    and (MEDIA_TYPE_RE.fullmatch(mt) or mt == "*/*")):
+                items.append(item)
+        if items:
+            out.append(", ".join(items))
+    return out
 
 
 def acceptable(media_type: str, accepted: list[str]) -> bool:

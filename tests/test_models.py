@@ -75,3 +75,10 @@ def test_parse_manifest_references():
 def test_parse_manifest_rejects(body):
     with pytest.raises(ManifestInvalid):
         parse_manifest(body, OCI_MANIFEST)
+
+
+def test_sanitize_accept_keeps_lines_and_drops_junk():
+    from mirror.models import sanitize_accept
+    assert sanitize_accept([f"{OCI_INDEX}, junk, {DOCKER_LIST};q=0.5", "", "a" * 300,
+                            DOCKER_MANIFEST]) == [f"{OCI_INDEX}, {DOCKER_LIST};q=0.5",
+                                                  DOCKER_MANIFEST]

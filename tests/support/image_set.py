@@ -125,3 +125,10 @@ def build_image_set(dir, registry_client, big_layer_size: int = 100 * 1024 * 102
         docker_list=b.multi("multiarch/docker", "latest", oci=False),
         big=b.image("big/image", ["latest"], [big_layer_size]),
     )
+
+
+def push_image(dir, registry_client, repo: str, tags: list[str], layer_sizes: list[int],
+               oci: bool = False, seed: int = 5000) -> Image:
+    """Build one single-platform image and push it (for registries other than the
+    standard image set's, e.g. the authenticated ones)."""
+    return _Builder(Path(dir), registry_client, None, seed).image(repo, tags, layer_sizes, oci=oci)
