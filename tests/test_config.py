@@ -96,3 +96,20 @@ upstreams:
         router.resolve("../x")
     assert router.display_name("docker.io", "library/alpine") == "library/alpine"
     assert router.display_name("ghcr.io", "org/app") == "ghcr.io/org/app"
+
+
+def test_example_config_in_the_repository_loads():
+    from pathlib import Path
+    config = load_config(Path(__file__).resolve().parent.parent / "config.yml")
+    assert config.default == "docker.io" and {"docker.io", "ghcr.io", "quay.io"} <= set(config.upstreams)
+
+
+def test_serve_with_a_bad_config_exits_with_one_line(tmp_path):
+    import subprocess
+    import sys
+    path = write(tmp_path, "upstreams:\n  ghcr.io: {url: 'https://ghcr.io', tag_ttl: soon}\n")
+    proc = subprocess.run([sys.executable, "-m", "mirror", "serve", "--config", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1
+    assert "upstreams.ghcr.io.tag_ttl" in proc.stderr and "soon" in proc.stderr
