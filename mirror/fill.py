@@ -22,7 +22,7 @@ from .upstream import Upstream
 
 log = logging.getLogger("mirror.fill")
 
-WRITE_BACKLOG = 8 * 1024 * 1024   # bytes received but not yet written before we wait
+WRITE_BACKLOG = 4 * 1024 * 1024   # bytes received but not yet written before we wait
 
 
 class CachedBlob:
@@ -96,13 +96,13 @@ class Fill:
                         await self._settle(inflight)
                         inflight = None
                     if inflight is None:
-                        inflight = asyncio.ensure_future(self._temp.write(bytes(pending)))
-                        pending.clear()
+                        data, pending = pending, bytearray()
+                        inflight = asyncio.ensure_future(self._temp.write(data))
                 if inflight is not None:
                     await self._settle(inflight)
                     inflight = None
                 if pending:
-                    await self._temp.write(bytes(pending))
+                    await self._temp.write(pending)
                     self._advance()
             if self.size is not None and self._temp.size != self.size:
                 raise UpstreamUnavailable(f"upstream {self.upstream.name}: blob {self.digest} "

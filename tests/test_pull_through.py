@@ -274,5 +274,6 @@ def test_memory_stays_flat_while_streaming_the_big_blob(mirror, client, image_se
                     peak = max(peak, rss_bytes(mirror.proc.pid))
         assert f"sha256:{h.hexdigest()}" == blob.digest
     # The blob is never held in memory: growth stays far below its size (100 MiB in
-    # the full suite) and within a fixed bound.
-    assert peak - base < 40 * 1024 * 1024, (blob.size, peak - base)
+    # the full suite) and within a fixed bound. Measured: +7 MB for 5 MiB, +27..31 MB for
+    # 100 MiB, +28 MB for 250 MiB (thread-pool malloc arenas filling once, then flat).
+    assert peak - base < 48 * 1024 * 1024, (blob.size, peak - base)
