@@ -25,7 +25,7 @@ def create_app(config: Config) -> APIVersionHeader:
     @asynccontextmanager
     async def lifespan(app: Starlette):
         local = await LocalCache.open(config.data_dir)
-        sources = {name: ProxyStore(local, Upstream(up), up.tag_ttl)
+        sources = {name: ProxyStore(local, Upstream(up), up.tag_ttl, up.offline)
                    for name, up in config.upstreams.items()}
         app.state.registry = Registry(Router(config), sources, local.repositories)
         log.info("mirror ready on %s: upstreams %s (default %s), data in %s", config.listen,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sqlite3
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -93,11 +94,51 @@ class LocalCache:
         cache = cls(data_dir, index)
         cache._blobs = await index.load_blobs()
         cache._manifests = await index.load_manifests()
+        await cache._reconcile()
         cache._tags = {(t.upstream, t.repository, t.tag): t for t in await index.load_tags()}
         cache._links = await index.load_links()
         log.info("cache at %s: %d blobs, %d manifests, %d tags", data_dir,
                  len(cache._blobs), len(cache._manifests), len(cache._tags))
         return cache
+
+    async def _reconcile(self) -> None:
+        """Make the index and the files agree after a crash: rows whose file is gone or
+        has the wrong size are dropped; files with no row (renamed in, then killed
+        before the index write) and anything that is not a digest-named file are removed."""
+        expected = {d: s for d, s in self._blobs.items()}
+        expected.update({d: s for d, (_, s) in self._manifests.items()})
+
+        def scan() -> tuple[list[str], int]:
+            present: list[str] = []
+            removed = 0
+            root = self.data_dir / "blobs"
+            for algo_dir in root.iterdir():
+                for prefix_dir in (algo_dir.iterdir() if algo_dir.is_dir() else ()):
+                    for entry in os.scandir(prefix_dir) if prefix_dir.is_dir() else ():
+                        digest = f"{algo_dir.name}:{entry.name}"
+                        ok = (DIGEST_RE.fullmatch(digest) and entry.name[:2] == prefix_dir.name
+                              and entry.is_file(follow_symlinks=False)
+                              and expected.get(digest) == entry.stat().st_size)
+                        if ok:
+                            present.append(digest)
+                        else:
+                            os.unlink(entry.path)
+                            removed += 1
+            return present, removed
+        present, removed = await fileio.run(scan)
+        present_set = set(present)
+        gone_blobs = [d for d in self._blobs if d not in present_set]
+        gone_manifests = [d for d in self._manifests if d not in present_set]
+        if gone_blobs or gone_manifests:
+            await self.index.forget(gone_blobs, gone_manifests)
+            for d in gone_blobs:
+                del self._blobs[d]
+            for d in gone_manifests:
+                del self._manifests[d]
+        if removed or gone_blobs or gone_manifests:
+            log.warning("reconciled cache with index: removed %d stray files, forgot %d blobs "
+                        "and %d manifests whose files were missing", removed, len(gone_blobs),
+                        len(gone_manifests))
 
     async def close(self) -> None:
         await self.index.close()
@@ -168,7 +209,12 @@ class LocalCache:
         """Make ``temp`` the blob ``digest`` if its bytes hash to it; else discard it."""
         await self._place(temp, digest)
         self._blobs[digest] = temp.size
-        await self.index.add_blob(digest, temp.size)
+        try:
+            await self.index.add_blob(digest, temp.size)
+        except sqlite3.Error as exc:
+            # The verified file serves from memory now; the next start-up's
+            # reconciliation removes it, since the index does not know it.
+            log.error("index write for blob %s failed: %s", digest, exc)
         return temp.size
 
     async def _place(self, temp: TempBlob, digest: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -36,6 +36,8 @@ class UpstreamConfig:
     tag_ttl: float = 300.0
     library_prefix: bool = False      # one-component names get "library/" (Docker Hub)
     timeout: float = 30.0             # connect and read timeout, seconds
+    retries: int = 2                  # extra tries on connect errors and 5xx (GET/HEAD)
+    offline: bool = False             # never contact this upstream; serve what is cached
 
 
 @dataclass(frozen=True)
@@ -130,8 +132,9 @@ def _expand_env(value: Any, key: str) -> Any:
 
 # -- loading --------------------------------------------------------------------------------
 
-_TOP_KEYS = {"listen", "data_dir", "max_size", "default", "upstreams", "log_level"}
-_UPSTREAM_KEYS = {"url", "username", "password", "tag_ttl", "library_prefix", "timeout"}
+_TOP_KEYS = {"listen", "data_dir", "max_size", "default", "upstreams", "log_level", "offline"}
+_UPSTREAM_KEYS = {"url", "username", "password", "tag_ttl", "library_prefix", "timeout",
+                  "retries", "offline"}
 _LOG_LEVELS = {"critical", "error", "warning", "info", "debug"}
 
 
@@ -187,11 +190,16 @@ def _build(raw: dict) -> Config:
         if level not in _LOG_LEVELS:
             raise ConfigError(f"log_level: expected one of {', '.join(sorted(_LOG_LEVELS))}")
         kwargs["log_level"] = level
+    offline = _bool("offline", _expand_env(raw["offline"], "offline")) if "offline" in raw else False
     if "upstreams" in raw:
         ups = raw["upstreams"]
         if not isinstance(ups, dict) or not ups:
             raise ConfigError("upstreams: expected a mapping of upstream name to settings")
-        kwargs["upstreams"] = MappingProxyType({str(n): _upstream(str(n), v) for n, v in ups.items()})
+        kwargs["upstreams"] = MappingProxyType(
+            {str(n): _upstream(str(n), v, offline) for n, v in ups.items()})
+    elif offline:
+        kwargs["upstreams"] = MappingProxyType(
+            {n: replace(u, offline=True) for n, u in Config().upstreams.items()})
     upstreams = kwargs.get("upstreams", Config().upstreams)
     default = str(raw.get("default", DOCKER_HUB if DOCKER_HUB in upstreams else next(iter(upstreams))))
     if default not in upstreams:
@@ -201,7 +209,7 @@ def _build(raw: dict) -> Config:
     return Config(**kwargs)
 
 
-def _upstream(name: str, raw: Any) -> UpstreamConfig:
+def _upstream(name: str, raw: Any, offline: bool = False) -> UpstreamConfig:
     key = f"upstreams.{name}"
     if not NAME_RE.fullmatch(name) or "/" in name:
         raise ConfigError(f"{key}: upstream names are one path component like docker.io or ghcr.io")
@@ -219,7 +227,7 @@ def _upstream(name: str, raw: Any) -> UpstreamConfig:
             raise ConfigError(f"{key}.url: missing (the upstream registry's URL, e.g. https://{name})")
         values["url"] = DOCKER_HUB_URL
     kwargs: dict[str, Any] = {"name": name, "url": _field(f"{key}.url", parse_url, values["url"]),
-                              "library_prefix": name == DOCKER_HUB}
+                              "library_prefix": name == DOCKER_HUB, "offline": offline}
     for k in ("username", "password"):
         if values.get(k) is not None:
             if not isinstance(values[k], (str, int)):
@@ -233,8 +241,20 @@ def _upstream(name: str, raw: Any) -> UpstreamConfig:
         kwargs["timeout"] = _field(f"{key}.timeout", parse_duration, values["timeout"])
         if kwargs["timeout"] <= 0:
             raise ConfigError(f"{key}.timeout: must be positive")
-    if "library_prefix" in values:
-        if not isinstance(values["library_prefix"], bool):
-            raise ConfigError(f"{key}.library_prefix: expected true or false")
-        kwargs["library_prefix"] = values["library_prefix"]
+    for flag in ("library_prefix", "offline"):
+        if flag in values:
+            kwargs[flag] = _bool(f"{key}.{flag}", values[flag])
+    if "retries" in values:
+        retries = values["retries"]
+        if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
+            raise ConfigError(f"{key}.retries: expected a whole number from 0 to 10")
+        kwargs["retries"] = retries
     return UpstreamConfig(**kwargs)
+
+
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false")
+    return value

@@ -70,6 +70,14 @@ class UpstreamRateLimited(UpstreamUnavailable):
     default_message = "upstream registry rate limit reached"
 
 
+class CacheUnavailable(RegistryError):
+    """The mirror's own storage failed (disk full, I/O error)."""
+
+    code = "UNAVAILABLE"
+    status = 503
+    default_message = "the mirror's cache storage is unavailable"
+
+
 class UpstreamBadContent(UpstreamUnavailable):
     """Upstream sent bytes that do not match the digest they are addressed by."""
 

@@ -17,12 +17,15 @@ from typing import AsyncIterator
 
 from . import fileio
 from .cache import LocalCache, TempBlob
-from .errors import DigestInvalid, RegistryError, UpstreamBadContent, UpstreamUnavailable
+from .errors import (CacheUnavailable, DigestInvalid, RegistryError, UpstreamBadContent,
+                     UpstreamRateLimited, UpstreamUnavailable)
 from .upstream import Upstream
 
 log = logging.getLogger("mirror.fill")
 
 WRITE_BACKLOG = 4 * 1024 * 1024   # bytes received but not yet written before we wait
+RESUMES = 3                       # resumptions of a broken upstream stream per fill
+RESUME_BACKOFF = 0.5              # seconds before the first resumption; doubles after
 
 
 class CachedBlob:
@@ -65,6 +68,7 @@ class Fill:
         self._started = asyncio.Event()
         self._finished = asyncio.Event()
         self._progress = asyncio.Event()
+        self._inflight: asyncio.Future | None = None
         self.task: asyncio.Task | None = None
 
     def start(self) -> "Fill":
@@ -80,30 +84,23 @@ class Fill:
     # -- the download ------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        inflight: asyncio.Future | None = None
         try:
             self._temp = await self.cache.new_temp(self.digest.split(":", 1)[0])
-            async with self.upstream.stream_blob(self.repository, self.digest) as resp:
-                length = resp.headers.get("content-length", "")
-                self.size = int(length) if length.isdigit() else None
-                self._started.set()
-                pending = bytearray()
-                async for chunk in resp.aiter_raw():
-                    pending += chunk
-                    # One write in flight at a time; what arrives meanwhile is coalesced
-                    # into the next write, so readers see bytes soon and writes stay big.
-                    if inflight is not None and (inflight.done() or len(pending) >= WRITE_BACKLOG):
-                        await self._settle(inflight)
-                        inflight = None
-                    if inflight is None:
-                        data, pending = pending, bytearray()
-                        inflight = asyncio.ensure_future(self._temp.write(data))
-                if inflight is not None:
-                    await self._settle(inflight)
-                    inflight = None
-                if pending:
-                    await self._temp.write(pending)
-                    self._advance()
+            resumes = 0
+            while True:
+                try:
+                    await self._download()
+                    break
+                except UpstreamUnavailable as exc:
+                    # A stream that broke after it started is resumed where it stopped;
+                    # failing to start at all was already retried by the upstream client.
+                    if (not self._started.is_set() or resumes >= RESUMES
+                            or isinstance(exc, (UpstreamRateLimited, UpstreamBadContent))):
+                        raise
+                    resumes += 1
+                    log.warning("blob %s: %s after %d bytes; resuming (%d/%d)", self.digest,
+                                exc.message, self._temp.size, resumes, RESUMES)
+                    await asyncio.sleep(RESUME_BACKOFF * 2 ** (resumes - 1))
             if self.size is not None and self._temp.size != self.size:
                 raise UpstreamUnavailable(f"upstream {self.upstream.name}: blob {self.digest} "
                                           f"ended after {self._temp.size} of {self.size} bytes")
@@ -115,15 +112,14 @@ class Fill:
             log.info("cached blob %s (%d bytes) from %s/%s", self.digest, self.size,
                      self.upstream.name, self.repository)
         except BaseException as exc:
-            self.error = exc if isinstance(exc, RegistryError) else UpstreamUnavailable(
-                f"fill of {self.digest} failed: {type(exc).__name__}: {exc}")
-            if not isinstance(exc, RegistryError):
-                log.error("fill of %s failed", self.digest, exc_info=exc)
-            else:
+            self.error = _describe(exc, self.digest)
+            if isinstance(exc, RegistryError):
                 log.warning("fill of %s failed: %s", self.digest, exc.message)
-            if inflight is not None:
-                inflight.cancel()
-                await asyncio.gather(inflight, return_exceptions=True)
+            elif not isinstance(exc, asyncio.CancelledError):
+                log.error("fill of %s failed", self.digest, exc_info=exc)
+            if self._inflight is not None:
+                self._inflight.cancel()
+                await asyncio.gather(self._inflight, return_exceptions=True)
             if self._temp is not None:
                 await self._temp.discard()
             if isinstance(exc, asyncio.CancelledError):
@@ -134,7 +130,49 @@ class Fill:
             self._finished.set()
             self._notify()
 
-    async def _settle(self, inflight: asyncio.Future) -> None:
+    async def _download(self) -> None:
+        """Append upstream's bytes from where the temp file ends to the end of the blob."""
+        assert self._temp is not None
+        offset = self._temp.size
+        async with self.upstream.stream_blob(self.repository, self.digest, offset) as stream:
+            if not self._started.is_set():
+                self.size = stream.size
+                self._started.set()
+            skip = offset - stream.start        # upstream ignored Range: skip what we have
+            pending = bytearray()
+            try:
+                async for chunk in stream.chunks():
+                    if skip:
+                        if len(chunk) <= skip:
+                            skip -= len(chunk)
+                            continue
+                        chunk, skip = chunk[skip:], 0
+                    pending += chunk
+                    if self.size is not None and self._temp.size + len(pending) > self.size:
+                        raise UpstreamBadContent(f"upstream {self.upstream.name}: blob "
+                                                 f"{self.digest} is longer than announced")
+                    # One write in flight at a time; what arrives meanwhile is coalesced
+                    # into the next write, so readers see bytes soon and writes stay big.
+                    if self._inflight is not None and (self._inflight.done()
+                                                       or len(pending) >= WRITE_BACKLOG):
+                        await self._settle()
+                    if self._inflight is None:
+                        data, pending = pending, bytearray()
+                        self._inflight = asyncio.ensure_future(self._temp.write(data))
+            except UpstreamUnavailable:
+                await self._flush(pending)     # keep every byte that did arrive, then resume
+                raise
+            await self._flush(pending)
+
+    async def _flush(self, pending: bytearray) -> None:
+        if self._inflight is not None:
+            await self._settle()
+        if pending:
+            await self._temp.write(pending)
+            self._advance()
+
+    async def _settle(self) -> None:
+        inflight, self._inflight = self._inflight, None
         await inflight
         self._advance()
 
@@ -188,3 +226,15 @@ class Fill:
                 await self._progress.wait()
         finally:
             os.close(fd)
+
+
+def _describe(exc: BaseException, digest: str) -> RegistryError:
+    """The error a fill's readers get."""
+    if isinstance(exc, RegistryError):
+        return exc
+    if isinstance(exc, OSError):
+        return CacheUnavailable(f"the mirror could not store blob {digest}: "
+                                f"{exc.strerror or exc}")
+    if isinstance(exc, asyncio.CancelledError):
+        return CacheUnavailable(f"download of blob {digest} was cancelled (mirror stopping)")
+    return CacheUnavailable(f"download of blob {digest} failed: {type(exc).__name__}")

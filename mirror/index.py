@@ -158,6 +158,17 @@ class Index:
                 (upstream, repository, json.dumps(tags), fetched_at, expires_at))
             await self._db.commit()
 
+    async def forget(self, blobs: list[str], manifests: list[str]) -> None:
+        """Drop rows whose files are gone, and tags pointing at those manifests."""
+        async with self._write_lock:
+            await self._db.executemany("DELETE FROM blobs WHERE digest = ?", [(d,) for d in blobs])
+            await self._db.executemany("DELETE FROM manifests WHERE digest = ?",
+                                       [(d,) for d in manifests])
+            await self._db.executemany("DELETE FROM manifest_refs WHERE manifest = ?",
+                                       [(d,) for d in manifests])
+            await self._db.executemany("DELETE FROM tags WHERE digest = ?", [(d,) for d in manifests])
+            await self._db.commit()
+
     # -- reads for the rarer endpoints -------------------------------------------------------
 
     async def tag_list(self, upstream: str, repository: str) -> tuple[list[str], float] | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from typing import Awaitable, Callable, TypeVar
 
@@ -48,11 +49,13 @@ class SingleFlight:
 
 
 class ProxyStore:
-    def __init__(self, local: LocalCache, remote: Upstream, tag_ttl: float) -> None:
+    def __init__(self, local: LocalCache, remote: Upstream, tag_ttl: float,
+                 offline: bool = False) -> None:
         self.local = local
         self.remote = remote
         self.name = remote.name
         self.tag_ttl = tag_ttl
+        self.offline = offline      # never contact upstream: serve what is cached, as it is
         self.stale_serves = 0
         self._flights = SingleFlight()
         self._fills: dict[str, Fill] = {}
@@ -79,7 +82,7 @@ class ProxyStore:
             # pass its Accept upstream; do not repoint the tag at that form.
             return await self._fetch(repository, reference, accept, update_tag=False)
         if cached is not None:
-            if row.expires_at > time.time():
+            if row.expires_at > time.time() or self.offline:
                 return cached
             try:
                 info = await self._flights.do(
@@ -107,7 +110,7 @@ class ProxyStore:
         else:
             row = self.local.tag(self.name, repository, reference)
             info = self.local.manifest_info(row.digest) if row else None
-            if (info is not None and row.expires_at > time.time()
+            if (info is not None and (row.expires_at > time.time() or self.offline)
                     and acceptable(info.media_type, accepted_types(accept))):
                 return info
         # Revalidation and misses both go through GET's logic (HEAD upstream first
@@ -124,12 +127,21 @@ class ProxyStore:
 
     async def _fetch(self, repository: str, reference: str, accept: list[str],
                      update_tag: bool = True) -> Manifest:
+        if self.offline:
+            raise ManifestUnknown(f"{repository}{'@' if is_digest(reference) else ':'}{reference} "
+                                  f"is not in the cache, and upstream {self.name} is offline")
+
         async def fetch() -> Manifest:
             manifest, refs = await self.remote.get_manifest(repository, reference, accept)
-            await self.local.put_manifest(self.name, repository, manifest, refs)
-            if update_tag and not is_digest(reference):
-                await self.local.set_tag(self.name, repository, reference, manifest.digest,
-                                         self.tag_ttl)
+            try:
+                await self.local.put_manifest(self.name, repository, manifest, refs)
+                if update_tag and not is_digest(reference):
+                    await self.local.set_tag(self.name, repository, reference, manifest.digest,
+                                             self.tag_ttl)
+            except (OSError, sqlite3.Error) as exc:
+                # The client still gets the verified manifest; only caching failed.
+                log.error("could not cache manifest %s of %s/%s: %s", manifest.digest,
+                          self.name, repository, exc)
             return manifest
         return await self._flights.do(("get", repository, reference, tuple(accept), update_tag),
                                       fetch)
@@ -154,6 +166,8 @@ class ProxyStore:
         if fill is not None and not fill.done:
             if not await self._authorized(repository, digest, blob=True):
                 raise BlobUnknown(f"blob {digest} is not known in {repository}")
+        elif self.offline:
+            raise self._offline_blob(digest)
         else:
             fill = Fill(self.local, self.remote, repository, digest).start()
             self._fills[digest] = fill
@@ -172,12 +186,19 @@ class ProxyStore:
         fill = self._fills.get(digest)
         if fill is not None and fill.size is not None and self.local.linked(self.name, repository, digest):
             return fill.size
+        if self.offline:
+            raise self._offline_blob(digest)
         return await self.remote.stat_blob(repository, digest)
+
+    def _offline_blob(self, digest: str) -> BlobUnknown:
+        return BlobUnknown(f"blob {digest} is not in the cache, and upstream {self.name} is offline")
 
     async def _authorized(self, repository: str, digest: str, blob: bool) -> bool:
         """Whether this repository may be served cached content ``digest``."""
         if self.local.linked(self.name, repository, digest):
             return True
+        if self.offline:
+            return False
         try:
             if blob:
                 await self.remote.stat_blob(repository, digest)
@@ -192,8 +213,14 @@ class ProxyStore:
 
     async def tags(self, repository: str) -> list[str]:
         cached = await self.local.tag_list(self.name, repository)
-        if cached is not None and cached[1] > time.time():
+        if cached is not None and (cached[1] > time.time() or self.offline):
             return cached[0]
+        if self.offline:
+            known = self.local.tags_of(self.name, repository)
+            if not known:
+                raise NameUnknown(f"no tags of {repository} are cached, and upstream "
+                                  f"{self.name} is offline")
+            return known
         try:
             tags = await self._flights.do(("tags", repository), lambda: self.remote.tags(repository))
         except UpstreamUnavailable as exc:

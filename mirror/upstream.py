@@ -35,6 +35,8 @@ from .models import (DEFAULT_ACCEPT, DIGEST_RE, MANIFEST_MAX, SCHEMA1_TYPES, TAG
 log = logging.getLogger("mirror.upstream")
 
 REDIRECTS = {301, 302, 303, 307, 308}
+RETRY_STATUSES = {500, 502, 503, 504}
+RETRY_BACKOFF = 0.25    # seconds before the first retry; x3 for each one after
 MAX_REDIRECTS = 5
 TAG_PAGES = 50          # tags/list pages followed before giving up on the rest
 ERROR_BODY_MAX = 64 * 1024
@@ -144,15 +146,15 @@ class Upstream:
 
     @asynccontextmanager
     async def stream_blob(self, repository: str, digest: str,
-                          offset: int = 0) -> AsyncIterator[httpx.Response]:
-        """The upstream response for a blob, body not yet read (status 200, or 206 from
-        ``offset``). Bytes come from ``response.aiter_raw()``: no content decoding."""
+                          offset: int = 0) -> AsyncIterator["BlobStream"]:
+        """The upstream body of a blob, from ``offset`` when upstream honours Range
+        (``stream.start`` says where the bytes really begin: ``offset`` or 0)."""
         headers = [("Accept-Encoding", "identity")]
         if offset:
             headers.append(("Range", f"bytes={offset}-"))
         async with self._stream("GET", self._url(repository, "blobs", digest), repository,
                                 headers, what="blob") as resp:
-            yield resp
+            yield BlobStream.of(resp, offset, self.name)
 
     async def tags(self, repository: str) -> list[str]:
         """The whole tag list, following upstream pagination."""
@@ -240,13 +242,7 @@ class Upstream:
             if auth and _origin(url) == self._origin:
                 hdrs.append(("Authorization", auth))
             request = self._client.build_request(method, url, headers=hdrs)
-            try:
-                resp = await self._client.send(request, stream=stream)
-            except httpx.TimeoutException:
-                raise UpstreamUnavailable(f"upstream {self.name}: timed out") from None
-            except httpx.TransportError as exc:
-                raise UpstreamUnavailable(f"upstream {self.name} unreachable: "
-                                          f"{type(exc).__name__}") from None
+            resp = await self._send_retrying(request, stream)
             location = resp.headers.get("location")
             if resp.status_code in REDIRECTS and location:
                 await resp.aclose()
@@ -261,6 +257,33 @@ class Upstream:
                 log.debug("upstream %s ratelimit-remaining %s", self.name, remaining)
             return resp
         raise UpstreamUnavailable(f"upstream {self.name}: too many redirects")
+
+    async def _send_retrying(self, request: httpx.Request, stream: bool) -> httpx.Response:
+        """Send one (idempotent: GET or HEAD) request, retrying with backoff when the
+        connection cannot be made or upstream answers 500/502/503/504. A read timeout
+        is not retried: a hung upstream would only hang the client longer."""
+        retries = self.config.retries
+        for attempt in range(retries + 1):
+            try:
+                resp = await self._client.send(request, stream=stream)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
+                if attempt == retries:
+                    raise UpstreamUnavailable(f"upstream {self.name} unreachable: "
+                                              f"{type(exc).__name__}") from None
+            except httpx.TimeoutException:
+                raise UpstreamUnavailable(f"upstream {self.name}: timed out") from None
+            except httpx.TransportError as exc:
+                raise UpstreamUnavailable(f"upstream {self.name} unreachable: "
+                                          f"{type(exc).__name__}") from None
+            else:
+                if resp.status_code not in RETRY_STATUSES or attempt == retries:
+                    return resp
+                await resp.aclose()
+            delay = RETRY_BACKOFF * (3 ** attempt)
+            log.info("upstream %s: retrying %s %s in %.2fs", self.name, request.method,
+                     request.url.path, delay)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
     # -- authentication ------------------------------------------------------------------
 
@@ -352,6 +375,36 @@ class Upstream:
         if cls is not None:
             return cls(f"{where}: {message}", detail=detail)
         return UpstreamUnavailable(f"{where} answered {status}", detail=detail)
+
+
+@dataclass
+class BlobStream:
+    start: int                  # offset of the first byte of this body within the blob
+    size: int | None            # the whole blob's size, when upstream said it
+    _resp: httpx.Response
+    _upstream: str
+
+    @classmethod
+    def of(cls, resp: httpx.Response, offset: int, upstream: str) -> "BlobStream":
+        length = resp.headers.get("content-length", "")
+        if resp.status_code == 206:
+            m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", resp.headers.get("content-range", ""))
+            if not m or int(m.group(1)) != offset:
+                raise UpstreamUnavailable(f"upstream {upstream}: unusable answer to a Range request")
+            total = m.group(3)
+            return cls(offset, int(total) if total.isdigit() else None, resp, upstream)
+        return cls(0, int(length) if length.isdigit() else None, resp, upstream)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Raw body bytes (no content decoding); a broken stream is UpstreamUnavailable."""
+        try:
+            async for chunk in self._resp.aiter_raw():
+                yield chunk
+        except httpx.TimeoutException:
+            raise UpstreamUnavailable(f"upstream {self._upstream}: timed out mid-blob") from None
+        except httpx.TransportError as exc:
+            raise UpstreamUnavailable(f"upstream {self._upstream}: blob stream broke: "
+                                      f"{type(exc).__name__}") from None
 
 
 def _upstream_error(body: bytes) -> tuple[str | None, str | None]:
