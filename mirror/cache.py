@@ -209,13 +209,16 @@ class LocalCache:
         """Make ``temp`` the blob ``digest`` if its bytes hash to it; else discard it."""
         await self._place(temp, digest)
         self._blobs[digest] = temp.size
-        try:
-            await self.index.add_blob(digest, temp.size)
-        except sqlite3.Error as exc:
-            # The verified file serves from memory now; the next start-up's
-            # reconciliation removes it, since the index does not know it.
-            log.error("index write for blob %s failed: %s", digest, exc)
+        await self._persist(self.index.add_blob(digest, temp.size), f"blob {digest}")
         return temp.size
+
+    async def _persist(self, write, what: str) -> None:
+        """An index write that must not fail the request: the in-memory maps serve
+        until restart, when reconciliation drops files the index does not know."""
+        try:
+            await write
+        except sqlite3.Error as exc:
+            log.error("index write for %s failed: %s", what, exc)
 
     async def _place(self, temp: TempBlob, digest: str) -> None:
         """Verify, then rename into place atomically; a mismatch discards the file."""
@@ -242,7 +245,9 @@ class LocalCache:
                 await temp.discard()
                 raise
             await self._place(temp, manifest.digest)
-            await self.index.add_manifest(manifest.digest, manifest.media_type, manifest.size, refs)
+            await self._persist(self.index.add_manifest(manifest.digest, manifest.media_type,
+                                                        manifest.size, refs),
+                                f"manifest {manifest.digest}")
             self._manifests[manifest.digest] = (manifest.media_type, manifest.size)
             self._remember(manifest.digest, manifest.data)
         await self.link(upstream, repository, (manifest.digest, *refs.blobs, *refs.manifests))
@@ -250,14 +255,15 @@ class LocalCache:
     async def link(self, upstream: str, repository: str, digests) -> None:
         new = [d for d in digests if (upstream, repository, d) not in self._links]
         if new:
-            await self.index.link(upstream, repository, new)
+            await self._persist(self.index.link(upstream, repository, new),
+                                f"links of {upstream}/{repository}")
             self._links.update((upstream, repository, d) for d in new)
 
     async def set_tag(self, upstream: str, repository: str, tag: str, digest: str,
                       ttl: float) -> None:
         now = time.time()
         row = TagRow(upstream, repository, tag, digest, now, now + ttl)
-        await self.index.set_tag(row)
+        await self._persist(self.index.set_tag(row), f"tag {upstream}/{repository}:{tag}")
         self._tags[(upstream, repository, tag)] = row
 
     async def tag_list(self, upstream: str, repository: str):
@@ -265,7 +271,8 @@ class LocalCache:
 
     async def set_tag_list(self, upstream: str, repository: str, tags: list[str], ttl: float) -> None:
         now = time.time()
-        await self.index.set_tag_list(upstream, repository, tags, now, now + ttl)
+        await self._persist(self.index.set_tag_list(upstream, repository, tags, now, now + ttl),
+                            f"tag list of {upstream}/{repository}")
 
     async def repositories(self) -> list[tuple[str, str]]:
         return await self.index.repositories()

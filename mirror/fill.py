@@ -65,7 +65,7 @@ class Fill:
         self.error: BaseException | None = None
         self.done = False
         self._temp: TempBlob | None = None
-        self._started = asyncio.Event()
+        self._began = False              # upstream has answered with a body once
         self._finished = asyncio.Event()
         self._progress = asyncio.Event()
         self._inflight: asyncio.Future | None = None
@@ -76,9 +76,12 @@ class Fill:
         return self
 
     async def wait_started(self) -> None:
-        """Wait until upstream answered with headers; raise its error if it did not."""
-        await self._started.wait()
-        if self.error is not None and self.size is None and self.written == 0:
+        """Wait until the first bytes are in the cache file (or the fill ended), so a
+        fill that fails at once (upstream error, full disk) is a clean error response
+        rather than headers followed by an aborted body."""
+        while not self.done and self.written == 0:
+            await self._progress.wait()
+        if self.error is not None and self.written == 0:
             raise self.error
 
     # -- the download ------------------------------------------------------------------------
@@ -94,7 +97,7 @@ class Fill:
                 except UpstreamUnavailable as exc:
                     # A stream that broke after it started is resumed where it stopped;
                     # failing to start at all was already retried by the upstream client.
-                    if (not self._started.is_set() or resumes >= RESUMES
+                    if (not self._began or resumes >= RESUMES
                             or isinstance(exc, (UpstreamRateLimited, UpstreamBadContent))):
                         raise
                     resumes += 1
@@ -126,7 +129,6 @@ class Fill:
                 raise
         finally:
             self.done = True
-            self._started.set()
             self._finished.set()
             self._notify()
 
@@ -135,9 +137,9 @@ class Fill:
         assert self._temp is not None
         offset = self._temp.size
         async with self.upstream.stream_blob(self.repository, self.digest, offset) as stream:
-            if not self._started.is_set():
+            if not self._began:
                 self.size = stream.size
-                self._started.set()
+                self._began = True
             skip = offset - stream.start        # upstream ignored Range: skip what we have
             pending = bytearray()
             try:

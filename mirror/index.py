@@ -86,7 +86,10 @@ class Index:
                 await self._flusher
             except asyncio.CancelledError:
                 pass
-        await self.flush_usage()
+        try:
+            await self.flush_usage()
+        except Exception:     # usage counts are best effort; the data is safe without them
+            log.exception("final usage flush failed")
         await self._db.close()
 
     # -- loading at start-up ----------------------------------------------------------------
@@ -110,64 +113,61 @@ class Index:
 
     # -- writes (cache misses: not on the hot path) -----------------------------------------
 
+    async def _write(self, *statements: tuple[str, list[tuple]]) -> None:
+        """Run statements (each with its rows, via executemany) as one transaction."""
+        async with self._write_lock:
+            try:
+                for sql, rows in statements:
+                    if rows:
+                        await self._db.executemany(sql, rows)
+                await self._db.commit()
+            except BaseException:
+                await self._db.rollback()
+                raise
+
     async def add_blob(self, digest: str, size: int) -> None:
         now = time.time()
-        async with self._write_lock:
-            await self._db.execute(
-                "INSERT INTO blobs (digest, size, first_seen, last_access) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (digest) DO UPDATE SET size = excluded.size", (digest, size, now, now))
-            await self._db.commit()
+        await self._write((
+            "INSERT INTO blobs (digest, size, first_seen, last_access) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (digest) DO UPDATE SET size = excluded.size", [(digest, size, now, now)]))
 
     async def add_manifest(self, digest: str, media_type: str, size: int, refs: References) -> None:
         now = time.time()
         children = [(digest, c, "blob") for c in refs.blobs] + \
                    [(digest, c, "manifest") for c in refs.manifests]
-        async with self._write_lock:
-            await self._db.execute(
-                "INSERT INTO manifests (digest, media_type, size, first_seen, last_access) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (digest) DO NOTHING",
-                (digest, media_type, size, now, now))
-            await self._db.executemany(
-                "INSERT OR IGNORE INTO manifest_refs (manifest, child, kind) VALUES (?, ?, ?)", children)
-            await self._db.commit()
+        await self._write(
+            ("INSERT INTO manifests (digest, media_type, size, first_seen, last_access) "
+             "VALUES (?, ?, ?, ?, ?) ON CONFLICT (digest) DO NOTHING",
+             [(digest, media_type, size, now, now)]),
+            ("INSERT OR IGNORE INTO manifest_refs (manifest, child, kind) VALUES (?, ?, ?)",
+             children))
 
     async def set_tag(self, row: TagRow) -> None:
-        async with self._write_lock:
-            await self._db.execute(
-                "INSERT INTO tags VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (upstream, repository, tag) "
-                "DO UPDATE SET digest = excluded.digest, fetched_at = excluded.fetched_at, "
-                "expires_at = excluded.expires_at",
-                (row.upstream, row.repository, row.tag, row.digest, row.fetched_at, row.expires_at))
-            await self._db.commit()
+        await self._write((
+            "INSERT INTO tags VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (upstream, repository, tag) "
+            "DO UPDATE SET digest = excluded.digest, fetched_at = excluded.fetched_at, "
+            "expires_at = excluded.expires_at",
+            [(row.upstream, row.repository, row.tag, row.digest, row.fetched_at, row.expires_at)]))
 
     async def link(self, upstream: str, repository: str, digests: Iterable[str]) -> None:
-        rows = [(upstream, repository, d) for d in digests]
-        if not rows:
-            return
-        async with self._write_lock:
-            await self._db.executemany("INSERT OR IGNORE INTO repo_links VALUES (?, ?, ?)", rows)
-            await self._db.commit()
+        await self._write(("INSERT OR IGNORE INTO repo_links VALUES (?, ?, ?)",
+                           [(upstream, repository, d) for d in digests]))
 
     async def set_tag_list(self, upstream: str, repository: str, tags: list[str],
                            fetched_at: float, expires_at: float) -> None:
-        async with self._write_lock:
-            await self._db.execute(
-                "INSERT INTO tag_lists VALUES (?, ?, ?, ?, ?) ON CONFLICT (upstream, repository) "
-                "DO UPDATE SET tags = excluded.tags, fetched_at = excluded.fetched_at, "
-                "expires_at = excluded.expires_at",
-                (upstream, repository, json.dumps(tags), fetched_at, expires_at))
-            await self._db.commit()
+        await self._write((
+            "INSERT INTO tag_lists VALUES (?, ?, ?, ?, ?) ON CONFLICT (upstream, repository) "
+            "DO UPDATE SET tags = excluded.tags, fetched_at = excluded.fetched_at, "
+            "expires_at = excluded.expires_at",
+            [(upstream, repository, json.dumps(tags), fetched_at, expires_at)]))
 
     async def forget(self, blobs: list[str], manifests: list[str]) -> None:
         """Drop rows whose files are gone, and tags pointing at those manifests."""
-        async with self._write_lock:
-            await self._db.executemany("DELETE FROM blobs WHERE digest = ?", [(d,) for d in blobs])
-            await self._db.executemany("DELETE FROM manifests WHERE digest = ?",
-                                       [(d,) for d in manifests])
-            await self._db.executemany("DELETE FROM manifest_refs WHERE manifest = ?",
-                                       [(d,) for d in manifests])
-            await self._db.executemany("DELETE FROM tags WHERE digest = ?", [(d,) for d in manifests])
-            await self._db.commit()
+        gone_b, gone_m = [(d,) for d in blobs], [(d,) for d in manifests]
+        await self._write(("DELETE FROM blobs WHERE digest = ?", gone_b),
+                          ("DELETE FROM manifests WHERE digest = ?", gone_m),
+                          ("DELETE FROM manifest_refs WHERE manifest = ?", gone_m),
+                          ("DELETE FROM tags WHERE digest = ?", gone_m))
 
     # -- reads for the rarer endpoints -------------------------------------------------------
 
@@ -203,13 +203,9 @@ class Index:
         by_table: dict[str, list[tuple[float, float, str]]] = {"blobs": [], "manifests": []}
         for (table, digest), (last, hits) in usage.items():
             by_table[table].append((last, hits, digest))
-        async with self._write_lock:
-            for table, rows in by_table.items():
-                if rows:
-                    await self._db.executemany(
-                        f"UPDATE {table} SET last_access = max(last_access, ?), hits = hits + ? "
-                        "WHERE digest = ?", rows)
-            await self._db.commit()
+        await self._write(*((f"UPDATE {table} SET last_access = max(last_access, ?), "
+                             "hits = hits + ? WHERE digest = ?", rows)
+                            for table, rows in by_table.items()))
 
     async def _flush_loop(self, interval: float) -> None:
         checkpoint_every = max(1, int(60 / interval))

@@ -104,9 +104,12 @@ SKOPEO_CASES = [
 
 @pytest.mark.parametrize("name, attr", SKOPEO_CASES, ids=[c[1] for c in SKOPEO_CASES])
 def test_skopeo_copy_all_is_byte_exact_and_second_copy_is_local(
-        skopeo, mirror, upstream, image_set, tmp_path, name, attr):
+        skopeo, mirror, upstream, upstream_client, image_set, tmp_path, name, attr):
     image = getattr(image_set, attr)
     src = f"docker://{mirror.host}/{name}"
+    # what the upstream itself serves is what the copy must hold, byte for byte
+    tag = name.rsplit(":", 1)[1]
+    assert upstream_client.get_manifest(image.repo, tag).content == image.manifest
 
     mark = upstream.mark()
     skopeo("--insecure-policy", "copy", "--all", "--src-tls-verify=false", src,

@@ -56,10 +56,18 @@ image_set
     Blob)]``.  Each ``Image`` has repo, tags, manifest (bytes), media_type,
     digest, blobs, children, platform, ``.ref``.
 
+faulty
+    ``FaultyUpstream(target_url)``: reverse proxy with ``.arm(fault,
+    path_contains="", method=None, times=1, **params) -> Fault`` (``.hits``),
+    ``.clear()``, ``.log`` [LogEntry(method, path, status, fault)],
+    ``.count(...)``, ``.cdn_url``/``.cdn_log``; faults status, reset, drop,
+    corrupt, drip, hang, hang_body, redirect, range_ignored.
+
 fixtures  (``tests/conftest.py`` star-imports them)
     session: ``upstream`` (open registry), ``htpasswd_upstream``,
     ``token_server``, ``token_upstream``, ``upstream_client``, ``image_set``
     (pushed to ``upstream``; big layer ``MIRROR_TEST_BIG_LAYER_MB``, default
-    100); function: ``make_registry(**RegistryProcess kwargs)``.  Users:
+    100); function: ``make_registry(**RegistryProcess kwargs)``,
+    ``faulty_upstream`` (``FaultyUpstream(upstream.url)``, started).  Users:
     ``USERS = {"alice": "secret"}``.
 """

@@ -13,7 +13,7 @@ from .token_server import TokenServer
 
 __all__ = [
     "USERS", "upstream", "htpasswd_upstream", "token_server", "token_upstream",
-    "image_set", "upstream_client", "make_registry", "make_mirror",
+    "image_set", "upstream_client", "make_registry", "make_mirror", "faulty_upstream",
 ]
 
 USERS = {"alice": "secret"}
@@ -101,3 +101,13 @@ def make_mirror(tmp_path_factory):
     yield make
     for mirror in started:
         mirror.stop()
+
+
+@pytest.fixture
+def faulty_upstream(upstream):
+    """``FaultyUpstream(upstream.url)`` (see ``tests.support.faulty``), started
+    for one test and stopped after it (which also aborts anything hanging)."""
+    from .faulty import FaultyUpstream
+
+    with FaultyUpstream(upstream.url) as proxy:
+        yield proxy

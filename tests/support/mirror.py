@@ -61,6 +61,11 @@ class MirrorProcess:
                 self.proc.wait()
         self.proc = None
 
+    def reconfigure(self, **changes) -> None:
+        """Rewrite the config file (takes effect at the next start)."""
+        self.config.update(changes)
+        self.config_path.write_text(yaml.safe_dump(self.config))
+
     def restart(self) -> "MirrorProcess":
         self.stop()
         return self.start()
