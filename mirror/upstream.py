@@ -198,11 +198,8 @@ class Upstream:
                 body = await self._read_limited(resp, ERROR_BODY_MAX)
                 raise self._error(resp, body, what, repository, url.rsplit("/", 1)[-1])
             yield resp
-        except httpx.TimeoutException:
-            raise UpstreamUnavailable(f"upstream {self.name}: timed out reading {what}") from None
         except httpx.TransportError as exc:
-            raise UpstreamUnavailable(f"upstream {self.name}: connection broke reading {what}: "
-                                      f"{type(exc).__name__}") from None
+            raise _unavailable(self.name, exc, f"reading {what}") from None
         finally:
             await resp.aclose()
 
@@ -268,13 +265,9 @@ class Upstream:
                 resp = await self._client.send(request, stream=stream)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
                 if attempt == retries:
-                    raise UpstreamUnavailable(f"upstream {self.name} unreachable: "
-                                              f"{type(exc).__name__}") from None
-            except httpx.TimeoutException:
-                raise UpstreamUnavailable(f"upstream {self.name}: timed out") from None
+                    raise _unavailable(self.name, exc, "connecting") from None
             except httpx.TransportError as exc:
-                raise UpstreamUnavailable(f"upstream {self.name} unreachable: "
-                                          f"{type(exc).__name__}") from None
+                raise _unavailable(self.name, exc, "waiting for an answer") from None
             else:
                 if resp.status_code not in RETRY_STATUSES or attempt == retries:
                     return resp
@@ -327,8 +320,7 @@ class Upstream:
         try:
             resp = await self._client.get(realm, params=params, headers=headers)
         except httpx.TransportError as exc:
-            raise UpstreamUnavailable(f"upstream {self.name}: token service unreachable: "
-                                      f"{type(exc).__name__}") from None
+            raise _unavailable(self.name, exc, "asking its token service") from None
         if resp.status_code in (401, 403):
             raise Denied(f"upstream {self.name}: token service refused "
                          f"{'the configured credentials' if basic else 'anonymous access'}")
@@ -400,11 +392,15 @@ class BlobStream:
         try:
             async for chunk in self._resp.aiter_raw():
                 yield chunk
-        except httpx.TimeoutException:
-            raise UpstreamUnavailable(f"upstream {self._upstream}: timed out mid-blob") from None
         except httpx.TransportError as exc:
-            raise UpstreamUnavailable(f"upstream {self._upstream}: blob stream broke: "
-                                      f"{type(exc).__name__}") from None
+            raise _unavailable(self._upstream, exc, "mid-blob") from None
+
+
+def _unavailable(upstream: str, exc: httpx.TransportError, doing: str) -> UpstreamUnavailable:
+    """The one mapping of a transport failure (no usable HTTP answer) to an OCI error."""
+    what = "timed out" if isinstance(exc, httpx.TimeoutException) else "connection failed"
+    return UpstreamUnavailable(f"upstream {upstream}: {what} {doing} ({type(exc).__name__})",
+                               detail={"upstream": upstream})
 
 
 def _upstream_error(body: bytes) -> tuple[str | None, str | None]:

@@ -282,6 +282,7 @@ class FaultyUpstream:
         self._grants: dict[str, tuple[str, bytes | None]] = {}
         self._active = 0
         self._stopping = threading.Event()
+        self._cdn_started = False
         self._clients = _Clients()
         self.server = ServerThread(_asgi3(self._proxy_app), name)
         self.cdn = ServerThread(_asgi3(self._cdn_app), f"{name}-cdn")
@@ -301,13 +302,17 @@ class FaultyUpstream:
 
     def start(self) -> "FaultyUpstream":
         self._stopping.clear()
-        self.cdn.start()
-        try:
-            self.server.start()
-        except Exception:
-            self.cdn.stop()
-            raise
+        self.server.start()
+        if any(f.kind == "redirect" for f in self.faults):
+            self._start_cdn()
         return self
+
+    def _start_cdn(self) -> None:
+        """The CDN runs only once a redirect was armed (saves a server per test)."""
+        with self._lock:
+            start, self._cdn_started = not self._cdn_started, True
+        if start:
+            self.cdn.start()
 
     def stop(self) -> None:
         """Abort hanging/streaming requests, then stop both servers."""
@@ -316,8 +321,14 @@ class FaultyUpstream:
         while self._active and time.monotonic() < deadline:
             time.sleep(0.01)
         self._clients.close_all()
-        self.server.stop()
-        self.cdn.stop()
+        # uvicorn needs ~0.15 s to wind down; stop the two side by side
+        servers = [self.server] + ([self.cdn] if self._cdn_started else [])
+        threads = [threading.Thread(target=s.stop) for s in servers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self._cdn_started = False
 
     def __enter__(self) -> "FaultyUpstream":
         return self.start()
@@ -335,6 +346,8 @@ class FaultyUpstream:
         if times is not None and times < 0:
             raise ValueError("times must be None or >= 0")
         armed = Fault(fault, path_contains, method, times, params)
+        if fault == "redirect":
+            self._start_cdn()
         with self._lock:
             self._faults.append(armed)
         return armed
