@@ -6,6 +6,7 @@ so no file path or SQL value is ever built from unchecked request text.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -107,6 +108,29 @@ def sanitize_accept(lines: list[str], max_lines: int = 32) -> list[str]:
         if items:
             out.append(", ".join(items))
     return out
+
+
+def upstream_accept(lines: list[str]) -> list[str]:
+    """What to ask upstream for: the client's lines when they name manifest types,
+    else (no Accept, or only */*) every type, so upstream answers with the tag's own
+    manifest rather than down-converting for a client it thinks is ancient."""
+    named = [t for t in accepted_types(lines) if t != "*/*"]
+    return lines if named else [DEFAULT_ACCEPT]
+
+
+def schema1_digest(data: bytes) -> str | None:
+    """The digest of a signed schema1 manifest: over its payload without the JWS
+    signatures (libtrust's formatLength/formatTail), as docker and registries compute it."""
+    try:
+        doc = json.loads(data)
+        protected = doc["signatures"][0]["protected"]
+        header = json.loads(base64.urlsafe_b64decode(protected + "=" * (-len(protected) % 4)))
+        length = int(header["formatLength"])
+        tail = header["formatTail"]
+        payload = data[:length] + base64.urlsafe_b64decode(tail + "=" * (-len(tail) % 4))
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+    return digest_of(payload)
 
 
 def acceptable(media_type: str, accepted: list[str]) -> bool:

@@ -22,7 +22,8 @@ from typing import Awaitable, Callable, TypeVar
 from .cache import LocalCache
 from .errors import BlobUnknown, Denied, ManifestUnknown, NameUnknown, UpstreamUnavailable
 from .fill import CachedBlob, Fill
-from .models import INDEX_TYPES, Manifest, ManifestInfo, acceptable, accepted_types, is_digest
+from .models import (INDEX_TYPES, SCHEMA1_TYPES, Manifest, ManifestInfo, acceptable,
+                     accepted_types, is_digest, upstream_accept)
 from .upstream import Upstream
 
 log = logging.getLogger("mirror.proxy")
@@ -71,31 +72,32 @@ class ProxyStore:
     # -- manifests -----------------------------------------------------------------------
 
     async def get_manifest(self, repository: str, reference: str, accept: list[str]) -> Manifest:
+        accepted = accepted_types(accept)        # what this client takes
+        ask = upstream_accept(accept)            # what upstream is asked for
         if is_digest(reference):
             manifest = await self._cached_by_digest(repository, reference)
-            return manifest or await self._fetch(repository, reference, accept)
-        accepted = accepted_types(accept)
+            return manifest or await self._fetch(repository, reference, ask)
         row = self.local.tag(self.name, repository, reference)
         cached = await self.local.read_manifest(row.digest) if row else None
         if cached is not None and not acceptable(cached.media_type, accepted):
             # The client asked for another form than the one the tag is cached as:
             # pass its Accept upstream; do not repoint the tag at that form.
-            return await self._fetch(repository, reference, accept, update_tag=False)
+            return await self._fetch(repository, reference, ask, update_tag=False)
         if cached is not None:
             if row.expires_at > time.time() or self.offline:
                 return cached
             try:
                 info = await self._flights.do(
                     ("head", repository, reference),
-                    lambda: self.remote.head_manifest(repository, reference, accept))
+                    lambda: self.remote.head_manifest(repository, reference, ask))
             except UpstreamUnavailable as exc:
                 return self._stale(cached, repository, reference, exc)
             if info is not None and info.digest == row.digest:
                 await self.local.set_tag(self.name, repository, reference, row.digest, self.tag_ttl)
                 return cached
         try:
-            return await self._fetch(repository, reference, accept,
-                                     update_tag=_full_accept(accepted))
+            return await self._fetch(repository, reference, ask,
+                                     update_tag=_full_accept(accepted_types(ask)))
         except UpstreamUnavailable as exc:
             if cached is not None:
                 return self._stale(cached, repository, reference, exc)
@@ -133,6 +135,9 @@ class ProxyStore:
 
         async def fetch() -> Manifest:
             manifest, refs = await self.remote.get_manifest(repository, reference, accept)
+            if manifest.media_type in SCHEMA1_TYPES:
+                # Legacy, and re-signed by upstream on every GET: passed through, not kept.
+                return manifest
             try:
                 await self.local.put_manifest(self.name, repository, manifest, refs)
                 if update_tag and not is_digest(reference):
@@ -234,7 +239,7 @@ class ProxyStore:
         return tags
 
 
-def _full_accept(accepted: list[str]) -> bool:
-    """Whether a client's Accept lets upstream answer with the tag's own manifest
+def _full_accept(asked: list[str]) -> bool:
+    """Whether what upstream was asked for lets it answer with the tag's own manifest
     (an index included): only then may the answer repoint the cached tag."""
-    return not accepted or "*/*" in accepted or any(t in INDEX_TYPES for t in accepted)
+    return any(t in INDEX_TYPES for t in asked)

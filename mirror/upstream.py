@@ -29,8 +29,9 @@ from . import __version__
 from .config import UpstreamConfig
 from .errors import (BY_CODE, BlobUnknown, Denied, ManifestUnknown, NameUnknown, RegistryError,
                      UpstreamBadContent, UpstreamRateLimited, UpstreamUnavailable)
-from .models import (DEFAULT_ACCEPT, DIGEST_RE, MANIFEST_MAX, SCHEMA1_TYPES, TAG_RE, Manifest, ManifestInfo,
-                     References, is_digest, parse_manifest)
+from .models import (DEFAULT_ACCEPT, DIGEST_RE, DOCKER_SCHEMA1_SIGNED, MANIFEST_MAX,
+                     SCHEMA1_TYPES, TAG_RE, Manifest, ManifestInfo, References, is_digest,
+                     parse_manifest, schema1_digest)
 
 log = logging.getLogger("mirror.upstream")
 
@@ -106,16 +107,18 @@ class Upstream:
             data = bytes(data)
             content_type = resp.headers.get("content-type")
             header_digest = resp.headers.get("docker-content-digest")
-        algorithm = reference.split(":", 1)[0] if is_digest(reference) else "sha256"
-        digest = f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
-        if is_digest(reference) and digest != reference:
-            raise UpstreamBadContent(f"upstream {self.name}: manifest {reference} hashed to {digest}")
         try:
             media_type, refs = parse_manifest(data, content_type)
         except RegistryError as exc:
             raise UpstreamBadContent(f"upstream {self.name}: {exc.message}") from None
-        # A schema1 signed manifest's digest is over its payload without signatures, and
-        # registries converting to it re-sign on every GET: its header cannot match.
+        algorithm = reference.split(":", 1)[0] if is_digest(reference) else "sha256"
+        digest = f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+        if media_type == DOCKER_SCHEMA1_SIGNED:
+            # Its digest is over the payload without signatures (and registries that
+            # convert to schema1 sign anew on every GET, so the bytes vary).
+            digest = schema1_digest(data) or digest
+        if is_digest(reference) and digest != reference:
+            raise UpstreamBadContent(f"upstream {self.name}: manifest {reference} hashed to {digest}")
         if (header_digest and header_digest.startswith(f"{algorithm}:")
                 and header_digest != digest and media_type not in SCHEMA1_TYPES):
             raise UpstreamBadContent(f"upstream {self.name}: manifest for {reference} hashed to "

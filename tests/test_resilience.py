@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.support.client import MANIFEST_ACCEPT, RegistryClient
+from tests.support.client import RegistryClient
 from tests.support.image_set import push_image
 from tests.test_pull_through import check_manifest, fetch_blob, get_manifest, hub_config, pull
 

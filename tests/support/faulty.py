@@ -23,7 +23,9 @@ forever) applies, and only that one.  Kinds (``params`` in brackets):
 ``reset``         forward, send status and headers (real Content-Length) and
                   the first ``after`` bytes (default: half of Content-Length),
                   then close the connection: the client gets
-                  ``httpx.RemoteProtocolError`` (incomplete body).
+                  ``httpx.RemoteProtocolError: peer closed connection without
+                  sending complete message body (received N bytes, expected
+                  M)``.  (Invisible when ``after`` >= the body, or for HEAD.)
 ``drop``          close the connection without sending a single byte (client:
                   ``RemoteProtocolError: Server disconnected without sending a
                   response``); nothing reaches the target.
@@ -31,7 +33,10 @@ forever) applies, and only that one.  Kinds (``params`` in brackets):
                   same length and headers (Docker-Content-Digest included).
 ``drip``          forward, body in ``chunk``-byte pieces (1024) with ``delay``
                   seconds (0.05) between them.
-``hang``          send nothing for ``seconds`` (3600), then forward normally.
+``hang``          send nothing for ``seconds`` (3600), then forward normally;
+                  the client's read timeout fires (``httpx.ReadTimeout``).  A
+                  hang whose client went away ends at once; one still waiting
+                  at ``stop()`` gets uvicorn's plain 500.
 ``hang_body``     forward, send headers and ``after`` bytes (0), stall for
                   ``seconds`` (3600), then send the rest.
 ``redirect``      answer 307 to ``cdn_url``: a second server on its own port
@@ -49,6 +54,11 @@ hang; ``fault`` the kind or None), one per request, appended when the request
 arrives and given its status just *before* the status line is sent, so a test
 that got a response can count it at once: ``.count(method, path_contains,
 status=..., fault=...)``.
+
+Forwarding adds ``X-Forwarded-Host``/``-Proto`` (so the registry's absolute
+upload Locations point back at the proxy) and adds none of httpx's default
+headers; an unreachable target gives a 502 (OCI error body).  The CDN server
+is started on the first ``arm("redirect")``.
 
 ``stop()`` aborts whatever is still hanging, dripping or streaming.
 Connections closed on purpose raise ``_Abort`` into uvicorn, which then closes
@@ -502,7 +512,8 @@ class FaultyUpstream:
                 if head:
                     await ex.body(head)
                     sent += len(head)
-                cut = await self._at_cut(ex, kind, p)
+                await self._at_cut(ex, kind, p)
+                cut = None
                 if not piece:
                     continue
             if offset is not None and sent <= offset < sent + len(piece):
@@ -522,7 +533,6 @@ class FaultyUpstream:
         if kind == "reset":
             raise _Abort("reset")
         await ex.pause(float(p.get("seconds", 3600)))  # hang_body
-        return None
 
     # -- the "CDN" -------------------------------------------------------------
     async def _cdn_app(self, scope, receive, send) -> None:
