@@ -194,3 +194,41 @@ def test_disk_full_fails_the_fill_cleanly_and_cached_content_still_serves(
         mirror.stop()
     finally:
         subprocess.run(["umount", "-l", str(data)], check=False)
+
+
+def test_concurrent_manifest_misses_and_token_fetches_are_coalesced(make_mirror, token_server,
+                                                                    token_upstream, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.support.faulty import FaultyUpstream
+    from tests.support.fixtures import USERS
+    with RegistryClient(token_upstream.url, "alice", USERS["alice"]) as client:
+        image = push_image(tmp_path / "img", client, "flight/app", ["1"], [1000 + i for i in range(6)],
+                           seed=8000)
+    proxy = FaultyUpstream(token_upstream.url).start()
+    # Every GET is held 0.5 s upstream, so concurrent misses really overlap: the blob
+    # GETs all meet the first 401 together (one token fetch for their shared scope),
+    # and 16 manifest misses are in flight at once (one upstream GET).
+    proxy.arm("hang", method="GET", times=None, seconds=0.5)
+    mirror = make_mirror({"upstreams": {"docker.io": {
+        "url": proxy.url, "username": "alice", "password": USERS["alice"]}}})
+    tokens_before = len(token_server.requests)
+    mark = token_upstream.mark()
+
+    def get(path):
+        return httpx.get(f"{mirror.url}/v2/{image.repo}/{path}", timeout=30,
+                         headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"})
+
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            blobs = list(pool.map(get, [f"blobs/{b.digest}" for b in image.blobs]))
+            manifests = list(pool.map(get, ["manifests/1"] * 16))
+    finally:
+        proxy.stop()
+    assert [hashlib.sha256(r.content).hexdigest() for r in blobs] == \
+        [b.digest[7:] for b in image.blobs]
+    assert all(r.status_code == 200 and r.content == image.manifest for r in manifests)
+    gets = [r for r in token_upstream.requests(since=mark)
+            if r.method == "GET" and "/manifests/" in r.path and r.status == 200]
+    assert len(gets) == 1
+    assert len(token_server.requests) - tokens_before == 1
