@@ -8,6 +8,8 @@ httpx streaming, bytes hashed and discarded): the upstream direct, the mirror co
 (a fresh data dir per round: upstream fetch + verify + write + serve) and the
 mirror warm (served from the cache). Reports MB/s and the mirror's CPU seconds
 per GB served (utime+stime from /proc), the steadier figure on a shared machine.
+Then 1 and 16 concurrent cold clients of the blob on a fresh cache: wall time and
+upstream GETs of it (from the upstream's access log; must be exactly 1).
 Exits non-zero if any response's bytes do not hash to the digest.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 import os
 import shutil
 import sys
@@ -58,6 +61,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mirror-bench-"))
+    concurrent: dict[int, list[tuple[float, int]]] = {1: [], 16: []}
     rows: dict[str, list[tuple[float, float | None]]] = {"upstream direct": [], "mirror cold": [],
                                                           "mirror warm": []}
     try:
@@ -69,6 +73,19 @@ def main() -> int:
             path = f"/v2/{image.repo}/blobs/{blob.digest}"
             config = {"upstreams": {"docker.io": {"url": upstream.url}}, "log_level": "warning"}
             for _ in range(args.rounds):
+                # 16 concurrent cold clients against one cold client, fresh cache each.
+                for clients in (1, 16):
+                    mdir = work / "mirror-concurrent"
+                    shutil.rmtree(mdir, ignore_errors=True)
+                    with MirrorProcess(mdir, config) as mirror:
+                        mark = upstream.mark()
+                        start = time.perf_counter()
+                        with ThreadPoolExecutor(clients) as pool:
+                            list(pool.map(lambda _: fetch(mirror.url + path, blob.digest),
+                                          range(clients)))
+                        wall = time.perf_counter() - start
+                        gets = upstream.count("GET", f"/blobs/{blob.digest}", since=mark)
+                        concurrent[clients].append((wall, gets))
                 n, t = fetch(upstream.url + path, blob.digest)
                 rows["upstream direct"].append((n / t / 1e6, None))
                 mdir = work / "mirror"
@@ -88,6 +105,15 @@ def main() -> int:
         cpus = sorted(v[1] for v in values if v[1] is not None)
         cpu = f"{cpus[len(cpus) // 2]:.2f}" if cpus else "-"
         print(f"{label:18} {speeds[len(speeds) // 2]:14.0f} {speeds[-1]:12.0f} {cpu:>16}")
+    print()
+    print(f"{'cold clients':18} {'wall s (median)':>15} {'upstream GETs of the blob':>26}")
+    for clients, values in concurrent.items():
+        walls = sorted(w for w, _ in values)
+        gets = sorted({g for _, g in values})
+        print(f"{clients:<18} {walls[len(walls) // 2]:15.2f} {','.join(map(str, gets)):>26}")
+    if any(g != 1 for values in concurrent.values() for _, g in values):
+        print("FAIL: a cold blob was fetched from upstream more than once")
+        return 1
     return 0
 
 
