@@ -232,7 +232,8 @@ class Upstream:
                 return resp
             await resp.aclose()
             self._challenge = challenge
-            self._tokens.pop(scope, None)
+            if auth is not None and self._tokens.get(scope, (None,))[0] == auth:
+                del self._tokens[scope]     # this token was refused; others' 401s were not its fault
         raise AssertionError("unreachable")
 
     async def _send(self, method: str, url: str, headers: list, auth: str | None,

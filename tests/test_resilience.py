@@ -231,4 +231,4 @@ def test_concurrent_manifest_misses_and_token_fetches_are_coalesced(make_mirror,
     gets = [r for r in token_upstream.requests(since=mark)
             if r.method == "GET" and "/manifests/" in r.path and r.status == 200]
     assert len(gets) == 1
-    assert len(token_server.requests) - tokens_before == 1
+    assert len(token_server.requests) - tokens_before == 1, token_server.requests[tokens_before:]
