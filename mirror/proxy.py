@@ -162,26 +162,23 @@ class ProxyStore:
 
     async def open_blob(self, repository: str, digest: str):
         size = self.local.blob_size(digest)
-        if size is not None:
-            if not await self._authorized(repository, digest, blob=True):
-                raise BlobUnknown(f"blob {digest} is not known in {repository}")
-            self.local.touch_blob(digest)
-            return CachedBlob(self.local.path_for(digest), digest, size)
         fill = self._fills.get(digest)
-        if fill is not None and not fill.done:
+        if size is not None or (fill is not None and not fill.done):
             if not await self._authorized(repository, digest, blob=True):
                 raise BlobUnknown(f"blob {digest} is not known in {repository}")
-        elif self.offline:
-            raise self._offline_blob(digest)
-        else:
-            fill = Fill(self.local, self.remote, repository, digest).start()
-            self._fills[digest] = fill
-            fill.task.add_done_callback(
-                lambda _: self._fills.pop(digest, None) if self._fills.get(digest) is fill else None)
-            await fill.wait_started()
-            await self.local.link(self.name, repository, [digest])
+            if size is not None:
+                self.local.touch_blob(digest)
+                return CachedBlob(self.local.path_for(digest), digest, size)
+            await fill.wait_started()           # join the download in progress
             return fill
+        if self.offline:
+            raise self._offline_blob(digest)
+        fill = Fill(self.local, self.remote, repository, digest).start()
+        self._fills[digest] = fill
+        fill.task.add_done_callback(
+            lambda _: self._fills.pop(digest, None) if self._fills.get(digest) is fill else None)
         await fill.wait_started()
+        await self.local.link(self.name, repository, [digest])   # upstream served it here
         return fill
 
     async def stat_blob(self, repository: str, digest: str) -> int:
