@@ -59,19 +59,19 @@ class BlobResponse(Response):
     the connection (never a short body that looks complete) if the source fails."""
 
     def __init__(self, body: BlobBody, status: int, headers: dict[str, str],
-                 start: int, end: int | None, send_body: bool) -> None:
+                 start: int, end: int | None) -> None:
         self.status_code = status
         self.blob = body
         self.start, self.end = start, end
-        self.send_body = send_body
         self.init_headers(headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code,
-                    "headers": self.raw_headers})
-        if not self.send_body:
-            await send({"type": "http.response.body", "body": b""})
-            return
+        try:
+            await send({"type": "http.response.start", "status": self.status_code,
+                        "headers": self.raw_headers})
+        except BaseException:
+            await self.blob.aclose()
+            raise
         gone = asyncio.Event()
 
         async def watch() -> None:
@@ -90,10 +90,16 @@ class BlobResponse(Response):
         except (FillFailed, RegistryError, OSError) as exc:
             # Headers are out: the only honest signal left is to break the connection.
             log.warning("aborting response for %s: %s", self.blob.digest, exc)
-            raise
+            raise AbortResponse(str(exc)) from None
         finally:
             watcher.cancel()
             await chunks.aclose()
+            await self.blob.aclose()      # in case the iterator never started
+
+
+class AbortResponse(Exception):
+    """Raised out of a started response so the server drops the connection; already
+    logged, so the error handlers stay quiet about it."""
 
 
 def parse_range(header: str | None, size: int | None) -> tuple[int, int] | None:
@@ -227,15 +233,19 @@ async def blob(request: Request, name: str, digest: str) -> Response:
             headers["Content-Length"] = str(size)
         return Response(b"", headers=headers)
     body = await source.open_blob(route.repository, digest)
-    rng = parse_range(request.headers.get("range"), body.size)
+    try:
+        rng = parse_range(request.headers.get("range"), body.size)
+    except RegistryError:
+        await body.aclose()
+        raise
     if rng is None:
         if body.size is not None:
             headers["Content-Length"] = str(body.size)
-        return BlobResponse(body, 200, headers, 0, None, True)
+        return BlobResponse(body, 200, headers, 0, None)
     start, end = rng
     headers["Content-Length"] = str(end - start)
     headers["Content-Range"] = f"bytes {start}-{end - 1}/{body.size}"
-    return BlobResponse(body, 206, headers, start, end, True)
+    return BlobResponse(body, 206, headers, start, end)
 
 
 async def tags(request: Request, name: str) -> Response:
@@ -275,7 +285,8 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:
-    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    if not isinstance(exc, AbortResponse):
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
     return error_response(RegistryError("internal error; see the mirror's log"), request.method)
 
 

@@ -19,11 +19,12 @@ import os
 import shutil
 import sqlite3
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
+from typing import AsyncIterator, Callable
 
 from . import fileio
-from .errors import DigestInvalid
+from .errors import CacheUnavailable, DigestInvalid
 from .index import Index, TagRow
 from .models import HASHES, DIGEST_RE, Manifest, ManifestInfo, References
 
@@ -67,6 +68,35 @@ class TempBlob:
         await fileio.run(rm)
 
 
+class CachedBlob:
+    """A blob in the cache, opened: the open file keeps its bytes readable even if the
+    blob is evicted meanwhile, and the hold keeps the evictor away while it is served."""
+
+    def __init__(self, cache: "LocalCache", fd: int, digest: str, size: int) -> None:
+        self._cache = cache
+        self._fd: int | None = fd
+        self.digest = digest
+        self.size = size
+
+    async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        end = self.size if end is None else end
+        try:
+            pos = start
+            async for chunk in fileio.read_range(self._fd, start, end):
+                pos += len(chunk)
+                yield chunk
+            if pos < end:
+                raise CacheUnavailable(f"cached blob {self.digest} is shorter than its index entry")
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+            self._cache.release(self.digest)
+
+
 class LocalCache:
     def __init__(self, data_dir: Path, index: Index) -> None:
         self.data_dir = data_dir
@@ -78,25 +108,30 @@ class LocalCache:
         self._hot: OrderedDict[str, bytes] = OrderedDict()
         self._hot_bytes = 0
         self._temp_seq = 0
+        self._readers: Counter[str] = Counter()     # digest -> responses reading it now
+        self.reserved = 0                           # bytes of fills not yet committed
+        self.on_grow: Callable[[], None] | None = None   # the evictor's doorbell
 
     @classmethod
-    async def open(cls, data_dir: Path) -> "LocalCache":
+    async def open(cls, data_dir: Path, server: bool = True) -> "LocalCache":
+        """Open the cache. The server (``server=True``) owns the data directory: it
+        clears leftover temp files and reconciles files with the index. The CLI opens
+        with ``server=False`` and touches neither, so it is safe beside a running server."""
         data_dir = Path(data_dir).resolve()
 
         def prepare() -> None:
             (data_dir / "blobs").mkdir(parents=True, exist_ok=True)
             tmp = data_dir / "tmp"
-            if tmp.exists():
+            if tmp.exists() and server:
                 shutil.rmtree(tmp)       # partial fills of an earlier run
-            tmp.mkdir()
+            tmp.mkdir(exist_ok=True)
         await fileio.run(prepare)
-        index = await Index.open(data_dir / "index.db")
+        index = await Index.open(data_dir / "index.db", flush=server)
         cache = cls(data_dir, index)
-        cache._blobs = await index.load_blobs()
-        cache._manifests = await index.load_manifests()
-        await cache._reconcile()
-        cache._tags = {(t.upstream, t.repository, t.tag): t for t in await index.load_tags()}
-        cache._links = await index.load_links()
+        await cache.resync()
+        if server:
+            await cache._reconcile()
+            await cache.resync()
         log.info("cache at %s: %d blobs, %d manifests, %d tags", data_dir,
                  len(cache._blobs), len(cache._manifests), len(cache._tags))
         return cache
@@ -140,8 +175,66 @@ class LocalCache:
                         "and %d manifests whose files were missing", removed, len(gone_blobs),
                         len(gone_manifests))
 
+    async def resync(self) -> None:
+        """(Re)load the in-memory maps from the index, e.g. after `mirror gc` ran."""
+        self._blobs = await self.index.load_blobs()
+        self._manifests = await self.index.load_manifests()
+        self._tags = {(t.upstream, t.repository, t.tag): t for t in await self.index.load_tags()}
+        self._links = await self.index.load_links()
+        for digest in [d for d in self._hot if d not in self._manifests]:
+            self._hot_bytes -= len(self._hot.pop(digest))
+
     async def close(self) -> None:
         await self.index.close()
+
+    @property
+    def size(self) -> int:
+        """Bytes of blobs and manifests in the cache."""
+        return sum(self._blobs.values()) + sum(s for _, s in self._manifests.values())
+
+    # -- eviction support ------------------------------------------------------------------
+
+    def hold(self, digest: str) -> None:
+        self._readers[digest] += 1
+
+    def release(self, digest: str) -> None:
+        self._readers[digest] -= 1
+        if self._readers[digest] <= 0:
+            del self._readers[digest]
+
+    def in_use(self) -> set[str]:
+        return set(self._readers)
+
+    async def remove(self, blobs: list[str], manifests: list[str]) -> None:
+        """Delete files and index rows (and tags pointing at removed manifests)."""
+        paths = [self.path_for(d) for d in (*blobs, *manifests)]
+
+        def unlink() -> None:
+            for path in paths:
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
+        await self.index.forget(blobs, manifests)
+        await fileio.run(unlink)
+        for d in blobs:
+            self._blobs.pop(d, None)
+        gone = set(manifests)
+        for d in gone:
+            self._manifests.pop(d, None)
+            if d in self._hot:
+                self._hot_bytes -= len(self._hot.pop(d))
+        for key in [k for k, row in self._tags.items() if row.digest in gone]:
+            del self._tags[key]
+
+    def vanished(self, digest: str) -> None:
+        """A file the maps listed is gone (removed by `mirror gc` beside the server)."""
+        log.warning("blob %s vanished from the cache; it will be fetched again", digest)
+        self._blobs.pop(digest, None)
+
+    def _grew(self) -> None:
+        if self.on_grow is not None:
+            self.on_grow()
 
     # -- paths -----------------------------------------------------------------------------
 
@@ -193,8 +286,23 @@ class LocalCache:
     def linked(self, upstream: str, repository: str, digest: str) -> bool:
         return (upstream, repository, digest) in self._links
 
-    def touch_blob(self, digest: str) -> None:
+    async def open_blob(self, digest: str) -> CachedBlob | None:
+        """The cached blob, opened and held; None if it is not (or no longer) there."""
+        size = self._blobs.get(digest)
+        if size is None:
+            return None
+        self.hold(digest)
+        try:
+            fd = await fileio.open_read(self.path_for(digest))
+        except FileNotFoundError:
+            self.release(digest)
+            self.vanished(digest)
+            return None
+        except BaseException:
+            self.release(digest)
+            raise
         self.index.touch(digest)
+        return CachedBlob(self, fd, digest, size)
 
     # -- write side ------------------------------------------------------------------------
 
@@ -210,6 +318,7 @@ class LocalCache:
         await self._place(temp, digest)
         self._blobs[digest] = temp.size
         await self._persist(self.index.add_blob(digest, temp.size), f"blob {digest}")
+        self._grew()
         return temp.size
 
     async def _persist(self, write, what: str) -> None:
@@ -250,6 +359,7 @@ class LocalCache:
                                 f"manifest {manifest.digest}")
             self._manifests[manifest.digest] = (manifest.media_type, manifest.size)
             self._remember(manifest.digest, manifest.data)
+            self._grew()
         await self.link(upstream, repository, (manifest.digest, *refs.blobs, *refs.manifests))
 
     async def link(self, upstream: str, repository: str, digests) -> None:

@@ -32,6 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     return serve_forever(config)
 
 
+class _QuietAborts(logging.Filter):
+    """uvicorn logs a traceback for every response the app aborts on purpose (a
+    broken fill); the mirror has logged those already, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from .api import AbortResponse
+        return not (record.exc_info and isinstance(record.exc_info[1], AbortResponse))
+
+
 def serve_forever(config) -> int:
     import uvicorn
 
@@ -39,6 +48,8 @@ def serve_forever(config) -> int:
 
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("uvicorn.error").addFilter(_QuietAborts())
+    logging.getLogger("httpx").setLevel(logging.WARNING)     # one line per upstream request
     uvicorn.run(create_app(config), host=config.host, port=config.port,
                 log_level=config.log_level, access_log=config.log_level == "debug",
                 lifespan="on", timeout_graceful_shutdown=5, server_header=False)

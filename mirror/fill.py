@@ -1,4 +1,4 @@
-"""Bodies of blobs: a cached file, or a fill in progress.
+"""A blob being downloaded into the cache.
 
 A ``Fill`` is one upstream download of a blob into a temp file, running as its
 own task (detached from the request that started it). Any number of readers
@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from pathlib import Path
 from typing import AsyncIterator
 
 from . import fileio
@@ -26,28 +25,6 @@ log = logging.getLogger("mirror.fill")
 WRITE_BACKLOG = 4 * 1024 * 1024   # bytes received but not yet written before we wait
 RESUMES = 3                       # resumptions of a broken upstream stream per fill
 RESUME_BACKOFF = 0.5              # seconds before the first resumption; doubles after
-
-
-class CachedBlob:
-    """A blob already in the cache."""
-
-    def __init__(self, path: Path, digest: str, size: int) -> None:
-        self.path = path
-        self.digest = digest
-        self.size = size
-
-    async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
-        end = self.size if end is None else end
-        fd = await fileio.open_read(self.path)
-        try:
-            pos = start
-            async for chunk in fileio.read_range(fd, start, end):
-                pos += len(chunk)
-                yield chunk
-            if pos < end:
-                raise RegistryError(f"cached blob {self.digest} is shorter than its index entry")
-        finally:
-            os.close(fd)
 
 
 class FillFailed(Exception):
@@ -66,6 +43,7 @@ class Fill:
         self.done = False
         self._temp: TempBlob | None = None
         self._began = False              # upstream has answered with a body once
+        self._reserved = 0
         self._finished = asyncio.Event()
         self._progress = asyncio.Event()
         self._inflight: asyncio.Future | None = None
@@ -118,6 +96,9 @@ class Fill:
             self.error = _describe(exc, self.digest)
             if isinstance(exc, RegistryError):
                 log.warning("fill of %s failed: %s", self.digest, exc.message)
+            elif isinstance(exc, OSError):
+                log.error("fill of %s failed: cannot write the cache: %s", self.digest,
+                          exc.strerror or exc)
             elif not isinstance(exc, asyncio.CancelledError):
                 log.error("fill of %s failed", self.digest, exc_info=exc)
             if self._inflight is not None:
@@ -128,6 +109,8 @@ class Fill:
             if isinstance(exc, asyncio.CancelledError):
                 raise
         finally:
+            self.cache.reserved -= self._reserved
+            self._reserved = 0
             self.done = True
             self._finished.set()
             self._notify()
@@ -140,6 +123,10 @@ class Fill:
             if not self._began:
                 self.size = stream.size
                 self._began = True
+                if self.size:
+                    self._reserved = self.size          # the evictor makes room ahead
+                    self.cache.reserved += self.size
+                    self.cache._grew()
             skip = offset - stream.start        # upstream ignored Range: skip what we have
             pending = bytearray()
             try:
@@ -206,6 +193,9 @@ class Fill:
         if self.error is not None:
             raise FillFailed(str(self.error))
         return await fileio.open_read(self.cache.path_for(self.digest))
+
+    async def aclose(self) -> None:
+        """Nothing to let go: each reader's file is closed when its chunks() ends."""
 
     async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         fd = await self._open()

@@ -1,9 +1,11 @@
-"""The SQLite index (aiosqlite, WAL): blobs, manifests, tags, repository links, usage.
+"""The SQLite index (aiosqlite, WAL): blobs, manifests, tags, repository links, pins,
+usage and counters.
 
 One connection, so one writer. Multi-statement writes hold ``_write_lock`` so
-no other coroutine's statements land inside them. Usage (last access, hits) is
-kept in memory and flushed about once a second in one transaction, so no request
-waits for a SQLite write on a cache hit.
+no other coroutine's statements land inside them. Usage (last access, hits, tag
+pulls) and counters are kept in memory and flushed about once a second in one
+transaction, so no request waits for a SQLite write on a cache hit. The CLI reads
+and maintains the same file with its own connection (WAL lets both work at once).
 """
 
 from __future__ import annotations
@@ -37,10 +39,16 @@ CREATE INDEX IF NOT EXISTS manifest_refs_child ON manifest_refs (child);
 CREATE TABLE IF NOT EXISTS tags (
     upstream TEXT NOT NULL, repository TEXT NOT NULL, tag TEXT NOT NULL, digest TEXT NOT NULL,
     fetched_at REAL NOT NULL, expires_at REAL NOT NULL,
+    pulls INTEGER NOT NULL DEFAULT 0, last_pull REAL,
     PRIMARY KEY (upstream, repository, tag));
+CREATE INDEX IF NOT EXISTS tags_digest ON tags (digest);
 CREATE TABLE IF NOT EXISTS repo_links (
     upstream TEXT NOT NULL, repository TEXT NOT NULL, digest TEXT NOT NULL,
     PRIMARY KEY (upstream, repository, digest));
+CREATE TABLE IF NOT EXISTS pins (
+    upstream TEXT NOT NULL, repository TEXT NOT NULL, reference TEXT NOT NULL,
+    pinned_at REAL NOT NULL, PRIMARY KEY (upstream, repository, reference));
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS tag_lists (
     upstream TEXT NOT NULL, repository TEXT NOT NULL, tags TEXT NOT NULL,
     fetched_at REAL NOT NULL, expires_at REAL NOT NULL,
@@ -64,19 +72,26 @@ class Index:
         self._db = db
         self._write_lock = asyncio.Lock()
         self._usage: dict[tuple[str, str], list[float]] = {}   # (table, digest) -> [last, hits]
+        self._pulls: dict[tuple[str, str, str], list[float]] = {}   # tag -> [last, pulls]
+        self._counters: dict[str, int] = {}
         self._flusher: asyncio.Task | None = None
 
     @classmethod
-    async def open(cls, path: Path, flush_interval: float = 1.0) -> "Index":
+    async def open(cls, path: Path, flush_interval: float = 1.0, flush: bool = True) -> "Index":
         db = await aiosqlite.connect(str(path))
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=NORMAL")
         await db.execute("PRAGMA busy_timeout=5000")
         await db.executescript(SCHEMA)
         await db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+        columns = {row[1] for row in await db.execute_fetchall("PRAGMA table_info(tags)")}
+        if "pulls" not in columns:     # index.db from before tag pull counts
+            await db.execute("ALTER TABLE tags ADD COLUMN pulls INTEGER NOT NULL DEFAULT 0")
+            await db.execute("ALTER TABLE tags ADD COLUMN last_pull REAL")
         await db.commit()
         index = cls(db)
-        index._flusher = asyncio.create_task(index._flush_loop(flush_interval))
+        if flush:
+            index._flusher = asyncio.create_task(index._flush_loop(flush_interval))
         return index
 
     async def close(self) -> None:
@@ -144,7 +159,8 @@ class Index:
 
     async def set_tag(self, row: TagRow) -> None:
         await self._write((
-            "INSERT INTO tags VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (upstream, repository, tag) "
+            "INSERT INTO tags (upstream, repository, tag, digest, fetched_at, expires_at) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (upstream, repository, tag) "
             "DO UPDATE SET digest = excluded.digest, fetched_at = excluded.fetched_at, "
             "expires_at = excluded.expires_at",
             [(row.upstream, row.repository, row.tag, row.digest, row.fetched_at, row.expires_at)]))
@@ -185,6 +201,65 @@ class Index:
             "WHERE digest IN (SELECT digest FROM manifests) ORDER BY upstream, repository")
         return [tuple(r) for r in rows]
 
+    # -- eviction ------------------------------------------------------------------------------
+
+    async def protected(self, now: float) -> set[str]:
+        """Digests that must stay: everything reachable from a tag inside its TTL or
+        from a pin (a pinned tag, whatever its TTL, or a pinned digest)."""
+        rows = await self._db.execute_fetchall(
+            """WITH RECURSIVE roots(d) AS (
+                   SELECT digest FROM tags WHERE expires_at > :now
+                   UNION SELECT t.digest FROM pins p JOIN tags t ON t.upstream = p.upstream
+                         AND t.repository = p.repository AND t.tag = p.reference
+                   UNION SELECT reference FROM pins WHERE reference LIKE '%:%'),
+               live(d) AS (
+                   SELECT d FROM roots
+                   UNION SELECT r.child FROM manifest_refs r JOIN live ON r.manifest = live.d)
+               SELECT d FROM live""", {"now": now})
+        return {r[0] for r in rows}
+
+    async def by_last_access(self) -> list[tuple[str, int, float, bool]]:
+        """(digest, size, last access, is a manifest) of everything, least recent first."""
+        rows = await self._db.execute_fetchall(
+            "SELECT digest, size, last_access, 0 FROM blobs UNION ALL "
+            "SELECT digest, size, last_access, 1 FROM manifests ORDER BY 3")
+        return [(d, s, t, bool(m)) for d, s, t, m in rows]
+
+    async def parents(self, digests: Iterable[str]) -> set[str]:
+        """Manifests that reference any of ``digests``, and the manifests above them."""
+        found: set[str] = set()
+        frontier = set(digests)
+        while frontier:
+            marks = ",".join("?" * len(frontier))
+            rows = await self._db.execute_fetchall(
+                f"SELECT DISTINCT manifest FROM manifest_refs WHERE child IN ({marks})",
+                tuple(frontier))
+            frontier = {r[0] for r in rows} - found
+            found |= frontier
+        return found
+
+    async def orphan_blobs(self, seen_before: float) -> list[tuple[str, int]]:
+        """Blobs no cached manifest references (first seen before ``seen_before``)."""
+        rows = await self._db.execute_fetchall(
+            "SELECT digest, size FROM blobs WHERE first_seen < ? AND digest NOT IN "
+            "(SELECT r.child FROM manifest_refs r JOIN manifests m ON m.digest = r.manifest)",
+            (seen_before,))
+        return [tuple(r) for r in rows]
+
+    # -- pins ------------------------------------------------------------------------------------
+
+    async def pin(self, upstream: str, repository: str, reference: str) -> None:
+        await self._write(("INSERT OR IGNORE INTO pins VALUES (?, ?, ?, ?)",
+                           [(upstream, repository, reference, time.time())]))
+
+    async def unpin(self, upstream: str, repository: str, reference: str) -> bool:
+        async with self._write_lock:
+            cur = await self._db.execute(
+                "DELETE FROM pins WHERE upstream = ? AND repository = ? AND reference = ?",
+                (upstream, repository, reference))
+            await self._db.commit()
+            return cur.rowcount > 0
+
     # -- usage, batched ------------------------------------------------------------------------
 
     def touch(self, digest: str, manifest: bool = False) -> None:
@@ -196,16 +271,32 @@ class Index:
             entry[0] = time.time()
             entry[1] += 1
 
+    def count_pull(self, upstream: str, repository: str, tag: str) -> None:
+        entry = self._pulls.setdefault((upstream, repository, tag), [0.0, 0])
+        entry[0] = time.time()
+        entry[1] += 1
+
+    def count(self, name: str, n: int = 1) -> None:
+        self._counters[name] = self._counters.get(name, 0) + n
+
     async def flush_usage(self) -> None:
-        if not self._usage:
+        if not (self._usage or self._pulls or self._counters):
             return
         usage, self._usage = self._usage, {}
+        pulls, self._pulls = self._pulls, {}
+        counters, self._counters = self._counters, {}
         by_table: dict[str, list[tuple[float, float, str]]] = {"blobs": [], "manifests": []}
         for (table, digest), (last, hits) in usage.items():
             by_table[table].append((last, hits, digest))
-        await self._write(*((f"UPDATE {table} SET last_access = max(last_access, ?), "
-                             "hits = hits + ? WHERE digest = ?", rows)
-                            for table, rows in by_table.items()))
+        await self._write(
+            *((f"UPDATE {table} SET last_access = max(last_access, ?), hits = hits + ? "
+               "WHERE digest = ?", rows) for table, rows in by_table.items()),
+            ("UPDATE tags SET last_pull = ?, pulls = pulls + ? "
+             "WHERE upstream = ? AND repository = ? AND tag = ?",
+             [(last, n, *key) for key, (last, n) in pulls.items()]),
+            ("INSERT INTO counters VALUES (?, ?) "
+             "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+             list(counters.items())))
 
     async def _flush_loop(self, interval: float) -> None:
         checkpoint_every = max(1, int(60 / interval))

@@ -21,7 +21,7 @@ from typing import Awaitable, Callable, TypeVar
 
 from .cache import LocalCache
 from .errors import BlobUnknown, Denied, ManifestUnknown, NameUnknown, UpstreamUnavailable
-from .fill import CachedBlob, Fill
+from .fill import Fill
 from .models import (INDEX_TYPES, SCHEMA1_TYPES, Manifest, ManifestInfo, acceptable,
                      accepted_types, is_digest, upstream_accept)
 from .upstream import Upstream
@@ -166,11 +166,13 @@ class ProxyStore:
         if size is not None or (fill is not None and not fill.done):
             if not await self._authorized(repository, digest, blob=True):
                 raise BlobUnknown(f"blob {digest} is not known in {repository}")
-            if size is not None:
-                self.local.touch_blob(digest)
-                return CachedBlob(self.local.path_for(digest), digest, size)
-            await fill.wait_started()           # join the download in progress
-            return fill
+            if size is not None and (cached := await self.local.open_blob(digest)) is not None:
+                return cached
+            fill = self._fills.get(digest)
+            if fill is not None and not fill.done:
+                await fill.wait_started()           # join the download in progress
+                return fill
+            # Evicted (or removed by `mirror gc`) since we looked: fetch it again.
         if self.offline:
             raise self._offline_blob(digest)
         fill = Fill(self.local, self.remote, repository, digest).start()

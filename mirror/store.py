@@ -20,7 +20,12 @@ class BlobBody(Protocol):
 
     def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Bytes [start, end) (to the end when ``end`` is None). Raises if the bytes
-        cannot all be delivered, so a response is aborted, never silently short."""
+        cannot all be delivered, so a response is aborted, never silently short.
+        Ending (or closing) the iterator lets go of the body."""
+        ...
+
+    async def aclose(self) -> None:
+        """Let go of the body without reading it (idempotent)."""
         ...
 
 
