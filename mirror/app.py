@@ -14,6 +14,7 @@ from starlette.applications import Starlette
 from .api import EXCEPTION_HANDLERS, ROUTES, APIVersionHeader, Registry
 from .cache import LocalCache
 from .config import Config
+from .evict import Budget, Evictor
 from .proxy import ProxyStore
 from .routing import Router
 from .upstream import Upstream
@@ -25,6 +26,8 @@ def create_app(config: Config) -> APIVersionHeader:
     @asynccontextmanager
     async def lifespan(app: Starlette):
         local = await LocalCache.open(config.data_dir)
+        evictor = Evictor(local, Budget.of(config))
+        evictor.start()
         sources = {name: ProxyStore(local, Upstream(up), up.tag_ttl, up.offline)
                    for name, up in config.upstreams.items()}
         app.state.registry = Registry(Router(config), sources, local.repositories)
@@ -34,6 +37,7 @@ def create_app(config: Config) -> APIVersionHeader:
         try:
             yield
         finally:
+            await evictor.stop()
             for source in sources.values():
                 await source.aclose()
             await local.close()

@@ -21,7 +21,7 @@ import sqlite3
 import time
 from collections import Counter, OrderedDict
 from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 from . import fileio
 from .errors import CacheUnavailable, DigestInvalid
@@ -110,7 +110,9 @@ class LocalCache:
         self._temp_seq = 0
         self._readers: Counter[str] = Counter()     # digest -> responses reading it now
         self.reserved = 0                           # bytes of fills not yet committed
+        self._generation = 0
         self.on_grow: Callable[[], None] | None = None   # the evictor's doorbell
+        self.make_room: Callable[[], Awaitable[None]] | None = None
 
     @classmethod
     async def open(cls, data_dir: Path, server: bool = True) -> "LocalCache":
@@ -175,8 +177,14 @@ class LocalCache:
                         "and %d manifests whose files were missing", removed, len(gone_blobs),
                         len(gone_manifests))
 
+    async def resync_if_changed(self) -> None:
+        generation = await self.index.generation()
+        if generation != self._generation:
+            await self.resync()
+
     async def resync(self) -> None:
         """(Re)load the in-memory maps from the index, e.g. after `mirror gc` ran."""
+        self._generation = await self.index.generation()
         self._blobs = await self.index.load_blobs()
         self._manifests = await self.index.load_manifests()
         self._tags = {(t.upstream, t.repository, t.tag): t for t in await self.index.load_tags()}

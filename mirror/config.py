@@ -45,7 +45,10 @@ class Config:
     host: str = "0.0.0.0"
     port: int = 5000
     data_dir: Path = Path("data")
-    max_size: int | None = None
+    max_size: int | None = None       # cache budget in bytes; None: unbounded
+    high_watermark: float = 0.90      # evict when the cache passes this share of max_size
+    low_watermark: float = 0.80       # ... down to this share
+    expire_unused: float | None = None  # seconds without access after which content goes
     default: str = DOCKER_HUB
     upstreams: Mapping[str, UpstreamConfig] = field(default_factory=lambda: MappingProxyType(
         {DOCKER_HUB: UpstreamConfig(DOCKER_HUB, DOCKER_HUB_URL, library_prefix=True)}))
@@ -97,6 +100,18 @@ def parse_size(value: Any) -> int:
     return size
 
 
+def parse_fraction(value: Any) -> float:
+    """``90%`` or ``0.9``: a share of the budget, above 0 and at most 1."""
+    text = str(value).strip()
+    try:
+        share = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise ValueError(f"expected a share like 90% or 0.9, got {value!r}") from None
+    if isinstance(value, bool) or not 0 < share <= 1:
+        raise ValueError(f"expected a share like 90% or 0.9, got {value!r}")
+    return share
+
+
 def parse_listen(value: Any) -> tuple[str, int]:
     text = str(value)
     host, sep, port = text.rpartition(":")
@@ -132,7 +147,8 @@ def _expand_env(value: Any, key: str) -> Any:
 
 # -- loading --------------------------------------------------------------------------------
 
-_TOP_KEYS = {"listen", "data_dir", "max_size", "default", "upstreams", "log_level", "offline"}
+_TOP_KEYS = {"listen", "data_dir", "max_size", "default", "upstreams", "log_level", "offline",
+             "high_watermark", "low_watermark", "expire_unused"}
 _UPSTREAM_KEYS = {"url", "username", "password", "tag_ttl", "library_prefix", "timeout",
                   "retries", "offline"}
 _LOG_LEVELS = {"critical", "error", "warning", "info", "debug"}
@@ -185,6 +201,14 @@ def _build(raw: dict) -> Config:
         kwargs["data_dir"] = Path(value)
     if raw.get("max_size") is not None:
         kwargs["max_size"] = _field("max_size", parse_size, _expand_env(raw["max_size"], "max_size"))
+    for key in ("high_watermark", "low_watermark"):
+        if key in raw:
+            kwargs[key] = _field(key, parse_fraction, _expand_env(raw[key], key))
+    if kwargs.get("low_watermark", 0.8) >= kwargs.get("high_watermark", 0.9):
+        raise ConfigError("low_watermark: must be below high_watermark")
+    if raw.get("expire_unused") is not None:
+        kwargs["expire_unused"] = _field("expire_unused", parse_duration,
+                                         _expand_env(raw["expire_unused"], "expire_unused"))
     if "log_level" in raw:
         level = str(raw["log_level"]).lower()
         if level not in _LOG_LEVELS:

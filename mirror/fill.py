@@ -126,7 +126,8 @@ class Fill:
                 if self.size:
                     self._reserved = self.size          # the evictor makes room ahead
                     self.cache.reserved += self.size
-                    self.cache._grew()
+                    if self.cache.make_room is not None:
+                        await self.cache.make_room()
             skip = offset - stream.start        # upstream ignored Range: skip what we have
             pending = bytearray()
             try:

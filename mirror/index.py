@@ -246,6 +246,16 @@ class Index:
             (seen_before,))
         return [tuple(r) for r in rows]
 
+    async def generation(self) -> int:
+        """Bumped by every out-of-process change (`mirror gc`, `mirror pin`), so the
+        server knows to reload its in-memory view."""
+        rows = await self._db.execute_fetchall("SELECT value FROM meta WHERE key = 'generation'")
+        return int(rows[0][0]) if rows else 0
+
+    async def bump_generation(self) -> None:
+        await self._write(("INSERT INTO meta VALUES ('generation', '1') ON CONFLICT (key) "
+                           "DO UPDATE SET value = CAST(value AS INTEGER) + 1", [()]))
+
     # -- pins ------------------------------------------------------------------------------------
 
     async def pin(self, upstream: str, repository: str, reference: str) -> None:

@@ -1,0 +1,174 @@
+"""Keeping the cache inside its budget.
+
+When the cache (plus what fills in progress have announced) passes the high
+watermark, least-recently-used content goes until it is under the low watermark.
+Content unused for ``expire_unused`` goes whatever the budget. Never evicted:
+anything reachable from a tag inside its TTL or from a pin, and any blob being
+served right now. A manifest goes with any blob it references, and the manifests
+above it (an index) and the tags pointing at it go too, so the index never points
+at what is not there.
+
+The same ``plan``/``apply`` serve the server's background task and `mirror gc`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from .cache import LocalCache
+from .config import Config
+
+log = logging.getLogger("mirror.evict")
+
+ORPHAN_GRACE = 3600.0        # gc leaves unreferenced blobs younger than this (pulls in flight)
+
+
+@dataclass
+class Plan:
+    blobs: dict[str, int] = field(default_factory=dict)        # digest -> size
+    manifests: dict[str, int] = field(default_factory=dict)
+    reason: dict[str, str] = field(default_factory=dict)       # digest -> why
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.blobs.values()) + sum(self.manifests.values())
+
+    def __len__(self) -> int:
+        return len(self.blobs) + len(self.manifests)
+
+
+@dataclass(frozen=True)
+class Budget:
+    max_size: int | None
+    high: float = 0.9
+    low: float = 0.8
+    expire_unused: float | None = None
+
+    @classmethod
+    def of(cls, config: Config) -> "Budget":
+        return cls(config.max_size, config.high_watermark, config.low_watermark,
+                   config.expire_unused)
+
+
+async def plan(cache: LocalCache, budget: Budget, *, force: bool = False,
+               orphans: bool = False, now: float | None = None) -> Plan:
+    """What to remove now. ``force`` evicts down to the low watermark even if the high
+    one is not crossed (``mirror gc``); ``orphans`` adds blobs no manifest references."""
+    now = time.time() if now is None else now
+    await cache.index.flush_usage()
+    keep = await cache.index.protected(now) | cache.in_use()
+    rows = [r for r in await cache.index.by_last_access() if r[0] not in keep]
+    result = Plan()
+
+    def take(digest: str, size: int, is_manifest: bool, why: str) -> None:
+        (result.manifests if is_manifest else result.blobs)[digest] = size
+        result.reason.setdefault(digest, why)
+
+    if budget.expire_unused is not None:
+        for digest, size, last, is_manifest in rows:
+            if last < now - budget.expire_unused:
+                take(digest, size, is_manifest, "unused")
+    if orphans:
+        for digest, size in await cache.index.orphan_blobs(now - ORPHAN_GRACE):
+            if digest not in keep:
+                take(digest, size, False, "unreferenced")
+    if budget.max_size is not None:
+        used = cache.size + cache.reserved
+        if force or used > budget.high * budget.max_size:
+            target = budget.low * budget.max_size
+            for digest, size, _, is_manifest in rows:
+                if used - result.bytes <= target:
+                    break
+                take(digest, size, is_manifest, "lru")
+    # A manifest whose blobs (or child manifests) go, goes too, and so on upwards.
+    parents = await cache.index.parents([*result.blobs, *result.manifests])
+    sizes = {d: s for d, s, _, m in rows if m}
+    for digest in parents - keep:
+        if digest not in result.manifests and digest in sizes:
+            take(digest, sizes[digest], True, "references evicted content")
+    return result
+
+
+async def apply(cache: LocalCache, removal: Plan) -> None:
+    # A response may have started reading a planned blob since the plan was made.
+    for digest in cache.in_use() & set(removal.blobs):
+        del removal.blobs[digest]
+    if removal:
+        await cache.remove(list(removal.blobs), list(removal.manifests))
+
+
+class Evictor:
+    """The server's background eviction: rung by the cache when it grows, and every
+    ``interval`` seconds for unused expiry."""
+
+    def __init__(self, cache: LocalCache, budget: Budget, interval: float = 60.0) -> None:
+        self.cache = cache
+        self.budget = budget
+        self.interval = interval
+        self.evicted = 0
+        self.evicted_bytes = 0
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.cache.on_grow = self.poke
+        self.cache.make_room = self.make_room
+        self._task = asyncio.create_task(self._loop(), name="evictor")
+        self._wake.set()                              # a first look at start-up
+
+    async def stop(self) -> None:
+        self.cache.on_grow = None
+        self.cache.make_room = None
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def over(self) -> bool:
+        b = self.budget
+        return b.max_size is not None and self.cache.size + self.cache.reserved > b.high * b.max_size
+
+    def poke(self) -> None:
+        if self.over():
+            self._wake.set()
+
+    async def make_room(self) -> None:
+        """Called by a fill that has reserved its size: evict first if that crossed the
+        high watermark, so the data directory stays inside the budget."""
+        if self.over():
+            try:
+                await self.run_once()
+            except Exception:
+                log.exception("eviction run failed")
+
+    async def run_once(self) -> Plan:
+        async with self._lock:
+            return await self._run_once()
+
+    async def _run_once(self) -> Plan:
+        removal = await plan(self.cache, self.budget)
+        if removal:
+            await apply(self.cache, removal)
+            self.evicted += len(removal)
+            self.evicted_bytes += removal.bytes
+            self.cache.index.count("evictions", len(removal))
+            self.cache.index.count("evicted_bytes", removal.bytes)
+            log.info("evicted %d items, %d bytes; cache now %d bytes (budget %s)", len(removal),
+                     removal.bytes, self.cache.size, self.budget.max_size)
+        return removal
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.cache.resync_if_changed()
+                await self.run_once()
+            except Exception:        # eviction must never take the server down
+                log.exception("eviction run failed")
