@@ -17,10 +17,11 @@ from urllib.parse import urlencode
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route as HttpRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from . import metrics
 from .errors import (NotFound, PaginationInvalid, RangeNotSatisfiable, RegistryError,
                      Unsupported)
 from .fill import FillFailed
@@ -42,6 +43,7 @@ class Registry:
     router: Router
     sources: Mapping[str, Source]
     repositories: Callable[[], Awaitable[list[tuple[str, str]]]]
+    not_ready: Callable[[], Awaitable[str | None]]      # None when ready, else why not
 
 
 # -- responses ----------------------------------------------------------------------------
@@ -81,17 +83,20 @@ class BlobResponse(Response):
 
         watcher = asyncio.create_task(watch())
         chunks = self.blob.chunks(self.start, self.end)
+        sent = 0
         try:
             async for chunk in chunks:
                 if gone.is_set():
                     return
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                sent += len(chunk)
             await send({"type": "http.response.body", "body": b""})
         except (FillFailed, RegistryError, OSError) as exc:
             # Headers are out: the only honest signal left is to break the connection.
             log.warning("aborting response for %s: %s", self.blob.digest, exc)
             raise AbortResponse(str(exc)) from None
         finally:
+            metrics.served(self.blob.source, sent)
             watcher.cancel()
             await chunks.aclose()
             await self.blob.aclose()      # in case the iterator never started
@@ -174,6 +179,21 @@ def _common_headers(route: Route) -> dict[str, str]:
 
 async def base(request: Request) -> Response:
     return JSONResponse({})
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE_LATEST)
+
+
+async def healthz(request: Request) -> Response:
+    return PlainTextResponse("ok\n")
+
+
+async def readyz(request: Request) -> Response:
+    problem = await _registry(request).not_ready()
+    if problem:
+        return PlainTextResponse(f"not ready: {problem}\n", status_code=503)
+    return PlainTextResponse("ready\n")
 
 
 async def catalog(request: Request) -> Response:
@@ -294,6 +314,9 @@ EXCEPTION_HANDLERS = {RegistryError: registry_error, HTTPException: http_error,
                       Exception: unexpected_error}
 
 ROUTES = [
+    HttpRoute("/metrics", metrics_endpoint, methods=["GET"]),
+    HttpRoute("/healthz", healthz, methods=["GET", "HEAD"]),
+    HttpRoute("/readyz", readyz, methods=["GET", "HEAD"]),
     HttpRoute("/v2/", base, methods=["GET", "HEAD"]),
     HttpRoute("/v2/_catalog", catalog, methods=["GET", "HEAD"]),
     HttpRoute("/v2/{path:path}", dispatch,

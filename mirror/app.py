@@ -11,6 +11,8 @@ from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 
+from . import metrics
+from .accesslog import AccessLog
 from .api import EXCEPTION_HANDLERS, ROUTES, APIVersionHeader, Registry
 from .cache import LocalCache
 from .config import Config
@@ -22,7 +24,7 @@ from .upstream import Upstream
 log = logging.getLogger("mirror")
 
 
-def create_app(config: Config) -> APIVersionHeader:
+def create_app(config: Config) -> AccessLog:
     @asynccontextmanager
     async def lifespan(app: Starlette):
         local = await LocalCache.open(config.data_dir)
@@ -30,17 +32,22 @@ def create_app(config: Config) -> APIVersionHeader:
         evictor.start()
         sources = {name: ProxyStore(local, Upstream(up), up.tag_ttl, up.offline)
                    for name, up in config.upstreams.items()}
-        app.state.registry = Registry(Router(config), sources, local.repositories)
+        app.state.registry = Registry(Router(config), sources, local.repositories,
+                                      local.not_ready)
+        metrics.persist = local.index.count
+        metrics.cache_size.set_function(lambda: local.size)
+        metrics.cache_budget.set(config.max_size or 0)
         log.info("mirror ready on %s: upstreams %s (default %s), data in %s", config.listen,
                  ", ".join(f"{n}={u.url}" for n, u in config.upstreams.items()),
                  config.default, local.data_dir)
         try:
             yield
         finally:
+            metrics.persist = None
             await evictor.stop()
             for source in sources.values():
                 await source.aclose()
             await local.close()
 
     app = Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
-    return APIVersionHeader(app)
+    return AccessLog(APIVersionHeader(app), enabled=config.access_log)

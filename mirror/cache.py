@@ -72,6 +72,8 @@ class CachedBlob:
     """A blob in the cache, opened: the open file keeps its bytes readable even if the
     blob is evicted meanwhile, and the hold keeps the evictor away while it is served."""
 
+    source = "cache"
+
     def __init__(self, cache: "LocalCache", fd: int, digest: str, size: int) -> None:
         self._cache = cache
         self._fd: int | None = fd
@@ -194,6 +196,17 @@ class LocalCache:
 
     async def close(self) -> None:
         await self.index.close()
+
+    async def not_ready(self) -> str | None:
+        """Why the cache cannot serve (None when it can): the index answers and the
+        data directory takes files."""
+        try:
+            await self.index.ping()
+        except Exception as exc:
+            return f"index: {exc}"
+        if not await fileio.run(os.access, self.data_dir / "tmp", os.W_OK):
+            return f"data directory {self.data_dir} is not writable"
+        return None
 
     @property
     def size(self) -> int:

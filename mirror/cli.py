@@ -51,7 +51,7 @@ def serve_forever(config) -> int:
     logging.getLogger("uvicorn.error").addFilter(_QuietAborts())
     logging.getLogger("httpx").setLevel(logging.WARNING)     # one line per upstream request
     uvicorn.run(create_app(config), host=config.host, port=config.port,
-                log_level=config.log_level, access_log=config.log_level == "debug",
+                log_level=config.log_level, access_log=False,   # mirror.access logs instead
                 lifespan="on", timeout_graceful_shutdown=5, server_header=False)
     return 0
 

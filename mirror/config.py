@@ -53,6 +53,7 @@ class Config:
     upstreams: Mapping[str, UpstreamConfig] = field(default_factory=lambda: MappingProxyType(
         {DOCKER_HUB: UpstreamConfig(DOCKER_HUB, DOCKER_HUB_URL, library_prefix=True)}))
     log_level: str = "info"
+    access_log: bool = True           # one line per request on the log
 
     @property
     def listen(self) -> str:
@@ -148,7 +149,7 @@ def _expand_env(value: Any, key: str) -> Any:
 # -- loading --------------------------------------------------------------------------------
 
 _TOP_KEYS = {"listen", "data_dir", "max_size", "default", "upstreams", "log_level", "offline",
-             "high_watermark", "low_watermark", "expire_unused"}
+             "high_watermark", "low_watermark", "expire_unused", "access_log"}
 _UPSTREAM_KEYS = {"url", "username", "password", "tag_ttl", "library_prefix", "timeout",
                   "retries", "offline"}
 _LOG_LEVELS = {"critical", "error", "warning", "info", "debug"}
@@ -209,6 +210,8 @@ def _build(raw: dict) -> Config:
     if raw.get("expire_unused") is not None:
         kwargs["expire_unused"] = _field("expire_unused", parse_duration,
                                          _expand_env(raw["expire_unused"], "expire_unused"))
+    if "access_log" in raw:
+        kwargs["access_log"] = _bool("access_log", _expand_env(raw["access_log"], "access_log"))
     if "log_level" in raw:
         level = str(raw["log_level"]).lower()
         if level not in _LOG_LEVELS:

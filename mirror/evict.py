@@ -18,6 +18,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from . import metrics
 from .cache import LocalCache
 from .config import Config
 
@@ -154,8 +155,7 @@ class Evictor:
             await apply(self.cache, removal)
             self.evicted += len(removal)
             self.evicted_bytes += removal.bytes
-            self.cache.index.count("evictions", len(removal))
-            self.cache.index.count("evicted_bytes", removal.bytes)
+            metrics.evicted(len(removal), removal.bytes)
             log.info("evicted %d items, %d bytes; cache now %d bytes (budget %s)", len(removal),
                      removal.bytes, self.cache.size, self.budget.max_size)
         return removal

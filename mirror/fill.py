@@ -14,7 +14,7 @@ import logging
 import os
 from typing import AsyncIterator
 
-from . import fileio
+from . import fileio, metrics
 from .cache import LocalCache, TempBlob
 from .errors import (CacheUnavailable, DigestInvalid, RegistryError, UpstreamBadContent,
                      UpstreamRateLimited, UpstreamUnavailable)
@@ -32,6 +32,8 @@ class FillFailed(Exception):
 
 
 class Fill:
+    source = "upstream"     # where a reader's bytes come from, for the metrics
+
     def __init__(self, cache: LocalCache, upstream: Upstream, repository: str, digest: str) -> None:
         self.cache = cache
         self.upstream = upstream
@@ -65,6 +67,7 @@ class Fill:
     # -- the download ------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        metrics.fills_in_progress.inc()
         try:
             self._temp = await self.cache.new_temp(self.digest.split(":", 1)[0])
             resumes = 0
@@ -109,6 +112,7 @@ class Fill:
             if isinstance(exc, asyncio.CancelledError):
                 raise
         finally:
+            metrics.fills_in_progress.dec()
             self.cache.reserved -= self._reserved
             self._reserved = 0
             self.done = True
@@ -168,6 +172,7 @@ class Fill:
 
     def _advance(self) -> None:
         assert self._temp is not None
+        metrics.upstream_bytes.labels(self.upstream.name).inc(self._temp.size - self.written)
         self.written = self._temp.size
         self._notify()
 

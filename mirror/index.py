@@ -94,6 +94,9 @@ class Index:
             index._flusher = asyncio.create_task(index._flush_loop(flush_interval))
         return index
 
+    async def ping(self) -> None:
+        await self._db.execute_fetchall("SELECT 1")
+
     async def close(self) -> None:
         if self._flusher:
             self._flusher.cancel()
@@ -320,3 +323,60 @@ class Index:
                     await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except Exception:  # keep flushing; a failed flush only loses usage counts
                 log.exception("index usage flush failed")
+
+    # -- reports (CLI) -------------------------------------------------------------------------
+    # Read-only queries for `mirror stats`, `mirror ls` and `mirror pin` (see admin.py).
+
+    async def counters(self) -> dict[str, int]:
+        rows = await self._db.execute_fetchall("SELECT name, value FROM counters")
+        return {name: value for name, value in rows}
+
+    async def totals(self) -> dict[str, int]:
+        """How many blobs, manifests, tags and pins the index holds."""
+        rows = await self._db.execute_fetchall(
+            "SELECT (SELECT count(*) FROM blobs), (SELECT count(*) FROM manifests), "
+            "(SELECT count(*) FROM tags), (SELECT count(*) FROM pins)")
+        return dict(zip(("blobs", "manifests", "tags", "pins"), rows[0]))
+
+    async def linked_sizes(self) -> dict[tuple[str, str], int]:
+        """(upstream, repository) -> bytes of cached content linked to it."""
+        rows = await self._db.execute_fetchall(
+            "SELECT l.upstream, l.repository, sum(coalesce(b.size, m.size, 0)) FROM repo_links l "
+            "LEFT JOIN blobs b ON b.digest = l.digest LEFT JOIN manifests m ON m.digest = l.digest "
+            "GROUP BY l.upstream, l.repository")
+        return {(u, r): size for u, r, size in rows}
+
+    async def tag_report(self, upstream: str | None = None,
+                         repository: str | None = None) -> list[dict]:
+        """Every tag (or one repository's): its manifest's media type, the size of its
+        closure (the manifest and everything cached it reaches), pulls, pinned or not."""
+        rows = await self._db.execute_fetchall(
+            """WITH RECURSIVE reach(root, d) AS (
+                   SELECT DISTINCT digest, digest FROM tags
+                   WHERE (:u IS NULL OR upstream = :u) AND (:r IS NULL OR repository = :r)
+                   UNION SELECT reach.root, x.child FROM manifest_refs x
+                         JOIN reach ON x.manifest = reach.d),
+               closure(root, size) AS (
+                   SELECT root, sum(coalesce(b.size, m.size, 0)) FROM reach
+                   LEFT JOIN blobs b ON b.digest = reach.d
+                   LEFT JOIN manifests m ON m.digest = reach.d GROUP BY root)
+               SELECT t.upstream, t.repository, t.tag, t.digest, m.media_type,
+                      coalesce(c.size, 0), t.fetched_at, t.expires_at, t.pulls, t.last_pull,
+                      EXISTS (SELECT 1 FROM pins p WHERE p.upstream = t.upstream
+                              AND p.repository = t.repository AND p.reference IN (t.tag, t.digest))
+               FROM tags t LEFT JOIN manifests m ON m.digest = t.digest
+               LEFT JOIN closure c ON c.root = t.digest
+               WHERE (:u IS NULL OR t.upstream = :u) AND (:r IS NULL OR t.repository = :r)
+               ORDER BY t.upstream, t.repository, t.tag""", {"u": upstream, "r": repository})
+        keys = ("upstream", "repository", "tag", "digest", "media_type", "size", "fetched_at",
+                "expires_at", "pulls", "last_pull", "pinned")
+        return [dict(zip(keys, row)) for row in rows]
+
+    async def pins(self, upstream: str | None = None,
+                   repository: str | None = None) -> list[tuple[str, str, str, float]]:
+        """(upstream, repository, reference, pinned_at) of every pin (or one repository's)."""
+        rows = await self._db.execute_fetchall(
+            "SELECT upstream, repository, reference, pinned_at FROM pins "
+            "WHERE (:u IS NULL OR upstream = :u) AND (:r IS NULL OR repository = :r) "
+            "ORDER BY 1, 2, 3", {"u": upstream, "r": repository})
+        return [tuple(r) for r in rows]

@@ -19,6 +19,7 @@ import sqlite3
 import time
 from typing import Awaitable, Callable, TypeVar
 
+from . import metrics
 from .cache import LocalCache
 from .errors import BlobUnknown, Denied, ManifestUnknown, NameUnknown, UpstreamUnavailable
 from .fill import Fill
@@ -48,6 +49,9 @@ class SingleFlight:
         # shield: one waiter going away must not cancel the shared call
         return await asyncio.shield(fut)
 
+    def running(self, key: object) -> bool:
+        return key in self._calls
+
 
 class ProxyStore:
     def __init__(self, local: LocalCache, remote: Upstream, tag_ttl: float,
@@ -57,7 +61,6 @@ class ProxyStore:
         self.name = remote.name
         self.tag_ttl = tag_ttl
         self.offline = offline      # never contact upstream: serve what is cached, as it is
-        self.stale_serves = 0
         self._flights = SingleFlight()
         self._fills: dict[str, Fill] = {}
 
@@ -76,7 +79,10 @@ class ProxyStore:
         ask = upstream_accept(accept)            # what upstream is asked for
         if is_digest(reference):
             manifest = await self._cached_by_digest(repository, reference)
-            return manifest or await self._fetch(repository, reference, ask)
+            if manifest is not None:
+                metrics.lookup("manifest", "hit")
+                return manifest
+            return await self._fetch(repository, reference, ask)
         row = self.local.tag(self.name, repository, reference)
         cached = await self.local.read_manifest(row.digest) if row else None
         if cached is not None and not acceptable(cached.media_type, accepted):
@@ -85,6 +91,7 @@ class ProxyStore:
             return await self._fetch(repository, reference, ask, update_tag=False)
         if cached is not None:
             if row.expires_at > time.time() or self.offline:
+                metrics.lookup("manifest", "hit")
                 return cached
             try:
                 info = await self._flights.do(
@@ -94,6 +101,7 @@ class ProxyStore:
                 return self._stale(cached, repository, reference, exc)
             if info is not None and info.digest == row.digest:
                 await self.local.set_tag(self.name, repository, reference, row.digest, self.tag_ttl)
+                metrics.lookup("manifest", "hit")          # revalidated: still the same
                 return cached
         try:
             return await self._fetch(repository, reference, ask,
@@ -108,12 +116,14 @@ class ProxyStore:
         if is_digest(reference):
             info = self.local.manifest_info(reference)
             if info is not None and await self._authorized(repository, reference, blob=False):
+                metrics.lookup("manifest", "hit")
                 return info
         else:
             row = self.local.tag(self.name, repository, reference)
             info = self.local.manifest_info(row.digest) if row else None
             if (info is not None and (row.expires_at > time.time() or self.offline)
                     and acceptable(info.media_type, accepted_types(accept))):
+                metrics.lookup("manifest", "hit")
                 return info
         # Revalidation and misses both go through GET's logic (HEAD upstream first
         # when a copy is cached), so HEAD and GET always agree.
@@ -148,12 +158,14 @@ class ProxyStore:
                 log.error("could not cache manifest %s of %s/%s: %s", manifest.digest,
                           self.name, repository, exc)
             return manifest
-        return await self._flights.do(("get", repository, reference, tuple(accept), update_tag),
-                                      fetch)
+        key = ("get", repository, reference, tuple(accept), update_tag)
+        metrics.lookup("manifest", "coalesced" if self._flights.running(key) else "miss")
+        return await self._flights.do(key, fetch)
 
     def _stale(self, cached: Manifest, repository: str, reference: str,
                exc: UpstreamUnavailable) -> Manifest:
-        self.stale_serves += 1
+        metrics.stale(self.name)
+        metrics.lookup("manifest", "stale")
         log.warning("serving stale %s/%s:%s (%s): %s", self.name, repository, reference,
                     cached.digest, exc.message)
         return cached
@@ -167,14 +179,17 @@ class ProxyStore:
             if not await self._authorized(repository, digest, blob=True):
                 raise BlobUnknown(f"blob {digest} is not known in {repository}")
             if size is not None and (cached := await self.local.open_blob(digest)) is not None:
+                metrics.lookup("blob", "hit")
                 return cached
             fill = self._fills.get(digest)
             if fill is not None and not fill.done:
+                metrics.lookup("blob", "coalesced")
                 await fill.wait_started()           # join the download in progress
                 return fill
             # Evicted (or removed by `mirror gc`) since we looked: fetch it again.
         if self.offline:
             raise self._offline_blob(digest)
+        metrics.lookup("blob", "miss")
         fill = Fill(self.local, self.remote, repository, digest).start()
         self._fills[digest] = fill
         fill.task.add_done_callback(
@@ -231,7 +246,7 @@ class ProxyStore:
             known = cached[0] if cached is not None else self.local.tags_of(self.name, repository)
             if not known:
                 raise
-            self.stale_serves += 1
+            metrics.stale(self.name)
             log.warning("serving stale tag list of %s/%s: %s", self.name, repository, exc.message)
             return known
         await self.local.set_tag_list(self.name, repository, tags, self.tag_ttl)

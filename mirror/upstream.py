@@ -25,7 +25,7 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from . import __version__
+from . import __version__, metrics
 from .config import UpstreamConfig
 from .errors import (BY_CODE, BlobUnknown, Denied, ManifestUnknown, NameUnknown, RegistryError,
                      UpstreamBadContent, UpstreamRateLimited, UpstreamUnavailable)
@@ -266,7 +266,7 @@ class Upstream:
         retries = self.config.retries
         for attempt in range(retries + 1):
             try:
-                resp = await self._client.send(request, stream=stream)
+                resp = await self._timed_send(request, stream)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
                 if attempt == retries:
                     raise _unavailable(self.name, exc, "connecting") from None
@@ -281,6 +281,17 @@ class Upstream:
                      request.url.path, delay)
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
+
+    async def _timed_send(self, request: httpx.Request, stream: bool) -> httpx.Response:
+        started = time.monotonic()
+        status = "error"
+        try:
+            resp = await self._client.send(request, stream=stream)
+            status = str(resp.status_code)
+            return resp
+        finally:
+            metrics.upstream_requests.labels(self.name, request.method, status).inc()
+            metrics.upstream_seconds.labels(self.name).observe(time.monotonic() - started)
 
     # -- authentication ------------------------------------------------------------------
 

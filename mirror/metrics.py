@@ -1,0 +1,103 @@
+"""What the mirror counts: Prometheus collectors, the per-request note that the
+access log reads, and the counters `mirror stats` reads from the index.
+
+This module sits at the bottom of the layering: anything may import it, it imports
+nothing of the mirror's. Counters that must outlive the process go through
+``persist`` (the index's batched counter, wired up by app.py).
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for api.py)
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+http_requests = Counter("mirror_http_requests", "HTTP requests answered",
+                        ["route", "method", "status"], registry=REGISTRY)
+http_seconds = Histogram("mirror_http_request_duration_seconds",
+                         "Time to answer a request (to the last byte)", ["route"],
+                         registry=REGISTRY,
+                         buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+cache_lookups = Counter("mirror_cache_lookups", "Manifest and blob lookups by outcome: hit, miss "
+                        "(fetched upstream), stale (served while upstream failed), coalesced "
+                        "(joined a fetch already running)", ["kind", "result"], registry=REGISTRY)
+bytes_served = Counter("mirror_bytes_served", "Bytes of blobs and manifests sent to clients, by "
+                       "where they came from", ["source"], registry=REGISTRY)
+upstream_requests = Counter("mirror_upstream_requests", "Requests sent upstream",
+                            ["upstream", "method", "status"], registry=REGISTRY)
+upstream_seconds = Histogram("mirror_upstream_request_duration_seconds",
+                             "Upstream time to response headers", ["upstream"], registry=REGISTRY)
+upstream_bytes = Counter("mirror_upstream_bytes", "Blob bytes downloaded from upstream",
+                         ["upstream"], registry=REGISTRY)
+fills_in_progress = Gauge("mirror_fills_in_progress", "Blob downloads running now",
+                          registry=REGISTRY)
+stale_serves = Counter("mirror_stale_serves", "Cached copies served because upstream failed",
+                       ["upstream"], registry=REGISTRY)
+evictions = Counter("mirror_evictions", "Blobs and manifests evicted", registry=REGISTRY)
+evicted_bytes = Counter("mirror_evicted_bytes", "Bytes evicted", registry=REGISTRY)
+cache_size = Gauge("mirror_cache_size_bytes", "Bytes of blobs and manifests cached",
+                   registry=REGISTRY)
+cache_budget = Gauge("mirror_cache_budget_bytes", "max_size (0 when unbounded)",
+                     registry=REGISTRY)
+
+# Set by app.py to the index's batched counter, so `mirror stats` sees the totals.
+persist: Callable[[str, int], None] | None = None
+
+
+def _persist(name: str, n: int = 1) -> None:
+    if persist is not None:
+        persist(name, n)
+
+
+def exposition() -> bytes:
+    return generate_latest(REGISTRY)
+
+
+# -- the per-request note ----------------------------------------------------------------
+
+
+@dataclass
+class RequestNote:
+    """Filled in while a request is answered; the access log prints it."""
+
+    cache: str = "-"
+
+
+_note: ContextVar[RequestNote | None] = ContextVar("mirror_request_note", default=None)
+
+
+def begin_request() -> RequestNote:
+    note = RequestNote()
+    _note.set(note)
+    return note
+
+
+def lookup(kind: str, result: str) -> None:
+    """A manifest or blob lookup's outcome: hit, miss, stale or coalesced."""
+    cache_lookups.labels(kind, result).inc()
+    note = _note.get()
+    if note is not None:
+        note.cache = result
+    _persist(f"{kind}_{'hits' if result == 'hit' else 'misses' if result == 'miss' else result}")
+
+
+def served(source: str, n: int) -> None:
+    bytes_served.labels(source).inc(n)
+    _persist(f"bytes_from_{source}", n)
+
+
+def stale(upstream: str) -> None:
+    stale_serves.labels(upstream).inc()
+    _persist("stale_serves")
+
+
+def evicted(items: int, nbytes: int) -> None:
+    evictions.inc(items)
+    evicted_bytes.inc(nbytes)
+    _persist("evictions", items)
+    _persist("evicted_bytes", nbytes)
