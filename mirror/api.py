@@ -8,12 +8,14 @@ shape.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import re
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Mapping
-from urllib.parse import urlencode
+from datetime import datetime, timezone
+from urllib.parse import parse_qs, urlencode
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -23,7 +25,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import metrics
 from .errors import (NotFound, PaginationInvalid, RangeNotSatisfiable, RegistryError,
-                     Unsupported)
+                     SizeInvalid, Unsupported)
+from .auth import Guard, Identity
 from .fill import FillFailed
 from .models import sanitize_accept, validate_digest, validate_name, validate_reference, validate_tag
 from .routing import Route, Router
@@ -33,6 +36,7 @@ log = logging.getLogger("mirror.api")
 
 API_VERSION = (b"docker-distribution-api-version", b"registry/2.0")
 PAGE_MAX = 1000
+TOKEN_BODY_MAX = 16 * 1024
 PAGE_DEFAULT = 100
 
 
@@ -44,6 +48,7 @@ class Registry:
     sources: Mapping[str, Source]
     repositories: Callable[[], Awaitable[list[tuple[str, str]]]]
     not_ready: Callable[[], Awaitable[str | None]]      # None when ready, else why not
+    guard: Guard | None = None                          # None: no login required
 
 
 # -- responses ----------------------------------------------------------------------------
@@ -140,10 +145,28 @@ def _registry(request: Request) -> Registry:
 
 
 def _route(request: Request, name: str) -> tuple[Route, Source]:
+    """Where ``name`` goes, after checking the client may pull it: a refused client
+    learns nothing about what is cached."""
     registry = _registry(request)
     ns = request.query_params.get("ns")
     route = registry.router.resolve(name, ns)
+    if registry.guard is not None:
+        realm = _realm(request)
+        identity = registry.guard.identify(request.headers.get("authorization"), realm)
+        registry.guard.check(identity, name, realm, ns)
     return route, registry.sources[route.upstream]
+
+
+def _realm(request: Request) -> str:
+    """This server's token endpoint, as the client reached it."""
+    return f"{request.url.scheme}://{request.url.netloc}/token"
+
+
+def _identity(request: Request) -> Identity | None:
+    guard = _registry(request).guard
+    if guard is None:
+        return None
+    return guard.identify(request.headers.get("authorization"), _realm(request))
 
 
 def _page(request: Request, validate_last) -> tuple[int, str | None]:
@@ -178,7 +201,42 @@ def _common_headers(route: Route) -> dict[str, str]:
 
 
 async def base(request: Request) -> Response:
+    identity = _identity(request)
+    if identity is not None:
+        _registry(request).guard.check(identity, None, _realm(request))
     return JSONResponse({})
+
+
+async def token(request: Request) -> Response:
+    guard = _registry(request).guard
+    if guard is None or guard.tokens is None:
+        raise NotFound("token auth is not enabled on this mirror")
+    if request.method == "POST":
+        # OAuth2 password grant, as containerd sends it when it has credentials.
+        body = await _read_limited(request, TOKEN_BODY_MAX)
+        form = parse_qs(body.decode("latin-1"), max_num_fields=32)
+        service = (form.get("service") or [None])[0]
+        scopes = [s for v in form.get("scope", []) for s in v.split(" ")]
+        user, password = (form.get("username") or [""])[0], (form.get("password") or [""])[0]
+        authorization = request.headers.get("authorization")
+        if user:
+            authorization = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    else:
+        service = request.query_params.get("service")
+        scopes = request.query_params.getlist("scope")
+        authorization = request.headers.get("authorization")
+    value, expires_in = guard.token_for(authorization, service, scopes)
+    return JSONResponse({"token": value, "access_token": value, "expires_in": expires_in,
+                         "issued_at": datetime.now(timezone.utc).isoformat()})
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise SizeInvalid(f"request body larger than {limit} bytes")
+    return bytes(body)
 
 
 async def metrics_endpoint(request: Request) -> Response:
@@ -199,7 +257,11 @@ async def readyz(request: Request) -> Response:
 async def catalog(request: Request) -> Response:
     registry = _registry(request)
     n, last = _page(request, validate_name)
-    names = sorted({registry.router.display_name(u, r) for u, r in await registry.repositories()})
+    identity = _identity(request)
+    if identity is not None:
+        registry.guard.check_catalog(identity, _realm(request))
+    names = sorted({registry.router.display_name(u, r) for u, r in await registry.repositories()
+                    if identity is None or registry.guard.may_list(identity, u, r)})
     page, more = _paginate(names, n, last)
     headers = {"Link": _link("/v2/_catalog", n, page[-1], {})} if more and page else {}
     return JSONResponse({"repositories": page}, headers=headers)
@@ -317,6 +379,7 @@ ROUTES = [
     HttpRoute("/metrics", metrics_endpoint, methods=["GET"]),
     HttpRoute("/healthz", healthz, methods=["GET", "HEAD"]),
     HttpRoute("/readyz", readyz, methods=["GET", "HEAD"]),
+    HttpRoute("/token", token, methods=["GET", "POST"]),
     HttpRoute("/v2/", base, methods=["GET", "HEAD"]),
     HttpRoute("/v2/_catalog", catalog, methods=["GET", "HEAD"]),
     HttpRoute("/v2/{path:path}", dispatch,

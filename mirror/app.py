@@ -14,6 +14,7 @@ from starlette.applications import Starlette
 from . import metrics
 from .accesslog import AccessLog
 from .api import EXCEPTION_HANDLERS, ROUTES, APIVersionHeader, Registry
+from .auth import Guard
 from .cache import LocalCache
 from .config import Config
 from .evict import Budget, Evictor
@@ -32,8 +33,9 @@ def create_app(config: Config) -> AccessLog:
         evictor.start()
         sources = {name: ProxyStore(local, Upstream(up), up.tag_ttl, up.offline)
                    for name, up in config.upstreams.items()}
-        app.state.registry = Registry(Router(config), sources, local.repositories,
-                                      local.not_ready)
+        router = Router(config)
+        guard = Guard(config.auth, router, local.data_dir) if config.auth else None
+        app.state.registry = Registry(router, sources, local.repositories, local.not_ready, guard)
         metrics.persist = local.index.count
         metrics.cache_size.set_function(lambda: local.size)
         metrics.cache_budget.set(config.max_size or 0)

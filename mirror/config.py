@@ -41,6 +41,34 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class AclRule:
+    """docker_auth style: the first rule whose account and name globs match decides.
+    ``account`` "" matches anonymous requests only; names are ``<upstream>/<repo>``."""
+
+    account: str
+    name: str
+    actions: frozenset[str]
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    htpasswd: Path
+    token: bool = False               # Bearer tokens from /token instead of Basic on each request
+    realm: str | None = None          # token realm URL; default: this server's /token
+    service: str = "mirror"
+    issuer: str = "mirror"
+    token_ttl: float = 300.0
+    anonymous: bool = False           # anonymous pulls allowed (when no ACL says otherwise)
+    acl: tuple[AclRule, ...] | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     host: str = "0.0.0.0"
     port: int = 5000
@@ -54,6 +82,8 @@ class Config:
         {DOCKER_HUB: UpstreamConfig(DOCKER_HUB, DOCKER_HUB_URL, library_prefix=True)}))
     log_level: str = "info"
     access_log: bool = True           # one line per request on the log
+    tls: TlsConfig | None = None
+    auth: AuthConfig | None = None
 
     @property
     def listen(self) -> str:
@@ -149,7 +179,7 @@ def _expand_env(value: Any, key: str) -> Any:
 # -- loading --------------------------------------------------------------------------------
 
 _TOP_KEYS = {"listen", "data_dir", "max_size", "default", "upstreams", "log_level", "offline",
-             "high_watermark", "low_watermark", "expire_unused", "access_log"}
+             "high_watermark", "low_watermark", "expire_unused", "access_log", "tls", "auth"}
 _UPSTREAM_KEYS = {"url", "username", "password", "tag_ttl", "library_prefix", "timeout",
                   "retries", "offline"}
 _LOG_LEVELS = {"critical", "error", "warning", "info", "debug"}
@@ -210,6 +240,10 @@ def _build(raw: dict) -> Config:
     if raw.get("expire_unused") is not None:
         kwargs["expire_unused"] = _field("expire_unused", parse_duration,
                                          _expand_env(raw["expire_unused"], "expire_unused"))
+    if raw.get("tls") is not None:
+        kwargs["tls"] = _tls(raw["tls"])
+    if raw.get("auth") is not None:
+        kwargs["auth"] = _auth(raw["auth"])
     if "access_log" in raw:
         kwargs["access_log"] = _bool("access_log", _expand_env(raw["access_log"], "access_log"))
     if "log_level" in raw:
@@ -285,3 +319,89 @@ def _bool(key: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false")
     return value
+
+
+def _mapping(key: str, raw: Any, known: set[str]) -> dict:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key}: expected a mapping")
+    unknown = set(map(str, raw)) - known
+    if unknown:
+        raise ConfigError(f"{key}.{sorted(unknown)[0]}: unknown key (known: {', '.join(sorted(known))})")
+    return {k: _expand_env(v, f"{key}.{k}") for k, v in raw.items()}
+
+
+def _path(key: str, value: Any) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: expected a file path")
+    return Path(value)
+
+
+def _tls(raw: Any) -> TlsConfig:
+    values = _mapping("tls", raw, {"cert", "key"})
+    for k in ("cert", "key"):
+        if k not in values:
+            raise ConfigError(f"tls.{k}: missing (PEM file; `mirror certs HOST` makes one)")
+    cert, key = _path("tls.cert", values["cert"]), _path("tls.key", values["key"])
+    for name, path in (("cert", cert), ("key", key)):
+        if not path.is_file():
+            raise ConfigError(f"tls.{name}: {path} does not exist")
+    return TlsConfig(cert, key)
+
+
+_ACTIONS = {"pull", "push", "delete", "*"}
+
+
+def _auth(raw: Any) -> AuthConfig:
+    values = _mapping("auth", raw, {"htpasswd", "token", "anonymous", "acl"})
+    if "htpasswd" not in values:
+        raise ConfigError("auth.htpasswd: missing (the users file; `mirror htpasswd add USER` "
+                          "creates it)")
+    kwargs: dict[str, Any] = {"htpasswd": _path("auth.htpasswd", values["htpasswd"])}
+    if "anonymous" in values:
+        anon = values["anonymous"]
+        if anon not in ("pull", "none", False, None):
+            raise ConfigError("auth.anonymous: expected pull or none")
+        kwargs["anonymous"] = anon == "pull"
+    token = values.get("token")
+    if token is True or isinstance(token, dict):
+        kwargs["token"] = True
+        tok = _mapping("auth.token", token if isinstance(token, dict) else {},
+                       {"realm", "service", "issuer", "expiry"})
+        if "realm" in tok:
+            kwargs["realm"] = _field("auth.token.realm", parse_url, tok["realm"])
+        for k in ("service", "issuer"):
+            if k in tok:
+                if not isinstance(tok[k], str) or not tok[k] or not tok[k].isprintable():
+                    raise ConfigError(f"auth.token.{k}: expected a name")
+                kwargs[k] = tok[k]
+        if "expiry" in tok:
+            kwargs["token_ttl"] = _field("auth.token.expiry", parse_duration, tok["expiry"])
+            if not 60 <= kwargs["token_ttl"] <= 86400:
+                raise ConfigError("auth.token.expiry: expected between 1m and 1d")
+    elif token not in (None, False):
+        raise ConfigError("auth.token: expected true, false or a mapping")
+    if values.get("acl") is not None:
+        kwargs["acl"] = tuple(_acl_rule(i, r) for i, r in enumerate(_list("auth.acl", values["acl"])))
+    return AuthConfig(**kwargs)
+
+
+def _list(key: str, value: Any) -> list:
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list")
+    return value
+
+
+def _acl_rule(i: int, raw: Any) -> AclRule:
+    key = f"auth.acl[{i}]"
+    values = _mapping(key, raw, {"match", "actions"})
+    match = _mapping(f"{key}.match", values.get("match", {}), {"account", "name"})
+    account = match.get("account", "*")
+    name = match.get("name", "*")
+    for k, v in (("account", account), ("name", name)):
+        if not isinstance(v, str) or not v.isprintable() or len(v) > 256:
+            raise ConfigError(f"{key}.match.{k}: expected a glob like \"alice\" or \"docker.io/*\"")
+    actions = _list(f"{key}.actions", values.get("actions", []))
+    bad = [a for a in actions if a not in _ACTIONS]
+    if bad:
+        raise ConfigError(f"{key}.actions: unknown action {bad[0]!r} (known: pull, push, delete, *)")
+    return AclRule(account, name, frozenset(actions))
