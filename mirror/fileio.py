@@ -6,6 +6,7 @@ cheaper per byte than Starlette's 64 KiB ``FileResponse`` chunks.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from typing import AsyncIterator
 
@@ -31,12 +32,41 @@ async def open_read(path: str | os.PathLike) -> int:
     return await run(os.open, path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
 
 
+def _read_nowait(fd: int, n: int, pos: int) -> bytearray | None:
+    """Up to ``n`` bytes at ``pos`` if they are in the page cache, without waiting for
+    the disk (preadv with RWF_NOWAIT); None when a read would have to wait."""
+    global NOWAIT
+    buf = bytearray(n)
+    try:
+        got = os.preadv(fd, [buf], pos, NOWAIT)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            NOWAIT = None        # this kernel or file system cannot: threads from now on
+        return None
+    if got <= 0:
+        return None
+    del buf[got:]
+    return buf
+
+
+NOWAIT = getattr(os, "RWF_NOWAIT", None)
+
+
 async def read_range(fd: int, start: int, end: int, chunk: int = CHUNK) -> AsyncIterator[bytes]:
-    """Bytes [start, end) of an open file, in chunks; stops early at EOF."""
+    """Bytes [start, end) of an open file, in chunks; stops early at EOF.
+
+    Bytes already in the page cache are copied on the event loop (a 1 MiB copy is
+    ~0.1 ms, and half the CPU of a thread hop); anything that would wait for the
+    disk is read on a thread, so the loop never blocks on I/O."""
     pos = start
     while pos < end:
-        data = await run(os.pread, fd, min(chunk, end - pos), pos)
-        if not data:
-            return
+        n = min(chunk, end - pos)
+        data = _read_nowait(fd, n, pos) if NOWAIT is not None else None
+        if data is None:
+            data = await run(os.pread, fd, n, pos)
+            if not data:
+                return
         pos += len(data)
         yield data
