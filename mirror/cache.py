@@ -283,7 +283,9 @@ class LocalCache:
             try:
                 data = await fileio.run(self.path_for(digest).read_bytes)
             except FileNotFoundError:
-                log.error("manifest %s is in the index but its file is gone", digest)
+                log.warning("manifest %s vanished from the cache; it will be fetched again",
+                            digest)
+                self._manifests.pop(digest, None)
                 return None
             self._remember(digest, data)
         else:
@@ -303,6 +305,9 @@ class LocalCache:
 
     def tags_of(self, upstream: str, repository: str) -> list[str]:
         return sorted(t for (u, r, t) in self._tags if u == upstream and r == repository)
+
+    def count_pull(self, upstream: str, repository: str, tag: str) -> None:
+        self.index.count_pull(upstream, repository, tag)
 
     def linked(self, upstream: str, repository: str, digest: str) -> bool:
         return (upstream, repository, digest) in self._links

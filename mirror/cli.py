@@ -1,4 +1,7 @@
-"""Command line: ``mirror serve [--config FILE] [--listen HOST:PORT] [--data-dir DIR]``."""
+"""Command line: ``mirror serve [--config FILE] [--listen HOST:PORT] [--data-dir DIR]``,
+the maintenance commands ``stats``, ``ls``, ``pin``, ``unpin`` and ``gc``
+(implemented in ``admin.py``; safe to run while the server runs), and the set-up
+commands ``certs`` and ``htpasswd``."""
 
 from __future__ import annotations
 
@@ -22,14 +25,108 @@ def main(argv: list[str] | None = None) -> int:
                             "a Docker Hub mirror on 0.0.0.0:5000 caching under ./data)")
     serve.add_argument("--listen", help="HOST:PORT to listen on (overrides the config)")
     serve.add_argument("--data-dir", help="cache directory (overrides the config)")
+    _admin_commands(sub)
     args = parser.parse_args(argv)
 
     try:
-        config = load_config(args.config, listen=args.listen, data_dir=args.data_dir)
+        config = load_config(args.config, listen=getattr(args, "listen", None),
+                             data_dir=args.data_dir)
     except ConfigError as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return 2
+    if args.command == "certs":
+        return certs_command(args, config)
+    if args.command == "htpasswd":
+        return htpasswd_command(args, config)
+    if args.command != "serve":
+        from .admin import run
+        return run(args, config)
     return serve_forever(config)
+
+
+def _admin_commands(sub) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=os.environ.get("MIRROR_CONFIG"),
+                        help="config.yml (default: $MIRROR_CONFIG, else the embedded default)")
+    common.add_argument("--data-dir", help="cache directory (overrides the config)")
+    stats = sub.add_parser("stats", parents=[common], help="cache size, counts, hit ratio, "
+                           "top images")
+    stats.add_argument("--json", action="store_true", help="print the report as JSON")
+    ls = sub.add_parser("ls", parents=[common], help="cached repositories, or one's tags")
+    ls.add_argument("repository", nargs="?", metavar="REPO",
+                    help="a name as clients pull it (alpine, ghcr.io/org/app)")
+    ls.add_argument("--json", action="store_true", help="print the listing as JSON")
+    for name, verb in (("pin", "never evict"), ("unpin", "remove the pin of")):
+        cmd = sub.add_parser(name, parents=[common], help=f"{verb} an image")
+        cmd.add_argument("ref", metavar="REF", help="NAME:TAG or NAME@DIGEST as clients write "
+                         "it (a tag pin keeps whatever the tag points at)")
+    gc = sub.add_parser("gc", parents=[common], help="evict down to the budget now, and "
+                        "remove unreferenced blobs")
+    gc.add_argument("--dry-run", action="store_true", help="list what would go; change nothing")
+    certs = sub.add_parser("certs", parents=[common], help="make a private CA and a server "
+                           "certificate for TLS")
+    certs.add_argument("names", nargs="+", metavar="HOST", help="host names and IP addresses "
+                       "clients use to reach the mirror")
+    certs.add_argument("--out", default="certs", help="directory for the files (default: certs)")
+    users = sub.add_parser("htpasswd", parents=[common], help="add or remove a user of the "
+                           "mirror (bcrypt, as htpasswd -B)")
+    users.add_argument("action", choices=["add", "remove"])
+    users.add_argument("user")
+    users.add_argument("--file", help="the htpasswd file (default: auth.htpasswd of the config)")
+
+
+def certs_command(args, config) -> int:
+    from pathlib import Path
+
+    from .certs import instructions, make_certs
+    try:
+        files = make_certs(Path(args.out), args.names)
+    except (ValueError, OSError) as exc:
+        print(f"mirror: certs: {exc}", file=sys.stderr)
+        return 2
+    print(instructions(files, args.names[0], config.port), end="")
+    return 0
+
+
+def htpasswd_command(args, config) -> int:
+    import getpass
+    from pathlib import Path
+
+    from .auth import hash_password, read_htpasswd, write_htpasswd
+    path = Path(args.file) if args.file else (config.auth.htpasswd if config.auth else None)
+    if path is None:
+        print("mirror: htpasswd: no file: give --file or set auth.htpasswd in the config",
+              file=sys.stderr)
+        return 2
+    user = args.user
+    if not user or len(user) > 64 or ":" in user or not user.isprintable() or " " in user:
+        print(f"mirror: htpasswd: {user[:64]!r} is not a valid user name (no spaces or colons)",
+              file=sys.stderr)
+        return 2
+    users = read_htpasswd(path) if path.exists() else {}
+    if args.action == "remove":
+        if users.pop(user, None) is None:
+            print(f"mirror: htpasswd: no user {user} in {path}", file=sys.stderr)
+            return 1
+        write_htpasswd(path, users)
+        print(f"removed {user} from {path}")
+        return 0
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"password for {user}: ")
+        if getpass.getpass("again: ") != password:
+            print("mirror: htpasswd: the passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    if not password:
+        print("mirror: htpasswd: empty password", file=sys.stderr)
+        return 2
+    verb = "updated" if user in users else "added"
+    users[user] = hash_password(password)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_htpasswd(path, users)
+    print(f"{verb} {user} in {path}")
+    return 0
 
 
 class _QuietAborts(logging.Filter):
@@ -50,7 +147,9 @@ def serve_forever(config) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("uvicorn.error").addFilter(_QuietAborts())
     logging.getLogger("httpx").setLevel(logging.WARNING)     # one line per upstream request
-    uvicorn.run(create_app(config), host=config.host, port=config.port,
+    tls = {"ssl_certfile": str(config.tls.cert), "ssl_keyfile": str(config.tls.key)} \
+        if config.tls else {}
+    uvicorn.run(create_app(config), host=config.host, port=config.port, **tls,
                 log_level=config.log_level, access_log=False,   # mirror.access logs instead
                 lifespan="on", timeout_graceful_shutdown=5, server_header=False)
     return 0

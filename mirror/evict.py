@@ -24,6 +24,7 @@ from .config import Config
 
 log = logging.getLogger("mirror.evict")
 
+RESYNC_INTERVAL = 1.0        # seconds between looks for out-of-process index changes
 ORPHAN_GRACE = 3600.0        # gc leaves unreferenced blobs younger than this (pulls in flight)
 
 
@@ -161,14 +162,19 @@ class Evictor:
         return removal
 
     async def _loop(self) -> None:
+        """Each second: pick up changes `mirror gc`/`pin` made to the index; evict when
+        rung, and every ``interval`` seconds for unused expiry."""
+        last_run = 0.0
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+                await asyncio.wait_for(self._wake.wait(), RESYNC_INTERVAL)
             except asyncio.TimeoutError:
                 pass
-            self._wake.clear()
             try:
                 await self.cache.resync_if_changed()
-                await self.run_once()
+                if self._wake.is_set() or time.monotonic() - last_run >= self.interval:
+                    self._wake.clear()
+                    last_run = time.monotonic()
+                    await self.run_once()
             except Exception:        # eviction must never take the server down
                 log.exception("eviction run failed")

@@ -88,6 +88,9 @@ class Fill:
             if self.size is not None and self._temp.size != self.size:
                 raise UpstreamUnavailable(f"upstream {self.upstream.name}: blob {self.digest} "
                                           f"ended after {self._temp.size} of {self.size} bytes")
+            # Committing moves the bytes from "reserved" to "cached": never count both.
+            self.cache.reserved -= self._reserved
+            self._reserved = 0
             try:
                 await self.cache.commit_blob(self._temp, self.digest)
             except DigestInvalid as exc:
@@ -172,7 +175,7 @@ class Fill:
 
     def _advance(self) -> None:
         assert self._temp is not None
-        metrics.upstream_bytes.labels(self.upstream.name).inc(self._temp.size - self.written)
+        metrics.fetched(self.upstream.name, self._temp.size - self.written)
         self.written = self._temp.size
         self._notify()
 

@@ -380,3 +380,13 @@ class Index:
             "WHERE (:u IS NULL OR upstream = :u) AND (:r IS NULL OR repository = :r) "
             "ORDER BY 1, 2, 3", {"u": upstream, "r": repository})
         return [tuple(r) for r in rows]
+
+    async def closure_size(self, digest: str) -> int:
+        """Bytes of ``digest`` and everything cached that it reaches through manifest_refs."""
+        rows = await self._db.execute_fetchall(
+            """WITH RECURSIVE reach(d) AS (
+                   SELECT :d UNION SELECT x.child FROM manifest_refs x JOIN reach ON x.manifest = reach.d)
+               SELECT sum(coalesce(b.size, m.size, 0)) FROM reach
+               LEFT JOIN blobs b ON b.digest = reach.d LEFT JOIN manifests m ON m.digest = reach.d""",
+            {"d": digest})
+        return rows[0][0] or 0

@@ -87,8 +87,16 @@ def lookup(kind: str, result: str) -> None:
 
 
 def served(source: str, n: int) -> None:
+    """Blob bytes sent to a client: from a cached file, or following a download."""
     bytes_served.labels(source).inc(n)
-    _persist(f"bytes_from_{source}", n)
+    if source == "cache":
+        _persist("bytes_from_cache", n)
+
+
+def fetched(upstream: str, n: int) -> None:
+    """Blob bytes downloaded from an upstream (once, however many clients follow)."""
+    upstream_bytes.labels(upstream).inc(n)
+    _persist("bytes_from_upstream", n)
 
 
 def stale(upstream: str) -> None:

@@ -75,6 +75,13 @@ class ProxyStore:
     # -- manifests -----------------------------------------------------------------------
 
     async def get_manifest(self, repository: str, reference: str, accept: list[str]) -> Manifest:
+        manifest = await self._get_manifest(repository, reference, accept)
+        if not is_digest(reference):
+            self.local.count_pull(self.name, repository, reference)   # for `mirror stats`
+        return manifest
+
+    async def _get_manifest(self, repository: str, reference: str,
+                            accept: list[str]) -> Manifest:
         accepted = accepted_types(accept)        # what this client takes
         ask = upstream_accept(accept)            # what upstream is asked for
         if is_digest(reference):
@@ -113,6 +120,15 @@ class ProxyStore:
 
     async def head_manifest(self, repository: str, reference: str,
                             accept: list[str]) -> ManifestInfo:
+        """containerd resolves a tag with HEAD and then GETs by digest: a HEAD by tag
+        counts as a pull as a GET by tag does."""
+        info = await self._head_manifest(repository, reference, accept)
+        if not is_digest(reference):
+            self.local.count_pull(self.name, repository, reference)
+        return info
+
+    async def _head_manifest(self, repository: str, reference: str,
+                             accept: list[str]) -> ManifestInfo:
         if is_digest(reference):
             info = self.local.manifest_info(reference)
             if info is not None and await self._authorized(repository, reference, blob=False):
@@ -127,7 +143,7 @@ class ProxyStore:
                 return info
         # Revalidation and misses both go through GET's logic (HEAD upstream first
         # when a copy is cached), so HEAD and GET always agree.
-        manifest = await self.get_manifest(repository, reference, accept)
+        manifest = await self._get_manifest(repository, reference, accept)
         return ManifestInfo(manifest.digest, manifest.media_type, manifest.size)
 
     async def _cached_by_digest(self, repository: str, digest: str) -> Manifest | None:

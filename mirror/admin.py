@@ -1,0 +1,344 @@
+"""Maintenance commands: ``mirror stats``, ``ls``, ``pin``, ``unpin`` and ``gc``.
+
+Each opens the index and files the server uses with ``LocalCache.open(server=False)``
+(no temp clean-up, no reconciliation, no background flusher), so it is safe while
+the server runs: SQLite in WAL mode lets both work at once. A command that changes
+the cache bumps the index generation, so the server reloads its in-memory view.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import sys
+import time
+from contextlib import asynccontextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import evict
+from .cache import LocalCache
+from .config import Config
+from .errors import RegistryError
+from .models import validate_digest, validate_tag
+from .routing import Route, Router
+
+COUNTERS = ("manifest_hits", "manifest_misses", "blob_hits", "blob_misses", "bytes_from_cache",
+            "bytes_from_upstream", "stale_serves", "evictions", "evicted_bytes")
+TOP = 10
+SHORT_TYPES = {
+    "application/vnd.oci.image.index.v1+json": "oci index",
+    "application/vnd.oci.image.manifest.v1+json": "oci manifest",
+    "application/vnd.docker.distribution.manifest.list.v2+json": "docker list",
+    "application/vnd.docker.distribution.manifest.v2+json": "docker v2",
+}
+
+
+class AdminError(Exception):
+    """One line for stderr, and the exit status."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def run(args, config: Config) -> int:
+    command = {"stats": stats, "ls": ls, "pin": pin, "unpin": unpin, "gc": gc}[args.command]
+    try:
+        return asyncio.run(command(args, config, Router(config)))
+    except AdminError as exc:
+        print(f"mirror: {exc}", file=sys.stderr)
+        return exc.status
+    except sqlite3.Error as exc:
+        print(f"mirror: {Path(config.data_dir) / 'index.db'}: {exc}", file=sys.stderr)
+        return 1
+
+
+@asynccontextmanager
+async def opened(config: Config):
+    if not (Path(config.data_dir) / "index.db").is_file():
+        raise AdminError(f"no cache in {config.data_dir} (no index.db there); "
+                         "check --data-dir or data_dir in the config")
+    cache = await LocalCache.open(config.data_dir, server=False)
+    try:
+        yield cache
+    finally:
+        await cache.close()
+
+
+# -- formatting ---------------------------------------------------------------------------
+
+def human_size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}"
+
+
+def ago(ts: float | None, now: float) -> str:
+    if ts is None:
+        return "never"
+    s = max(0.0, now - ts)
+    for limit, div, unit in ((60, 1, "s"), (3600, 60, "m"), (86400, 3600, "h"),
+                             (30 * 86400, 86400, "d")):
+        if s < limit:
+            return f"{int(s // div)}{unit} ago"
+    return iso(ts)
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")[:-6] + "Z"
+
+
+def table(headers: list[str], rows: list[list], right: set[int] = frozenset(),
+          indent: str = "") -> str:
+    """Aligned columns; the columns in ``right`` (numbers, sizes) right-aligned."""
+    cells = [headers, *([str(c) for c in row] for row in rows)]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = [indent + "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                       for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in cells]
+    return "\n".join(lines)
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def ratio(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole else None
+
+
+def percent(r: float | None) -> str:
+    return "-" if r is None else f"{r * 100:.1f}%"
+
+
+def image_name(router: Router, row: dict) -> str:
+    return f"{router.display_name(row['upstream'], row['repository'])}:{row['tag']}"
+
+
+# -- stats --------------------------------------------------------------------------------
+
+async def stats(args, config: Config, router: Router) -> int:
+    now = time.time()
+    async with opened(config) as cache:
+        totals = await cache.index.totals()
+        counters = {name: 0 for name in COUNTERS} | await cache.index.counters()
+        tags = await cache.index.tag_report()
+        repos = await repository_rows(cache, tags)
+        size = cache.size
+
+    def entry(row: dict) -> dict:
+        return {"image": image_name(router, row), "upstream": row["upstream"],
+                "repository": row["repository"], "tag": row["tag"], "digest": row["digest"],
+                "size": row["size"], "pulls": row["pulls"], "last_pull": iso(row["last_pull"])}
+
+    c = counters
+    by_pulls = sorted((r for r in tags if r["pulls"]), key=lambda r: -r["pulls"])[:TOP]
+    by_size = sorted(tags, key=lambda r: -r["size"])[:TOP]
+    report = {
+        "data_dir": str(config.data_dir), "size": size, "max_size": config.max_size,
+        "high_watermark": config.high_watermark, "low_watermark": config.low_watermark,
+        **totals, "repositories": len(repos), "counters": counters,
+        "hit_ratio": {
+            "manifests": ratio(c["manifest_hits"], c["manifest_hits"] + c["manifest_misses"]),
+            "blobs": ratio(c["blob_hits"], c["blob_hits"] + c["blob_misses"]),
+            "bytes": ratio(c["bytes_from_cache"], c["bytes_from_cache"] + c["bytes_from_upstream"]),
+        },
+        "top_by_pulls": [entry(r) for r in by_pulls],
+        "top_by_size": [entry(r) for r in by_size],
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+
+    if config.max_size:
+        budget = (f"{human_size(size)} of {human_size(config.max_size)} "
+                  f"({percent(size / config.max_size)}; evicts above "
+                  f"{config.high_watermark:.0%}, down to {config.low_watermark:.0%})")
+    else:
+        budget = f"{human_size(size)} (no max_size: unbounded)"
+    hr = report["hit_ratio"]
+    lines = [
+        ("cache", budget),
+        ("content", f"{plural(totals['blobs'], 'blob')}, {plural(totals['manifests'], 'manifest')}"
+                    f" in {len(repos)} repositories; {plural(totals['tags'], 'tag')}, "
+                    f"{plural(totals['pins'], 'pin')}"),
+        ("hits", f"manifests {percent(hr['manifests'])} ({c['manifest_hits']} of "
+                 f"{c['manifest_hits'] + c['manifest_misses']}), blobs {percent(hr['blobs'])} "
+                 f"({c['blob_hits']} of {c['blob_hits'] + c['blob_misses']})"),
+        ("served", f"{human_size(c['bytes_from_cache'])} from cache, "
+                   f"{human_size(c['bytes_from_upstream'])} from upstream "
+                   f"({percent(hr['bytes'])} from cache)"),
+        ("events", f"{plural(c['stale_serves'], 'stale serve')}, "
+                  f"{plural(c['evictions'], 'eviction')} "
+                  f"({human_size(c['evicted_bytes'])})"),
+    ]
+    print("\n".join(f"{k:<9}{v}" for k, v in lines))
+    print("\ntop images by pulls")
+    print(table(["IMAGE", "PULLS", "LAST PULLED"],
+                [[image_name(router, r), r["pulls"], ago(r["last_pull"], now)] for r in by_pulls],
+                right={1}, indent="  ") if by_pulls else "  (no pulls counted yet)")
+    print("\ntop images by size")
+    print(table(["IMAGE", "SIZE"], [[image_name(router, r), human_size(r["size"])] for r in by_size],
+                right={1}, indent="  ") if by_size else "  (no tags cached)")
+    return 0
+
+
+async def repository_rows(cache: LocalCache, tags: list[dict]) -> list[dict]:
+    """Every repository with a cached manifest: tags, bytes linked to it, last pull."""
+    sizes = await cache.index.linked_sizes()
+    keys = {*await cache.index.repositories(), *((t["upstream"], t["repository"]) for t in tags)}
+    repos = {(u, r): {"upstream": u, "repository": r, "tags": 0, "size": sizes.get((u, r), 0),
+                      "last_pull": None} for u, r in keys}
+    for t in tags:
+        r = repos[(t["upstream"], t["repository"])]
+        r["tags"] += 1
+        if t["last_pull"] is not None:
+            r["last_pull"] = max(r["last_pull"] or 0, t["last_pull"])
+    return [repos[k] for k in sorted(repos)]
+
+
+# -- ls -----------------------------------------------------------------------------------
+
+def resolve(router: Router, name: str) -> Route:
+    try:
+        return router.resolve(name)
+    except RegistryError as exc:
+        raise AdminError(exc.message, 2) from None
+
+
+async def ls(args, config: Config, router: Router) -> int:
+    now = time.time()
+    route = resolve(router, args.repository) if args.repository else None
+    async with opened(config) as cache:
+        if route is None:
+            repos = await repository_rows(cache, await cache.index.tag_report())
+            for r in repos:
+                r["name"] = router.display_name(r["upstream"], r["repository"])
+            if args.json:
+                print(json.dumps([r | {"last_pull": iso(r["last_pull"])} for r in repos],
+                                 indent=2))
+            elif repos:
+                print(table(["REPOSITORY", "TAGS", "SIZE", "LAST PULLED"],
+                            [[r["name"], r["tags"], human_size(r["size"]), ago(r["last_pull"], now)]
+                             for r in repos], right={1, 2}))
+            else:
+                print("the cache is empty")
+            return 0
+        tags = await cache.index.tag_report(route.upstream, route.repository)
+        pins = await cache.index.pins(route.upstream, route.repository)
+        linked = (await cache.index.linked_sizes()).get((route.upstream, route.repository))
+    where = f"{route.upstream}/{route.repository}"
+    if not tags and not pins and not linked:
+        raise AdminError(f"nothing cached for {where}")
+    for t in tags:
+        t["ttl"] = "fresh" if t["expires_at"] > now else "expired"
+        t["pinned"] = bool(t["pinned"])
+    if args.json:
+        print(json.dumps({"upstream": route.upstream, "repository": route.repository,
+                          "tags": [t | {k: iso(t[k]) for k in ("fetched_at", "expires_at",
+                                                               "last_pull")} for t in tags],
+                          "pins": [p[2] for p in pins]}, indent=2))
+        return 0
+    print(f"{where}: {plural(len(tags), 'tag')}, {human_size(linked or 0)} cached")
+    if tags:
+        print(table(["TAG", "TYPE", "SIZE", "PULLS", "LAST PULLED", "TTL", "PINNED", "DIGEST"],
+                    [[t["tag"], SHORT_TYPES.get(t["media_type"], t["media_type"] or "-"),
+                      human_size(t["size"]), t["pulls"], ago(t["last_pull"], now), t["ttl"],
+                      "yes" if t["pinned"] else "no", t["digest"]] for t in tags],
+                    right={2, 3}))
+    if pins:
+        print("pins: " + ", ".join(p[2] for p in pins))
+    return 0
+
+
+# -- pin / unpin ----------------------------------------------------------------------------
+
+def parse_ref(router: Router, ref: str) -> tuple[Route, str, str]:
+    """``NAME:TAG`` or ``NAME@DIGEST`` -> (route, reference, canonical text)."""
+    name, at, digest = ref.partition("@")
+    try:
+        if at:
+            reference, sep = validate_digest(digest), "@"
+        else:
+            name, colon, tag = ref.rpartition(":")
+            if not colon or "/" in tag:
+                raise AdminError(f"{ref!r}: expected NAME:TAG or NAME@DIGEST "
+                                 "(e.g. alpine:3.19)", 2)
+            reference, sep = validate_tag(tag), ":"
+        route = router.resolve(name)
+    except RegistryError as exc:
+        raise AdminError(f"{ref!r}: {exc.message}", 2) from None
+    return route, reference, f"{route.upstream}/{route.repository}{sep}{reference}"
+
+
+async def pin(args, config: Config, router: Router) -> int:
+    route, reference, text = parse_ref(router, args.ref)
+    async with opened(config) as cache:
+        known = {p[2] for p in await cache.index.pins(route.upstream, route.repository)}
+        if reference in known:
+            print(f"{text} was already pinned")
+            return 0
+        await cache.index.pin(route.upstream, route.repository, reference)
+        await cache.index.bump_generation()
+        row = None if ":" in reference else cache.tag(route.upstream, route.repository, reference)
+        digest = row.digest if row else reference
+        cached = cache.manifest_info(digest) is not None
+        size = await cache.index.closure_size(digest) if cached else 0
+    if cached:
+        now_at = "" if digest == reference else f"{digest}, "
+        print(f"pinned {text} ({now_at}{human_size(size)} cached)")
+    else:
+        print(f"pinned {text} (not cached yet: it will be kept once it is pulled)")
+    return 0
+
+
+async def unpin(args, config: Config, router: Router) -> int:
+    route, reference, text = parse_ref(router, args.ref)
+    async with opened(config) as cache:
+        if not await cache.index.unpin(route.upstream, route.repository, reference):
+            raise AdminError(f"{text} is not pinned")
+        await cache.index.bump_generation()
+    print(f"unpinned {text}")
+    return 0
+
+
+# -- gc -------------------------------------------------------------------------------------
+
+async def gc(args, config: Config, router: Router) -> int:
+    async with opened(config) as cache:
+        before = cache.size
+        removal = await evict.plan(cache, evict.Budget.of(config), force=True, orphans=True)
+        if args.dry_run:
+            kinds = {**{d: "blob" for d in removal.blobs},
+                     **{d: "manifest" for d in removal.manifests}}
+            sizes = {**removal.blobs, **removal.manifests}
+            if kinds:
+                print(table(["SIZE", "REASON", "KIND", "DIGEST"],
+                            [[human_size(sizes[d]), removal.reason.get(d, "-"), kinds[d], d]
+                             for d in sorted(kinds, key=lambda d: -sizes[d])], right={0}))
+        elif removal:
+            await evict.apply(cache, removal)
+            cache.index.count("evictions", len(removal))
+            cache.index.count("evicted_bytes", removal.bytes)
+            await cache.index.bump_generation()
+        after = cache.size if not args.dry_run else before - removal.bytes
+    budget = f" (budget {human_size(config.max_size)})" if config.max_size else ""
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {plural(len(removal.manifests), 'manifest')} and "
+          f"{plural(len(removal.blobs), 'blob')}, "
+          f"{human_size(removal.bytes)}; cache {human_size(before)} -> {human_size(after)}"
+          f"{budget}{' (dry run: nothing changed)' if args.dry_run else ''}")
+    low = int(config.low_watermark * config.max_size) if config.max_size else None
+    if low is not None and after > low:
+        print(f"still above the low watermark ({human_size(low)}): the rest is protected by "
+              "fresh tags and pins")
+    return 0
