@@ -24,7 +24,7 @@ class MirrorProcess:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
-        self.url = f"http://{self.host}"
+        self.url = f"{'https' if config.get('tls') else 'http'}://{self.host}"
         self.data_dir = self.dir / "data"
         self.config = {"listen": self.host, "data_dir": str(self.data_dir), **config}
         self.config_path = self.dir / "config.yml"
@@ -40,7 +40,8 @@ class MirrorProcess:
             stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.dir)
         log.close()
         try:
-            wait_http(f"{self.url}/v2/", timeout=20, alive=lambda: self.proc.poll() is None)
+            wait_http(f"{self.url}/v2/", timeout=20, alive=lambda: self.proc.poll() is None,
+                      verify=False)
         except Exception:
             self.stop()
             raise RuntimeError(f"mirror did not start:\n{self.log_text()[-3000:]}") from None

@@ -15,7 +15,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float = 15, alive=None) -> httpx.Response:
+def wait_http(url: str, timeout: float = 15, alive=None, verify=True) -> httpx.Response:
     """Poll ``url`` until it answers with any HTTP response (any status).
 
     ``alive`` is an optional callable; when it returns False (e.g. the
@@ -27,7 +27,7 @@ def wait_http(url: str, timeout: float = 15, alive=None) -> httpx.Response:
         if alive is not None and not alive():
             raise RuntimeError(f"server for {url} died while starting")
         try:
-            return httpx.get(url, timeout=2)
+            return httpx.get(url, timeout=2, verify=verify)
         except httpx.TransportError as exc:
             last_error = exc
             time.sleep(0.05)
