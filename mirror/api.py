@@ -116,10 +116,11 @@ def parse_range(header: str | None, size: int | None) -> tuple[int, int] | None:
     """(start, end exclusive) for one ``bytes=`` range; None to serve the whole blob."""
     if not header or size is None:
         return None
-    m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
+    m = re.fullmatch(r"\s*bytes\s*=\s*([0-9]*)\s*-\s*([0-9]*)\s*", header)
     if not m or (not m.group(1) and not m.group(2)):
         return None            # multiple ranges or another unit: the whole blob (RFC 9110)
-    first, last = m.group(1), m.group(2)
+    # Numbers past 18 digits are beyond any blob (and past what int() should parse).
+    first, last = m.group(1)[:19], m.group(2)[:19]
     if not first:              # suffix: the last N bytes
         n = int(last)
         if n == 0 or size == 0:
@@ -173,7 +174,7 @@ def _page(request: Request, validate_last) -> tuple[int, str | None]:
     raw_n = request.query_params.get("n")
     n = PAGE_DEFAULT
     if raw_n is not None:
-        if not raw_n.isdigit() or len(raw_n) > 9:
+        if not (raw_n.isascii() and raw_n.isdigit()) or len(raw_n) > 9:
             raise PaginationInvalid(f"n must be a non-negative integer, got {raw_n[:20]!r}")
         n = min(int(raw_n), PAGE_MAX)
     last = request.query_params.get("last")

@@ -149,7 +149,7 @@ def parse_listen(value: Any) -> tuple[str, int]:
     if not sep:
         host, port = "0.0.0.0", text
     host = host.strip("[]") or "0.0.0.0"
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ValueError(f"expected HOST:PORT like 0.0.0.0:5000, got {text!r}")
     return host, int(port)
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import Config
-from .errors import NameUnknown
-from .models import validate_name
+from .errors import NameInvalid, NameUnknown
+from .models import NAME_MAX, validate_name
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,9 @@ class Router:
 
     def _repository(self, upstream: str, name: str) -> str:
         if "/" not in name and self._upstreams[upstream].library_prefix:
-            return f"library/{name}"
+            name = f"library/{name}"
+        if len(name) > NAME_MAX:       # "library/" can push a valid name over the limit
+            raise NameInvalid(f"repository name longer than {NAME_MAX} characters")
         return name
 
     def display_name(self, upstream: str, repository: str) -> str:

@@ -135,17 +135,17 @@ class Upstream:
             raise self._error(resp, b"", "manifest", repository, reference)
         digest = resp.headers.get("docker-content-digest", "")
         media_type = resp.headers.get("content-type", "").split(";", 1)[0].strip()
-        size = resp.headers.get("content-length", "")
-        if not DIGEST_RE.fullmatch(digest) or not media_type or not size.isdigit():
+        size = _number(resp.headers.get("content-length"))
+        if not DIGEST_RE.fullmatch(digest) or not media_type or size is None:
             return None
-        return ManifestInfo(digest, media_type, int(size))
+        return ManifestInfo(digest, media_type, size)
 
     async def stat_blob(self, repository: str, digest: str) -> int:
         resp = await self._request("HEAD", self._url(repository, "blobs", digest), repository, [])
         if resp.status_code != 200:
             raise self._error(resp, b"", "blob", repository, digest)
-        size = resp.headers.get("content-length", "")
-        return int(size) if size.isdigit() else -1
+        size = _number(resp.headers.get("content-length"))
+        return -1 if size is None else size
 
     @asynccontextmanager
     async def stream_blob(self, repository: str, digest: str,
@@ -393,14 +393,13 @@ class BlobStream:
 
     @classmethod
     def of(cls, resp: httpx.Response, offset: int, upstream: str) -> "BlobStream":
-        length = resp.headers.get("content-length", "")
         if resp.status_code == 206:
-            m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", resp.headers.get("content-range", ""))
+            m = re.fullmatch(r"bytes ([0-9]{1,18})-([0-9]{1,18})/([0-9]{1,18}|\*)",
+                             resp.headers.get("content-range", ""))
             if not m or int(m.group(1)) != offset:
                 raise UpstreamUnavailable(f"upstream {upstream}: unusable answer to a Range request")
-            total = m.group(3)
-            return cls(offset, int(total) if total.isdigit() else None, resp, upstream)
-        return cls(0, int(length) if length.isdigit() else None, resp, upstream)
+            return cls(offset, _number(m.group(3)), resp, upstream)
+        return cls(0, _number(resp.headers.get("content-length")), resp, upstream)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """Raw body bytes (no content decoding); a broken stream is UpstreamUnavailable."""
@@ -409,6 +408,13 @@ class BlobStream:
                 yield chunk
         except httpx.TransportError as exc:
             raise _unavailable(self._upstream, exc, "mid-blob") from None
+
+
+def _number(value: str | None) -> int | None:
+    """A non-negative decimal header value (ASCII digits only), or None."""
+    if value and len(value) <= 18 and value.isascii() and value.isdigit():
+        return int(value)
+    return None
 
 
 def _unavailable(upstream: str, exc: httpx.TransportError, doing: str) -> UpstreamUnavailable:
