@@ -47,7 +47,8 @@ class RegistryProcess:
     """
 
     def __init__(self, tmpdir, auth: str | None = None,
-                 users: dict[str, str] | None = None, token_server=None):
+                 users: dict[str, str] | None = None, token_server=None,
+                 extra_config: dict | None = None):
         if auth not in (None, "htpasswd", "token"):
             raise ValueError(f"unknown auth {auth!r}")
         if auth == "token" and token_server is None:
@@ -57,6 +58,7 @@ class RegistryProcess:
         self.auth = auth
         self.users = dict(users if users is not None else {"alice": "secret"})
         self.token_server = token_server
+        self.extra_config = dict(extra_config or {})   # e.g. {"proxy": {"remoteurl": ...}}
         self.storage_dir = self.dir / "storage"
         self.config_path = self.dir / "config.yml"
         self.log_path = self.dir / "registry.log"
@@ -193,6 +195,7 @@ class RegistryProcess:
                 "issuer": self.token_server.issuer,
                 "rootcertbundle": str(bundle),
             }}
+        config.update(self.extra_config)
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
