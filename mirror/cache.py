@@ -44,10 +44,15 @@ class TempBlob:
         self._algorithm = algorithm
         self.closed = False
 
-    async def write(self, data: bytes) -> None:
-        self._hasher.update(data)
-        await fileio.write_all(self.fd, data)
-        self.size += len(data)
+    async def write(self, chunks: list[bytes]) -> None:
+        """Hash and append ``chunks``, both on a worker thread: hashlib lets go of the
+        GIL for big buffers, so the event loop keeps receiving meanwhile."""
+        def hash_and_write() -> None:
+            for chunk in chunks:
+                self._hasher.update(chunk)
+            fileio.writev_all(self.fd, chunks)
+        await fileio.run(hash_and_write)
+        self.size += sum(len(c) for c in chunks)
 
     @property
     def digest(self) -> str:
@@ -375,7 +380,7 @@ class LocalCache:
         if manifest.digest not in self._manifests:
             temp = await self.new_temp(manifest.digest.split(":", 1)[0])
             try:
-                await temp.write(manifest.data)
+                await temp.write([manifest.data])
             except BaseException:
                 await temp.discard()
                 raise

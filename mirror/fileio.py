@@ -17,15 +17,33 @@ async def run(fn, *args):
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+IOV_MAX = 512
 
 
-async def write_all(fd: int, data: bytes) -> None:
-    await run(_write_all, fd, data)
+async def preallocate(fd: int, size: int) -> None:
+    """Reserve ``size`` bytes for a file about to be written (ENOSPC raises); a file
+    system that cannot preallocate is simply written as it comes."""
+    def fallocate() -> None:
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+    await run(fallocate)
+
+
+def writev_all(fd: int, chunks: list[bytes]) -> None:
+    """Write every chunk, in order, with as few system calls as writev allows (call it
+    from a worker thread: it blocks)."""
+    views = [memoryview(c) for c in chunks if c]
+    while views:
+        n = os.writev(fd, views[:IOV_MAX])
+        while n:
+            if n >= len(views[0]):
+                n -= len(views.pop(0))
+            else:
+                views[0] = views[0][n:]
+                n = 0
 
 
 async def open_read(path: str | os.PathLike) -> int:

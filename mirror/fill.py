@@ -135,8 +135,13 @@ class Fill:
                     self.cache.reserved += self.size
                     if self.cache.make_room is not None:
                         await self.cache.make_room()
+                    # Claim the space up front: a full disk fails here, before the first
+                    # byte, and the file system lays the file out in one go (ext4 writes
+                    # it measurably faster).
+                    await fileio.preallocate(self._temp.fd, self.size)
             skip = offset - stream.start        # upstream ignored Range: skip what we have
-            pending = bytearray()
+            pending: list[bytes] = []
+            pending_bytes = 0
             try:
                 async for chunk in stream.chunks():
                     if skip:
@@ -144,24 +149,25 @@ class Fill:
                             skip -= len(chunk)
                             continue
                         chunk, skip = chunk[skip:], 0
-                    pending += chunk
-                    if self.size is not None and self._temp.size + len(pending) > self.size:
+                    pending.append(chunk)
+                    pending_bytes += len(chunk)
+                    if self.size is not None and self._temp.size + pending_bytes > self.size:
                         raise UpstreamBadContent(f"upstream {self.upstream.name}: blob "
                                                  f"{self.digest} is longer than announced")
-                    # One write in flight at a time; what arrives meanwhile is coalesced
+                    # One write in flight at a time; what arrives meanwhile is gathered
                     # into the next write, so readers see bytes soon and writes stay big.
                     if self._inflight is not None and (self._inflight.done()
-                                                       or len(pending) >= WRITE_BACKLOG):
+                                                       or pending_bytes >= WRITE_BACKLOG):
                         await self._settle()
                     if self._inflight is None:
-                        data, pending = pending, bytearray()
-                        self._inflight = asyncio.ensure_future(self._temp.write(data))
+                        self._inflight = asyncio.ensure_future(self._temp.write(pending))
+                        pending, pending_bytes = [], 0
             except UpstreamUnavailable:
                 await self._flush(pending)     # keep every byte that did arrive, then resume
                 raise
             await self._flush(pending)
 
-    async def _flush(self, pending: bytearray) -> None:
+    async def _flush(self, pending: list[bytes]) -> None:
         if self._inflight is not None:
             await self._settle()
         if pending:

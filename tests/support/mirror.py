@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from .ports import free_port, wait_http
+from .ports import free_port, stop_process, wait_http
 
 
 class MirrorProcess:
@@ -48,18 +48,8 @@ class MirrorProcess:
         return self
 
     def stop(self, kill: bool = False) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            if kill:
-                self.proc.kill()
-            else:
-                self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, kill=kill)
         self.proc = None
 
     def reconfigure(self, **changes) -> None:

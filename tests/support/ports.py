@@ -1,8 +1,9 @@
-"""Free loopback ports and waiting for servers to come up."""
+"""Free loopback ports, waiting for servers to come up, and stopping them."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 
 import httpx
@@ -32,3 +33,14 @@ def wait_http(url: str, timeout: float = 15, alive=None, verify=True) -> httpx.R
             last_error = exc
             time.sleep(0.05)
     raise TimeoutError(f"{url} did not answer within {timeout}s: {last_error!r}")
+
+
+def stop_process(proc: subprocess.Popen, kill: bool = False, timeout: float = 10) -> None:
+    """SIGTERM (or SIGKILL) a process we started, and reap it; SIGKILL if it lingers."""
+    if proc.poll() is None:
+        proc.kill() if kill else proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

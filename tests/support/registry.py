@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import yaml
 
-from .ports import free_port, wait_http
+from .ports import free_port, stop_process, wait_http
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
 
@@ -99,12 +99,7 @@ class RegistryProcess:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc)
             self.proc = None
 
     def __enter__(self) -> "RegistryProcess":

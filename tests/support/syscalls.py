@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+from .ports import stop_process
+
 STRACE = "strace"
 
 WRITE_CALLS = frozenset({
@@ -114,13 +116,7 @@ class SyscallTrace:
         """Detach (the traced process carries on) and flush the output."""
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         if self._reader is not None:
             self._reader.join(timeout=5)
         self.proc = None
