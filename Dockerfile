@@ -13,6 +13,6 @@ USER mirror
 VOLUME /data
 EXPOSE 5000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:5000/v2/', timeout=4).status != 200)"
+    CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:5000/healthz', timeout=4).status != 200)"
 # Mount a config at /etc/mirror/config.yml and add: --config /etc/mirror/config.yml
 ENTRYPOINT ["mirror", "serve", "--data-dir", "/data"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import shutil
 import subprocess
 import time
 
@@ -220,3 +222,25 @@ def test_skopeo_logs_in_and_copies(mode, basic_mirror, token_mirror, image_set, 
                            capture_output=True, text=True, timeout=120)
     assert wrong.returncode != 0
     assert USERS["bob"] not in m.log_text() and "wrong" not in m.log_text()
+
+
+@pytest.mark.skipif(shutil.which("dockerd") is None, reason="docker.io is not installed")
+def test_docker_login_and_pull(token_mirror, image_set, tmp_path):
+    """dockerd treats 127.0.0.0/8 registries as plain HTTP, so login runs the token flow."""
+    from tests.support.clients import DockerdProcess
+    m = token_mirror
+    with DockerdProcess(tmp_path / "dockerd", m.url) as dockerd:
+        wrong = subprocess.run([dockerd.cli, "-H", f"unix://{dockerd.socket}", "login", "-u",
+                                "bob", "--password-stdin", m.host], input="nope\n", text=True,
+                               capture_output=True, env={**os.environ, "DOCKER_CONFIG":
+                                                         str(dockerd.cli_config)}, timeout=120)
+        assert wrong.returncode != 0
+        dockerd.docker("login", "-u", "bob", "-p", USERS["bob"], m.host)
+        dockerd.docker("pull", f"{m.host}/alpinetest:v1")
+        info = dockerd.inspect(f"{m.host}/alpinetest:v1")
+        assert info["Id"] == image_set.docker.blobs[0].digest          # the config digest
+        denied = subprocess.run([dockerd.cli, "-H", f"unix://{dockerd.socket}", "pull",
+                                 f"{m.host}/org/team/app:1.0"], capture_output=True, text=True,
+                                env={**os.environ, "DOCKER_CONFIG": str(dockerd.cli_config)},
+                                timeout=120)
+        assert denied.returncode != 0 and "denied" in denied.stderr.lower()

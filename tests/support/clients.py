@@ -344,7 +344,9 @@ class ContainerdProcess:
 class DockerdProcess:
     """A private dockerd (vfs, no networking set-up) using ``mirror_url`` as Hub mirror."""
 
-    def __init__(self, tmpdir, mirror_url: str, containerd_socket=None) -> None:
+    def __init__(self, tmpdir, mirror_url: str, containerd_socket=None,
+                 extra_args: tuple = ()) -> None:
+        self.extra_args = tuple(extra_args)
         self.dir = Path(tmpdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.bin = which("dockerd")
@@ -372,6 +374,7 @@ class DockerdProcess:
                "--registry-mirror", self.mirror_url]
         if self.containerd_socket:
             cmd += ["--containerd", self.containerd_socket]
+        cmd += list(self.extra_args)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([str(c) for c in cmd], stdout=log, stderr=log,
                                          stdin=subprocess.DEVNULL, env=daemon_env())
