@@ -254,7 +254,11 @@ class Guard:
             raise self._challenge(realm, "authentication required")
         if identity.token is not None:
             granted = _granted(identity.token, "repository", name)
-            if granted is not None and action in granted:
+            # The token names the repository as the client wrote it; the ACL is asked
+            # again for where this request really goes (?ns= can route the same name
+            # to another upstream than the one the token was issued for).
+            if granted is not None and action in granted and \
+                    action in self.acl.allowed(identity.account, self.canonical(name, ns)):
                 return
             scope = f"repository:{name}:{action}"
             if granted is not None and identity.account:

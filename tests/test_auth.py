@@ -244,3 +244,16 @@ def test_docker_login_and_pull(token_mirror, image_set, tmp_path):
                                 env={**os.environ, "DOCKER_CONFIG": str(dockerd.cli_config)},
                                 timeout=120)
         assert denied.returncode != 0 and "denied" in denied.stderr.lower()
+
+
+def test_a_token_does_not_follow_ns_to_another_upstream(make_mirror, upstream, image_set,
+                                                        tmp_path):
+    """bob may pull docker.io/library/*; a token for library/alpinetest must not open
+    local.test/library/alpinetest by adding ?ns=local.test."""
+    m = make_mirror(auth_config(upstream, tmp_path, token=True))
+    docker = image_set.docker
+    bob = bearer(token(m, f"repository:{docker.repo}:pull", "bob", USERS["bob"]))
+    check_manifest(manifest(m, docker.repo, "v1", bob), docker)
+    resp = httpx.get(f"{m.url}/v2/{docker.repo}/manifests/v1", params={"ns": "local.test"},
+                     headers={"Accept": MANIFEST_ACCEPT, **bob})
+    assert resp.status_code == 403 and error_code(resp) == "DENIED"
