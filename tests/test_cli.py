@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tests.support.client import RegistryClient
-from tests.support.image_set import push_image
+from tests.support.image_set import push_rotating_images
 from tests.test_pull_through import hub_config, pull
 
 KB = 1000
@@ -143,8 +143,7 @@ def small_images(make_registry, tmp_path):
     """Six ~600 KB images in a registry of the test's own."""
     registry = make_registry()
     with RegistryClient(registry.url) as client:
-        images = [push_image(tmp_path / f"img{i}", client, f"rot/app{i}", ["1"],
-                             [400 * KB, 200 * KB], seed=40_000 + 10 * i) for i in range(6)]
+        images = push_rotating_images(tmp_path, client, seed=40_000)
     return registry, images
 
 

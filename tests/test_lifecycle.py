@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tests.support.client import RegistryClient
-from tests.support.image_set import push_image
+from tests.support.image_set import push_image, push_rotating_images
 from tests.test_pull_through import pull
 
 KB = 1000
@@ -26,8 +26,7 @@ def rotating(make_registry, tmp_path):
     """Six ~600 KB images and one 'hot' image in a registry of the test's own."""
     registry = make_registry()
     with RegistryClient(registry.url) as client:
-        images = [push_image(tmp_path / f"img{i}", client, f"rot/app{i}", ["1"],
-                             [400 * KB, 200 * KB], seed=10_000 + 10 * i) for i in range(6)]
+        images = push_rotating_images(tmp_path, client, seed=10_000)
         hot = push_image(tmp_path / "hot", client, "rot/hot", ["1"], [500 * KB], seed=20_000)
     return registry, images, hot
 

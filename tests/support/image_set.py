@@ -132,3 +132,9 @@ def push_image(dir, registry_client, repo: str, tags: list[str], layer_sizes: li
     """Build one single-platform image and push it (for registries other than the
     standard image set's, e.g. the authenticated ones)."""
     return _Builder(Path(dir), registry_client, None, seed).image(repo, tags, layer_sizes, oci=oci)
+
+
+def push_rotating_images(dir, registry_client, seed: int, count: int = 6) -> list[Image]:
+    """``count`` small (~600 KB) images ``rot/app0..`` for cache-budget tests."""
+    return [push_image(Path(dir) / f"img{i}", registry_client, f"rot/app{i}", ["1"],
+                       [400_000, 200_000], seed=seed + 10 * i) for i in range(count)]
