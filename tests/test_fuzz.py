@@ -37,7 +37,8 @@ tests before them in the same session):
 * the mirror's log has no traceback.
 
 ``MIRROR_FUZZ_SCALE`` multiplies the number of examples (default 1: about 3000
-requests).  A failure prints the request (``Req(...)``) and the mirror's log
+requests). With ``CI=true`` the examples are derandomized (the same every run);
+elsewhere every run explores new ones.  A failure prints the request (``Req(...)``) and the mirror's log
 lines for it; ``print_blob`` also prints a ``@reproduce_failure`` blob, and
 ``pytest --hypothesis-seed=N`` replays a whole run.  ``FOUND`` keeps requests this
 fuzzer found answered with a 5xx, so that every run checks them again.
@@ -77,9 +78,14 @@ SCHEMA1 = ("application/vnd.docker.distribution.manifest.v1+prettyjws",
            "application/vnd.docker.distribution.manifest.v1+json")
 
 
+# In CI (CI=true) the examples are derandomized: the same every run, so a landing never
+# hinges on what the dice found that day. Elsewhere each run explores new examples.
+DERANDOMIZE = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
 def fuzz_settings(examples: int):
     return settings(max_examples=max(1, int(examples * SCALE)), deadline=None, database=None,
-                    print_blob=True,
+                    print_blob=True, derandomize=DERANDOMIZE,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
                                            HealthCheck.too_slow, HealthCheck.data_too_large,
                                            HealthCheck.filter_too_much,
