@@ -425,8 +425,13 @@ def _number(value: str | None) -> int | None:
 
 def _unavailable(upstream: str, exc: httpx.TransportError, doing: str) -> UpstreamUnavailable:
     """The one mapping of a transport failure (no usable HTTP answer) to an OCI error."""
-    what = "timed out" if isinstance(exc, httpx.TimeoutException) else "connection failed"
-    return UpstreamUnavailable(f"upstream {upstream}: {what} {doing} ({type(exc).__name__})",
+    if isinstance(exc, httpx.ConnectError):
+        what = "could not connect"
+    elif isinstance(exc, httpx.TimeoutException):
+        what = f"timed out {doing}"
+    else:
+        what = f"connection broke {doing}"
+    return UpstreamUnavailable(f"upstream {upstream}: {what} ({type(exc).__name__})",
                                detail={"upstream": upstream})
 
 
