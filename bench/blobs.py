@@ -69,7 +69,7 @@ def main() -> int:
             with RegistryClient(upstream.url) as client:
                 image = push_image(work / "img", client, "bench/big", ["latest"],
                                    [args.size_mb * 1024 * 1024], seed=42)
-            blob = max(image.blobs, key=lambda b: b.size)
+            blob = image.largest_blob
             path = f"/v2/{image.repo}/blobs/{blob.digest}"
             config = {"upstreams": {"docker.io": {"url": upstream.url}}, "log_level": "warning"}
             for _ in range(args.rounds):

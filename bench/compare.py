@@ -135,7 +135,7 @@ class Bench:
             with RegistryClient(self.upstream.url) as client:
                 image = push_image(self.work / "img", client, "bench/big", ["latest"],
                                    [a.size_mb * 1024 * 1024], seed=42)
-            self.blob = max(image.blobs, key=lambda b: b.size)
+            self.blob = image.largest_blob
             path = f"/v2/{image.repo}/blobs/{self.blob.digest}"
             manifest_path = f"/v2/{image.repo}/manifests/latest"
             servers = {"mirror": self.mirror, "reference": self.reference}
@@ -190,7 +190,7 @@ class Bench:
                             wrk(server.url + manifest_path, a.seconds))
                 mirror = warm["mirror"]
                 self.check("mirror warm", sha256_of(mirror.url + path))
-                cached = mirror.data_dir / "blobs" / "sha256" / self.blob.digest[7:9] / self.blob.digest[7:]
+                cached = mirror.cached_path(self.blob.digest)
                 self.check("mirror cached file", "sha256:" + hashlib.sha256(cached.read_bytes()).hexdigest())
             finally:
                 for server in warm.values():

@@ -22,11 +22,7 @@ def config_for(url: str, **upstream) -> dict:
 @pytest.fixture
 def big(image_set):
     image = image_set.big
-    return image, max(image.blobs, key=lambda b: b.size)
-
-
-def cached_path(mirror, digest):
-    return mirror.data_dir / "blobs" / "sha256" / digest[7:9] / digest[7:]
+    return image, image.largest_blob
 
 
 def read_blob(mirror, repo, blob, headers=None):
@@ -72,10 +68,10 @@ def test_a_stream_that_keeps_breaking_aborts_clients_and_caches_nothing(make_mir
                         after=blob.size // 10)      # 4 tries x 1/10: never complete
     n, _, error = read_blob(mirror, image.repo, blob)
     assert isinstance(error, httpx.HTTPError) and n < blob.size      # aborted, never "complete"
-    assert not cached_path(mirror, blob.digest).exists()
+    assert not mirror.cached_path(blob.digest).exists()
     faulty_upstream.clear()
     assert read_blob(mirror, image.repo, blob) == (blob.size, blob.digest, None)
-    assert cached_path(mirror, blob.digest).exists()
+    assert mirror.cached_path(blob.digest).exists()
 
 
 def test_wrong_bytes_are_never_served_complete_nor_cached(make_mirror, faulty_upstream, big):
@@ -84,7 +80,7 @@ def test_wrong_bytes_are_never_served_complete_nor_cached(make_mirror, faulty_up
     faulty_upstream.arm("corrupt", path_contains=blob.digest, method="GET", offset=1000)
     n, _, error = read_blob(mirror, image.repo, blob)
     assert error is not None and n < blob.size          # the last byte was held back
-    assert not cached_path(mirror, blob.digest).exists()
+    assert not mirror.cached_path(blob.digest).exists()
     assert "does not match" in mirror.log_text() or "hashed to" in mirror.log_text()
     assert read_blob(mirror, image.repo, blob) == (blob.size, blob.digest, None)
 
@@ -158,7 +154,7 @@ def test_stalled_body_is_resumed(make_mirror, faulty_upstream, big):
 def test_slow_upstream_streams_to_every_client_at_once_with_one_fetch(make_mirror,
                                                                       faulty_upstream, image_set):
     image = image_set.docker
-    blob = max(image.blobs, key=lambda b: b.size)
+    blob = image.largest_blob
     mirror = make_mirror(config_for(faulty_upstream.url))
     with httpx.Client(base_url=mirror.url, timeout=30) as client:
         check_manifest(get_manifest(client, image.repo, "v1"), image)
@@ -223,7 +219,7 @@ def test_after_every_fault_the_next_pull_works(make_mirror, faulty_upstream, ima
             for blob in image.blobs[:1]:
                 n, digest, error = read_blob(mirror, image.repo, blob)
                 assert error is not None or digest is None, kind
-                assert not cached_path(mirror, blob.digest).exists(), kind
+                assert not mirror.cached_path(blob.digest).exists(), kind
             faulty_upstream.clear()
         pull(client, image)
         for blob in image.blobs:

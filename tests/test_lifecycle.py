@@ -63,7 +63,7 @@ def test_eviction_never_takes_a_blob_being_served(make_mirror, rotating, tmp_pat
     # served (not just sitting in kernel buffers) while the client pauses.
     with RegistryClient(registry.url) as c:
         big = push_image(tmp_path / "big", c, "rot/big", ["1"], [24_000 * KB], seed=30_000)
-    blob = max(big.blobs, key=lambda b: b.size)
+    blob = big.largest_blob
     # The big image alone is under the high watermark (90% of 27.5 MB); three more
     # small images push the cache over it.
     mirror = make_mirror(budget_config(registry, 27_500 * KB))
@@ -77,7 +77,7 @@ def test_eviction_never_takes_a_blob_being_served(make_mirror, rotating, tmp_pat
             # budget: the least recently used content is this very blob.
             for image in images[:3]:
                 pull(client, image)
-            held = mirror.data_dir / "blobs" / "sha256" / blob.digest[7:9] / blob.digest[7:]
+            held = mirror.cached_path(blob.digest)
             assert held.exists(), "a blob being served was evicted"
             for chunk in chunks:
                 h.update(chunk)

@@ -195,7 +195,7 @@ def test_accept_is_forwarded_and_a_narrow_client_does_not_repoint_the_tag(
 
 def test_range_requests_on_cold_and_cached_blobs(client, image_set):
     image = image_set.docker
-    blob = max(image.blobs, key=lambda b: b.size)
+    blob = image.largest_blob
     data = blob.path.read_bytes()
     url = f"/v2/{image.repo}/blobs/{blob.digest}"
     check_manifest(get_manifest(client, image.repo, "v1"), image)
@@ -268,7 +268,7 @@ def rss_bytes(pid: int) -> int:
 
 def test_memory_stays_flat_while_streaming_the_big_blob(mirror, client, image_set):
     image = image_set.big
-    blob = max(image.blobs, key=lambda b: b.size)
+    blob = image.largest_blob
     check_manifest(get_manifest(client, image.repo, "latest"), image)
     base = rss_bytes(mirror.proc.pid)
     peak = base

@@ -77,7 +77,7 @@ def test_offline_mode_serves_only_the_cache(make_mirror, own_upstream):
 
 def test_a_client_hanging_up_does_not_stop_the_fill(make_mirror, upstream, image_set):
     image = image_set.big
-    blob = max(image.blobs, key=lambda b: b.size)
+    blob = image.largest_blob
     mirror = make_mirror(hub_config(upstream))
     mark = upstream.mark()
     with httpx.Client(base_url=mirror.url, timeout=60) as client:
@@ -85,7 +85,7 @@ def test_a_client_hanging_up_does_not_stop_the_fill(make_mirror, upstream, image
         with client.stream("GET", f"/v2/{image.repo}/blobs/{blob.digest}") as resp:
             assert resp.status_code == 200
             next(resp.iter_raw(1024))                          # one chunk, then hang up
-        final = mirror.data_dir / "blobs" / "sha256" / blob.digest[7:9] / blob.digest[7:]
+        final = mirror.cached_path(blob.digest)
         deadline = time.monotonic() + 60
         while not final.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -96,7 +96,7 @@ def test_a_client_hanging_up_does_not_stop_the_fill(make_mirror, upstream, image
 
 def test_sixteen_concurrent_cold_clients_one_upstream_get(make_mirror, upstream, image_set):
     image = image_set.big
-    blob = max(image.blobs, key=lambda b: b.size)
+    blob = image.largest_blob
     mirror = make_mirror(hub_config(upstream))
     with httpx.Client(base_url=mirror.url, timeout=60) as client:
         check_manifest(get_manifest(client, image.repo, "latest"), image)
@@ -128,7 +128,7 @@ def test_sixteen_concurrent_cold_clients_one_upstream_get(make_mirror, upstream,
 
 def test_kill_9_leaves_no_partial_blob_and_restart_reconciles(make_mirror, upstream, image_set):
     image = image_set.big
-    blob = max(image.blobs, key=lambda b: b.size)
+    blob = image.largest_blob
     mirror = make_mirror(hub_config(upstream))
     with httpx.Client(base_url=mirror.url, timeout=60) as client:
         pull(client, image_set.docker)
@@ -137,19 +137,18 @@ def test_kill_9_leaves_no_partial_blob_and_restart_reconciles(make_mirror, upstr
             next(resp.iter_raw(1024))
             mirror.stop(kill=True)                            # SIGKILL mid-fill
     blobs_dir = mirror.data_dir / "blobs"
-    final = blobs_dir / "sha256" / blob.digest[7:9] / blob.digest[7:]
+    final = mirror.cached_path(blob.digest)
     # Damage the cache the ways a crash or an operator can: a stray file, a file
     # whose index row is missing, a row whose file is missing, a truncated file.
     stray = blobs_dir / "sha256" / "zz" / "not-a-digest"
     stray.parent.mkdir(parents=True, exist_ok=True)
     stray.write_bytes(b"junk")
     d_layer, d_small = image_set.docker.blobs[1], image_set.docker.blobs[0]
-    path_of = lambda b: blobs_dir / "sha256" / b.digest[7:9] / b.digest[7:]  # noqa: E731
-    path_of(d_layer).unlink()
-    path_of(d_small).write_bytes(b"truncated")
+    mirror.cached_path(d_layer.digest).unlink()
+    mirror.cached_path(d_small.digest).write_bytes(b"truncated")
     mirror.start()
     assert not any((mirror.data_dir / "tmp").iterdir()), "temp files survived the restart"
-    assert not stray.exists() and not path_of(d_small).exists()
+    assert not stray.exists() and not mirror.cached_path(d_small.digest).exists()
     if final.exists():                      # the fill may have finished before the kill
         assert hashlib.sha256(final.read_bytes()).hexdigest() == blob.digest[7:]
     with httpx.Client(base_url=mirror.url, timeout=60) as client:
@@ -164,7 +163,7 @@ def test_disk_full_fails_the_fill_cleanly_and_cached_content_still_serves(
         pytest.skip("mounting a small tmpfs needs root")
     data = tmp_path / "small"
     data.mkdir()
-    big = max(image_set.big.blobs, key=lambda b: b.size)
+    big = image_set.big.largest_blob
     small = sum(b.size for b in image_set.docker.blobs)
     size_kib = (small + 1024 * 1024) // 1024            # the small image and the index fit
     assert big.size > size_kib * 1024

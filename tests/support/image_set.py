@@ -46,6 +46,10 @@ class Image:
         """``repo:first-tag`` (or ``repo@digest`` if untagged)."""
         return f"{self.repo}:{self.tags[0]}" if self.tags else f"{self.repo}@{self.digest}"
 
+    @property
+    def largest_blob(self) -> Blob:
+        return max(self.blobs, key=lambda b: b.size)
+
     def manifests(self) -> list["Image"]:
         """This image and its children."""
         return [self, *self.children]

@@ -52,6 +52,11 @@ class MirrorProcess:
             stop_process(self.proc, kill=kill)
         self.proc = None
 
+    def cached_path(self, digest: str) -> Path:
+        """Where the mirror keeps a verified blob (or manifest) named ``digest``."""
+        algorithm, hexpart = digest.split(":", 1)
+        return self.data_dir / "blobs" / algorithm / hexpart[:2] / hexpart
+
     def reconfigure(self, **changes) -> None:
         """Rewrite the config file (takes effect at the next start)."""
         self.config.update(changes)
