@@ -149,7 +149,7 @@ class LocalCache:
         """Make the index and the files agree after a crash: rows whose file is gone or
         has the wrong size are dropped; files with no row (renamed in, then killed
         before the index write) and anything that is not a digest-named file are removed."""
-        expected = {d: s for d, s in self._blobs.items()}
+        expected = dict(self._blobs)
         expected.update({d: s for d, (_, s) in self._manifests.items()})
 
         def scan() -> tuple[list[str], int]:
@@ -174,11 +174,7 @@ class LocalCache:
         gone_blobs = [d for d in self._blobs if d not in present_set]
         gone_manifests = [d for d in self._manifests if d not in present_set]
         if gone_blobs or gone_manifests:
-            await self.index.forget(gone_blobs, gone_manifests)
-            for d in gone_blobs:
-                del self._blobs[d]
-            for d in gone_manifests:
-                del self._manifests[d]
+            await self.index.forget(gone_blobs, gone_manifests)   # open() reloads the maps
         if removed or gone_blobs or gone_manifests:
             log.warning("reconciled cache with index: removed %d stray files, forgot %d blobs "
                         "and %d manifests whose files were missing", removed, len(gone_blobs),
