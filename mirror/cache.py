@@ -23,7 +23,7 @@ from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 
-from . import fileio
+from . import fileio, lock
 from .errors import CacheUnavailable, DigestInvalid
 from .index import Index, TagRow
 from .models import HASHES, DIGEST_RE, Manifest, ManifestInfo, References
@@ -120,6 +120,7 @@ class LocalCache:
         self._generation = 0
         self.on_grow: Callable[[], None] | None = None   # the evictor's doorbell
         self.make_room: Callable[[], Awaitable[None]] | None = None
+        self._lock: lock.DataDirLock | None = None
 
     @classmethod
     async def open(cls, data_dir: Path, server: bool = True) -> "LocalCache":
@@ -127,8 +128,12 @@ class LocalCache:
         clears leftover temp files and reconciles files with the index. The CLI opens
         with ``server=False`` and touches neither, so it is safe beside a running server."""
         data_dir = Path(data_dir).resolve()
+        held = None
 
         def prepare() -> None:
+            nonlocal held
+            if server:           # before tmp/ is cleared: it may hold another server's fills
+                held = lock.hold(data_dir)
             (data_dir / "blobs").mkdir(parents=True, exist_ok=True)
             tmp = data_dir / "tmp"
             if tmp.exists() and server:
@@ -137,8 +142,13 @@ class LocalCache:
         await fileio.run(prepare)
         index = await Index.open(data_dir / "index.db", flush=server)
         cache = cls(data_dir, index)
+        cache._lock = held
         await cache.resync()
         if server:
+            if held is not None and held.previous_pid is not None:
+                log.warning("the previous mirror on %s (pid %d) did not stop cleanly; files "
+                            "are checked against the index by size at start-up, run `mirror "
+                            "verify` to re-hash them", data_dir, held.previous_pid)
             await cache._reconcile()
             await cache.resync()
         log.info("cache at %s: %d blobs, %d manifests, %d tags", data_dir,
@@ -197,6 +207,8 @@ class LocalCache:
 
     async def close(self) -> None:
         await self.index.close()
+        if self._lock is not None:       # the server's clean stop
+            self._lock.release()
 
     async def not_ready(self) -> str | None:
         """Why the cache cannot serve (None when it can): the index answers and the

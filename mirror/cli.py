@@ -1,7 +1,8 @@
 """Command line: ``mirror serve [--config FILE] [--listen HOST:PORT] [--data-dir DIR]``,
-the maintenance commands ``stats``, ``ls``, ``pin``, ``unpin`` and ``gc``
+the maintenance commands ``stats``, ``ls``, ``pin``, ``unpin``, ``gc`` and ``verify``
 (implemented in ``admin.py``; safe to run while the server runs), and the set-up
-commands ``certs`` and ``htpasswd``."""
+commands ``certs`` and ``htpasswd``. ``serve`` locks the data directory (lock.py)
+first: one server per data directory."""
 
 from __future__ import annotations
 
@@ -41,7 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "serve":
         from .admin import run
         return run(args, config)
-    return serve_forever(config)
+    from .lock import DataDirInUse, hold
+    try:
+        lock = hold(config.data_dir)     # before anything touches the data directory
+    except (DataDirInUse, OSError) as exc:
+        print(f"mirror: {exc}", file=sys.stderr)
+        return 1
+    status = serve_forever(config)
+    lock.release()                       # a clean stop
+    return status
 
 
 def _admin_commands(sub) -> None:
