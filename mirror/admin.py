@@ -1,15 +1,18 @@
-"""Maintenance commands: ``mirror stats``, ``ls``, ``pin``, ``unpin`` and ``gc``.
+"""Maintenance commands: ``mirror stats``, ``ls``, ``pin``, ``unpin``, ``gc`` and ``verify``.
 
 Each opens the index and files the server uses with ``LocalCache.open(server=False)``
 (no temp clean-up, no reconciliation, no background flusher), so it is safe while
 the server runs: SQLite in WAL mode lets both work at once. A command that changes
 the cache bumps the index generation, so the server reloads its in-memory view.
+Files are removed as eviction removes them (row first, then the file): a response
+already reading one keeps its open file.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import sys
 import time
@@ -17,11 +20,11 @@ from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import evict
+from . import evict, fileio
 from .cache import LocalCache
 from .config import Config
 from .errors import RegistryError
-from .models import validate_digest, validate_tag
+from .models import HASHES, validate_digest, validate_tag
 from .routing import Route, Router
 
 COUNTERS = ("manifest_hits", "manifest_misses", "blob_hits", "blob_misses", "bytes_from_cache",
@@ -44,7 +47,8 @@ class AdminError(Exception):
 
 
 def run(args, config: Config) -> int:
-    command = {"stats": stats, "ls": ls, "pin": pin, "unpin": unpin, "gc": gc}[args.command]
+    command = {"stats": stats, "ls": ls, "pin": pin, "unpin": unpin, "gc": gc,
+               "verify": verify}[args.command]
     try:
         return asyncio.run(command(args, config, Router(config)))
     except AdminError as exc:
@@ -342,3 +346,131 @@ async def gc(args, config: Config, router: Router) -> int:
         print(f"still above the low watermark ({human_size(low)}): the rest is protected by "
               "fresh tags and pins")
     return 0
+
+
+# -- verify -----------------------------------------------------------------------------------
+
+GiB = 1024 ** 3
+
+
+class Progress:
+    """Bytes checked so far, on stderr: a bar redrawn in place on a terminal, a plain
+    line every 10% otherwise. Called from the hashing thread only."""
+
+    def __init__(self, total: int, stream=None) -> None:
+        self.total = max(total, 1)
+        self.done = 0
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self._shown = -1
+        self._drawn = 0.0
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        fraction = min(1.0, self.done / self.total)
+        if self.tty:
+            now = time.monotonic()
+            if now - self._drawn >= 0.1 or fraction >= 1:
+                self._drawn = now
+                bar = "#" * int(30 * fraction)
+                self.stream.write(f"\rverifying [{bar:<30}] {fraction:4.0%} "
+                                  f"{human_size(self.done)} of {human_size(self.total)}")
+                self.stream.flush()
+        elif int(fraction * 10) > self._shown:
+            self._shown = int(fraction * 10)
+            print(f"verifying: {self._shown * 10}% ({human_size(self.done)} of "
+                  f"{human_size(self.total)})", file=self.stream, flush=True)
+
+    def end(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def check_file(path: Path, digest: str, size: int, progress: Progress):
+    """Re-hash one cached file (blocks: worker thread). ("ok" | "corrupt" | "missing",
+    the file's (st_dev, st_ino) or None, bytes read)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        progress.advance(size)
+        return "missing", None, 0
+    try:
+        st = os.fstat(fd)
+        algorithm = digest.split(":", 1)[0]
+        hasher = HASHES[algorithm]()
+        read = 0
+        while chunk := os.read(fd, fileio.CHUNK):
+            hasher.update(chunk)
+            read += len(chunk)
+            progress.advance(len(chunk))
+    finally:
+        os.close(fd)
+    if read < size:
+        progress.advance(size - read)
+    ok = read == size and f"{algorithm}:{hasher.hexdigest()}" == digest
+    return ("ok" if ok else "corrupt"), (st.st_dev, st.st_ino), read
+
+
+def same_file(path: Path, identity) -> bool:
+    """Whether ``path`` is still the file that was checked (``identity``; None: none was
+    there): the server may have fetched it again meanwhile, and that copy is not ours."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return identity is None
+    return (st.st_dev, st.st_ino) == identity
+
+
+def set_aside(path: Path, quarantine: Path | None, digest: str) -> None:
+    if quarantine is None:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        return
+    quarantine.mkdir(exist_ok=True)
+    target = quarantine / digest.replace(":", "-")
+    n = 1
+    while target.exists():
+        target = quarantine / f"{digest.replace(':', '-')}.{n}"
+        n += 1
+    try:
+        os.replace(path, target)
+    except FileNotFoundError:
+        pass
+
+
+async def verify(args, config: Config, router: Router) -> int:
+    async with opened(config) as cache:
+        items = sorted(cache.contents())
+        progress = Progress(sum(size for _, size, _ in items))
+
+        def check_all():
+            found = [(digest, size, manifest, *check_file(cache.path_for(digest), digest,
+                                                          size, progress))
+                     for digest, size, manifest in items]
+            progress.end()
+            return found
+        results = await fileio.run(check_all)
+        hashed = sum(r[-1] for r in results)
+        bad = [r for r in results if r[3] != "ok"]
+        quarantine = Path(cache.data_dir) / "quarantine" if args.quarantine else None
+        # Still the file we hashed (or still missing)? Else the server replaced it since.
+        bad = [r for r in bad if await fileio.run(same_file, cache.path_for(r[0]), r[4])]
+        if bad:
+            await cache.index.forget([r[0] for r in bad if not r[2]],
+                                     [r[0] for r in bad if r[2]])
+            for digest, _, _, state, _, _ in bad:
+                if state == "corrupt":
+                    await fileio.run(set_aside, cache.path_for(digest), quarantine, digest)
+            await cache.index.bump_generation()      # a running server reloads its view
+    for digest, size, manifest, state, _, _ in bad:
+        done = ("moved to " + str(quarantine) if quarantine else "removed") \
+            if state == "corrupt" else "forgotten"
+        print(f"{state} {'manifest' if manifest else 'blob'} {digest} ({human_size(size)}): "
+              f"{done}")
+    corrupt = sum(1 for r in bad if r[3] == "corrupt")
+    print(f"verified {len(results)} files ({hashed / GiB:.2f} GiB): {corrupt} corrupt, "
+          f"{len(bad) - corrupt} missing")
+    return 1 if bad else 0

@@ -5,9 +5,13 @@ Layout::
     data_dir/blobs/sha256/ab/ab12...   every blob and manifest, named by its digest
     data_dir/tmp/                      files being written; removed at start-up
     data_dir/index.db                  the SQLite index
+    data_dir/lock                      the running server's PID, flock'ed (lock.py)
+    data_dir/quarantine/               what `mirror verify --quarantine` set aside
 
 A file appears under ``blobs/`` only through ``os.replace`` of a temp file whose
-hash matched. Paths are built from validated digests only, never request text.
+hash matched, and the index names it only once its bytes, the rename and any new
+directory are on disk (fdatasync/fsync), so a power loss never leaves a row naming
+wrong bytes. Paths are built from validated digests only, never request text.
 Hot lookups (blob present, tag -> digest, repository links) are answered from
 in-memory maps loaded at start-up and kept in step with the index.
 """
@@ -58,6 +62,10 @@ class TempBlob:
     def digest(self) -> str:
         return f"{self._algorithm}:{self._hasher.hexdigest()}"
 
+    def fsync(self) -> None:
+        """Put the bytes written so far on disk (blocks: call it on a worker thread)."""
+        _fdatasync(self.fd)
+
     def _close(self) -> None:
         if not self.closed:
             self.closed = True
@@ -71,6 +79,35 @@ class TempBlob:
             except FileNotFoundError:
                 pass
         await fileio.run(rm)
+
+
+def _fdatasync(fd: int) -> None:
+    """Put a file's bytes (and the size it needs to read them back) on disk; blocks."""
+    (getattr(os, "fdatasync", None) or os.fsync)(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Put a directory's entries (a rename into it, a new subdirectory) on disk; blocks."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    """mkdir -p ``path``; the directories it created, deepest first."""
+    made: list[Path] = []
+    missing = path
+    while not missing.is_dir():
+        made.append(missing)
+        missing = missing.parent
+    for directory in reversed(made):
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            pass
+    return made
 
 
 class CachedBlob:
@@ -158,7 +195,13 @@ class LocalCache:
     async def _reconcile(self) -> None:
         """Make the index and the files agree after a crash: rows whose file is gone or
         has the wrong size are dropped; files with no row (renamed in, then killed
-        before the index write) and anything that is not a digest-named file are removed."""
+        before the index write) and anything that is not a digest-named file are removed.
+
+        Sizes only, by choice: files are preallocated, so a size proves nothing about
+        the bytes, but a row is committed only after its file's bytes were synced (see
+        ``_place``), so a row never outlives its bytes. Re-hashing everything on every
+        unclean start would hold start-up for as long as the cache is big; deep checking
+        is ``mirror verify``, which the start-up log suggests after an unclean stop."""
         expected = dict(self._blobs)
         expected.update({d: s for d, (_, s) in self._manifests.items()})
 
@@ -220,6 +263,11 @@ class LocalCache:
         if not await fileio.run(os.access, self.data_dir / "tmp", os.W_OK):
             return f"data directory {self.data_dir} is not writable"
         return None
+
+    def contents(self) -> list[tuple[str, int, bool]]:
+        """(digest, size, is a manifest) of everything cached."""
+        return [*((d, s, False) for d, s in self._blobs.items()),
+                *((d, s, True) for d, (_, s) in self._manifests.items())]
 
     @property
     def size(self) -> int:
@@ -376,9 +424,13 @@ class LocalCache:
         final = self.path_for(digest)
 
         def place() -> None:
+            temp.fsync()
             temp._close()
-            final.parent.mkdir(parents=True, exist_ok=True)
+            new_dirs = _make_dirs(final.parent)
             os.replace(temp.path, final)
+            # The rename, and any directory it needed, on disk before the index names it.
+            for directory in (final.parent, *(d.parent for d in new_dirs)):
+                _fsync_dir(directory)
         await fileio.run(place)
 
     async def put_manifest(self, upstream: str, repository: str, manifest: Manifest,

@@ -72,6 +72,10 @@ def _admin_commands(sub) -> None:
     gc = sub.add_parser("gc", parents=[common], help="evict down to the budget now, and "
                         "remove unreferenced blobs")
     gc.add_argument("--dry-run", action="store_true", help="list what would go; change nothing")
+    verify = sub.add_parser("verify", parents=[common], help="re-hash every cached file; "
+                            "drop what does not match its digest (exit status 1 if any)")
+    verify.add_argument("--quarantine", action="store_true", help="move bad files to "
+                        "DATA_DIR/quarantine/ instead of deleting them")
     certs = sub.add_parser("certs", parents=[common], help="make a private CA and a server "
                            "certificate for TLS")
     certs.add_argument("names", nargs="+", metavar="HOST", help="host names and IP addresses "

@@ -1,13 +1,16 @@
 """Which paths a running process touches: ``strace`` attached to it, file syscalls only.
 
-``SyscallTrace(pid, out_path)``: ``.start()`` attaches ``strace -f -y -xx`` to every
-thread of ``pid`` (and threads started later) and returns once the tracer is in place;
-``.stop()`` detaches; ``.calls()`` parses what was recorded into ``FileCall``s (syscall,
-absolute path, whether it writes, result).  ``available()`` says whether strace exists.
+``SyscallTrace(pid, out_path, cwd, trace="%file")``: ``.start()`` attaches
+``strace -f -y -xx`` to every thread of ``pid`` (and threads started later) and returns
+once the tracer is in place; ``.stop()`` detaches; ``.calls()`` parses what was recorded
+into ``FileCall``s (syscall, absolute path, whether it writes, result).  ``available()``
+says whether strace exists.
 
-Only the ``%file`` class is traced (every syscall that takes a path: open*, stat*,
-access, readlink, unlink, rename, mkdir, ...), so a request that makes the process
+By default only the ``%file`` class is traced (every syscall that takes a path: open*,
+stat*, access, readlink, unlink, rename, mkdir, ...), so a request that makes the process
 open, stat, create, rename or delete anything shows up, whichever thread did it.
+``trace`` can add others: a call on an fd alone (``fsync``) comes out as a ``FileCall``
+on the file the fd is.
 Paths are exact: ``-xx`` prints every string byte as ``\\xHH`` and ``-y`` prints the
 directory a dirfd (or ``AT_FDCWD``) stands for and the file a returned fd is.
 """
@@ -66,8 +69,9 @@ def _unhex(text: str) -> str:
 
 
 class SyscallTrace:
-    def __init__(self, pid: int, out_path, cwd: str | os.PathLike) -> None:
+    def __init__(self, pid: int, out_path, cwd: str | os.PathLike, trace: str = "%file") -> None:
         self.pid = pid
+        self.trace = trace             # strace's -e trace=: "%file,fsync,fdatasync" adds those
         self.out_path = Path(out_path)
         self.cwd = str(cwd)            # the traced process's working directory
         self.proc: subprocess.Popen | None = None
@@ -76,7 +80,7 @@ class SyscallTrace:
 
     def start(self, timeout: float = 10) -> "SyscallTrace":
         self.proc = subprocess.Popen(
-            [STRACE, "-f", "-y", "-xx", "-s", "65536", "-e", "trace=%file", "-e", "signal=none",
+            [STRACE, "-f", "-y", "-xx", "-s", "65536", "-e", f"trace={self.trace}", "-e", "signal=none",
              "-o", str(self.out_path), "-p", str(self.pid)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             text=True, errors="replace")
