@@ -3,7 +3,8 @@
 Each opens the index and files the server uses with ``LocalCache.open(server=False)``
 (no temp clean-up, no reconciliation, no background flusher), so it is safe while
 the server runs: SQLite in WAL mode lets both work at once. A command that changes
-the cache bumps the index generation, so the server reloads its in-memory view.
+the cache bumps the index generation, so the server reloads its in-memory view
+(pins have a generation of their own: they change nothing the server holds in memory).
 Files are removed as eviction removes them (row first, then the file): a response
 already reading one keeps its open file.
 """
@@ -292,7 +293,7 @@ async def pin(args, config: Config, router: Router) -> int:
             print(f"{text} was already pinned")
             return 0
         await cache.index.pin(route.upstream, route.repository, reference)
-        await cache.index.bump_generation()
+        await cache.index.bump_generation("pins")
         row = None if ":" in reference else cache.tag(route.upstream, route.repository, reference)
         digest = row.digest if row else reference
         cached = cache.manifest_info(digest) is not None
@@ -310,7 +311,7 @@ async def unpin(args, config: Config, router: Router) -> int:
     async with opened(config) as cache:
         if not await cache.index.unpin(route.upstream, route.repository, reference):
             raise AdminError(f"{text} is not pinned")
-        await cache.index.bump_generation()
+        await cache.index.bump_generation("pins")
     print(f"unpinned {text}")
     return 0
 

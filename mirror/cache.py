@@ -18,11 +18,13 @@ in-memory maps loaded at start-up and kept in step with the index.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
 import sqlite3
 import time
+import weakref
 from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
@@ -95,6 +97,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _remove_later(path: Path) -> None:
+    """Unlink ``path`` off the event loop when one runs (a big file takes a while)."""
+    def unlink() -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    try:
+        asyncio.get_running_loop().run_in_executor(None, unlink)
+    except RuntimeError:          # no loop (interpreter exit): now
+        unlink()
+
+
 def _make_dirs(path: Path) -> list[Path]:
     """mkdir -p ``path``; the directories it created, deepest first."""
     made: list[Path] = []
@@ -154,7 +169,8 @@ class LocalCache:
         self._temp_seq = 0
         self._readers: Counter[str] = Counter()     # digest -> responses reading it now
         self.reserved = 0                           # bytes of fills not yet committed
-        self._generation = 0
+        self._generations: dict[str, int] = {}      # index.generations() when last looked
+        self.largest: int | None = None             # a bigger blob is passed through uncached
         self.on_grow: Callable[[], None] | None = None   # the evictor's doorbell
         self.make_room: Callable[[], Awaitable[None]] | None = None
         self._lock: lock.DataDirLock | None = None
@@ -233,14 +249,23 @@ class LocalCache:
                         "and %d manifests whose files were missing", removed, len(gone_blobs),
                         len(gone_manifests))
 
-    async def resync_if_changed(self) -> None:
-        generation = await self.index.generation()
-        if generation != self._generation:
+    async def resync_if_changed(self) -> set[str]:
+        """Pick up what another process changed in the index; the kinds of change seen.
+        "content" (`mirror gc`, `verify`) reloads the maps; "pins" (`mirror pin`, `unpin`)
+        reloads nothing (eviction reads pins from the index each time)."""
+        generations = await self.index.generations()
+        changed = {kind for kind, value in generations.items()
+                   if value != self._generations.get(kind)}
+        if "content" in changed:
             await self.resync()
+        self._generations["pins"] = generations["pins"]
+        return changed
 
     async def resync(self) -> None:
         """(Re)load the in-memory maps from the index, e.g. after `mirror gc` ran."""
-        self._generation = await self.index.generation()
+        generations = await self.index.generations()
+        self._generations.setdefault("pins", generations["pins"])
+        self._generations["content"] = generations["content"]
         self._blobs = await self.index.load_blobs()
         self._manifests = await self.index.load_manifests()
         self._tags = {(t.upstream, t.repository, t.tag): t for t in await self.index.load_tags()}
@@ -268,6 +293,12 @@ class LocalCache:
         """(digest, size, is a manifest) of everything cached."""
         return [*((d, s, False) for d, s in self._blobs.items()),
                 *((d, s, True) for d, (_, s) in self._manifests.items())]
+
+    def fits(self, size: int) -> bool:
+        """Whether a blob of ``size`` bytes may be cached at all: one bigger than the
+        budget holds (``largest``, set by the evictor) is streamed through instead,
+        evicting nothing."""
+        return self.largest is None or size <= self.largest
 
     @property
     def size(self) -> int:
@@ -407,6 +438,16 @@ class LocalCache:
         await self._persist(self.index.add_blob(digest, temp.size), f"blob {digest}")
         self._grew()
         return temp.size
+
+    async def pass_through(self, temp: TempBlob, digest: str, owner: object) -> None:
+        """Verify a blob that is not to be cached (too big for the budget) and leave its
+        temp file for readers: it is removed once ``owner`` (the fill they read through)
+        is gone, and at the next start-up at the latest."""
+        if temp.digest != digest:
+            await temp.discard()
+            raise DigestInvalid(f"content hashed to {temp.digest}, expected {digest}")
+        await fileio.run(temp._close)
+        weakref.finalize(owner, _remove_later, temp.path)
 
     async def _persist(self, write, what: str) -> None:
         """An index write that must not fail the request: the in-memory maps serve

@@ -4,7 +4,8 @@ When the cache (plus what fills in progress have announced) passes the high
 watermark, least-recently-used content goes until it is under the low watermark.
 Content unused for ``expire_unused`` goes whatever the budget. Never evicted:
 anything reachable from a tag inside its TTL or from a pin, and any blob being
-served right now. A manifest goes with any blob it references, and the manifests
+served right now. A blob bigger than the high watermark on its own is not
+cached at all (``Budget.largest``; the fill streams it through). A manifest goes with any blob it references, and the manifests
 above it (an index) and the tags pointing at it go too, so the index never points
 at what is not there.
 
@@ -49,6 +50,17 @@ class Budget:
     low: float = 0.8
     expire_unused: float | None = None
 
+    @property
+    def active(self) -> bool:
+        """Whether there is anything to enforce (else the evictor never looks)."""
+        return self.max_size is not None or self.expire_unused is not None
+
+    @property
+    def largest(self) -> int | None:
+        """The biggest blob worth caching: one past the high watermark on its own
+        could only be kept by evicting everything else, so it is not kept at all."""
+        return None if self.max_size is None else int(self.high * self.max_size)
+
     @classmethod
     def of(cls, config: Config) -> "Budget":
         return cls(config.max_size, config.high_watermark, config.low_watermark,
@@ -60,6 +72,10 @@ async def plan(cache: LocalCache, budget: Budget, *, force: bool = False,
     """What to remove now. ``force`` evicts down to the low watermark even if the high
     one is not crossed (``mirror gc``); ``orphans`` adds blobs no manifest references."""
     now = time.time() if now is None else now
+    used = cache.size + cache.reserved
+    over = budget.max_size is not None and (force or used > budget.high * budget.max_size)
+    if not (over or orphans or budget.expire_unused is not None):
+        return Plan()                 # nothing could be chosen: no need to read the index
     await cache.index.flush_usage()
     keep = await cache.index.protected(now) | cache.in_use()
     rows = [r for r in await cache.index.by_last_access() if r[0] not in keep]
@@ -77,14 +93,12 @@ async def plan(cache: LocalCache, budget: Budget, *, force: bool = False,
         for digest, size in await cache.index.orphan_blobs(now - ORPHAN_GRACE):
             if digest not in keep:
                 take(digest, size, False, "unreferenced")
-    if budget.max_size is not None:
-        used = cache.size + cache.reserved
-        if force or used > budget.high * budget.max_size:
-            target = budget.low * budget.max_size
-            for digest, size, _, is_manifest in rows:
-                if used - result.bytes <= target:
-                    break
-                take(digest, size, is_manifest, "lru")
+    if over:
+        target = budget.low * budget.max_size
+        for digest, size, _, is_manifest in rows:
+            if used - result.bytes <= target:
+                break
+            take(digest, size, is_manifest, "lru")
     # A manifest whose blobs (or child manifests) go, goes too, and so on upwards.
     parents = await cache.index.parents([*result.blobs, *result.manifests])
     sizes = {d: s for d, s, _, m in rows if m}
@@ -119,12 +133,14 @@ class Evictor:
     def start(self) -> None:
         self.cache.on_grow = self.poke
         self.cache.make_room = self.make_room
+        self.cache.largest = self.budget.largest
         self._task = asyncio.create_task(self._loop(), name="evictor")
         self._wake.set()                              # a first look at start-up
 
     async def stop(self) -> None:
         self.cache.on_grow = None
         self.cache.make_room = None
+        self.cache.largest = None
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -151,6 +167,8 @@ class Evictor:
             return await self._run_once()
 
     async def _run_once(self) -> Plan:
+        if not self.budget.active:         # no budget: never scan the index for nothing
+            return Plan()
         removal = await plan(self.cache, self.budget)
         if removal:
             await apply(self.cache, removal)
@@ -170,10 +188,12 @@ class Evictor:
                 await asyncio.wait_for(self._wake.wait(), RESYNC_INTERVAL)
             except asyncio.TimeoutError:
                 pass
+            woken = self._wake.is_set()
+            self._wake.clear()
             try:
-                await self.cache.resync_if_changed()
-                if self._wake.is_set() or time.monotonic() - last_run >= self.interval:
-                    self._wake.clear()
+                if "pins" in await self.cache.resync_if_changed():
+                    woken = True          # an unpin may have made something evictable
+                if self.budget.active and (woken or time.monotonic() - last_run >= self.interval):
                     last_run = time.monotonic()
                     await self.run_once()
             except Exception:        # eviction must never take the server down

@@ -46,6 +46,7 @@ class Fill:
         self._temp: TempBlob | None = None
         self._began = False              # upstream has answered with a body once
         self._reserved = 0
+        self.uncached = False            # too big for the cache's budget: streamed, not kept
         self._finished = asyncio.Event()
         self._progress = asyncio.Event()
         self._inflight: asyncio.Future | None = None
@@ -92,11 +93,13 @@ class Fill:
             self.cache.reserved -= self._reserved
             self._reserved = 0
             try:
-                await self.cache.commit_blob(self._temp, self.digest)
+                await (self.cache.pass_through(self._temp, self.digest, self) if self.uncached
+                       else self.cache.commit_blob(self._temp, self.digest))
             except DigestInvalid as exc:
                 raise UpstreamBadContent(f"upstream {self.upstream.name}: blob {exc.message}") from None
             self.size = self._temp.size
-            log.info("cached blob %s (%d bytes) from %s/%s", self.digest, self.size,
+            log.info("%s blob %s (%d bytes) from %s/%s", "passed through (too big to cache)"
+                     if self.uncached else "cached", self.digest, self.size,
                      self.upstream.name, self.repository)
         except BaseException as exc:
             self.error = _describe(exc, self.digest)
@@ -130,7 +133,9 @@ class Fill:
             if not self._began:
                 self.size = stream.size
                 self._began = True
-                if self.size:
+                if self.size and not self.cache.fits(self.size):
+                    self.uncached = True        # reserves nothing, so evicts nothing
+                elif self.size:
                     self._reserved = self.size          # the evictor makes room ahead
                     self.cache.reserved += self.size
                     if self.cache.make_room is not None:
@@ -207,7 +212,8 @@ class Fill:
         await self._finished.wait()
         if self.error is not None:
             raise FillFailed(str(self.error))
-        return await fileio.open_read(self.cache.path_for(self.digest))
+        return await fileio.open_read(self._temp.path if self.uncached
+                                      else self.cache.path_for(self.digest))
 
     async def aclose(self) -> None:
         """Nothing to let go: each reader's file is closed when its chunks() ends."""

@@ -55,6 +55,8 @@ CREATE TABLE IF NOT EXISTS tag_lists (
     PRIMARY KEY (upstream, repository));
 """
 SCHEMA_VERSION = "1"
+GENERATIONS = {"content": "generation", "pins": "pins_generation"}   # kind -> meta key
+VARIABLES = 500     # bound values per statement: far below SQLite's limit on any build
 
 
 @dataclass(frozen=True)
@@ -229,15 +231,19 @@ class Index:
         return [(d, s, t, bool(m)) for d, s, t, m in rows]
 
     async def parents(self, digests: Iterable[str]) -> set[str]:
-        """Manifests that reference any of ``digests``, and the manifests above them."""
+        """Manifests that reference any of ``digests``, and the manifests above them.
+        Asked ``VARIABLES`` digests at a time: a plan may hold any number of them."""
         found: set[str] = set()
         frontier = set(digests)
         while frontier:
-            marks = ",".join("?" * len(frontier))
-            rows = await self._db.execute_fetchall(
-                f"SELECT DISTINCT manifest FROM manifest_refs WHERE child IN ({marks})",
-                tuple(frontier))
-            frontier = {r[0] for r in rows} - found
+            batch, above = list(frontier), set()
+            for i in range(0, len(batch), VARIABLES):
+                part = batch[i:i + VARIABLES]
+                rows = await self._db.execute_fetchall(
+                    "SELECT DISTINCT manifest FROM manifest_refs "
+                    f"WHERE child IN ({','.join('?' * len(part))})", part)
+                above.update(r[0] for r in rows)
+            frontier = above - found
             found |= frontier
         return found
 
@@ -249,15 +255,21 @@ class Index:
             (seen_before,))
         return [tuple(r) for r in rows]
 
-    async def generation(self) -> int:
-        """Bumped by every out-of-process change (`mirror gc`, `mirror pin`), so the
-        server knows to reload its in-memory view."""
-        rows = await self._db.execute_fetchall("SELECT value FROM meta WHERE key = 'generation'")
-        return int(rows[0][0]) if rows else 0
+    async def generations(self) -> dict[str, int]:
+        """Counters bumped by out-of-process changes, by kind (``GENERATIONS``):
+        "content" (`mirror gc`, `verify`: blobs, manifests, tags or links went) tells the
+        server to reload its in-memory view; "pins" (`mirror pin`, `unpin`) changes
+        nothing it holds in memory."""
+        rows = await self._db.execute_fetchall(
+            f"SELECT key, value FROM meta WHERE key IN ({','.join('?' * len(GENERATIONS))})",
+            list(GENERATIONS.values()))
+        values = {key: int(value) for key, value in rows}
+        return {kind: values.get(key, 0) for kind, key in GENERATIONS.items()}
 
-    async def bump_generation(self) -> None:
-        await self._write(("INSERT INTO meta VALUES ('generation', '1') ON CONFLICT (key) "
-                           "DO UPDATE SET value = CAST(value AS INTEGER) + 1", [()]))
+    async def bump_generation(self, kind: str = "content") -> None:
+        await self._write(("INSERT INTO meta VALUES (?, '1') ON CONFLICT (key) "
+                           "DO UPDATE SET value = CAST(value AS INTEGER) + 1",
+                           [(GENERATIONS[kind],)]))
 
     # -- pins ------------------------------------------------------------------------------------
 
