@@ -81,8 +81,14 @@ async def plan(cache: LocalCache, budget: Budget, *, force: bool = False,
     rows = [r for r in await cache.index.by_last_access() if r[0] not in keep]
     result = Plan()
 
+    taken = 0       # result.bytes, kept as we go: summing it per row is quadratic
+
     def take(digest: str, size: int, is_manifest: bool, why: str) -> None:
-        (result.manifests if is_manifest else result.blobs)[digest] = size
+        nonlocal taken
+        chosen = result.manifests if is_manifest else result.blobs
+        if digest not in chosen:
+            taken += size
+        chosen[digest] = size
         result.reason.setdefault(digest, why)
 
     if budget.expire_unused is not None:
@@ -96,7 +102,7 @@ async def plan(cache: LocalCache, budget: Budget, *, force: bool = False,
     if over:
         target = budget.low * budget.max_size
         for digest, size, _, is_manifest in rows:
-            if used - result.bytes <= target:
+            if used - taken <= target:
                 break
             take(digest, size, is_manifest, "lru")
     # A manifest whose blobs (or child manifests) go, goes too, and so on upwards.
