@@ -24,11 +24,12 @@ from starlette.routing import Route as HttpRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import metrics
-from .errors import (NotFound, PaginationInvalid, RangeNotSatisfiable, RegistryError,
-                     SizeInvalid, Unsupported)
+from .errors import (ManifestUnknown, NotFound, PaginationInvalid, RangeNotSatisfiable,
+                     RegistryError, SizeInvalid, Unsupported)
 from .auth import Guard, Identity
 from .fill import FillFailed
-from .models import sanitize_accept, validate_digest, validate_name, validate_reference, validate_tag
+from .models import (TAG_RE, is_digest, sanitize_accept, validate_digest, validate_name,
+                     validate_tag)
 from .routing import Route, Router
 from .store import BlobBody, Source
 
@@ -54,11 +55,34 @@ class Registry:
 # -- responses ----------------------------------------------------------------------------
 
 
-def error_response(exc: RegistryError, method: str = "GET") -> Response:
+def error_response(exc: RegistryError, method: str = "GET", path: str = "") -> Response:
     headers = dict(exc.headers)
     if method == "HEAD":
         return Response(status_code=exc.status, headers=headers)
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+    return JSONResponse(exc.body(_kind(path)), status_code=exc.status, headers=headers)
+
+
+def _kind(path: str) -> str | None:
+    """What a request path is about, for the error code of a failure."""
+    if path == "/v2/_catalog":
+        return "catalog"
+    rest = path[len("/v2/"):] if path.startswith("/v2/") else None
+    for kind, pattern in (("manifest", _MANIFEST), ("blob", _BLOB), ("tags", _TAGS)):
+        if rest is not None and pattern.fullmatch(rest):
+            return kind
+    return None
+
+
+class HeadResponse(Response):
+    """A HEAD answer with exactly the headers given: no Content-Length of 0 added
+    when the size is not known."""
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        self.status_code = 200
+        self.body = b""
+        self.background = None
+        self.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1"))
+                            for k, v in headers.items()]
 
 
 class BlobResponse(Response):
@@ -119,18 +143,26 @@ def parse_range(header: str | None, size: int | None) -> tuple[int, int] | None:
     m = re.fullmatch(r"\s*bytes\s*=\s*([0-9]*)\s*-\s*([0-9]*)\s*", header)
     if not m or (not m.group(1) and not m.group(2)):
         return None            # multiple ranges or another unit: the whole blob (RFC 9110)
-    # Numbers past 18 digits are beyond any blob (and past what int() should parse).
-    first, last = m.group(1)[:19], m.group(2)[:19]
-    if not first:              # suffix: the last N bytes
-        n = int(last)
+    first, last = _position(m.group(1)), _position(m.group(2))
+    if not m.group(1):         # suffix: the last N bytes
+        n = last
         if n == 0 or size == 0:
             raise RangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
         return max(0, size - n), size
-    start = int(first)
-    end = min(int(last) + 1, size) if last else size
-    if start >= size or (last and int(last) < start):
+    start = first
+    end = min(last + 1, size) if m.group(2) else size
+    if start >= size or (m.group(2) and last < start):
         raise RangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
     return start, end
+
+
+def _position(digits: str) -> int:
+    """A byte position from a Range header: leading zeros mean nothing, and anything
+    past 18 significant digits is beyond any blob (and past what int() should parse)."""
+    digits = digits.lstrip("0")
+    if not digits:
+        return 0
+    return int(digits) if len(digits) <= 18 else 10 ** 18
 
 
 # -- request parsing ---------------------------------------------------------------------
@@ -289,7 +321,13 @@ async def dispatch(request: Request) -> Response:
 
 async def manifest(request: Request, name: str, reference: str) -> Response:
     validate_name(name)
-    validate_reference(reference)
+    if is_digest(reference):
+        validate_digest(reference)      # malformed: 400 DIGEST_INVALID
+    elif not TAG_RE.fullmatch(reference):
+        # Not a tag nor a digest: no such manifest, as distribution answers and the
+        # OCI conformance suite expects.
+        raise ManifestUnknown(f"manifest unknown: {reference[:200]!r} is not a valid tag or "
+                              "digest", detail={"reference": reference[:200]})
     route, source = _route(request, name)
     accept = sanitize_accept(request.headers.getlist("accept"))
     if request.method == "HEAD":
@@ -314,7 +352,7 @@ async def blob(request: Request, name: str, digest: str) -> Response:
         size = await source.stat_blob(route.repository, digest)
         if size >= 0:
             headers["Content-Length"] = str(size)
-        return Response(b"", headers=headers)
+        return HeadResponse(headers)      # no size known: no Content-Length, never 0
     body = await source.open_blob(route.repository, digest)
     try:
         rng = parse_range(request.headers.get("range"), body.size)
@@ -352,7 +390,7 @@ async def registry_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RegistryError)
     if exc.status >= 500:
         log.warning("%s %s -> %d %s", request.method, request.url.path, exc.status, exc.message)
-    return error_response(exc, request.method)
+    return error_response(exc, request.method, request.url.path)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -364,13 +402,14 @@ async def http_error(request: Request, exc: Exception) -> Response:
     else:
         err = RegistryError(exc.detail)
         err.status = exc.status_code
-    return error_response(err, request.method)
+    return error_response(err, request.method, request.url.path)
 
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:
     if not isinstance(exc, AbortResponse):
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-    return error_response(RegistryError("internal error; see the mirror's log"), request.method)
+    return error_response(RegistryError("internal error; see the mirror's log"), request.method,
+                          request.url.path)
 
 
 EXCEPTION_HANDLERS = {RegistryError: registry_error, HTTPException: http_error,
