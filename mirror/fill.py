@@ -107,11 +107,7 @@ class Fill:
                           exc.strerror or exc)
             elif not isinstance(exc, asyncio.CancelledError):
                 log.error("fill of %s failed", self.digest, exc_info=exc)
-            if self._inflight is not None:
-                self._inflight.cancel()
-                await asyncio.gather(self._inflight, return_exceptions=True)
-            if self._temp is not None:
-                await self._temp.discard()
+            await self._discard()
             if isinstance(exc, asyncio.CancelledError):
                 raise
         finally:
@@ -166,6 +162,20 @@ class Fill:
                 await self._flush(pending)     # keep every byte that did arrive, then resume
                 raise
             await self._flush(pending)
+
+    async def _discard(self) -> None:
+        """Drop the temp file once the write in flight is done: that write is never
+        cancelled, since its thread would go on writing into the descriptor after
+        the close, that is, into whichever file gets its number next."""
+        inflight, self._inflight = self._inflight, None
+        try:
+            if inflight is not None:
+                await fileio.finish(inflight)
+        except Exception:
+            pass                    # the fill has failed already; this is its cleanup
+        finally:
+            if self._temp is not None:
+                await self._temp.discard()
 
     async def _flush(self, pending: list[bytes]) -> None:
         if self._inflight is not None:
