@@ -97,6 +97,12 @@ class CachedBlob:
         self.digest = digest
         self.size = size
 
+    async def wait_started(self) -> None:
+        """Cached: nothing to wait for."""
+
+    async def wait_verified(self) -> None:
+        """Cached blobs were verified before they were placed."""
+
     async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         end = self.size if end is None else end
         try:
