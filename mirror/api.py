@@ -85,9 +85,39 @@ class HeadResponse(Response):
                             for k, v in headers.items()]
 
 
+async def _disconnect(receive: Receive) -> None:
+    """Returns when the client has gone away."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class ClientGone(Exception):
+    """The client went away while its request waited: there is no one to answer."""
+
+
+async def _unless_gone(receive: Receive, waiting: Awaitable[None]) -> None:
+    """Await ``waiting`` unless the client goes away first (then ClientGone): a
+    client that leaves while its blob download waits lets go of it at once."""
+    task = asyncio.ensure_future(waiting)
+    watcher = asyncio.ensure_future(_disconnect(receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        watcher.cancel()
+        raise
+    watcher.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise ClientGone()
+    task.result()
+
+
 class BlobResponse(Response):
-    """Streams a BlobBody; stops reading as soon as the client goes away, and aborts
-    the connection (never a short body that looks complete) if the source fails."""
+    """Streams a BlobBody; stops reading as soon as the client goes away (even while
+    waiting for bytes), and aborts the connection (never a short body that looks
+    complete) if the source fails."""
 
     def __init__(self, body: BlobBody, status: int, headers: dict[str, str],
                  start: int, end: int | None) -> None:
@@ -103,30 +133,32 @@ class BlobResponse(Response):
         except BaseException:
             await self.blob.aclose()
             raise
-        gone = asyncio.Event()
-
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            gone.set()
-
-        watcher = asyncio.create_task(watch())
         chunks = self.blob.chunks(self.start, self.end)
         sent = 0
-        try:
+
+        async def pump() -> None:
+            nonlocal sent
             async for chunk in chunks:
-                if gone.is_set():
-                    return
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 sent += len(chunk)
             await send({"type": "http.response.body", "body": b""})
+
+        pumping = asyncio.ensure_future(pump())
+        watcher = asyncio.ensure_future(_disconnect(receive))
+        try:
+            await asyncio.wait({pumping, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if pumping.done():
+                pumping.result()
         except (FillFailed, RegistryError, OSError) as exc:
             # Headers are out: the only honest signal left is to break the connection.
             log.warning("aborting response for %s: %s", self.blob.digest, exc)
             raise AbortResponse(str(exc)) from None
         finally:
-            metrics.served(self.blob.source, sent)
             watcher.cancel()
+            if not pumping.done():          # the client left: stop reading
+                pumping.cancel()
+                await asyncio.gather(pumping, return_exceptions=True)
+            metrics.served(self.blob.source, sent)
             await chunks.aclose()
             await self.blob.aclose()      # in case the iterator never started
 
@@ -355,8 +387,16 @@ async def blob(request: Request, name: str, digest: str) -> Response:
         return HeadResponse(headers)      # no size known: no Content-Length, never 0
     body = await source.open_blob(route.repository, digest)
     try:
+        await _unless_gone(request.receive, body.wait_started())
         rng = parse_range(request.headers.get("range"), body.size)
-    except RegistryError:
+        if rng is not None and body.size is not None and rng[1] < body.size:
+            # A download holds back only the blob's last byte until it is verified:
+            # a range that stops short of it waits for the verified blob instead.
+            await _unless_gone(request.receive, body.wait_verified())
+    except ClientGone:
+        await body.aclose()
+        return Response(status_code=499)       # nginx's "client closed request"; unsent
+    except BaseException:
         await body.aclose()
         raise
     if rng is None:

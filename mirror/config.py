@@ -38,6 +38,7 @@ class UpstreamConfig:
     timeout: float = 30.0             # connect and read timeout, seconds
     retries: int = 2                  # extra tries on connect errors and 5xx (GET/HEAD)
     offline: bool = False             # never contact this upstream; serve what is cached
+    max_fills: int = 32               # blob downloads from it at once; more wait for a slot
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,7 @@ def _expand_env(value: Any, key: str) -> Any:
 _TOP_KEYS = {"listen", "data_dir", "max_size", "default", "upstreams", "log_level", "offline",
              "high_watermark", "low_watermark", "expire_unused", "access_log", "tls", "auth"}
 _UPSTREAM_KEYS = {"url", "username", "password", "tag_ttl", "library_prefix", "timeout",
-                  "retries", "offline"}
+                  "retries", "offline", "max_fills"}
 _LOG_LEVELS = {"critical", "error", "warning", "info", "debug"}
 
 
@@ -310,6 +311,13 @@ def _upstream(name: str, raw: Any, offline: bool = False) -> UpstreamConfig:
         if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
             raise ConfigError(f"{key}.retries: expected a whole number from 0 to 10")
         kwargs["retries"] = retries
+    if "max_fills" in values:
+        max_fills = values["max_fills"]
+        if isinstance(max_fills, str) and max_fills.isdigit():
+            max_fills = int(max_fills)        # from ${ENV}
+        if isinstance(max_fills, bool) or not isinstance(max_fills, int) or not 1 <= max_fills <= 1000:
+            raise ConfigError(f"{key}.max_fills: expected a whole number from 1 to 1000")
+        kwargs["max_fills"] = max_fills
     return UpstreamConfig(**kwargs)
 
 

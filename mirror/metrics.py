@@ -36,6 +36,9 @@ upstream_bytes = Counter("mirror_upstream_bytes", "Blob bytes downloaded from up
                          ["upstream"], registry=REGISTRY)
 fills_in_progress = Gauge("mirror_fills_in_progress", "Blob downloads running now",
                           registry=REGISTRY)
+fills_queued = Gauge("mirror_fills_queued",
+                     "Blob downloads waiting for one of their upstream's max_fills slots",
+                     registry=REGISTRY)
 stale_serves = Counter("mirror_stale_serves", "Cached copies served because upstream failed",
                        ["upstream"], registry=REGISTRY)
 evictions = Counter("mirror_evictions", "Blobs and manifests evicted", registry=REGISTRY)

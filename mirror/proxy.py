@@ -8,7 +8,9 @@
   revalidates and a GET happens only when the digest changed. Upstream
   unavailable while a copy is cached: the copy is served (stale) and counted.
 - One upstream request per (repository, reference, Accept) for manifests and one
-  fill per blob digest, however many clients ask at once.
+  fill per blob digest, however many clients ask at once; at most ``max_fills``
+  fills download at once (the rest wait for a slot), and a fill no client reads
+  any more is let go (see fill.py).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class ProxyStore:
         self.offline = offline      # never contact upstream: serve what is cached, as it is
         self._flights = SingleFlight()
         self._fills: dict[str, Fill] = {}
+        self._fill_slots = asyncio.Semaphore(remote.config.max_fills)
 
     async def aclose(self) -> None:
         for fill in list(self._fills.values()):
@@ -189,30 +192,31 @@ class ProxyStore:
     # -- blobs ---------------------------------------------------------------------------
 
     async def open_blob(self, repository: str, digest: str):
+        """The cached blob, or a reader of its download (which the caller waits on
+        with ``wait_started``; the fill starts or joins here)."""
         size = self.local.blob_size(digest)
         fill = self._fills.get(digest)
-        if size is not None or (fill is not None and not fill.done):
+        if size is not None or (fill is not None and fill.joinable):
             if not await self._authorized(repository, digest, blob=True):
                 raise BlobUnknown(f"blob {digest} is not known in {repository}")
             if size is not None and (cached := await self.local.open_blob(digest)) is not None:
                 metrics.lookup("blob", "hit")
                 return cached
             fill = self._fills.get(digest)
-            if fill is not None and not fill.done:
+            if fill is not None and fill.joinable:
                 metrics.lookup("blob", "coalesced")
-                await fill.wait_started()           # join the download in progress
-                return fill
+                return fill.reader()                # join the download in progress
             # Evicted (or removed by `mirror gc`) since we looked: fetch it again.
         if self.offline:
             raise self._offline_blob(digest)
         metrics.lookup("blob", "miss")
-        fill = Fill(self.local, self.remote, repository, digest).start()
+        fill = Fill(self.local, self.remote, repository, digest, self._fill_slots)
+        reader = fill.reader()
+        fill.start()
         self._fills[digest] = fill
         fill.task.add_done_callback(
             lambda _: self._fills.pop(digest, None) if self._fills.get(digest) is fill else None)
-        await fill.wait_started()
-        await self.local.link(self.name, repository, [digest])   # upstream served it here
-        return fill
+        return reader
 
     async def stat_blob(self, repository: str, digest: str) -> int:
         size = self.local.blob_size(digest)

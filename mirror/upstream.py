@@ -1,6 +1,9 @@
 """Upstream: the one place that talks to an upstream registry.
 
-One ``httpx.AsyncClient`` per upstream. Requests go out anonymously until the
+Two ``httpx.AsyncClient``s per upstream: blob bodies (``stream_blob``, with its
+redirects and retries) go through one sized to ``max_fills``, everything else
+(manifests, HEADs, tags, tokens) through the other, so downloads can never take
+the connections a manifest needs. Requests go out anonymously until the
 upstream answers 401 with a challenge; then Basic credentials or a Bearer token
 (fetched from the challenge's realm, cached per scope until shortly before it
 expires) are added and the request is retried once. Redirects are followed by
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import hashlib
 import ipaddress
 import json
@@ -47,6 +51,12 @@ RETRY_BACKOFF = 0.25    # seconds before the first retry; x3 for each one after
 MAX_REDIRECTS = 5
 TAG_PAGES = 50          # tags/list pages followed before giving up on the rest
 ERROR_BODY_MAX = 64 * 1024
+
+
+# The client a request goes out on: set for the span of a blob download, so its
+# redirects and retries stay on the blob connections without every layer passing it.
+_transfer_client: contextvars.ContextVar[httpx.AsyncClient | None] = contextvars.ContextVar(
+    "mirror_upstream_client", default=None)
 
 
 @dataclass(frozen=True)
@@ -91,12 +101,22 @@ class Upstream:
             headers={"User-Agent": f"mirror/{__version__}"},
             follow_redirects=False,
         )
+        # One connection per fill slot (proxy.py holds at most max_fills downloads).
+        self._blob_client = client or httpx.AsyncClient(
+            timeout=httpx.Timeout(config.timeout),
+            limits=httpx.Limits(max_connections=config.max_fills,
+                                max_keepalive_connections=config.max_fills),
+            headers={"User-Agent": f"mirror/{__version__}"},
+            follow_redirects=False,
+        )
         self._challenge: Challenge | None = None
         self._tokens: dict[str, tuple[str, float]] = {}      # scope -> (Authorization, expires)
         self._token_locks: dict[str, asyncio.Lock] = {}
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        if self._blob_client is not self._client:
+            await self._blob_client.aclose()
 
     # -- the read API --------------------------------------------------------------------
 
@@ -161,9 +181,13 @@ class Upstream:
         headers = [("Accept-Encoding", "identity")]
         if offset:
             headers.append(("Range", f"bytes={offset}-"))
-        async with self._stream("GET", self._url(repository, "blobs", digest), repository,
-                                headers, what="blob") as resp:
-            yield BlobStream.of(resp, offset, self.name)
+        on_blob_client = _transfer_client.set(self._blob_client)
+        try:
+            async with self._stream("GET", self._url(repository, "blobs", digest), repository,
+                                    headers, what="blob") as resp:
+                yield BlobStream.of(resp, offset, self.name)
+        finally:
+            _transfer_client.reset(on_blob_client)
 
     async def tags(self, repository: str) -> list[str]:
         """The whole tag list, following upstream pagination."""
@@ -292,7 +316,7 @@ class Upstream:
         started = time.monotonic()
         status = "error"
         try:
-            resp = await self._client.send(request, stream=stream)
+            resp = await (_transfer_client.get() or self._client).send(request, stream=stream)
             status = str(resp.status_code)
             return resp
         finally:
