@@ -39,6 +39,8 @@ class UpstreamConfig:
     retries: int = 2                  # extra tries on connect errors and 5xx (GET/HEAD)
     offline: bool = False             # never contact this upstream; serve what is cached
     max_fills: int = 32               # blob downloads from it at once; more wait for a slot
+    revalidate_timeout: float = 5.0   # whole-request deadline when a cached copy can answer
+    token_realms: tuple[str, ...] = ()  # extra token realms (hosts or URLs) given credentials
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,7 @@ def _expand_env(value: Any, key: str) -> Any:
 _TOP_KEYS = {"listen", "data_dir", "max_size", "default", "upstreams", "log_level", "offline",
              "high_watermark", "low_watermark", "expire_unused", "access_log", "tls", "auth"}
 _UPSTREAM_KEYS = {"url", "username", "password", "tag_ttl", "library_prefix", "timeout",
-                  "retries", "offline", "max_fills"}
+                  "retries", "offline", "max_fills", "revalidate_timeout", "token_realms"}
 _LOG_LEVELS = {"critical", "error", "warning", "info", "debug"}
 
 
@@ -299,10 +301,14 @@ def _upstream(name: str, raw: Any, offline: bool = False) -> UpstreamConfig:
         raise ConfigError(f"{key}: username and password go together")
     if "tag_ttl" in values:
         kwargs["tag_ttl"] = _field(f"{key}.tag_ttl", parse_duration, values["tag_ttl"])
-    if "timeout" in values:
-        kwargs["timeout"] = _field(f"{key}.timeout", parse_duration, values["timeout"])
-        if kwargs["timeout"] <= 0:
-            raise ConfigError(f"{key}.timeout: must be positive")
+    for k in ("timeout", "revalidate_timeout"):
+        if k in values:
+            kwargs[k] = _field(f"{key}.{k}", parse_duration, values[k])
+            if kwargs[k] <= 0:
+                raise ConfigError(f"{key}.{k}: must be positive")
+    if values.get("token_realms") is not None:
+        kwargs["token_realms"] = tuple(_token_realm(f"{key}.token_realms[{i}]", v) for i, v in
+                                       enumerate(_list(f"{key}.token_realms", values["token_realms"])))
     for flag in ("library_prefix", "offline"):
         if flag in values:
             kwargs[flag] = _bool(f"{key}.{flag}", values[flag])
@@ -319,6 +325,21 @@ def _upstream(name: str, raw: Any, offline: bool = False) -> UpstreamConfig:
             raise ConfigError(f"{key}.max_fills: expected a whole number from 1 to 1000")
         kwargs["max_fills"] = max_fills
     return UpstreamConfig(**kwargs)
+
+
+def _token_realm(key: str, value: Any) -> str:
+    """A host (``auth.example.com``: any realm on it) or a realm URL
+    (``https://auth.example.com/token``: that URL only, query aside)."""
+    value = _expand_env(value, key)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key}: expected a host like auth.example.com or a realm URL")
+    value = value.strip()
+    if "://" in value:
+        return _field(key, parse_url, value)
+    if not re.fullmatch(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]", value):
+        raise ConfigError(f"{key}: expected a host like auth.example.com or a realm URL, "
+                          f"got {value!r}")
+    return value.strip("[]").lower()
 
 
 def _bool(key: str, value: Any) -> bool:
