@@ -29,7 +29,7 @@ class RegistryError(Exception):
         if code != self.code:
             # The spec's table has no code for this; say what it really was in detail.
             detail = {**(detail if isinstance(detail, dict) else
-                         {} if detail is None else {"detail": detail}), "reason": self.code}
+                         {} if detail is None else {"detail": detail}), "code": self.code}
         return {"errors": [{"code": code, "message": self.message, "detail": detail}]}
 
 
@@ -100,7 +100,7 @@ OCI_CODES = frozenset({
     "NAME_UNKNOWN", "SIZE_INVALID", "UNAUTHORIZED", "DENIED", "UNSUPPORTED", "TOOMANYREQUESTS"})
 # A server-side failure (5xx: upstream unavailable, cache storage failing, a bug) has
 # no code of its own in that table: it is reported as "could not get" what was asked
-# for, with the status, the message and detail.reason saying what really happened.
+# for, with the status, the message and detail.code saying what really happened.
 _FAILED_KIND = {"manifest": "MANIFEST_UNKNOWN", "blob": "BLOB_UNKNOWN", "tags": "NAME_UNKNOWN",
                 "catalog": "NAME_UNKNOWN"}
 

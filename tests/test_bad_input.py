@@ -146,4 +146,4 @@ def test_errors_when_upstream_is_down_use_oci_codes(make_mirror, tmp_path):
         status, _, body = raw_request(m.host, "GET", path)
         error = json.loads(body)["errors"][0]
         assert status == 503 and error["code"] == code, body
-        assert error["detail"]["reason"] == "UNAVAILABLE" and "dead.test" in error["message"]
+        assert error["detail"]["code"] == "UNAVAILABLE" and "dead.test" in error["message"]

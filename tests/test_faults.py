@@ -108,7 +108,7 @@ def test_5xx_is_retried_then_reported(make_mirror, faulty_upstream, image_set):
         assert resp.status_code == 503
         error = resp.json()["errors"][0]
         assert error["code"] == "MANIFEST_UNKNOWN" and "500" in error["message"]
-        assert error["detail"]["reason"] == "UNAVAILABLE"
+        assert error["detail"]["code"] == "UNAVAILABLE"
         assert faulty_upstream.count("GET", "/manifests/alias") == 3      # 1 + 2 retries
 
 

@@ -200,7 +200,7 @@ def test_connection_errors_keep_their_cause(make_mirror, tmp_path):
             resp = httpx.get(f"{mirror.url}/v2/{name}/team/app/manifests/1", timeout=30)
             assert resp.status_code == 503, resp.text
             error = resp.json()["errors"][0]
-            assert error["code"] == "UNAVAILABLE"
+            assert error["code"] == "MANIFEST_UNKNOWN" and error["detail"]["code"] == "UNAVAILABLE"
             assert f"upstream {name}: could not connect: " in error["message"], error
             assert error["message"].endswith("(ConnectError)")
             assert reason in error["detail"]["reason"] and reason in error["message"], error
