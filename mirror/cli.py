@@ -143,6 +143,17 @@ def serve_forever(config) -> int:
 
     from .app import create_app
 
+    if config.auth is not None and config.auth.token:
+        from .auth import WeakKey, load_key
+        try:
+            load_key(config.data_dir / "token.key")      # made now, or refused if weak
+        except WeakKey as exc:
+            print(f"mirror: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"mirror: {config.data_dir / 'token.key'}: cannot make the token signing "
+                  f"key: {exc.strerror}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("uvicorn.error").addFilter(_QuietAborts())
