@@ -142,6 +142,7 @@ def serve_forever(config) -> int:
     import uvicorn
 
     from .app import create_app
+    from .server import uvicorn_options
 
     if config.auth is not None and config.auth.token:
         from .auth import WeakKey, load_key
@@ -162,7 +163,8 @@ def serve_forever(config) -> int:
         if config.tls else {}
     uvicorn.run(create_app(config), host=config.host, port=config.port, **tls,
                 log_level=config.log_level, access_log=False,   # mirror.access logs instead
-                lifespan="on", timeout_graceful_shutdown=5, server_header=False)
+                lifespan="on", timeout_graceful_shutdown=5, server_header=False,
+                **uvicorn_options(config.limits))
     return 0
 
 

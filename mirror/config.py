@@ -71,6 +71,15 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """What one client may hold of the server."""
+
+    max_connections: int = 1000       # open connections; past it requests get 503
+    header_timeout: float = 10.0      # seconds a request's headers may take to arrive
+    keepalive_timeout: float = 5.0    # seconds an idle keep-alive connection stays open
+
+
+@dataclass(frozen=True)
 class Config:
     host: str = "0.0.0.0"
     port: int = 5000
@@ -87,6 +96,7 @@ class Config:
     tls: TlsConfig | None = None
     auth: AuthConfig | None = None
     public_url: str | None = None     # how clients reach the mirror (challenges name it)
+    limits: LimitsConfig = LimitsConfig()
 
     @property
     def listen(self) -> str:
@@ -197,7 +207,7 @@ def _expand_env(value: Any, key: str) -> Any:
 
 _TOP_KEYS = {"listen", "data_dir", "max_size", "default", "upstreams", "log_level", "offline",
              "high_watermark", "low_watermark", "expire_unused", "access_log", "tls", "auth",
-             "public_url"}
+             "public_url", "limits"}
 _UPSTREAM_KEYS = {"url", "username", "password", "tag_ttl", "library_prefix", "timeout",
                   "retries", "offline"}
 _LOG_LEVELS = {"critical", "error", "warning", "info", "debug"}
@@ -265,6 +275,8 @@ def _build(raw: dict) -> Config:
     if raw.get("public_url") is not None:
         kwargs["public_url"] = _field("public_url", parse_public_url,
                                       _expand_env(raw["public_url"], "public_url"))
+    if raw.get("limits") is not None:
+        kwargs["limits"] = _limits(raw["limits"])
     if "access_log" in raw:
         kwargs["access_log"] = _bool("access_log", _expand_env(raw["access_log"], "access_log"))
     if "log_level" in raw:
@@ -420,6 +432,20 @@ def _whole(key: str, value: Any, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ConfigError(f"{key}: expected a whole number from {low} to {high}")
     return value
+
+
+def _limits(raw: Any) -> LimitsConfig:
+    values = _mapping("limits", raw, {"max_connections", "header_timeout", "keepalive_timeout"})
+    kwargs: dict[str, Any] = {}
+    if "max_connections" in values:
+        kwargs["max_connections"] = _whole("limits.max_connections", values["max_connections"],
+                                           1, 1000000)
+    for k in ("header_timeout", "keepalive_timeout"):
+        if k in values:
+            kwargs[k] = _field(f"limits.{k}", parse_duration, values[k])
+            if not 0 < kwargs[k] <= 3600:
+                raise ConfigError(f"limits.{k}: expected more than 0s and at most 1h")
+    return LimitsConfig(**kwargs)
 
 
 def _list(key: str, value: Any) -> list:
