@@ -209,29 +209,58 @@ def _registry(request: Request) -> Registry:
     return request.app.state.registry
 
 
-def _route(request: Request, name: str) -> tuple[Route, Source]:
-    """Where ``name`` goes, after checking the client may pull it: a refused client
-    learns nothing about what is cached."""
+async def _authorize(request: Request, name: str) -> None:
+    """Refuse the request unless the client may pull ``name``; before anything else
+    looks at it (the route too), so a refused client learns nothing about what is
+    cached or which upstreams are configured."""
     registry = _registry(request)
-    ns = request.query_params.get("ns")
-    route = registry.router.resolve(name, ns)
     if registry.guard is not None:
         realm = _realm(request)
-        identity = registry.guard.identify(request.headers.get("authorization"), realm)
-        registry.guard.check(identity, name, realm, ns)
+        identity = await _identity(request)
+        registry.guard.check(identity, name, realm, request.query_params.get("ns"))
+    request.scope["mirror.authorized"] = name
+
+
+def _route(request: Request, name: str) -> tuple[Route, Source]:
+    """Where ``name`` goes; only for requests ``_authorize`` let through."""
+    registry = _registry(request)
+    if request.scope.get("mirror.authorized") != name:
+        raise RuntimeError(f"{name!r} routed before the auth check")
+    route = registry.router.resolve(name, request.query_params.get("ns"))
     return route, registry.sources[route.upstream]
 
 
+# host[:port] as a Host header may name this server: DNS labels, IPv4, [IPv6].
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST = re.compile(rf"(?:{_LABEL}(?:\.{_LABEL})*\.?|\[[0-9A-Fa-f:.]{{2,45}}\])(?::[0-9]{{1,5}})?")
+
+
 def _realm(request: Request) -> str:
-    """This server's token endpoint, as the client reached it."""
-    return f"{request.url.scheme}://{request.url.netloc}/token"
+    """This server's token endpoint: under ``public_url`` when configured, else as the
+    client reached it, if its ``Host`` is a plain host[:port]; else the address the
+    connection came in on, so nothing a client sends is echoed unchecked."""
+    guard = _registry(request).guard
+    if guard is not None and guard.public_url:
+        return f"{guard.public_url}/token"
+    scheme = request.url.scheme if request.url.scheme in ("http", "https") else "http"
+    host = request.headers.get("host", "")
+    if not (len(host) <= 261 and _HOST.fullmatch(host)):
+        server = request.scope.get("server") or ("127.0.0.1", 80)
+        address = f"[{server[0]}]" if ":" in str(server[0]) else str(server[0])
+        host = f"{address}:{server[1]}"
+    return f"{scheme}://{host}/token"
 
 
-def _identity(request: Request) -> Identity | None:
+def _client(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+async def _identity(request: Request) -> Identity | None:
     guard = _registry(request).guard
     if guard is None:
         return None
-    return guard.identify(request.headers.get("authorization"), _realm(request))
+    return await guard.identify(request.headers.get("authorization"), _realm(request),
+                                _client(request))
 
 
 def _page(request: Request, validate_last) -> tuple[int, str | None]:
@@ -266,7 +295,9 @@ def _common_headers(route: Route) -> dict[str, str]:
 
 
 async def base(request: Request) -> Response:
-    identity = _identity(request)
+    """The login probe: with logins configured it challenges anonymous clients, as
+    Docker Hub and registry:2 do, so clients send the credentials they have."""
+    identity = await _identity(request)
     if identity is not None:
         _registry(request).guard.check(identity, None, _realm(request))
     return JSONResponse({})
@@ -290,7 +321,7 @@ async def token(request: Request) -> Response:
         service = request.query_params.get("service")
         scopes = request.query_params.getlist("scope")
         authorization = request.headers.get("authorization")
-    value, expires_in = guard.token_for(authorization, service, scopes)
+    value, expires_in = await guard.token_for(authorization, service, scopes, _client(request))
     return JSONResponse({"token": value, "access_token": value, "expires_in": expires_in,
                          "issued_at": datetime.now(timezone.utc).isoformat()})
 
@@ -322,7 +353,7 @@ async def readyz(request: Request) -> Response:
 async def catalog(request: Request) -> Response:
     registry = _registry(request)
     n, last = _page(request, validate_name)
-    identity = _identity(request)
+    identity = await _identity(request)
     if identity is not None:
         registry.guard.check_catalog(identity, _realm(request))
     names = sorted({registry.router.display_name(u, r) for u, r in await registry.repositories()
@@ -341,12 +372,15 @@ async def dispatch(request: Request) -> Response:
     if method not in ("GET", "HEAD"):
         raise Unsupported(f"{method} is not supported: this mirror serves pulls only")
     if m := _MANIFEST.fullmatch(path):
+        await _authorize(request, m.group(1))
         return await manifest(request, m.group(1), m.group(2))
     if _UPLOADS.fullmatch(path):
         raise Unsupported("pushing is not supported: this mirror serves pulls only")
     if m := _BLOB.fullmatch(path):
+        await _authorize(request, m.group(1))
         return await blob(request, m.group(1), m.group(2))
     if m := _TAGS.fullmatch(path):
+        await _authorize(request, m.group(1))
         return await tags(request, m.group(1))
     raise NotFound(f"no such endpoint: /v2/{path[:200]}")
 

@@ -2,7 +2,10 @@
 
 - ``Htpasswd``: bcrypt entries as ``htpasswd -B`` writes them, re-read when the
   file changes; a verified password is remembered briefly, so Basic auth on every
-  request does not pay bcrypt every time.
+  request does not pay bcrypt every time. bcrypt runs on a small thread pool, never
+  on the event loop, and an unknown user costs the same bcrypt as a known one.
+- ``Throttle``: failed logins counted per user and per client address; past
+  ``auth.max_failures`` within ``auth.failure_window`` the key is refused (429).
 - ``Tokens``: short-lived HS256 JWTs shaped like Docker Hub's (``access`` claims of
   type/name/actions), signed with a key kept in the data directory.
 - ``Acl``: docker_auth style rules, first match wins; names are matched as
@@ -15,6 +18,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import fnmatch
@@ -24,14 +28,18 @@ import json
 import logging
 import os
 import secrets
+import math
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import bcrypt
 
 from .config import AclRule, AuthConfig
-from .errors import Denied, NotFound, RegistryError, Unauthorized
+from .errors import Denied, NameUnknown, NotFound, RegistryError, TooManyRequests, Unauthorized
+from .fileio import run
 from .models import validate_name
 from .routing import Router
 
@@ -39,6 +47,12 @@ log = logging.getLogger("mirror.auth")
 
 VERIFIED_TTL = 300.0          # seconds a verified password is remembered
 LEEWAY = 10.0                 # clock skew allowed on token times
+KEY_BYTES = 32                # the token signing key: at least this many random bytes
+# bcrypt checks running at once (each holds a core), and waiting at most; past that a
+# login is told to come back (429) instead of queueing without bound.
+CHECKS_AT_ONCE = max(2, min(4, (os.cpu_count() or 2) // 2))
+CHECKS_WAITING = 64
+THROTTLE_KEYS = 10000         # user names and addresses with failures remembered
 
 
 # -- htpasswd ------------------------------------------------------------------------------
@@ -71,35 +85,138 @@ class Htpasswd:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._users: dict[str, str] = {}
-        self._mtime: float | None = None
+        self._mtime: int | None = None
         self._verified: dict[tuple[str, bytes], float] = {}
+        self._dummy: dict[bytes, bytes] = {}        # bcrypt setting -> a hash of nothing
+        self._pool = ThreadPoolExecutor(CHECKS_AT_ONCE, thread_name_prefix="bcrypt")
+        self._slots = asyncio.Semaphore(CHECKS_AT_ONCE)
+        self._waiting = 0
 
-    def _load(self) -> None:
+    def _read(self, known: int | None) -> tuple[int | None, dict[str, str] | None]:
+        """(mtime, users) of the file, users None when unchanged (worker thread)."""
         try:
             mtime = self.path.stat().st_mtime_ns
         except FileNotFoundError:
-            self._users, self._mtime = {}, None
-            return
-        if mtime != self._mtime:
-            self._users = read_htpasswd(self.path)
-            self._mtime = mtime
+            return None, {}
+        return mtime, (read_htpasswd(self.path) if mtime != known else None)
+
+    async def _load(self) -> None:
+        mtime, users = await run(self._read, self._mtime)
+        if users is not None:
+            self._users, self._mtime = users, mtime
             self._verified.clear()
 
-    def check(self, user: str, password: str) -> bool:
-        self._load()
+    async def check(self, user: str, password: str) -> bool:
+        await self._load()
         hashed = self._users.get(user)
-        if hashed is None or not hashed.startswith(("$2y$", "$2b$", "$2a$")):
-            return False
+        known = hashed is not None and hashed.startswith(("$2y$", "$2b$", "$2a$"))
         key = (user, hashlib.sha256(password.encode()).digest())
-        if self._verified.get(key, 0) > time.monotonic():
+        if known and self._verified.get(key, 0) > time.monotonic():
             return True
-        try:
-            ok = bcrypt.checkpw(password.encode(), hashed.encode())
-        except ValueError:
-            return False
+        # An unknown user is checked against a hash of the same cost, so the answer
+        # takes as long as for a real one: timing does not tell which users exist.
+        target = hashed.encode() if known else self._dummy_for(self._cost())
+        ok = await self._checkpw(password.encode(), target) and known
         if ok:
             self._verified[key] = time.monotonic() + VERIFIED_TTL
         return ok
+
+    def _cost(self) -> bytes:
+        """The bcrypt setting ($2b$NN) most users have: what a real check costs."""
+        costs = [h[4:6] for h in self._users.values() if h[:4] in ("$2y$", "$2b$", "$2a$")]
+        cost = max(set(costs), key=costs.count) if costs else "10"
+        return f"$2b${cost}$".encode()
+
+    def _dummy_for(self, setting: bytes) -> bytes:
+        if setting not in self._dummy:
+            rounds = int(setting[4:6]) if setting[4:6].isdigit() else 10
+            try:
+                salt = bcrypt.gensalt(min(max(rounds, 4), 31))
+            except ValueError:
+                salt = bcrypt.gensalt(10)
+            # A hash nobody's password matches: its password is random and forgotten.
+            # The salt alone fixes the cost, so making it costs nothing.
+            self._dummy[setting] = salt + b"." * 31
+        return self._dummy[setting]
+
+    async def _checkpw(self, password: bytes, hashed: bytes) -> bool:
+        if self._waiting >= CHECKS_WAITING:
+            raise TooManyRequests("too many logins at once; try again shortly",
+                                  headers={"Retry-After": "1"})
+        self._waiting += 1
+        try:
+            async with self._slots:
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(self._pool, _checkpw, password, hashed)
+        finally:
+            self._waiting -= 1
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _checkpw(password: bytes, hashed: bytes) -> bool:
+    try:
+        return bcrypt.checkpw(password, hashed)
+    except ValueError:
+        return False
+
+
+class Throttle:
+    """Failed logins per key (a user name, a client address). A key with ``limit``
+    failures, or checks under way, within the last ``window`` seconds is refused
+    until the oldest of them is ``window`` old. ``limit`` 0: never refuse."""
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit, self.window = limit, window
+        self._failures: dict[str, deque[float]] = {}
+        self._pending: dict[str, int] = {}
+
+    def _recent(self, key: str, now: float) -> deque[float]:
+        times = self._failures.get(key)
+        if times is None:
+            return deque()
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if not times:
+            del self._failures[key]
+        return times
+
+    def begin(self, keys: tuple[str, ...]) -> None:
+        """Count a check starting for ``keys``, or raise TooManyRequests."""
+        if not self.limit:
+            return
+        now = time.monotonic()
+        for key in keys:
+            times = self._recent(key, now)
+            if len(times) + self._pending.get(key, 0) >= self.limit:
+                wait = times[0] + self.window - now if times else 1.0
+                raise TooManyRequests("too many failed logins; try again later",
+                                      headers={"Retry-After": str(max(1, math.ceil(wait)))})
+        for key in keys:
+            self._pending[key] = self._pending.get(key, 0) + 1
+
+    def end(self, keys: tuple[str, ...], ok: bool) -> None:
+        if not self.limit:
+            return
+        now = time.monotonic()
+        for key in keys:
+            left = self._pending.get(key, 0) - 1
+            if left > 0:
+                self._pending[key] = left
+            else:
+                self._pending.pop(key, None)
+            if not ok:
+                if key not in self._failures and len(self._failures) >= THROTTLE_KEYS:
+                    self._forget(now)
+                self._failures.setdefault(key, deque(maxlen=self.limit)).append(now)
+
+    def _forget(self, now: float) -> None:
+        """Make room: drop keys with no recent failure, else the oldest key."""
+        for key in list(self._failures):
+            self._recent(key, now)
+        if len(self._failures) >= THROTTLE_KEYS:
+            del self._failures[min(self._failures, key=lambda k: self._failures[k][-1])]
 
 
 # -- tokens ---------------------------------------------------------------------------------
@@ -113,16 +230,47 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+class WeakKey(Exception):
+    """The token signing key file exists but is too short to trust."""
+
+
 def load_key(path: Path) -> bytes:
-    """The token signing key, made on first use (0600, in the data directory)."""
+    """The token signing key, made on first use: 32 random bytes, 0600, written to a
+    temporary file, synced and renamed into place, so a crash or a full disk never
+    leaves a short key behind. A shorter key (left by an older version) is refused."""
     try:
-        return path.read_bytes()
+        key = path.read_bytes()
     except FileNotFoundError:
-        key = secrets.token_bytes(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key)
+        pass
+    else:
+        if len(key) < KEY_BYTES:
+            raise WeakKey(f"{path}: the token signing key is {len(key)} bytes, at least "
+                          f"{KEY_BYTES} are needed; remove the file and a new key is made "
+                          f"(tokens issued so far become invalid)")
         return key
+    key = secrets.token_bytes(KEY_BYTES)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        try:
+            os.fchmod(fd, 0o600)
+            view = memoryview(key)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dirfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+    return key
 
 
 @dataclass(frozen=True)
@@ -212,29 +360,49 @@ class Identity:
 
 
 class Guard:
-    def __init__(self, config: AuthConfig, router: Router, data_dir: Path) -> None:
+    def __init__(self, config: AuthConfig, router: Router, data_dir: Path,
+                 public_url: str | None = None) -> None:
         self.config = config
         self.router = router
+        self.public_url = public_url
         self.users = Htpasswd(config.htpasswd)
-        self.acl = Acl(config.acl, config.anonymous)
+        self.throttle = Throttle(config.max_failures, config.failure_window)
         self.tokens = Tokens(load_key(data_dir / "token.key"), config.issuer, config.service,
                              config.token_ttl) if config.token else None
+        self.acl = Acl(config.acl, config.anonymous)
+
+    def close(self) -> None:
+        self.users.close()
 
     def canonical(self, name: str, ns: str | None = None) -> str:
-        route = self.router.resolve(name, ns)
+        """``<upstream>/<repository>`` as the ACL sees ``name``. A name that routes
+        nowhere (``?ns=`` naming no configured upstream) gets the name it would have
+        there, so it is refused or allowed like any other: a client the ACL refuses
+        cannot tell which upstreams exist."""
+        try:
+            route = self.router.resolve(name, ns)
+        except NameUnknown:
+            return f"{ns}/{name}"
+        except RegistryError:
+            return name        # an invalid name: answered as such once the ACL allows it
         return f"{route.upstream}/{route.repository}"
 
     # -- requests to the registry API
 
-    def identify(self, authorization: str | None, realm: str) -> Identity:
-        """Who sent the request. Bad credentials are refused here; none is anonymous."""
+    async def identify(self, authorization: str | None, realm: str,
+                       client: str | None = None) -> Identity:
+        """Who sent the request (``client``: its address). Bad credentials are refused
+        here; none, or Basic with an empty user and password (what containers/image
+        clients send without a login), is anonymous."""
         if not authorization:
             return Identity("")
         scheme, _, value = authorization.partition(" ")
         scheme = scheme.lower()
         if scheme == "basic" and self.tokens is None:
             user, password = self._basic(value)
-            if not self.users.check(user, password):
+            if not user and not password:
+                return Identity("")
+            if not await self._password_ok(user, password, client):
                 raise self._challenge(realm, "invalid username or password")
             return Identity(user)
         if scheme == "bearer" and self.tokens is not None:
@@ -244,12 +412,27 @@ class Guard:
             return Identity(str(claims.get("sub", "")), claims)
         raise self._challenge(realm, "unsupported authorization scheme")
 
+    async def _password_ok(self, user: str, password: str, client: str | None) -> bool:
+        keys = (f"user:{user}",) + ((f"addr:{client}",) if client else ())
+        self.throttle.begin(keys)
+        ok = False
+        try:
+            ok = await self.users.check(user, password)
+        finally:
+            self.throttle.end(keys, ok)
+        if not ok:
+            log.info("failed login for %r from %s", user[:64], client or "?")
+        return ok
+
     def check(self, identity: Identity, name: str | None, realm: str, ns: str | None = None,
               action: str = "pull") -> None:
-        """Raise unless ``identity`` may ``action`` on repository ``name`` (None: the
-        ``/v2/`` probe, which any accepted identity passes when login is optional)."""
+        """Raise unless ``identity`` may ``action`` on repository ``name``. None is the
+        ``/v2/`` login probe: it passes a logged-in user or a token holder only, so
+        clients learn the challenge and send their credentials (a wrong password then
+        fails to log in); anonymous clients go on anonymously or with an anonymous
+        token, and keep exactly the rights the ACL gives anonymous requests."""
         if name is None:
-            if identity.account or identity.token is not None or self.acl.anonymous_can_pull():
+            if identity.account or identity.token is not None:
                 return
             raise self._challenge(realm, "authentication required")
         if identity.token is not None:
@@ -284,8 +467,8 @@ class Guard:
 
     # -- the token endpoint
 
-    def token_for(self, authorization: str | None, service: str | None,
-                  scopes: list[str]) -> tuple[str, int]:
+    async def token_for(self, authorization: str | None, service: str | None,
+                        scopes: list[str], client: str | None = None) -> tuple[str, int]:
         if self.tokens is None:
             raise NotFound("token auth is not enabled on this mirror")
         if service is not None and service != self.tokens.service:
@@ -296,9 +479,10 @@ class Guard:
             if scheme.lower() != "basic":
                 raise self._login_needed("the token endpoint takes Basic credentials")
             user, password = self._basic(value)
-            if not self.users.check(user, password):
-                raise self._login_needed("invalid username or password")
-            account = user
+            if user or password:
+                if not await self._password_ok(user, password, client):
+                    raise self._login_needed("invalid username or password")
+                account = user
         grants = [g for g in (self._grant(account, s) for s in scopes[:16]) if g is not None]
         return self.tokens.issue(account, grants), int(self.tokens.ttl)
 
