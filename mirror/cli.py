@@ -92,7 +92,7 @@ def htpasswd_command(args, config) -> int:
     import getpass
     from pathlib import Path
 
-    from .auth import hash_password, read_htpasswd, write_htpasswd
+    from .passwords import hash_password, read_htpasswd, write_htpasswd
     path = Path(args.file) if args.file else (config.auth.htpasswd if config.auth else None)
     if path is None:
         print("mirror: htpasswd: no file: give --file or set auth.htpasswd in the config",
@@ -145,7 +145,7 @@ def serve_forever(config) -> int:
     from .server import uvicorn_options
 
     if config.auth is not None and config.auth.token:
-        from .auth import WeakKey, load_key
+        from .tokens import WeakKey, load_key
         try:
             load_key(config.data_dir / "token.key")      # made now, or refused if weak
         except WeakKey as exc:

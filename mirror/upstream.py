@@ -13,7 +13,8 @@ Credentials stay on the upstream's own site: only a 401 from the upstream's own
 origin sets the challenge (a CDN's 401 is just an error), and a token realm gets
 the username and password only when its host is the upstream's host (any port),
 shares its registrable domain (``registrable_domain``: registry-1.docker.io and
-auth.docker.io), or is listed in ``token_realms``; otherwise it is refused.
+auth.docker.io), or is listed in ``token_realms``; otherwise it is refused (the
+rules and the bounded token cache live in ``upstream_auth``).
 
 Requests that a cached copy could answer (``fallback=True``: tag revalidation)
 get ``revalidate_timeout`` for the whole exchange. A transport failure marks the
@@ -29,14 +30,12 @@ import asyncio
 import base64
 import contextvars
 import hashlib
-import ipaddress
 import json
 import logging
 import os
 import re
 import ssl
 import time
-from collections import OrderedDict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
@@ -52,6 +51,8 @@ from .errors import (BY_CODE, BlobUnknown, Denied, ManifestUnknown, NameUnknown,
 from .models import (DEFAULT_ACCEPT, DIGEST_RE, DOCKER_SCHEMA1_SIGNED, MANIFEST_MAX,
                      SCHEMA1_TYPES, TAG_RE, Manifest, ManifestInfo, References, is_digest,
                      parse_manifest, schema1_digest)
+from .upstream_auth import (Challenge, TokenCache, is_loopback, origin, parse_challenge,
+                            realm_allowed)
 
 log = logging.getLogger("mirror.upstream")
 T = TypeVar("T")
@@ -71,8 +72,6 @@ TOKEN_BODY_MAX = 64 * 1024  # a token response larger than this is refused
 TOKEN_SCOPES_MAX = 2048     # cached tokens (one per repository scope), least recently used go
 PROBE_FIRST = 1.0           # seconds from "down" to the first background probe; doubles ...
 PROBE_MAX = 30.0            # ... up to this
-# Second-level labels under which names are registered below a country code (co.uk, com.au).
-_GENERIC_SECOND_LEVEL = {"co", "com", "org", "net", "gov", "ac", "edu"}
 
 
 # The client a request goes out on: set for the span of a blob download, so its
@@ -81,86 +80,11 @@ _transfer_client: contextvars.ContextVar[httpx.AsyncClient | None] = contextvars
     "mirror_upstream_client", default=None)
 
 
-@dataclass(frozen=True)
-class Challenge:
-    scheme: str                 # "bearer" or "basic"
-    params: dict[str, str]
-
-
-def parse_challenge(header: str | None) -> Challenge | None:
-    if not header:
-        return None
-    scheme, _, rest = header.strip().partition(" ")
-    params = {k.lower(): v1 if v1 is not None and q else v2
-              for k, q, v1, v2 in ((m.group(1), m.group(2), m.group(3), m.group(4))
-                                   for m in re.finditer(r'([A-Za-z_]+)=(?:(")([^"]*)"|([^",\s]*))', rest))}
-    scheme = scheme.lower()
-    if scheme not in ("bearer", "basic"):
-        return None
-    return Challenge(scheme, params)
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urlsplit(url)
-    return parts.scheme, (parts.hostname or "").lower(), parts.port
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
-
-
-def registrable_domain(host: str) -> str:
-    """The part of ``host`` a party registers: the last two labels (docker.io), or the
-    last three under a generic second level of a two-letter country code (example.co.uk).
-    IP addresses, localhost and one-label names are themselves."""
-    host = host.lower().rstrip(".")
-    labels = host.split(".")
-    if _is_ip(host) or len(labels) < 2:
-        return host
-    if len(labels) >= 3 and len(labels[-1]) == 2 and labels[-2] in _GENERIC_SECOND_LEVEL:
-        return ".".join(labels[-3:])
-    return ".".join(labels[-2:])
-
-
-def realm_allowed(upstream_url: str, realm: str, token_realms: tuple[str, ...] = ()) -> bool:
-    """Whether a token realm may receive an upstream's credentials: its host is the
-    upstream's (any port), or shares its registrable domain, or ``token_realms`` lists
-    it: a host entry allows any realm on that host, a URL entry that scheme, host,
-    port and path only."""
-    parts = urlsplit(realm)
-    host, own = (parts.hostname or "").lower(), (urlsplit(upstream_url).hostname or "").lower()
-    if not host:
-        return False
-    if host == own or registrable_domain(host) == registrable_domain(own):
-        return True
-    for entry in token_realms:
-        if "://" not in entry:
-            if entry.lower() == host:
-                return True
-            continue
-        allowed = urlsplit(entry)
-        if ((allowed.scheme, (allowed.hostname or "").lower(), allowed.port, allowed.path.rstrip("/"))
-                == (parts.scheme, host, parts.port, parts.path.rstrip("/"))):
-            return True
-    return False
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 class Upstream:
     def __init__(self, config: UpstreamConfig, client: httpx.AsyncClient | None = None) -> None:
         self.config = config
         self.name = config.name
-        self._origin = _origin(config.url)
+        self._origin = origin(config.url)
         self._client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(config.timeout),
             limits=httpx.Limits(max_connections=100, max_keepalive_connections=32),
@@ -176,9 +100,7 @@ class Upstream:
             follow_redirects=False,
         )
         self._challenge: Challenge | None = None
-        # scope -> (Authorization, expires), least recently used first; at most TOKEN_SCOPES_MAX
-        self._tokens: OrderedDict[str, tuple[str, float]] = OrderedDict()
-        self._token_locks: dict[str, _ScopeLock] = {}        # only while a fetch is wanted
+        self._tokens = TokenCache(TOKEN_SCOPES_MAX)
         self._down_since: float | None = None                # monotonic; None while up
         self._probe: asyncio.Task | None = None
         metrics.upstream_up.labels(self.name).set(1)
@@ -300,7 +222,7 @@ class Upstream:
             if not nxt:
                 break
             url = urljoin(url, nxt)
-            if _origin(url) != self._origin:
+            if origin(url) != self._origin:
                 break
         return sorted(set(tags))
 
@@ -406,27 +328,27 @@ class Upstream:
             resp = await self._send(method, url, list(headers), auth, stream)
             if resp.status_code != 401 or attempt == 1:
                 return resp
-            if _origin(str(resp.url)) != self._origin:
+            if origin(str(resp.url)) != self._origin:
                 # A redirect target (a CDN) asking for credentials: not ours to answer,
                 # and its challenge must not replace the upstream's own.
                 log.warning("upstream %s: %s answered 401 after a redirect; its challenge is "
                             "ignored (credentials go only to %s)", self.name,
-                            _origin(str(resp.url))[1], self._origin[1])
+                            origin(str(resp.url))[1], self._origin[1])
                 return resp
             challenge = parse_challenge(resp.headers.get("www-authenticate"))
             if challenge is None or (challenge.scheme == "basic" and not self.config.username):
                 return resp
             await resp.aclose()
             self._challenge = challenge
-            if auth is not None and self._tokens.get(scope, (None,))[0] == auth:
-                self._tokens.pop(scope, None)   # this token was refused; others' 401s were not its fault
+            if auth is not None:
+                self._tokens.refused(scope, auth)   # others' 401s were not this token's fault
         raise AssertionError("unreachable")
 
     async def _send(self, method: str, url: str, headers: list, auth: str | None,
                     stream: bool) -> httpx.Response:
         for _ in range(MAX_REDIRECTS + 1):
             hdrs = list(headers)
-            if auth and _origin(url) == self._origin:
+            if auth and origin(url) == self._origin:
                 hdrs.append(("Authorization", auth))
             request = self._client.build_request(method, url, headers=hdrs)
             resp = await self._send_retrying(request, stream)
@@ -453,7 +375,7 @@ class Upstream:
         connection cannot be made or upstream answers 500/502/503/504. A read timeout
         is not retried: a hung upstream would only hang the client longer."""
         retries = self.config.retries
-        own = _origin(str(request.url)) == self._origin
+        own = origin(str(request.url)) == self._origin
         for attempt in range(retries + 1):
             try:
                 resp = await self._timed_send(request, stream)
@@ -505,44 +427,7 @@ class Upstream:
             return None
         if challenge.scheme == "basic":
             return self._basic()
-        cached = self._cached_token(scope)
-        if cached is not None:
-            return cached
-        lock = self._token_locks.get(scope)
-        if lock is None:
-            lock = self._token_locks[scope] = _ScopeLock()
-        lock.users += 1
-        try:
-            async with lock.lock:   # one token fetch per scope, however many requests wait
-                cached = self._cached_token(scope)
-                if cached is not None:
-                    return cached
-                value, ttl = await self._fetch_token(challenge, scope)
-                self._store_token(scope, value, time.monotonic() + ttl)
-                return value
-        finally:
-            lock.users -= 1
-            if not lock.users and self._token_locks.get(scope) is lock:
-                del self._token_locks[scope]        # idle: no lock kept per scope ever seen
-
-    def _cached_token(self, scope: str) -> str | None:
-        cached = self._tokens.get(scope)
-        if cached is None:
-            return None
-        if cached[1] <= time.monotonic():
-            del self._tokens[scope]
-            return None
-        self._tokens.move_to_end(scope)
-        return cached[0]
-
-    def _store_token(self, scope: str, value: str, expires: float) -> None:
-        now = time.monotonic()
-        for stale in [s for s, (_, until) in self._tokens.items() if until <= now]:
-            del self._tokens[stale]
-        self._tokens[scope] = (value, expires)
-        self._tokens.move_to_end(scope)
-        while len(self._tokens) > TOKEN_SCOPES_MAX:
-            self._tokens.popitem(last=False)
+        return await self._tokens.get(scope, lambda: self._fetch_token(challenge, scope))
 
     async def _fetch_token(self, challenge: Challenge, scope: str) -> tuple[str, float]:
         realm = challenge.params.get("realm", "")
@@ -562,7 +447,7 @@ class Upstream:
                          f"upstream's site; credentials not sent (see token_realms)",
                          detail={"upstream": self.name, "realm": realm[:200]})
         # Credentials only travel over TLS (or to a loopback realm, as in tests).
-        if basic and (parts.scheme == "https" or _is_loopback(parts.hostname)):
+        if basic and (parts.scheme == "https" or is_loopback(parts.hostname)):
             headers.append(("Authorization", basic))
         try:
             request = self._client.build_request("GET", realm, params=params, headers=headers)
@@ -645,16 +530,6 @@ class BlobStream:
                 yield chunk
         except httpx.TransportError as exc:
             raise _unavailable(self._upstream, exc, "mid-blob") from None
-
-
-class _ScopeLock:
-    """A token-fetch lock for one scope and how many requests hold or wait for it."""
-
-    __slots__ = ("lock", "users")
-
-    def __init__(self) -> None:
-        self.lock = asyncio.Lock()
-        self.users = 0
 
 
 def _number(value: str | None) -> int | None:

@@ -13,7 +13,8 @@ import time
 import httpx
 import pytest
 
-from mirror.auth import Tokens, hash_password
+from mirror.passwords import hash_password
+from mirror.tokens import Tokens
 from tests.support.client import MANIFEST_ACCEPT
 from tests.test_pull_through import check_manifest, hub_config
 

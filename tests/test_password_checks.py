@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from mirror.auth import hash_password
+from mirror.passwords import hash_password
 from tests.test_auth import USERS, auth_config, basic, error_code, token
 from tests.test_pull_through import hub_config
 

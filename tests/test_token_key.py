@@ -29,7 +29,7 @@ def test_a_full_disk_during_the_first_write_leaves_no_short_key(tmp_path):
     script = textwrap.dedent(f"""
         import resource, signal
         from pathlib import Path
-        from mirror.auth import load_key
+        from mirror.tokens import load_key
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (16, 16))
         try:
@@ -41,7 +41,7 @@ def test_a_full_disk_during_the_first_write_leaves_no_short_key(tmp_path):
                          timeout=60)
     assert out.returncode == 0 and out.stdout.startswith("failed:"), out.stdout + out.stderr
     assert list(tmp_path.iterdir()) == []         # no key, no temporary file left over
-    from mirror.auth import load_key
+    from mirror.tokens import load_key
     assert len(load_key(key)) == 32                # the next start makes a whole key
 
 

@@ -16,6 +16,7 @@ import pytest
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from mirror import upstream as upstream_module
+from mirror import upstream_auth
 from mirror.config import ConfigError, UpstreamConfig, load_config
 from mirror.certs import make_certs
 from mirror.errors import ManifestUnknown, NameUnknown, UpstreamUnavailable
@@ -113,11 +114,11 @@ def test_a_token_realm_on_another_site_gets_credentials_only_when_listed(make_mi
     ("localhost", "localhost"), ("registry", "registry"),
 ])
 def test_registrable_domain(host, domain):
-    assert upstream_module.registrable_domain(host) == domain
+    assert upstream_auth.registrable_domain(host) == domain
 
 
 def test_which_token_realms_get_credentials():
-    realm_allowed = upstream_module.realm_allowed
+    realm_allowed = upstream_auth.realm_allowed
     assert realm_allowed("https://registry-1.docker.io", "https://auth.docker.io/token")
     assert realm_allowed("https://ghcr.io", "https://ghcr.io/token")
     assert realm_allowed("http://127.0.0.1:5000", "http://127.0.0.1:5001/token")   # port aside
@@ -226,13 +227,13 @@ def test_token_cache_and_locks_are_bounded_and_expire(token_upstream, token_serv
             assert len(token_server.requests) - before == 1       # one fetch per scope
             for i in range(10):
                 await ask(f"bounded/repo{i}")
-            sizes = [len(up._tokens), len(up._token_locks)]
+            sizes = [len(up._tokens), len(up._tokens.locks)]
             monkeypatch.setattr(token_server, "expires_in", 16)    # cached for 1 s
             for i in range(3):
                 await ask(f"bounded/short{i}")
             await asyncio.sleep(1.1)
             await ask("bounded/last")
-            return sizes + [list(up._tokens), len(up._token_locks)]
+            return sizes + [list(up._tokens), len(up._tokens.locks)]
         finally:
             await up.aclose()
 
