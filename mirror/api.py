@@ -24,11 +24,12 @@ from starlette.routing import Route as HttpRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import metrics
-from .errors import (NotFound, PaginationInvalid, RangeNotSatisfiable, RegistryError,
-                     SizeInvalid, Unsupported)
+from .errors import (ManifestUnknown, NotFound, PaginationInvalid, RangeNotSatisfiable,
+                     RegistryError, SizeInvalid, Unsupported)
 from .auth import Guard, Identity
 from .fill import FillFailed
-from .models import sanitize_accept, validate_digest, validate_name, validate_reference, validate_tag
+from .models import (TAG_RE, is_digest, sanitize_accept, validate_digest, validate_name,
+                     validate_tag)
 from .routing import Route, Router
 from .store import BlobBody, Source
 
@@ -54,16 +55,69 @@ class Registry:
 # -- responses ----------------------------------------------------------------------------
 
 
-def error_response(exc: RegistryError, method: str = "GET") -> Response:
+def error_response(exc: RegistryError, method: str = "GET", path: str = "") -> Response:
     headers = dict(exc.headers)
     if method == "HEAD":
         return Response(status_code=exc.status, headers=headers)
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+    return JSONResponse(exc.body(_kind(path)), status_code=exc.status, headers=headers)
+
+
+def _kind(path: str) -> str | None:
+    """What a request path is about, for the error code of a failure."""
+    if path == "/v2/_catalog":
+        return "catalog"
+    rest = path[len("/v2/"):] if path.startswith("/v2/") else None
+    for kind, pattern in (("manifest", _MANIFEST), ("blob", _BLOB), ("tags", _TAGS)):
+        if rest is not None and pattern.fullmatch(rest):
+            return kind
+    return None
+
+
+class HeadResponse(Response):
+    """A HEAD answer with exactly the headers given: no Content-Length of 0 added
+    when the size is not known."""
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        self.status_code = 200
+        self.body = b""
+        self.background = None
+        self.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1"))
+                            for k, v in headers.items()]
+
+
+async def _disconnect(receive: Receive) -> None:
+    """Returns when the client has gone away."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class ClientGone(Exception):
+    """The client went away while its request waited: there is no one to answer."""
+
+
+async def _unless_gone(receive: Receive, waiting: Awaitable[None]) -> None:
+    """Await ``waiting`` unless the client goes away first (then ClientGone): a
+    client that leaves while its blob download waits lets go of it at once."""
+    task = asyncio.ensure_future(waiting)
+    watcher = asyncio.ensure_future(_disconnect(receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        watcher.cancel()
+        raise
+    watcher.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise ClientGone()
+    task.result()
 
 
 class BlobResponse(Response):
-    """Streams a BlobBody; stops reading as soon as the client goes away, and aborts
-    the connection (never a short body that looks complete) if the source fails."""
+    """Streams a BlobBody; stops reading as soon as the client goes away (even while
+    waiting for bytes), and aborts the connection (never a short body that looks
+    complete) if the source fails."""
 
     def __init__(self, body: BlobBody, status: int, headers: dict[str, str],
                  start: int, end: int | None) -> None:
@@ -79,30 +133,32 @@ class BlobResponse(Response):
         except BaseException:
             await self.blob.aclose()
             raise
-        gone = asyncio.Event()
-
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            gone.set()
-
-        watcher = asyncio.create_task(watch())
         chunks = self.blob.chunks(self.start, self.end)
         sent = 0
-        try:
+
+        async def pump() -> None:
+            nonlocal sent
             async for chunk in chunks:
-                if gone.is_set():
-                    return
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 sent += len(chunk)
             await send({"type": "http.response.body", "body": b""})
+
+        pumping = asyncio.ensure_future(pump())
+        watcher = asyncio.ensure_future(_disconnect(receive))
+        try:
+            await asyncio.wait({pumping, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if pumping.done():
+                pumping.result()
         except (FillFailed, RegistryError, OSError) as exc:
             # Headers are out: the only honest signal left is to break the connection.
             log.warning("aborting response for %s: %s", self.blob.digest, exc)
             raise AbortResponse(str(exc)) from None
         finally:
-            metrics.served(self.blob.source, sent)
             watcher.cancel()
+            if not pumping.done():          # the client left: stop reading
+                pumping.cancel()
+                await asyncio.gather(pumping, return_exceptions=True)
+            metrics.served(self.blob.source, sent)
             await chunks.aclose()
             await self.blob.aclose()      # in case the iterator never started
 
@@ -119,18 +175,26 @@ def parse_range(header: str | None, size: int | None) -> tuple[int, int] | None:
     m = re.fullmatch(r"\s*bytes\s*=\s*([0-9]*)\s*-\s*([0-9]*)\s*", header)
     if not m or (not m.group(1) and not m.group(2)):
         return None            # multiple ranges or another unit: the whole blob (RFC 9110)
-    # Numbers past 18 digits are beyond any blob (and past what int() should parse).
-    first, last = m.group(1)[:19], m.group(2)[:19]
-    if not first:              # suffix: the last N bytes
-        n = int(last)
+    first, last = _position(m.group(1)), _position(m.group(2))
+    if not m.group(1):         # suffix: the last N bytes
+        n = last
         if n == 0 or size == 0:
             raise RangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
         return max(0, size - n), size
-    start = int(first)
-    end = min(int(last) + 1, size) if last else size
-    if start >= size or (last and int(last) < start):
+    start = first
+    end = min(last + 1, size) if m.group(2) else size
+    if start >= size or (m.group(2) and last < start):
         raise RangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
     return start, end
+
+
+def _position(digits: str) -> int:
+    """A byte position from a Range header: leading zeros mean nothing, and anything
+    past 18 significant digits is beyond any blob (and past what int() should parse)."""
+    digits = digits.lstrip("0")
+    if not digits:
+        return 0
+    return int(digits) if len(digits) <= 18 else 10 ** 18
 
 
 # -- request parsing ---------------------------------------------------------------------
@@ -145,29 +209,58 @@ def _registry(request: Request) -> Registry:
     return request.app.state.registry
 
 
-def _route(request: Request, name: str) -> tuple[Route, Source]:
-    """Where ``name`` goes, after checking the client may pull it: a refused client
-    learns nothing about what is cached."""
+async def _authorize(request: Request, name: str) -> None:
+    """Refuse the request unless the client may pull ``name``; before anything else
+    looks at it (the route too), so a refused client learns nothing about what is
+    cached or which upstreams are configured."""
     registry = _registry(request)
-    ns = request.query_params.get("ns")
-    route = registry.router.resolve(name, ns)
     if registry.guard is not None:
         realm = _realm(request)
-        identity = registry.guard.identify(request.headers.get("authorization"), realm)
-        registry.guard.check(identity, name, realm, ns)
+        identity = await _identity(request)
+        registry.guard.check(identity, name, realm, request.query_params.get("ns"))
+    request.scope["mirror.authorized"] = name
+
+
+def _route(request: Request, name: str) -> tuple[Route, Source]:
+    """Where ``name`` goes; only for requests ``_authorize`` let through."""
+    registry = _registry(request)
+    if request.scope.get("mirror.authorized") != name:
+        raise RuntimeError(f"{name!r} routed before the auth check")
+    route = registry.router.resolve(name, request.query_params.get("ns"))
     return route, registry.sources[route.upstream]
 
 
+# host[:port] as a Host header may name this server: DNS labels, IPv4, [IPv6].
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST = re.compile(rf"(?:{_LABEL}(?:\.{_LABEL})*\.?|\[[0-9A-Fa-f:.]{{2,45}}\])(?::[0-9]{{1,5}})?")
+
+
 def _realm(request: Request) -> str:
-    """This server's token endpoint, as the client reached it."""
-    return f"{request.url.scheme}://{request.url.netloc}/token"
+    """This server's token endpoint: under ``public_url`` when configured, else as the
+    client reached it, if its ``Host`` is a plain host[:port]; else the address the
+    connection came in on, so nothing a client sends is echoed unchecked."""
+    guard = _registry(request).guard
+    if guard is not None and guard.public_url:
+        return f"{guard.public_url}/token"
+    scheme = request.url.scheme if request.url.scheme in ("http", "https") else "http"
+    host = request.headers.get("host", "")
+    if not (len(host) <= 261 and _HOST.fullmatch(host)):
+        server = request.scope.get("server") or ("127.0.0.1", 80)
+        address = f"[{server[0]}]" if ":" in str(server[0]) else str(server[0])
+        host = f"{address}:{server[1]}"
+    return f"{scheme}://{host}/token"
 
 
-def _identity(request: Request) -> Identity | None:
+def _client(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+async def _identity(request: Request) -> Identity | None:
     guard = _registry(request).guard
     if guard is None:
         return None
-    return guard.identify(request.headers.get("authorization"), _realm(request))
+    return await guard.identify(request.headers.get("authorization"), _realm(request),
+                                _client(request))
 
 
 def _page(request: Request, validate_last) -> tuple[int, str | None]:
@@ -202,7 +295,9 @@ def _common_headers(route: Route) -> dict[str, str]:
 
 
 async def base(request: Request) -> Response:
-    identity = _identity(request)
+    """The login probe: with logins configured it challenges anonymous clients, as
+    Docker Hub and registry:2 do, so clients send the credentials they have."""
+    identity = await _identity(request)
     if identity is not None:
         _registry(request).guard.check(identity, None, _realm(request))
     return JSONResponse({})
@@ -226,7 +321,7 @@ async def token(request: Request) -> Response:
         service = request.query_params.get("service")
         scopes = request.query_params.getlist("scope")
         authorization = request.headers.get("authorization")
-    value, expires_in = guard.token_for(authorization, service, scopes)
+    value, expires_in = await guard.token_for(authorization, service, scopes, _client(request))
     return JSONResponse({"token": value, "access_token": value, "expires_in": expires_in,
                          "issued_at": datetime.now(timezone.utc).isoformat()})
 
@@ -258,7 +353,7 @@ async def readyz(request: Request) -> Response:
 async def catalog(request: Request) -> Response:
     registry = _registry(request)
     n, last = _page(request, validate_name)
-    identity = _identity(request)
+    identity = await _identity(request)
     if identity is not None:
         registry.guard.check_catalog(identity, _realm(request))
     names = sorted({registry.router.display_name(u, r) for u, r in await registry.repositories()
@@ -277,19 +372,28 @@ async def dispatch(request: Request) -> Response:
     if method not in ("GET", "HEAD"):
         raise Unsupported(f"{method} is not supported: this mirror serves pulls only")
     if m := _MANIFEST.fullmatch(path):
+        await _authorize(request, m.group(1))
         return await manifest(request, m.group(1), m.group(2))
     if _UPLOADS.fullmatch(path):
         raise Unsupported("pushing is not supported: this mirror serves pulls only")
     if m := _BLOB.fullmatch(path):
+        await _authorize(request, m.group(1))
         return await blob(request, m.group(1), m.group(2))
     if m := _TAGS.fullmatch(path):
+        await _authorize(request, m.group(1))
         return await tags(request, m.group(1))
     raise NotFound(f"no such endpoint: /v2/{path[:200]}")
 
 
 async def manifest(request: Request, name: str, reference: str) -> Response:
     validate_name(name)
-    validate_reference(reference)
+    if is_digest(reference):
+        validate_digest(reference)      # malformed: 400 DIGEST_INVALID
+    elif not TAG_RE.fullmatch(reference):
+        # Not a tag nor a digest: no such manifest, as distribution answers and the
+        # OCI conformance suite expects.
+        raise ManifestUnknown(f"manifest unknown: {reference[:200]!r} is not a valid tag or "
+                              "digest", detail={"reference": reference[:200]})
     route, source = _route(request, name)
     accept = sanitize_accept(request.headers.getlist("accept"))
     if request.method == "HEAD":
@@ -314,11 +418,19 @@ async def blob(request: Request, name: str, digest: str) -> Response:
         size = await source.stat_blob(route.repository, digest)
         if size >= 0:
             headers["Content-Length"] = str(size)
-        return Response(b"", headers=headers)
+        return HeadResponse(headers)      # no size known: no Content-Length, never 0
     body = await source.open_blob(route.repository, digest)
     try:
+        await _unless_gone(request.receive, body.wait_started())
         rng = parse_range(request.headers.get("range"), body.size)
-    except RegistryError:
+        if rng is not None and body.size is not None and rng[1] < body.size:
+            # A download holds back only the blob's last byte until it is verified:
+            # a range that stops short of it waits for the verified blob instead.
+            await _unless_gone(request.receive, body.wait_verified())
+    except ClientGone:
+        await body.aclose()
+        return Response(status_code=499)       # nginx's "client closed request"; unsent
+    except BaseException:
         await body.aclose()
         raise
     if rng is None:
@@ -352,7 +464,7 @@ async def registry_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RegistryError)
     if exc.status >= 500:
         log.warning("%s %s -> %d %s", request.method, request.url.path, exc.status, exc.message)
-    return error_response(exc, request.method)
+    return error_response(exc, request.method, request.url.path)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -364,13 +476,14 @@ async def http_error(request: Request, exc: Exception) -> Response:
     else:
         err = RegistryError(exc.detail)
         err.status = exc.status_code
-    return error_response(err, request.method)
+    return error_response(err, request.method, request.url.path)
 
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:
     if not isinstance(exc, AbortResponse):
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-    return error_response(RegistryError("internal error; see the mirror's log"), request.method)
+    return error_response(RegistryError("internal error; see the mirror's log"), request.method,
+                          request.url.path)
 
 
 EXCEPTION_HANDLERS = {RegistryError: registry_error, HTTPException: http_error,

@@ -34,7 +34,8 @@ def create_app(config: Config) -> AccessLog:
         sources = {name: ProxyStore(local, Upstream(up), up.tag_ttl, up.offline)
                    for name, up in config.upstreams.items()}
         router = Router(config)
-        guard = Guard(config.auth, router, local.data_dir) if config.auth else None
+        guard = Guard(config.auth, router, local.data_dir, config.public_url) \
+            if config.auth else None
         app.state.registry = Registry(router, sources, local.repositories, local.not_ready, guard)
         metrics.persist = local.index.count
         metrics.cache_size.set_function(lambda: local.size)
@@ -46,6 +47,8 @@ def create_app(config: Config) -> AccessLog:
             yield
         finally:
             metrics.persist = None
+            if guard is not None:
+                guard.close()
             await evictor.stop()
             for source in sources.values():
                 await source.aclose()

@@ -1,16 +1,12 @@
-"""Who may pull what: htpasswd users, Basic or Bearer-token logins, and ACL rules.
+"""Who may pull what: logins (Basic, or Bearer tokens from /token) and ACL rules.
 
-- ``Htpasswd``: bcrypt entries as ``htpasswd -B`` writes them, re-read when the
-  file changes; a verified password is remembered briefly, so Basic auth on every
-  request does not pay bcrypt every time.
-- ``Tokens``: short-lived HS256 JWTs shaped like Docker Hub's (``access`` claims of
-  type/name/actions), signed with a key kept in the data directory.
 - ``Acl``: docker_auth style rules, first match wins; names are matched as
   ``<upstream>/<repository>`` so one repository has one name whatever route
   (``?ns=``, path prefix, default) a client used.
 - ``Guard``: what api.py calls: authenticate a request and check one action, or
   answer the token endpoint. Failing checks raise ``Unauthorized`` (with the
-  challenge a client needs) or ``Denied``.
+  challenge a client needs) or ``Denied``. Passwords are checked by ``passwords``
+  (htpasswd, off the event loop, throttled), tokens by ``tokens``.
 """
 
 from __future__ import annotations
@@ -18,160 +14,18 @@ from __future__ import annotations
 import base64
 import binascii
 import fnmatch
-import hashlib
-import hmac
-import json
 import logging
-import os
-import secrets
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import bcrypt
-
 from .config import AclRule, AuthConfig
-from .errors import Denied, NotFound, RegistryError, Unauthorized
+from .errors import Denied, NameUnknown, NotFound, RegistryError, Unauthorized
 from .models import validate_name
+from .passwords import Htpasswd, Throttle
 from .routing import Router
+from .tokens import Grant, Tokens, load_key
 
 log = logging.getLogger("mirror.auth")
-
-VERIFIED_TTL = 300.0          # seconds a verified password is remembered
-LEEWAY = 10.0                 # clock skew allowed on token times
-
-
-# -- htpasswd ------------------------------------------------------------------------------
-
-
-def hash_password(password: str, rounds: int = 10) -> str:
-    """A bcrypt hash in the ``$2y$`` form Apache's ``htpasswd -B`` writes."""
-    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds)).decode()
-    return "$2y$" + hashed[4:]
-
-
-def read_htpasswd(path: Path) -> dict[str, str]:
-    users = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and ":" in line:
-            user, hashed = line.split(":", 1)
-            users[user] = hashed
-    return users
-
-
-def write_htpasswd(path: Path, users: dict[str, str]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(f"{u}:{h}\n" for u, h in sorted(users.items())))
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
-
-
-class Htpasswd:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._users: dict[str, str] = {}
-        self._mtime: float | None = None
-        self._verified: dict[tuple[str, bytes], float] = {}
-
-    def _load(self) -> None:
-        try:
-            mtime = self.path.stat().st_mtime_ns
-        except FileNotFoundError:
-            self._users, self._mtime = {}, None
-            return
-        if mtime != self._mtime:
-            self._users = read_htpasswd(self.path)
-            self._mtime = mtime
-            self._verified.clear()
-
-    def check(self, user: str, password: str) -> bool:
-        self._load()
-        hashed = self._users.get(user)
-        if hashed is None or not hashed.startswith(("$2y$", "$2b$", "$2a$")):
-            return False
-        key = (user, hashlib.sha256(password.encode()).digest())
-        if self._verified.get(key, 0) > time.monotonic():
-            return True
-        try:
-            ok = bcrypt.checkpw(password.encode(), hashed.encode())
-        except ValueError:
-            return False
-        if ok:
-            self._verified[key] = time.monotonic() + VERIFIED_TTL
-        return ok
-
-
-# -- tokens ---------------------------------------------------------------------------------
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def load_key(path: Path) -> bytes:
-    """The token signing key, made on first use (0600, in the data directory)."""
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        key = secrets.token_bytes(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key)
-        return key
-
-
-@dataclass(frozen=True)
-class Grant:
-    kind: str          # "repository" or "registry"
-    name: str
-    actions: tuple[str, ...]
-
-
-class Tokens:
-    def __init__(self, key: bytes, issuer: str, service: str, ttl: float) -> None:
-        self._key = key
-        self.issuer = issuer
-        self.service = service
-        self.ttl = ttl
-
-    def issue(self, account: str, grants: list[Grant]) -> str:
-        now = int(time.time())
-        header = {"alg": "HS256", "typ": "JWT"}
-        claims = {"iss": self.issuer, "sub": account, "aud": self.service, "iat": now,
-                  "nbf": now, "exp": now + int(self.ttl), "jti": secrets.token_hex(12),
-                  "access": [{"type": g.kind, "name": g.name, "actions": list(g.actions)}
-                             for g in grants]}
-        signing = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
-        sig = hmac.new(self._key, signing.encode(), hashlib.sha256).digest()
-        return f"{signing}.{_b64(sig)}"
-
-    def verify(self, token: str) -> dict | None:
-        """The claims of a valid, current token for this service; else None."""
-        try:
-            head, body, sig = token.split(".")
-            expected = hmac.new(self._key, f"{head}.{body}".encode(), hashlib.sha256).digest()
-            if not hmac.compare_digest(expected, _unb64(sig)):
-                return None
-            if json.loads(_unb64(head)).get("alg") != "HS256":
-                return None
-            claims = json.loads(_unb64(body))
-        except (ValueError, binascii.Error, UnicodeDecodeError, AttributeError):
-            return None
-        now = time.time()
-        if not isinstance(claims, dict) or claims.get("iss") != self.issuer \
-                or claims.get("aud") != self.service:
-            return None
-        try:
-            if not (float(claims["nbf"]) - LEEWAY <= now < float(claims["exp"]) + LEEWAY):
-                return None
-        except (KeyError, TypeError, ValueError):
-            return None
-        return claims
 
 
 # -- ACL ------------------------------------------------------------------------------------
@@ -212,29 +66,49 @@ class Identity:
 
 
 class Guard:
-    def __init__(self, config: AuthConfig, router: Router, data_dir: Path) -> None:
+    def __init__(self, config: AuthConfig, router: Router, data_dir: Path,
+                 public_url: str | None = None) -> None:
         self.config = config
         self.router = router
+        self.public_url = public_url
         self.users = Htpasswd(config.htpasswd)
-        self.acl = Acl(config.acl, config.anonymous)
+        self.throttle = Throttle(config.max_failures, config.failure_window)
         self.tokens = Tokens(load_key(data_dir / "token.key"), config.issuer, config.service,
                              config.token_ttl) if config.token else None
+        self.acl = Acl(config.acl, config.anonymous)
+
+    def close(self) -> None:
+        self.users.close()
 
     def canonical(self, name: str, ns: str | None = None) -> str:
-        route = self.router.resolve(name, ns)
+        """``<upstream>/<repository>`` as the ACL sees ``name``. A name that routes
+        nowhere (``?ns=`` naming no configured upstream) gets the name it would have
+        there, so it is refused or allowed like any other: a client the ACL refuses
+        cannot tell which upstreams exist."""
+        try:
+            route = self.router.resolve(name, ns)
+        except NameUnknown:
+            return f"{ns}/{name}"
+        except RegistryError:
+            return name        # an invalid name: answered as such once the ACL allows it
         return f"{route.upstream}/{route.repository}"
 
     # -- requests to the registry API
 
-    def identify(self, authorization: str | None, realm: str) -> Identity:
-        """Who sent the request. Bad credentials are refused here; none is anonymous."""
+    async def identify(self, authorization: str | None, realm: str,
+                       client: str | None = None) -> Identity:
+        """Who sent the request (``client``: its address). Bad credentials are refused
+        here; none, or Basic with an empty user and password (what containers/image
+        clients send without a login), is anonymous."""
         if not authorization:
             return Identity("")
         scheme, _, value = authorization.partition(" ")
         scheme = scheme.lower()
         if scheme == "basic" and self.tokens is None:
             user, password = self._basic(value)
-            if not self.users.check(user, password):
+            if not user and not password:
+                return Identity("")
+            if not await self._password_ok(user, password, client):
                 raise self._challenge(realm, "invalid username or password")
             return Identity(user)
         if scheme == "bearer" and self.tokens is not None:
@@ -244,12 +118,27 @@ class Guard:
             return Identity(str(claims.get("sub", "")), claims)
         raise self._challenge(realm, "unsupported authorization scheme")
 
+    async def _password_ok(self, user: str, password: str, client: str | None) -> bool:
+        keys = (f"user:{user}",) + ((f"addr:{client}",) if client else ())
+        self.throttle.begin(keys)
+        ok = False
+        try:
+            ok = await self.users.check(user, password)
+        finally:
+            self.throttle.end(keys, ok)
+        if not ok:
+            log.info("failed login for %r from %s", user[:64], client or "?")
+        return ok
+
     def check(self, identity: Identity, name: str | None, realm: str, ns: str | None = None,
               action: str = "pull") -> None:
-        """Raise unless ``identity`` may ``action`` on repository ``name`` (None: the
-        ``/v2/`` probe, which any accepted identity passes when login is optional)."""
+        """Raise unless ``identity`` may ``action`` on repository ``name``. None is the
+        ``/v2/`` login probe: it passes a logged-in user or a token holder only, so
+        clients learn the challenge and send their credentials (a wrong password then
+        fails to log in); anonymous clients go on anonymously or with an anonymous
+        token, and keep exactly the rights the ACL gives anonymous requests."""
         if name is None:
-            if identity.account or identity.token is not None or self.acl.anonymous_can_pull():
+            if identity.account or identity.token is not None:
                 return
             raise self._challenge(realm, "authentication required")
         if identity.token is not None:
@@ -284,8 +173,8 @@ class Guard:
 
     # -- the token endpoint
 
-    def token_for(self, authorization: str | None, service: str | None,
-                  scopes: list[str]) -> tuple[str, int]:
+    async def token_for(self, authorization: str | None, service: str | None,
+                        scopes: list[str], client: str | None = None) -> tuple[str, int]:
         if self.tokens is None:
             raise NotFound("token auth is not enabled on this mirror")
         if service is not None and service != self.tokens.service:
@@ -296,9 +185,10 @@ class Guard:
             if scheme.lower() != "basic":
                 raise self._login_needed("the token endpoint takes Basic credentials")
             user, password = self._basic(value)
-            if not self.users.check(user, password):
-                raise self._login_needed("invalid username or password")
-            account = user
+            if user or password:
+                if not await self._password_ok(user, password, client):
+                    raise self._login_needed("invalid username or password")
+                account = user
         grants = [g for g in (self._grant(account, s) for s in scopes[:16]) if g is not None]
         return self.tokens.issue(account, grants), int(self.tokens.ttl)
 

@@ -49,15 +49,18 @@ class TempBlob:
         self._hasher = HASHES[algorithm]()
         self._algorithm = algorithm
         self.closed = False
+        self._busy: asyncio.Future | None = None     # the last write's thread
 
     async def write(self, chunks: list[bytes]) -> None:
         """Hash and append ``chunks``, both on a worker thread: hashlib lets go of the
-        GIL for big buffers, so the event loop keeps receiving meanwhile."""
+        GIL for big buffers, so the event loop keeps receiving meanwhile. A cancelled
+        write returns only once its thread is done with the descriptor."""
         def hash_and_write() -> None:
             for chunk in chunks:
                 self._hasher.update(chunk)
             fileio.writev_all(self.fd, chunks)
-        await fileio.run(hash_and_write)
+        self._busy = asyncio.get_running_loop().run_in_executor(None, hash_and_write)
+        await fileio.finish(self._busy)
         self.size += sum(len(c) for c in chunks)
 
     @property
@@ -74,13 +77,21 @@ class TempBlob:
             os.close(self.fd)
 
     async def discard(self) -> None:
+        """Close and delete the file, never while a write's thread still uses the
+        descriptor (its bytes would land in the next file to get the number)."""
         def rm() -> None:
             self._close()
             try:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
-        await fileio.run(rm)
+        try:
+            if self._busy is not None:
+                await fileio.finish(self._busy)
+        except Exception:
+            pass                # that write's error was reported to whoever awaited it
+        finally:
+            await fileio.run_to_end(rm)
 
 
 def _fdatasync(fd: int) -> None:
@@ -136,6 +147,12 @@ class CachedBlob:
         self._fd: int | None = fd
         self.digest = digest
         self.size = size
+
+    async def wait_started(self) -> None:
+        """Cached: nothing to wait for."""
+
+    async def wait_verified(self) -> None:
+        """Cached blobs were verified before they were placed."""
 
     async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         end = self.size if end is None else end

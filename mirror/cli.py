@@ -105,7 +105,7 @@ def htpasswd_command(args, config) -> int:
     import getpass
     from pathlib import Path
 
-    from .auth import hash_password, read_htpasswd, write_htpasswd
+    from .passwords import hash_password, read_htpasswd, write_htpasswd
     path = Path(args.file) if args.file else (config.auth.htpasswd if config.auth else None)
     if path is None:
         print("mirror: htpasswd: no file: give --file or set auth.htpasswd in the config",
@@ -155,7 +155,19 @@ def serve_forever(config) -> int:
     import uvicorn
 
     from .app import create_app
+    from .server import uvicorn_options
 
+    if config.auth is not None and config.auth.token:
+        from .tokens import WeakKey, load_key
+        try:
+            load_key(config.data_dir / "token.key")      # made now, or refused if weak
+        except WeakKey as exc:
+            print(f"mirror: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"mirror: {config.data_dir / 'token.key'}: cannot make the token signing "
+                  f"key: {exc.strerror}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("uvicorn.error").addFilter(_QuietAborts())
@@ -164,7 +176,8 @@ def serve_forever(config) -> int:
         if config.tls else {}
     uvicorn.run(create_app(config), host=config.host, port=config.port, **tls,
                 log_level=config.log_level, access_log=False,   # mirror.access logs instead
-                lifespan="on", timeout_graceful_shutdown=5, server_header=False)
+                lifespan="on", timeout_graceful_shutdown=5, server_header=False,
+                **uvicorn_options(config.limits))
     return 0
 
 

@@ -38,6 +38,9 @@ class UpstreamConfig:
     timeout: float = 30.0             # connect and read timeout, seconds
     retries: int = 2                  # extra tries on connect errors and 5xx (GET/HEAD)
     offline: bool = False             # never contact this upstream; serve what is cached
+    max_fills: int = 32               # blob downloads from it at once; more wait for a slot
+    revalidate_timeout: float = 5.0   # whole-request deadline when a cached copy can answer
+    token_realms: tuple[str, ...] = ()  # extra token realms (hosts or URLs) given credentials
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,17 @@ class AuthConfig:
     token_ttl: float = 300.0
     anonymous: bool = False           # anonymous pulls allowed (when no ACL says otherwise)
     acl: tuple[AclRule, ...] | None = None
+    max_failures: int = 10            # failed logins per user or address in failure_window
+    failure_window: float = 60.0      # ... after which that user or address gets 429 a while
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """What one client may hold of the server."""
+
+    max_connections: int = 1000       # open connections; past it requests get 503
+    header_timeout: float = 10.0      # seconds a request's headers may take to arrive
+    keepalive_timeout: float = 5.0    # seconds an idle keep-alive connection stays open
 
 
 @dataclass(frozen=True)
@@ -84,6 +98,8 @@ class Config:
     access_log: bool = True           # one line per request on the log
     tls: TlsConfig | None = None
     auth: AuthConfig | None = None
+    public_url: str | None = None     # how clients reach the mirror (challenges name it)
+    limits: LimitsConfig = LimitsConfig()
 
     @property
     def listen(self) -> str:
@@ -162,6 +178,20 @@ def parse_url(value: Any) -> str:
     return url
 
 
+def parse_public_url(value: Any) -> str:
+    """``https://mirror.example`` or ``https://mirror.example:5000``: no path, query or
+    user, since it names the host the mirror's own endpoints (/v2/, /token) are on."""
+    url = parse_url(value)
+    parts = urlsplit(url)
+    if parts.path or parts.query or parts.fragment or parts.username is not None:
+        raise ValueError(f"expected scheme://host[:port] like https://mirror.example, got {value!r}")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError(f"bad port in {value!r}") from None
+    return url
+
+
 def _expand_env(value: Any, key: str) -> Any:
     """Replace ``${VAR}`` in strings with the environment's value."""
     if not isinstance(value, str):
@@ -179,9 +209,10 @@ def _expand_env(value: Any, key: str) -> Any:
 # -- loading --------------------------------------------------------------------------------
 
 _TOP_KEYS = {"listen", "data_dir", "max_size", "default", "upstreams", "log_level", "offline",
-             "high_watermark", "low_watermark", "expire_unused", "access_log", "tls", "auth"}
+             "high_watermark", "low_watermark", "expire_unused", "access_log", "tls", "auth",
+             "public_url", "limits"}
 _UPSTREAM_KEYS = {"url", "username", "password", "tag_ttl", "library_prefix", "timeout",
-                  "retries", "offline"}
+                  "retries", "offline", "max_fills", "revalidate_timeout", "token_realms"}
 _LOG_LEVELS = {"critical", "error", "warning", "info", "debug"}
 
 
@@ -244,6 +275,11 @@ def _build(raw: dict) -> Config:
         kwargs["tls"] = _tls(raw["tls"])
     if raw.get("auth") is not None:
         kwargs["auth"] = _auth(raw["auth"])
+    if raw.get("public_url") is not None:
+        kwargs["public_url"] = _field("public_url", parse_public_url,
+                                      _expand_env(raw["public_url"], "public_url"))
+    if raw.get("limits") is not None:
+        kwargs["limits"] = _limits(raw["limits"])
     if "access_log" in raw:
         kwargs["access_log"] = _bool("access_log", _expand_env(raw["access_log"], "access_log"))
     if "log_level" in raw:
@@ -298,10 +334,14 @@ def _upstream(name: str, raw: Any, offline: bool = False) -> UpstreamConfig:
         raise ConfigError(f"{key}: username and password go together")
     if "tag_ttl" in values:
         kwargs["tag_ttl"] = _field(f"{key}.tag_ttl", parse_duration, values["tag_ttl"])
-    if "timeout" in values:
-        kwargs["timeout"] = _field(f"{key}.timeout", parse_duration, values["timeout"])
-        if kwargs["timeout"] <= 0:
-            raise ConfigError(f"{key}.timeout: must be positive")
+    for k in ("timeout", "revalidate_timeout"):
+        if k in values:
+            kwargs[k] = _field(f"{key}.{k}", parse_duration, values[k])
+            if kwargs[k] <= 0:
+                raise ConfigError(f"{key}.{k}: must be positive")
+    if values.get("token_realms") is not None:
+        kwargs["token_realms"] = tuple(_token_realm(f"{key}.token_realms[{i}]", v) for i, v in
+                                       enumerate(_list(f"{key}.token_realms", values["token_realms"])))
     for flag in ("library_prefix", "offline"):
         if flag in values:
             kwargs[flag] = _bool(f"{key}.{flag}", values[flag])
@@ -310,7 +350,29 @@ def _upstream(name: str, raw: Any, offline: bool = False) -> UpstreamConfig:
         if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
             raise ConfigError(f"{key}.retries: expected a whole number from 0 to 10")
         kwargs["retries"] = retries
+    if "max_fills" in values:
+        max_fills = values["max_fills"]
+        if isinstance(max_fills, str) and max_fills.isdigit():
+            max_fills = int(max_fills)        # from ${ENV}
+        if isinstance(max_fills, bool) or not isinstance(max_fills, int) or not 1 <= max_fills <= 1000:
+            raise ConfigError(f"{key}.max_fills: expected a whole number from 1 to 1000")
+        kwargs["max_fills"] = max_fills
     return UpstreamConfig(**kwargs)
+
+
+def _token_realm(key: str, value: Any) -> str:
+    """A host (``auth.example.com``: any realm on it) or a realm URL
+    (``https://auth.example.com/token``: that URL only, query aside)."""
+    value = _expand_env(value, key)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key}: expected a host like auth.example.com or a realm URL")
+    value = value.strip()
+    if "://" in value:
+        return _field(key, parse_url, value)
+    if not re.fullmatch(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]", value):
+        raise ConfigError(f"{key}: expected a host like auth.example.com or a realm URL, "
+                          f"got {value!r}")
+    return value.strip("[]").lower()
 
 
 def _bool(key: str, value: Any) -> bool:
@@ -352,7 +414,8 @@ _ACTIONS = {"pull", "push", "delete", "*"}
 
 
 def _auth(raw: Any) -> AuthConfig:
-    values = _mapping("auth", raw, {"htpasswd", "token", "anonymous", "acl"})
+    values = _mapping("auth", raw, {"htpasswd", "token", "anonymous", "acl", "max_failures",
+                                    "failure_window"})
     if "htpasswd" not in values:
         raise ConfigError("auth.htpasswd: missing (the users file; `mirror htpasswd add USER` "
                           "creates it)")
@@ -382,7 +445,36 @@ def _auth(raw: Any) -> AuthConfig:
         raise ConfigError("auth.token: expected true, false or a mapping")
     if values.get("acl") is not None:
         kwargs["acl"] = tuple(_acl_rule(i, r) for i, r in enumerate(_list("auth.acl", values["acl"])))
+    if "max_failures" in values:
+        kwargs["max_failures"] = _whole("auth.max_failures", values["max_failures"], 0, 1000000)
+    if "failure_window" in values:
+        kwargs["failure_window"] = _field("auth.failure_window", parse_duration,
+                                          values["failure_window"])
+        if not 1 <= kwargs["failure_window"] <= 86400:
+            raise ConfigError("auth.failure_window: expected between 1s and 1d")
     return AuthConfig(**kwargs)
+
+
+def _whole(key: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{key}: expected a whole number from {low} to {high}")
+    return value
+
+
+def _limits(raw: Any) -> LimitsConfig:
+    values = _mapping("limits", raw, {"max_connections", "header_timeout", "keepalive_timeout"})
+    kwargs: dict[str, Any] = {}
+    if "max_connections" in values:
+        kwargs["max_connections"] = _whole("limits.max_connections", values["max_connections"],
+                                           1, 1000000)
+    for k in ("header_timeout", "keepalive_timeout"):
+        if k in values:
+            kwargs[k] = _field(f"limits.{k}", parse_duration, values[k])
+            if not 0 < kwargs[k] <= 3600:
+                raise ConfigError(f"limits.{k}: expected more than 0s and at most 1h")
+    return LimitsConfig(**kwargs)
 
 
 def _list(key: str, value: Any) -> list:

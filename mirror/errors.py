@@ -21,9 +21,16 @@ class RegistryError(Exception):
         self.headers = dict(headers or {})
         super().__init__(self.message)
 
-    def body(self) -> dict:
-        return {"errors": [{"code": self.code, "message": self.message,
-                            "detail": self.detail}]}
+    def body(self, kind: str | None = None) -> dict:
+        """The OCI error body. ``kind`` (manifest, blob, tags, catalog) is what the
+        request was about; it picks the code a server-side failure is reported under."""
+        code = wire_code(self, kind)
+        detail = self.detail
+        if code != self.code:
+            # The spec's table has no code for this; say what it really was in detail.
+            detail = {**(detail if isinstance(detail, dict) else
+                         {} if detail is None else {"detail": detail}), "code": self.code}
+        return {"errors": [{"code": code, "message": self.message, "detail": detail}]}
 
 
 def _error(code: str, status: int, message: str) -> type[RegistryError]:
@@ -84,6 +91,27 @@ class UpstreamBadContent(UpstreamUnavailable):
     code = "DIGEST_INVALID"
     status = 502
     default_message = "upstream registry sent content that does not match its digest"
+
+
+# The codes of the OCI distribution spec's error table: the only ones a client sees.
+OCI_CODES = frozenset({
+    "BLOB_UNKNOWN", "BLOB_UPLOAD_INVALID", "BLOB_UPLOAD_UNKNOWN", "DIGEST_INVALID",
+    "MANIFEST_BLOB_UNKNOWN", "MANIFEST_INVALID", "MANIFEST_UNKNOWN", "NAME_INVALID",
+    "NAME_UNKNOWN", "SIZE_INVALID", "UNAUTHORIZED", "DENIED", "UNSUPPORTED", "TOOMANYREQUESTS"})
+# A server-side failure (5xx: upstream unavailable, cache storage failing, a bug) has
+# no code of its own in that table: it is reported as "could not get" what was asked
+# for, with the status, the message and detail.code saying what really happened.
+_FAILED_KIND = {"manifest": "MANIFEST_UNKNOWN", "blob": "BLOB_UNKNOWN", "tags": "NAME_UNKNOWN",
+                "catalog": "NAME_UNKNOWN"}
+
+
+def wire_code(exc: RegistryError, kind: str | None = None) -> str:
+    """The OCI code ``exc`` is answered with (see the README's table)."""
+    if exc.code in OCI_CODES:
+        return exc.code
+    if exc.status >= 500:
+        return _FAILED_KIND.get(kind or "", "UNSUPPORTED")
+    return "UNSUPPORTED"    # 4xx without a code of its own: bad parameter, no such endpoint
 
 
 # Upstream OCI error codes the mirror passes on as they are (status from our table).

@@ -34,8 +34,17 @@ upstream_seconds = Histogram("mirror_upstream_request_duration_seconds",
                              "Upstream time to response headers", ["upstream"], registry=REGISTRY)
 upstream_bytes = Counter("mirror_upstream_bytes", "Blob bytes downloaded from upstream",
                          ["upstream"], registry=REGISTRY)
+upstream_up = Gauge("mirror_upstream_up", "1 while the upstream answers, 0 from a transport "
+                    "failure (refused, unreachable, timed out) until a probe gets an answer",
+                    ["upstream"], registry=REGISTRY)
+upstream_ratelimit_remaining = Gauge("mirror_upstream_ratelimit_remaining", "The last "
+                                     "ratelimit-remaining an upstream sent (Docker Hub's pulls "
+                                     "left in its window)", ["upstream"], registry=REGISTRY)
 fills_in_progress = Gauge("mirror_fills_in_progress", "Blob downloads running now",
                           registry=REGISTRY)
+fills_queued = Gauge("mirror_fills_queued",
+                     "Blob downloads waiting for one of their upstream's max_fills slots",
+                     registry=REGISTRY)
 stale_serves = Counter("mirror_stale_serves", "Cached copies served because upstream failed",
                        ["upstream"], registry=REGISTRY)
 evictions = Counter("mirror_evictions", "Blobs and manifests evicted", registry=REGISTRY)

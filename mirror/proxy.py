@@ -7,8 +7,12 @@
 - By tag: a pointer with a TTL. Inside it, no upstream call. After it, a HEAD
   revalidates and a GET happens only when the digest changed. Upstream
   unavailable while a copy is cached: the copy is served (stale) and counted.
+  Revalidation is asked with ``fallback=True``: upstream gives it only
+  ``revalidate_timeout``, and none at all while it is known to be down.
 - One upstream request per (repository, reference, Accept) for manifests and one
-  fill per blob digest, however many clients ask at once.
+  fill per blob digest, however many clients ask at once; at most ``max_fills``
+  fills download at once (the rest wait for a slot), and a fill no client reads
+  any more is let go (see fill.py).
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ class ProxyStore:
         self.offline = offline      # never contact upstream: serve what is cached, as it is
         self._flights = SingleFlight()
         self._fills: dict[str, Fill] = {}
+        self._fill_slots = asyncio.Semaphore(remote.config.max_fills)
 
     async def aclose(self) -> None:
         for fill in list(self._fills.values()):
@@ -102,8 +107,8 @@ class ProxyStore:
                 return cached
             try:
                 info = await self._flights.do(
-                    ("head", repository, reference),
-                    lambda: self.remote.head_manifest(repository, reference, ask))
+                    ("head", repository, reference, tuple(ask)),
+                    lambda: self.remote.head_manifest(repository, reference, ask, fallback=True))
             except UpstreamUnavailable as exc:
                 return self._stale(cached, repository, reference, exc)
             if info is not None and info.digest == row.digest:
@@ -112,7 +117,8 @@ class ProxyStore:
                 return cached
         try:
             return await self._fetch(repository, reference, ask,
-                                     update_tag=_full_accept(accepted_types(ask)))
+                                     update_tag=_full_accept(accepted_types(ask)),
+                                     fallback=cached is not None)
         except UpstreamUnavailable as exc:
             if cached is not None:
                 return self._stale(cached, repository, reference, exc)
@@ -131,7 +137,10 @@ class ProxyStore:
                              accept: list[str]) -> ManifestInfo:
         if is_digest(reference):
             info = self.local.manifest_info(reference)
-            if info is not None and await self._authorized(repository, reference, blob=False):
+            if info is not None:
+                # Cached (maybe for another repository): one upstream HEAD at most decides.
+                if not await self._authorized(repository, reference, blob=False):
+                    raise ManifestUnknown(f"manifest {reference} is not known in {repository}")
                 metrics.lookup("manifest", "hit")
                 return info
         else:
@@ -154,13 +163,15 @@ class ProxyStore:
         return await self.local.read_manifest(digest)
 
     async def _fetch(self, repository: str, reference: str, accept: list[str],
-                     update_tag: bool = True) -> Manifest:
+                     update_tag: bool = True, fallback: bool = False) -> Manifest:
+        """``fallback``: a cached copy stands in if upstream fails (see Upstream)."""
         if self.offline:
             raise ManifestUnknown(f"{repository}{'@' if is_digest(reference) else ':'}{reference} "
                                   f"is not in the cache, and upstream {self.name} is offline")
 
         async def fetch() -> Manifest:
-            manifest, refs = await self.remote.get_manifest(repository, reference, accept)
+            manifest, refs = await self.remote.get_manifest(repository, reference, accept,
+                                                            fallback=fallback)
             if manifest.media_type in SCHEMA1_TYPES:
                 # Legacy, and re-signed by upstream on every GET: passed through, not kept.
                 return manifest
@@ -189,30 +200,31 @@ class ProxyStore:
     # -- blobs ---------------------------------------------------------------------------
 
     async def open_blob(self, repository: str, digest: str):
+        """The cached blob, or a reader of its download (which the caller waits on
+        with ``wait_started``; the fill starts or joins here)."""
         size = self.local.blob_size(digest)
         fill = self._fills.get(digest)
-        if size is not None or (fill is not None and not fill.done):
+        if size is not None or (fill is not None and fill.joinable):
             if not await self._authorized(repository, digest, blob=True):
                 raise BlobUnknown(f"blob {digest} is not known in {repository}")
             if size is not None and (cached := await self.local.open_blob(digest)) is not None:
                 metrics.lookup("blob", "hit")
                 return cached
             fill = self._fills.get(digest)
-            if fill is not None and not fill.done:
+            if fill is not None and fill.joinable:
                 metrics.lookup("blob", "coalesced")
-                await fill.wait_started()           # join the download in progress
-                return fill
+                return fill.reader()                # join the download in progress
             # Evicted (or removed by `mirror gc`) since we looked: fetch it again.
         if self.offline:
             raise self._offline_blob(digest)
         metrics.lookup("blob", "miss")
-        fill = Fill(self.local, self.remote, repository, digest).start()
+        fill = Fill(self.local, self.remote, repository, digest, self._fill_slots)
+        reader = fill.reader()
+        fill.start()
         self._fills[digest] = fill
         fill.task.add_done_callback(
             lambda _: self._fills.pop(digest, None) if self._fills.get(digest) is fill else None)
-        await fill.wait_started()
-        await self.local.link(self.name, repository, [digest])   # upstream served it here
-        return fill
+        return reader
 
     async def stat_blob(self, repository: str, digest: str) -> int:
         size = self.local.blob_size(digest)
@@ -256,8 +268,10 @@ class ProxyStore:
                 raise NameUnknown(f"no tags of {repository} are cached, and upstream "
                                   f"{self.name} is offline")
             return known
+        fallback = cached is not None or bool(self.local.tags_of(self.name, repository))
         try:
-            tags = await self._flights.do(("tags", repository), lambda: self.remote.tags(repository))
+            tags = await self._flights.do(("tags", repository),
+                                          lambda: self.remote.tags(repository, fallback=fallback))
         except UpstreamUnavailable as exc:
             known = cached[0] if cached is not None else self.local.tags_of(self.name, repository)
             if not known:

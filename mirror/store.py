@@ -18,6 +18,17 @@ class BlobBody(Protocol):
     digest: str
     size: int | None
 
+    async def wait_started(self) -> None:
+        """Until ``size`` is known and the first bytes are readable (a download has
+        begun); raises why not, so a failure to start is a clean error response."""
+        ...
+
+    async def wait_verified(self) -> None:
+        """Until every byte of the blob is verified; raises why not. Only the end of
+        the blob is held back until then: a range that stops short of it must wait
+        here before its headers go out."""
+        ...
+
     def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Bytes [start, end) (to the end when ``end`` is None). Raises if the bytes
         cannot all be delivered, so a response is aborted, never silently short.

@@ -17,8 +17,12 @@ CASES = [
     # (method, raw path, status, code)
     ("GET", "/v2/UPPER/manifests/latest", 400, "NAME_INVALID"),
     ("GET", "/v2/a..b/manifests/latest", 400, "NAME_INVALID"),
-    ("GET", "/v2/a/manifests/-tag", 400, "TAG_INVALID"),
-    ("GET", "/v2/a/manifests/" + "t" * 129, 400, "TAG_INVALID"),
+    # Neither a tag nor a digest: no such manifest (distribution and the OCI conformance
+    # suite); a malformed digest is still DIGEST_INVALID.
+    ("GET", "/v2/a/manifests/-tag", 404, "MANIFEST_UNKNOWN"),
+    ("GET", "/v2/a/manifests/" + "t" * 129, 404, "MANIFEST_UNKNOWN"),
+    ("GET", "/v2/a/manifests/.INVALID_MANIFEST_NAME", 404, "MANIFEST_UNKNOWN"),
+    ("HEAD", "/v2/a/manifests/.INVALID_MANIFEST_NAME", 404, None),
     ("GET", "/v2/a/manifests/sha256:abc", 400, "DIGEST_INVALID"),
     ("HEAD", "/v2/a/manifests/md5:" + "a" * 32, 400, None),
     ("GET", "/v2/a/blobs/sha256:xyz", 400, "DIGEST_INVALID"),
@@ -29,13 +33,14 @@ CASES = [
     ("GET", "/v2/a%00b/manifests/latest", 400, "NAME_INVALID"),
     ("GET", "/v2/a/blobs/sha256:..%2f..%2f..%2fetc%2fpasswd", 400, "DIGEST_INVALID"),
     ("GET", "/v2/" + "a" * 256 + "/manifests/latest", 400, "NAME_INVALID"),
-    ("GET", "/v2/a/tags/list?n=abc", 400, "PAGINATION_NUMBER_INVALID"),
-    ("GET", "/v2/a/tags/list?n=-1", 400, "PAGINATION_NUMBER_INVALID"),
-    ("GET", "/v2/a/tags/list?last=..%2F", 400, "TAG_INVALID"),
-    ("GET", "/v2/_catalog?n=1e9", 400, "PAGINATION_NUMBER_INVALID"),
+    ("GET", "/v2/a/tags/list?n=abc", 400, "UNSUPPORTED"),
+    ("GET", "/v2/a/tags/list?n=-1", 400, "UNSUPPORTED"),
+    ("GET", "/v2/a/tags/list?last=..%2F", 400, "UNSUPPORTED"),
+    ("GET", "/v2/_catalog?n=1e9", 400, "UNSUPPORTED"),
     ("GET", "/v2/_catalog?last=..", 400, "NAME_INVALID"),
     ("GET", "/v2/a/manifests/latest?ns=nope.example", 404, "NAME_UNKNOWN"),
-    ("GET", "/v2/a/whatever", 404, "NOT_FOUND"),
+    ("GET", "/v2/a/whatever", 404, "UNSUPPORTED"),
+    ("GET", "/nothing/here", 404, "UNSUPPORTED"),
     ("PUT", "/v2/a/manifests/latest", 405, "UNSUPPORTED"),
     ("DELETE", "/v2/a/blobs/" + D, 405, "UNSUPPORTED"),
     ("POST", "/v2/a/blobs/uploads/", 405, "UNSUPPORTED"),
@@ -63,6 +68,13 @@ def raw_request(host: str, method: str, path: str, headers=None):
         conn.close()
 
 
+# The OCI distribution spec's error code table: no other code may reach a client.
+OCI_CODES = {"BLOB_UNKNOWN", "BLOB_UPLOAD_INVALID", "BLOB_UPLOAD_UNKNOWN", "DIGEST_INVALID",
+             "MANIFEST_BLOB_UNKNOWN", "MANIFEST_INVALID", "MANIFEST_UNKNOWN", "NAME_INVALID",
+             "NAME_UNKNOWN", "SIZE_INVALID", "UNAUTHORIZED", "DENIED", "UNSUPPORTED",
+             "TOOMANYREQUESTS"}
+
+
 @pytest.mark.parametrize("method, path, status, code", CASES)
 def test_bad_requests_are_oci_errors(mirror, method, path, status, code):
     got, headers, body = raw_request(mirror.host, method, path)
@@ -73,6 +85,7 @@ def test_bad_requests_are_oci_errors(mirror, method, path, status, code):
     assert headers["content-type"] == "application/json"
     error = json.loads(body)["errors"][0]
     assert error["code"] == code and error["message"]
+    assert code in OCI_CODES
 
 
 def test_nothing_is_written_outside_the_data_dir(mirror, tmp_path):
@@ -103,3 +116,34 @@ def test_odd_headers_are_harmless(mirror, image_set, headers, manifest_status):
     if status == 200:
         assert len(body) == blob.size
     assert "Traceback" not in mirror.log_text()
+
+
+def test_range_positions_with_leading_zeros(mirror, image_set):
+    image = image_set.docker
+    blob = image.blobs[0]
+    path = f"/v2/{image.repo}/blobs/{blob.digest}"
+    status, _, full = raw_request(mirror.host, "GET", path)
+    assert status == 200 and len(full) == blob.size
+    for header, start, end in [("bytes=00000000000000000005-", 5, blob.size),
+                               ("bytes=0005-0000000000000000000009", 5, 10),
+                               ("bytes=-00000000000000000000003", blob.size - 3, blob.size)]:
+        status, headers, body = raw_request(mirror.host, "GET", path, {"Range": header})
+        assert status == 206, header
+        assert headers["content-range"] == f"bytes {start}-{end - 1}/{blob.size}", header
+        assert body == full[start:end], header
+    status, headers, _ = raw_request(mirror.host, "GET", path,
+                                     {"Range": "bytes=" + "9" * 40 + "-"})
+    assert status == 416 and headers["content-range"] == f"bytes */{blob.size}"
+
+
+def test_errors_when_upstream_is_down_use_oci_codes(make_mirror, tmp_path):
+    from tests.support.ports import free_port
+    dead = f"http://127.0.0.1:{free_port()}"
+    m = make_mirror({"upstreams": {"dead.test": {"url": dead, "retries": 0}},
+                     "default": "dead.test"})
+    for path, code in [("/v2/a/manifests/latest", "MANIFEST_UNKNOWN"),
+                       ("/v2/a/blobs/" + D, "BLOB_UNKNOWN"), ("/v2/a/tags/list", "NAME_UNKNOWN")]:
+        status, _, body = raw_request(m.host, "GET", path)
+        error = json.loads(body)["errors"][0]
+        assert status == 503 and error["code"] == code, body
+        assert error["detail"]["code"] == "UNAVAILABLE" and "dead.test" in error["message"]

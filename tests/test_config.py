@@ -39,6 +39,7 @@ upstreams:
   docker.io:
     url: https://docker.m.daocloud.io
     tag_ttl: 90s
+    max_fills: 8
   ghcr.io:
     url: https://ghcr.io
     username: me
@@ -49,6 +50,8 @@ default: docker.io
     assert (config.host, config.port, config.max_size) == ("127.0.0.1", 5001, 50 * 1024**3)
     assert config.upstreams["docker.io"].library_prefix
     assert config.upstreams["docker.io"].tag_ttl == 90
+    assert config.upstreams["docker.io"].max_fills == 8
+    assert config.upstreams["ghcr.io"].max_fills == 32
     assert config.upstreams["ghcr.io"].password == "s3cret"
     assert not config.upstreams["ghcr.io"].library_prefix
     assert "s3cret" not in repr(config)
@@ -64,6 +67,9 @@ default: docker.io
     ("upstreams:\n  ghcr.io: {url: 'https://ghcr.io', password: '${NOPE_UNSET_VAR}'}",
      "upstreams.ghcr.io.password"),
     ("upstreams:\n  ghcr.io: {url: 'https://ghcr.io', colour: 1}", "upstreams.ghcr.io.colour"),
+    ("upstreams:\n  ghcr.io: {url: 'https://ghcr.io', max_fills: 0}", "upstreams.ghcr.io.max_fills"),
+    ("upstreams:\n  ghcr.io: {url: 'https://ghcr.io', max_fills: many}",
+     "upstreams.ghcr.io.max_fills"),
     ("default: quay.io", "default"),
     ("listen: [1, 2", "line"),
 ])

@@ -107,7 +107,8 @@ def test_5xx_is_retried_then_reported(make_mirror, faulty_upstream, image_set):
         assert time.monotonic() - started < 5
         assert resp.status_code == 503
         error = resp.json()["errors"][0]
-        assert error["code"] == "UNAVAILABLE" and "500" in error["message"]
+        assert error["code"] == "MANIFEST_UNKNOWN" and "500" in error["message"]
+        assert error["detail"]["code"] == "UNAVAILABLE"
         assert faulty_upstream.count("GET", "/manifests/alias") == 3      # 1 + 2 retries
 
 

@@ -49,7 +49,8 @@ def test_upstream_down_serves_cached_tags_and_fails_fast_for_the_rest(make_mirro
         assert time.monotonic() - started < 5
         assert resp.status_code == 503
         error = resp.json()["errors"][0]
-        assert error["code"] == "UNAVAILABLE" and "docker.io" in error["message"]
+        assert error["code"] == "MANIFEST_UNKNOWN" and "docker.io" in error["message"]
+        assert error["detail"]["code"] == "UNAVAILABLE"
         resp = client.get(f"/v2/{image.repo}/blobs/sha256:{'2' * 64}")
         assert resp.status_code == 503
     assert "serving stale" in mirror.log_text()
@@ -201,7 +202,8 @@ def test_disk_full_fails_the_fill_cleanly_and_cached_content_still_serves(
             else:
                 assert status == 503, (status, got)
                 error = json.loads(body)["errors"][0]
-                assert error["code"] == "UNAVAILABLE" and "could not store" in error["message"]
+                assert error["code"] == "BLOB_UNKNOWN" and "could not store" in error["message"]
+                assert error["detail"]["code"] == "UNAVAILABLE"
         log = mirror.log_text()
         assert "No space left on device" in log
         mirror.stop()

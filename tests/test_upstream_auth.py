@@ -79,7 +79,8 @@ def test_token_upstream_with_wrong_password(make_mirror, token_upstream, token_i
     assert "wrong" not in mirror.log_text()
 
 
-def test_redirected_blobs_never_carry_authorization_to_the_other_host(make_mirror, tmp_path):
+def small_image():
+    """(blobs by digest, manifest bytes, manifest digest) of a one-layer image."""
     layer = b"layer bytes " * 5000
     config = json.dumps({"rootfs": {"type": "layers", "diff_ids": []}}).encode()
     digests = {f"sha256:{hashlib.sha256(b).hexdigest()}": b for b in (layer, config)}
@@ -90,6 +91,11 @@ def test_redirected_blobs_never_carry_authorization_to_the_other_host(make_mirro
                            "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
                                        "digest": layer_d, "size": len(layer)}]}).encode()
     manifest_d = f"sha256:{hashlib.sha256(manifest).hexdigest()}"
+    return digests, manifest, manifest_d
+
+
+def test_redirected_blobs_never_carry_authorization_to_the_other_host(make_mirror, tmp_path):
+    digests, manifest, manifest_d = small_image()
     with FakeUpstream(digests, manifest, MANIFEST_V2, manifest_d) as fake:
         mirror = make_mirror({"upstreams": {"fake.test": {
             "url": fake.api.url, "username": "bob", "password": "hunter2"}}, "default": "fake.test"})
@@ -102,3 +108,15 @@ def test_redirected_blobs_never_carry_authorization_to_the_other_host(make_mirro
         assert len(fake.cdn_headers) == 2
         assert not any("authorization" in h for h in fake.cdn_headers)
         assert any(h.get("authorization") == fake.auth for h in fake.api_headers)
+
+
+def test_blob_head_without_an_upstream_size_has_no_content_length(make_mirror):
+    digests, manifest, manifest_d = small_image()
+    with FakeUpstream(digests, manifest, MANIFEST_V2, manifest_d, blob_head_size=False) as fake:
+        mirror = make_mirror({"upstreams": {"fake.test": {
+            "url": fake.api.url, "username": "bob", "password": "hunter2"}}, "default": "fake.test"})
+        digest = next(iter(digests))
+        resp = httpx.head(f"{mirror.url}/v2/{REPO}/blobs/{digest}", timeout=30)
+        assert resp.status_code == 200 and resp.headers["docker-content-digest"] == digest
+        # Unknown is said by leaving it out; "0" would tell the client the blob is empty.
+        assert "content-length" not in resp.headers

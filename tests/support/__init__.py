@@ -61,7 +61,13 @@ faulty
     path_contains="", method=None, times=1, **params) -> Fault`` (``.hits``),
     ``.clear()``, ``.log`` [LogEntry(method, path, status, fault)],
     ``.count(...)``, ``.cdn_url``/``.cdn_log``; faults status, reset, drop,
-    corrupt, drip, hang, hang_body, redirect, range_ignored.
+    corrupt, drip, hang, hang_body, redirect, range_ignored, add_headers.
+
+scripted
+    ``Scripted(answer, name="scripted", **uvicorn_options)``: a ServerThread whose every answer is
+    ``answer(request) -> Response`` (a plain function of a Starlette Request);
+    ``.requests`` records ``Seen(method, path, headers)`` for each request, so
+    tests can see what reached it (and with which credentials).
 
 fixtures  (``tests/conftest.py`` star-imports them)
     session: ``upstream`` (open registry), ``htpasswd_upstream``,

@@ -23,8 +23,10 @@ REPO = "fake/repo"
 
 class FakeUpstream:
     def __init__(self, blobs: dict[str, bytes], manifest: bytes, manifest_type: str,
-                 manifest_digest: str, user: str = "bob", password: str = "hunter2") -> None:
+                 manifest_digest: str, user: str = "bob", password: str = "hunter2",
+                 blob_head_size: bool = True) -> None:
         self.blobs = blobs
+        self.blob_head_size = blob_head_size     # False: blob HEADs carry no Content-Length
         self.manifest, self.manifest_type, self.manifest_digest = manifest, manifest_type, manifest_digest
         self.auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
         self.api_headers: list[dict] = []
@@ -78,6 +80,8 @@ class FakeUpstream:
         if digest not in self.blobs:
             return JSONResponse({"errors": [{"code": "BLOB_UNKNOWN", "message": "no"}]}, 404)
         if request.method == "HEAD":
+            if not self.blob_head_size:
+                return _NoLengthHead()
             return Response(headers={"Content-Length": str(len(self.blobs[digest]))})
         return RedirectResponse(f"{self.cdn.url}/data/{digest}", status_code=307)
 
@@ -85,3 +89,13 @@ class FakeUpstream:
         self.cdn_headers.append(dict(request.headers))
         return Response(self.blobs[request.path_params["digest"]],
                         media_type="application/octet-stream")
+
+
+class _NoLengthHead(Response):
+    """A 200 HEAD answer without Content-Length (Starlette would add one of 0)."""
+
+    def __init__(self) -> None:
+        self.status_code = 200
+        self.body = b""
+        self.background = None
+        self.raw_headers = [(b"content-type", b"application/octet-stream")]

@@ -47,6 +47,8 @@ forever) applies, and only that one.  Kinds (``params`` in brackets):
                   headers the CDN itself received (one dict per request).
 ``range_ignored`` forward without ``Range``/``If-Range``: the target answers 200
                   with the whole body.
+``add_headers``   forward, adding the ``headers`` dict to the response (e.g.
+                  Docker Hub's ``ratelimit-remaining``).
 
 ``.log`` is a snapshot list of ``LogEntry(method, path, status, fault)``
 (``path`` with query; ``status`` None while nothing was sent, e.g. during a
@@ -82,7 +84,7 @@ import httpx
 from .server_thread import ServerThread
 
 KINDS = ("status", "reset", "drop", "corrupt", "drip", "hang", "hang_body", "redirect",
-         "range_ignored")
+         "range_ignored", "add_headers")
 
 # Never forwarded in either direction (RFC 9110 7.6.1), plus Host; uvicorn
 # adds its own Date, so the target's is dropped rather than duplicated.
@@ -490,6 +492,9 @@ class FaultyUpstream:
     async def _relay(self, ex: _Exchange, response: httpx.Response, kind: str | None,
                      p: dict) -> None:
         out = [(k.lower(), v) for k, v in response.headers.raw if k.lower() not in _RESPONSE_DROP]
+        if kind == "add_headers":
+            out += [(k.lower().encode("latin-1"), str(v).encode("latin-1"))
+                    for k, v in p.get("headers", {}).items()]
         await ex.start(response.status_code, out)
 
         cut = None  # reset / hang_body: act after this many body bytes
