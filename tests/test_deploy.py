@@ -1,0 +1,188 @@
+"""The ways to run the mirror as a service: the Dockerfile, deploy/mirror.service,
+deploy/compose.yml and deploy/k8s.yml, and the README that explains them.
+
+No Docker engine or systemd runs here, so the Dockerfile and the manifests are parsed
+and checked against each other and against the code (the port, the data directory,
+the uid, the probes); the systemd unit goes through ``systemd-analyze verify`` and its
+command line and environment start a real mirror process, as does the compose file's
+TLS-and-logins config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path, PurePosixPath
+
+import yaml
+
+from mirror.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+
+
+# -- the Dockerfile, as instructions -------------------------------------------------------
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order: continuation lines joined, comments dropped."""
+    instructions, pending = [], ""
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        line, pending = pending + line, ""
+        word, _, rest = line.strip().partition(" ")
+        instructions.append((word.upper(), rest.strip()))
+    assert not pending, "the Dockerfile ends in a continuation line"
+    return instructions
+
+
+def args_of(name: str) -> list[str]:
+    return [rest for word, rest in dockerfile() if word == name]
+
+
+def only(name: str) -> str:
+    found = args_of(name)
+    assert len(found) == 1, f"expected one {name} in the Dockerfile, found {found}"
+    return found[0]
+
+
+def exec_form(text: str) -> list[str]:
+    value = yaml.safe_load(text)   # a JSON array is YAML
+    assert isinstance(value, list), f"expected the exec form [\"...\"], got {text}"
+    return value
+
+
+def labels() -> dict[str, str]:
+    found: dict[str, str] = {}
+    for text in args_of("LABEL"):
+        for item in shlex.split(text):
+            key, _, value = item.partition("=")
+            found[key] = value
+    return found
+
+
+def image_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    for text in args_of("ENV"):
+        for item in shlex.split(text):
+            key, _, value = item.partition("=")
+            env[key] = value
+    return env
+
+
+def image_uid() -> int:
+    user = only("USER")
+    uid = user.split(":")[0]
+    assert uid.isdigit(), f"USER {user}: numeric, so runAsNonRoot can check it"
+    return int(uid)
+
+
+def image_volume() -> str:
+    volume = only("VOLUME")
+    return exec_form(volume)[0] if volume.startswith("[") else volume
+
+
+def image_port() -> int:
+    return int(only("EXPOSE").split("/")[0])
+
+
+def pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_dockerfile_has_oci_labels_with_the_package_version():
+    found = labels()
+    for key in ("title", "description", "version", "revision", "created", "source"):
+        assert f"org.opencontainers.image.{key}" in found, key
+    version_arg = [a for a in args_of("ARG") if a.startswith("VERSION=")]
+    assert version_arg == [f"VERSION={pyproject()['project']['version']}"]
+    assert found["org.opencontainers.image.version"] == "${VERSION}"
+
+
+def test_dockerfile_health_check_is_mirror_healthcheck():
+    """`mirror healthcheck` reads $MIRROR_CONFIG as `serve` does, so the check follows
+    the configured port and TLS instead of a hard-coded http://127.0.0.1:5000."""
+    check = only("HEALTHCHECK")
+    options, _, command = check.partition(" CMD ")
+    assert "5000" not in check and "http" not in check
+    assert exec_form(command) == ["mirror", "healthcheck"]
+    assert re.search(r"--timeout=\d+s", options)
+    assert exec_form(only("ENTRYPOINT")) == ["mirror"]
+    assert exec_form(only("CMD")) == ["serve"]
+
+
+def test_dockerfile_config_path_port_volume_and_user_agree_with_its_config():
+    env = image_env()
+    assert env["MIRROR_CONFIG"] == "/etc/mirror/config.yml"
+    copies = [shlex.split(a) for a in args_of("COPY")]
+    assert ["deploy/config.yml", "/etc/mirror/config.yml"] in copies
+    config = load_config(DEPLOY / "config.yml")
+    assert image_port() == Config().port == config.port
+    assert config.host == "0.0.0.0"
+    assert image_volume() == str(config.data_dir) == "/var/lib/mirror"
+    uid = image_uid()
+    assert uid != 0
+    setup = " ".join(args_of("RUN"))
+    assert re.search(rf"useradd [^&]*--uid {uid}\b", setup)
+    assert re.search(rf"chown {uid}(:{uid})? {config.data_dir}\b", setup)
+    # after USER, the working directory is the data directory, not the source
+    workdirs = [rest for word, rest in dockerfile() if word == "WORKDIR"]
+    assert workdirs[-1] == str(config.data_dir)
+
+
+def test_image_config_is_the_embedded_default_with_its_data_dir():
+    config = load_config(DEPLOY / "config.yml")
+    assert config == dataclasses.replace(load_config(None), data_dir=Path("/var/lib/mirror"))
+
+
+def test_dockerfile_installs_dependencies_before_copying_the_source():
+    steps = dockerfile()
+    copy_project = next(i for i, (w, a) in enumerate(steps)
+                        if w == "COPY" and shlex.split(a)[0] == "pyproject.toml")
+    copy_source = next(i for i, (w, a) in enumerate(steps)
+                       if w == "COPY" and shlex.split(a)[0] in ("mirror", "mirror/", "."))
+    assert shlex.split(steps[copy_project][1])[:-1] == ["pyproject.toml"], \
+        "the dependency layer must depend on pyproject.toml alone"
+    deps = [a for w, a in steps[copy_project:copy_source] if w == "RUN" and "pip install" in a]
+    assert len(deps) == 1, "one RUN between the two COPYs installs the dependencies"
+    after = [a for w, a in steps[copy_source:] if w == "RUN" and "pip install" in a]
+    assert after and all("--no-deps" in a for a in after)
+
+    # The dependency RUN extracts the list from pyproject.toml: run that same command
+    # here and compare with what pip would install for the package.
+    words = shlex.split(deps[0])
+    code = words[words.index("-c") + 1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.split("\n")[:-1] == pyproject()["project"]["dependencies"]
+
+
+def test_dockerignore_keeps_out_the_data_and_keeps_in_what_is_copied():
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+
+    def ignored(path: str) -> bool:
+        parts = PurePosixPath(path).parts
+        prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        return any(fnmatch.fnmatch(p, pat.removeprefix("**/")) or fnmatch.fnmatch(p, pat)
+                   for pat in patterns for p in prefixes)
+
+    for text in args_of("COPY"):
+        for source in shlex.split(text)[:-1]:
+            assert not ignored(source), source
+            assert (ROOT / source).exists(), source
+    for path in ("data/index.db", ".git/HEAD", "tests/test_deploy.py",
+                 "deploy/etc/certs/server.key", "deploy/etc/auth/htpasswd",
+                 "mirror/__pycache__/x.pyc"):
+        assert ignored(path), path
+
+
