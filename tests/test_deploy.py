@@ -12,16 +12,22 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import os
 import re
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import tomllib
 from pathlib import Path, PurePosixPath
 
+import httpx
+import pytest
 import yaml
 
 from mirror.config import Config, load_config
+from tests.support.ports import free_port, stop_process, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -184,5 +190,121 @@ def test_dockerignore_keeps_out_the_data_and_keeps_in_what_is_copied():
                  "deploy/etc/certs/server.key", "deploy/etc/auth/htpasswd",
                  "mirror/__pycache__/x.pyc"):
         assert ignored(path), path
+
+
+# -- deploy/mirror.service -----------------------------------------------------------------
+
+UNIT = DEPLOY / "mirror.service"
+
+
+def unit_entries(text: str | None = None) -> list[tuple[str, str, str]]:
+    """(section, key, value) in order; keys may repeat, as systemd allows."""
+    entries, section = [], ""
+    for line in (UNIT.read_text() if text is None else text).splitlines():
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        entries.append((section, key.strip(), value.strip()))
+    return entries
+
+
+def service(key: str) -> list[str]:
+    return [v for s, k, v in unit_entries() if s == "Service" and k == key]
+
+
+def unit_environment() -> dict[str, str]:
+    env = {}
+    for value in service("Environment"):
+        for item in shlex.split(value):
+            name, _, val = item.partition("=")
+            env[name] = val
+    return env
+
+
+def exec_start() -> list[str]:
+    (command,) = service("ExecStart")
+    return shlex.split(command.lstrip("-@:+!"))
+
+
+def test_unit_runs_as_its_own_user_in_its_state_directory_hardened():
+    (user,) = service("User")
+    assert user not in ("", "root", "0", "nobody")
+    assert service("DynamicUser") in ([], ["no"])
+    sysusers = (DEPLOY / "mirror.sysusers").read_text()
+    assert re.search(rf"^u {user} ", sysusers, re.M), "deploy/mirror.sysusers makes the user"
+    (state,) = service("StateDirectory")
+    argv = exec_start()
+    assert argv[argv.index("--data-dir") + 1] == f"/var/lib/{state}"
+    assert unit_environment()["MIRROR_CONFIG"] == "/etc/mirror/config.yml"
+    assert argv[:2] == ["/opt/mirror/bin/mirror", "serve"]
+    for key, value in {"ProtectSystem": "strict", "NoNewPrivileges": "yes",
+                       "ProtectHome": "yes", "PrivateTmp": "yes",
+                       "CapabilityBoundingSet": ""}.items():
+        assert service(key) == [value], key
+    assert service("ExecReload") == ["/bin/kill -HUP $MAINPID"]
+
+
+def verify(unit_text: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """``systemd-analyze verify`` on the unit with ExecStart pointing at this Python."""
+    unit_dir = tmp_path / "units"
+    unit_dir.mkdir(exist_ok=True)
+    path = unit_dir / "mirror.service"
+    path.write_text(unit_text.replace("/opt/mirror/bin/mirror", f"{sys.executable} -m mirror"))
+    return subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True,
+                          text=True, timeout=60)
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="needs systemd-analyze "
+                    "(Debian package systemd; scripts/test installs it)")
+def test_unit_passes_systemd_analyze_verify(tmp_path):
+    """systemd is not PID 1 here, so the unit is checked rather than started. verify
+    fails on a missing binary and warns on unknown keys and bad values: both count."""
+    text = UNIT.read_text()
+    result = verify(text, tmp_path)
+    complaints = [line for line in (result.stdout + result.stderr).splitlines()
+                  if "mirror.service" in line]
+    assert result.returncode == 0 and not complaints, result.stdout + result.stderr
+    # ...and this check notices a broken unit:
+    broken = verify(text.replace("ProtectSystem=strict", "ProtectSystem=strickt"), tmp_path)
+    assert "mirror.service" in broken.stdout + broken.stderr
+
+
+def test_unit_exec_start_and_environment_start_the_mirror(tmp_path):
+    """The unit's own command line and Environment= run a real server: only the
+    install path, the state directory and the listen address are this machine's."""
+    state = tmp_path / "state"
+    state.mkdir()
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    port = free_port()
+    config_text = (DEPLOY / "config.yml").read_text()
+    assert "listen: 0.0.0.0:5000\n" in config_text
+    (etc / "config.yml").write_text(config_text.replace("listen: 0.0.0.0:5000",
+                                                        f"listen: 127.0.0.1:{port}"))
+    env = {k: v.replace("/etc/mirror", str(etc)) for k, v in unit_environment().items()}
+    argv = exec_start()
+    argv = [sys.executable, "-m", "mirror"] + [
+        str(state) if a.startswith("/var/lib/") else a for a in argv[1:]]
+    log = tmp_path / "mirror.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, env={**os.environ, **env}, cwd="/", stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", timeout=20,
+                  alive=lambda: proc.poll() is None)
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200
+        assert (state / "index.db").is_file(), "the cache is in the state directory"
+    except Exception:
+        print(log.read_text())
+        raise
+    finally:
+        stop_process(proc)
+    # systemd counts exit 0 and death by SIGTERM as clean (no Restart=on-failure)
+    assert proc.returncode in (0, -signal.SIGTERM), proc.returncode
 
 
