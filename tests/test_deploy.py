@@ -17,6 +17,7 @@ import re
 import shlex
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tomllib
@@ -306,5 +307,132 @@ def test_unit_exec_start_and_environment_start_the_mirror(tmp_path):
         stop_process(proc)
     # systemd counts exit 0 and death by SIGTERM as clean (no Restart=on-failure)
     assert proc.returncode in (0, -signal.SIGTERM), proc.returncode
+
+
+# -- deploy/compose.yml --------------------------------------------------------------------
+
+def compose_service() -> dict:
+    compose = yaml.safe_load((DEPLOY / "compose.yml").read_text())
+    (name,) = compose["services"]
+    return compose, compose["services"][name]
+
+
+def k8s_docs() -> dict[str, dict]:
+    docs = [d for d in yaml.safe_load_all((DEPLOY / "k8s.yml").read_text()) if d]
+    by_kind = {d["kind"]: d for d in docs}
+    assert len(by_kind) == len(docs), "one object of each kind"
+    return by_kind
+
+
+def test_compose_agrees_with_the_dockerfile():
+    compose, svc = compose_service()
+    assert (DEPLOY / svc["build"] / "Dockerfile").resolve() == ROOT / "Dockerfile"
+    version = pyproject()["project"]["version"]
+    assert svc["image"] == f"mirror:{version}"
+    assert [p.split(":")[-1] for p in svc["ports"]] == [str(image_port())]
+    mounts = {m.split(":")[1]: m.split(":")[0] for m in svc["volumes"]}
+    assert mounts[image_volume()] in compose["volumes"], "the data is on a named volume"
+    config_dir = str(PurePosixPath(image_env()["MIRROR_CONFIG"]).parent)
+    assert svc["environment"]["MIRROR_CONFIG"] == image_env()["MIRROR_CONFIG"]
+    host_config = DEPLOY / mounts[config_dir]
+    raw = yaml.safe_load((host_config / "config.yml").read_text())
+    assert raw["tls"] and raw["auth"], "the compose mirror serves TLS and asks for logins"
+    assert raw["listen"].rsplit(":", 1)[1] == str(image_port())
+    assert raw["data_dir"] == image_volume()
+    assert "healthcheck" not in svc or svc["healthcheck"]["test"][1:] == ["mirror",
+                                                                          "healthcheck"]
+
+
+def test_compose_config_serves_tls_and_logins(tmp_path):
+    """deploy/etc/config.yml with a certificate and a user made as the README says:
+    the mirror starts, answers HTTPS and asks for a login."""
+    etc = tmp_path / "etc"
+    shutil.copytree(DEPLOY / "etc", etc, ignore=shutil.ignore_patterns("certs", "auth"))
+    port = free_port()
+    text = (etc / "config.yml").read_text()
+    (etc / "config.yml").write_text(text.replace("listen: 0.0.0.0:5000",
+                                                 f"listen: 127.0.0.1:{port}")
+                                    .replace("data_dir: /var/lib/mirror",
+                                             f"data_dir: {tmp_path / 'data'}"))
+    mirror = [sys.executable, "-m", "mirror"]
+    subprocess.run(mirror + ["certs", "127.0.0.1", "--out", str(etc / "certs")], check=True,
+                   capture_output=True)
+    subprocess.run(mirror + ["htpasswd", "add", "alice", "--file", str(etc / "auth/htpasswd")],
+                   input="secret\n", text=True, check=True, capture_output=True)
+    env = {**os.environ, "MIRROR_CONFIG": str(etc / "config.yml")}
+    log = tmp_path / "mirror.log"
+    with open(log, "wb") as out:
+        # cwd: the config's folder, as relative paths resolve from there
+        proc = subprocess.Popen(mirror + ["serve"], env=env, cwd=etc, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        ca = ssl.create_default_context(cafile=etc / "certs" / "ca.crt")
+        wait_http(f"https://127.0.0.1:{port}/healthz", timeout=20, verify=ca,
+                  alive=lambda: proc.poll() is None)
+        assert httpx.get(f"https://127.0.0.1:{port}/healthz", verify=ca).status_code == 200
+        probe = httpx.get(f"https://127.0.0.1:{port}/v2/", verify=ca)
+        assert probe.status_code == 401
+        assert probe.headers["www-authenticate"].startswith("Bearer ")
+    except Exception:
+        print(log.read_text())
+        raise
+    finally:
+        stop_process(proc)
+
+
+# -- deploy/k8s.yml ------------------------------------------------------------------------
+
+def test_k8s_manifest_agrees_with_the_dockerfile():
+    docs = k8s_docs()
+    deployment, service_, claim, config_map = (docs["Deployment"], docs["Service"],
+                                               docs["PersistentVolumeClaim"],
+                                               docs["ConfigMap"])
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1, "one server per data directory"
+    assert spec["strategy"]["type"] == "Recreate"
+    pod = spec["template"]["spec"]
+    assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"][
+        "labels"].items()
+    assert service_["spec"]["selector"].items() <= spec["template"]["metadata"][
+        "labels"].items()
+    uid = image_uid()
+    assert pod["securityContext"]["runAsUser"] == uid
+    assert pod["securityContext"]["fsGroup"] == uid
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    (container,) = pod["containers"]
+    _, compose_svc = compose_service()
+    assert container["image"] == compose_svc["image"]
+    (port,) = container["ports"]
+    assert port["containerPort"] == image_port()
+    (svc_port,) = service_["spec"]["ports"]
+    assert svc_port["targetPort"] in (port["name"], port["containerPort"])
+
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["MIRROR_CONFIG"] == image_env()["MIRROR_CONFIG"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    data = mounts[image_volume()]
+    assert data["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    config_volume = mounts[str(PurePosixPath(env["MIRROR_CONFIG"]).parent)]
+    assert config_volume["configMap"]["name"] == config_map["metadata"]["name"]
+    config_text = config_map["data"][PurePosixPath(env["MIRROR_CONFIG"]).name]
+    config = load_config_text(config_text)
+    assert config.port == port["containerPort"]
+    assert str(config.data_dir) == image_volume()
+
+    scheme = "HTTPS" if config.tls else "HTTP"
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        get = container[probe]["httpGet"]
+        assert get["path"] == path
+        assert get["port"] in (port["name"], port["containerPort"])
+        assert get.get("scheme", "HTTP") == scheme
+
+
+def load_config_text(text: str) -> Config:
+    import tempfile
+    with tempfile.NamedTemporaryFile("w", suffix=".yml") as f:
+        f.write(text)
+        f.flush()
+        return load_config(f.name)
 
 
