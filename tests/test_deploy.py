@@ -436,3 +436,35 @@ def load_config_text(text: str) -> Config:
         return load_config(f.name)
 
 
+# -- README --------------------------------------------------------------------------------
+
+def readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", text, re.M | re.S)
+    assert match, f"README has no section {title!r}"
+    return match.group(1)
+
+
+def test_readme_runs_it_as_a_service_three_ways():
+    section = readme_section("Run it as a service")
+    for name in ("deploy/mirror.service", "deploy/compose.yml", "deploy/k8s.yml",
+                 "systemctl", "docker compose", "kubectl apply"):
+        assert name in section, name
+    uid = str(image_uid())
+    assert f"chown -R {uid}:{uid}" in section, "says which uid the image runs as, and the fix"
+
+
+def test_readme_troubleshooting_has_the_five_common_errors():
+    section = readme_section("Troubleshooting")
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    assert lines[1].startswith("|---"), "a table"
+    rows = lines[2:]
+    assert len(rows) >= 5
+    wanted = ["server gave HTTP response to HTTPS client", "x509", "401", "503", "429"]
+    for needle in wanted:
+        matching = [row for row in rows if needle in row.split("|")[1]]
+        assert len(matching) == 1, needle
+        fix = matching[0].split("|")[2]
+        assert len(fix) > 80, f"{needle}: say what to do"
+    for link in ("#use-it-from-your-clients", "#tls-and-logins"):
+        assert link in section
