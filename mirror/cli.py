@@ -1,7 +1,7 @@
 """Command line: ``mirror serve [--config FILE] [--listen HOST:PORT] [--data-dir DIR]``,
-the maintenance commands ``stats``, ``ls``, ``pin``, ``unpin``, ``gc`` and ``verify``
-(implemented in ``admin.py``; safe to run while the server runs), and the set-up
-commands ``certs`` and ``htpasswd``. ``serve`` locks the data directory (lock.py)
+the maintenance commands ``stats``, ``ls``, ``pin``, ``unpin``, ``gc``, ``verify``, ``rm``
+and ``invalidate`` (implemented in ``admin.py``; safe to run while the server runs), and
+the set-up commands ``certs`` and ``htpasswd``. ``serve`` locks the data directory (lock.py)
 first: one server per data directory."""
 
 from __future__ import annotations
@@ -76,6 +76,18 @@ def _admin_commands(sub) -> None:
                             "drop what does not match its digest (exit status 1 if any)")
     verify.add_argument("--quarantine", action="store_true", help="move bad files to "
                         "DATA_DIR/quarantine/ instead of deleting them")
+    rm = sub.add_parser("rm", parents=[common], help="remove cached images: tags, their "
+                        "manifests, and the blobs nothing else cached uses")
+    rm.add_argument("refs", nargs="+", metavar="REF", help="NAME[:TAG] (NAME is NAME:latest), "
+                    "NAME@DIGEST, NAME:GLOB ('alpine:*': every tag) or a name glob "
+                    "('library/*', 'ghcr.io/org/*': every tag of each match)")
+    rm.add_argument("--dry-run", action="store_true", help="list what would go; change nothing")
+    rm.add_argument("--force", action="store_true", help="remove pinned images too, and "
+                    "their pins")
+    invalidate = sub.add_parser("invalidate", parents=[common], help="make the next pull of "
+                                "a tag ask upstream at once")
+    invalidate.add_argument("refs", nargs="+", metavar="REF", help="NAME[:TAG] (NAME is "
+                            "NAME:latest), NAME:GLOB or a name glob, as for rm")
     certs = sub.add_parser("certs", parents=[common], help="make a private CA and a server "
                            "certificate for TLS")
     certs.add_argument("names", nargs="+", metavar="HOST", help="host names and IP addresses "
