@@ -269,15 +269,18 @@ async def ls(args, config: Config, router: Router) -> int:
 # -- pin / unpin ----------------------------------------------------------------------------
 
 def parse_ref(router: Router, ref: str) -> tuple[Route, str, str]:
-    """``NAME:TAG`` or ``NAME@DIGEST`` -> (route, reference, canonical text)."""
+    """``NAME:TAG``, ``NAME@DIGEST`` or ``NAME`` (``NAME:latest``, as docker reads it)
+    -> (route, reference, canonical text)."""
     name, at, digest = ref.partition("@")
     try:
         if at:
             reference, sep = validate_digest(digest), "@"
         else:
             name, colon, tag = ref.rpartition(":")
-            if not colon or "/" in tag:
-                raise AdminError(f"{ref!r}: expected NAME:TAG or NAME@DIGEST "
+            if not colon or "/" in tag:          # no tag (a host:port's colon is not one)
+                name, tag = ref, "latest"
+            if not name:
+                raise AdminError(f"{ref!r}: expected NAME[:TAG] or NAME@DIGEST "
                                  "(e.g. alpine:3.19)", 2)
             reference, sep = validate_tag(tag), ":"
         route = router.resolve(name)
