@@ -1,8 +1,8 @@
 """Command line: ``mirror serve [--config FILE] [--listen HOST:PORT] [--data-dir DIR]``,
 the maintenance commands ``stats``, ``ls``, ``pin``, ``unpin``, ``gc``, ``verify``, ``rm``
-and ``invalidate`` (implemented in ``admin.py``; safe to run while the server runs), and
-the set-up commands ``certs`` and ``htpasswd``. ``serve`` locks the data directory (lock.py)
-first: one server per data directory."""
+and ``invalidate`` (implemented in ``admin.py``; safe to run while the server runs), the
+set-up commands ``certs`` and ``htpasswd``, and ``healthcheck`` (healthcheck.py).
+``serve`` locks the data directory (lock.py) first: one server per data directory."""
 
 from __future__ import annotations
 
@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         return certs_command(args, config)
     if args.command == "htpasswd":
         return htpasswd_command(args, config)
+    if args.command == "healthcheck":
+        from .healthcheck import healthcheck
+        return healthcheck(config)
     if args.command != "serve":
         from .admin import run
         return run(args, config)
@@ -89,6 +92,11 @@ def _admin_commands(sub) -> None:
                                 "a tag ask upstream at once")
     invalidate.add_argument("refs", nargs="+", metavar="REF", help="NAME[:TAG] (NAME is "
                             "NAME:latest), NAME:GLOB or a name glob, as for rm")
+    health = sub.add_parser("healthcheck", help="GET /healthz of the mirror the config "
+                            "describes (listen, tls): exit 0 if it answers 200 within 3 s")
+    health.add_argument("--config", default=os.environ.get("MIRROR_CONFIG"),
+                        help="config.yml, as for serve")
+    health.set_defaults(data_dir=None)
     certs = sub.add_parser("certs", parents=[common], help="make a private CA and a server "
                            "certificate for TLS")
     certs.add_argument("names", nargs="+", metavar="HOST", help="host names and IP addresses "
