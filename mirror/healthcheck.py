@@ -37,6 +37,7 @@ def probe(config: Config, timeout: float = TIMEOUT) -> str | None:
     """None if /healthz answered 200 within ``timeout``; else why not, in a few words."""
     scheme, host, port = target(config)
     deadline = time.monotonic() + timeout
+    conn: http.client.HTTPConnection
     if scheme == "https":
         context = ssl.create_default_context()
         context.check_hostname = False

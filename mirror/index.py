@@ -343,8 +343,9 @@ class Index:
         items, found = list(digests), []
         for i in range(0, len(items), VARIABLES):
             part = items[i:i + VARIABLES]
-            found += await self._db.execute_fetchall(sql.format(",".join("?" * len(part))), part)
-        return [tuple(r) for r in found]
+            rows = await self._db.execute_fetchall(sql.format(",".join("?" * len(part))), part)
+            found += [tuple(r) for r in rows]
+        return found
 
     async def children(self, manifests: Iterable[str]) -> list[tuple[str, str, str]]:
         """(manifest, child, "blob" | "manifest") for what ``manifests`` reference."""

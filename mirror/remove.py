@@ -120,7 +120,7 @@ async def matching_tags(cache: LocalCache, config: Config, router: Router,
             continue
         if (row.tag == spec.tag if spec.tag is not None else
                 row.digest == spec.digest if spec.digest is not None else
-                fnmatchcase(row.tag, spec.tag_glob)):
+                fnmatchcase(row.tag, spec.tag_glob or "*")):
             found.append(row)
     return sorted(found, key=lambda r: (r.upstream, r.repository, r.tag))
 
@@ -131,7 +131,8 @@ async def targets(cache: LocalCache, config: Config, router: Router,
     empty if nothing cached matches."""
     found = [Target(r.upstream, r.repository, r.tag, r.digest)
              for r in await matching_tags(cache, config, router, spec)]
-    if spec.digest is not None and cache.manifest_info(spec.digest) is not None:
+    if (spec.digest is not None and spec.upstream is not None and spec.repository is not None
+            and cache.manifest_info(spec.digest) is not None):
         found.append(Target(spec.upstream, spec.repository, None, spec.digest))
     if spec.every_tag:       # and what was pulled by digest only
         found += [Target(u, r, None, d) for u, r, d in sorted(await cache.index.load_links())
@@ -155,22 +156,25 @@ class Removal:
         return sum(self.blobs.values()) + sum(self.manifests.values())
 
 
-async def _closure(cache: LocalCache, roots: set[str]):
-    """Cached manifests and blobs reachable from ``roots``, and each manifest's children."""
-    manifests = {d for d in roots if cache.manifest_info(d) is not None}
-    blobs: set[str] = set()
+async def _closure(cache: LocalCache, roots: set[str]
+                   ) -> tuple[dict[str, int], dict[str, int], dict[str, set[str]]]:
+    """Cached manifests and blobs reachable from ``roots`` (digest -> size), and each
+    manifest's children."""
+    manifests = {d: info.size for d in roots if (info := cache.manifest_info(d)) is not None}
+    blobs: dict[str, int] = {}
     children: dict[str, set[str]] = {}
     frontier = set(manifests)
     while frontier:
-        found = set()
+        found: set[str] = set()
         for parent, child, kind in await cache.index.children(frontier):
             children.setdefault(parent, set()).add(child)
             if kind == "manifest":
-                if cache.manifest_info(child) is not None and child not in manifests:
+                info = cache.manifest_info(child)
+                if info is not None and child not in manifests:
+                    manifests[child] = info.size
                     found.add(child)
-            elif cache.blob_size(child) is not None:
-                blobs.add(child)
-        manifests |= found
+            elif (size := cache.blob_size(child)) is not None:
+                blobs[child] = size
         frontier = found
     return manifests, blobs, children
 
@@ -207,12 +211,12 @@ async def plan(cache: LocalCache, chosen: list[Target], force: bool = False) -> 
     while frontier:                            # and what a kept index references
         frontier = {c for d in frontier for c in children.get(d, ()) if c in manifests} - kept
         kept |= frontier
-    for d in sorted(manifests - kept):
-        result.manifests[d] = cache.manifest_info(d).size
+    for d in sorted(manifests.keys() - kept):
+        result.manifests[d] = manifests[d]
     used = {child for parent, child in await cache.index.referrers(blobs)
             if parent not in result.manifests}
-    for d in sorted(blobs - used):
-        result.blobs[d] = cache.blob_size(d)
+    for d in sorted(blobs.keys() - used):
+        result.blobs[d] = blobs[d]
 
     # The repositories' links to what they no longer tag, so `mirror ls` forgets them.
     for u, r in {(t.upstream, t.repository) for t in taken}:
@@ -221,5 +225,6 @@ async def plan(cache: LocalCache, chosen: list[Target], force: bool = False) -> 
         staying |= {ref for pu, pr, ref in pins - result.pins
                     if (pu, pr) == (u, r) and is_digest(ref)}
         reach_m, reach_b, _ = await _closure(cache, staying)
-        result.links |= {(u, r, d) for d in (manifests | blobs) - reach_m - reach_b}
+        result.links |= {(u, r, d) for d in (manifests.keys() | blobs.keys())
+                         - reach_m.keys() - reach_b.keys()}
     return result
