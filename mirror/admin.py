@@ -1,4 +1,5 @@
-"""Maintenance commands: ``mirror stats``, ``ls``, ``pin``, ``unpin``, ``gc`` and ``verify``.
+"""Maintenance commands: ``mirror stats``, ``ls``, ``pin``, ``unpin``, ``gc``, ``verify``,
+``rm`` and ``invalidate`` (which references and patterns they take: remove.py).
 
 Each opens the index and files the server uses with ``LocalCache.open(server=False)``
 (no temp clean-up, no reconciliation, no background flusher), so it is safe while
@@ -21,7 +22,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import evict, fileio
+from . import evict, fileio, remove
 from .cache import LocalCache
 from .config import Config
 from .errors import RegistryError
@@ -49,7 +50,7 @@ class AdminError(Exception):
 
 def run(args, config: Config) -> int:
     command = {"stats": stats, "ls": ls, "pin": pin, "unpin": unpin, "gc": gc,
-               "verify": verify}[args.command]
+               "verify": verify, "rm": rm, "invalidate": invalidate}[args.command]
     try:
         return asyncio.run(command(args, config, Router(config)))
     except AdminError as exc:
@@ -268,15 +269,18 @@ async def ls(args, config: Config, router: Router) -> int:
 # -- pin / unpin ----------------------------------------------------------------------------
 
 def parse_ref(router: Router, ref: str) -> tuple[Route, str, str]:
-    """``NAME:TAG`` or ``NAME@DIGEST`` -> (route, reference, canonical text)."""
+    """``NAME:TAG``, ``NAME@DIGEST`` or ``NAME`` (``NAME:latest``, as docker reads it)
+    -> (route, reference, canonical text)."""
     name, at, digest = ref.partition("@")
     try:
         if at:
             reference, sep = validate_digest(digest), "@"
         else:
             name, colon, tag = ref.rpartition(":")
-            if not colon or "/" in tag:
-                raise AdminError(f"{ref!r}: expected NAME:TAG or NAME@DIGEST "
+            if not colon or "/" in tag:          # no tag (a host:port's colon is not one)
+                name, tag = ref, "latest"
+            if not name:
+                raise AdminError(f"{ref!r}: expected NAME[:TAG] or NAME@DIGEST "
                                  "(e.g. alpine:3.19)", 2)
             reference, sep = validate_tag(tag), ":"
         route = router.resolve(name)
@@ -346,6 +350,83 @@ async def gc(args, config: Config, router: Router) -> int:
     if low is not None and after > low:
         print(f"still above the low watermark ({human_size(low)}): the rest is protected by "
               "fresh tags and pins")
+    return 0
+
+
+# -- rm / invalidate ---------------------------------------------------------------------------
+
+async def _select(args, config: Config, router: Router, cache: LocalCache, what):
+    """``what(spec)`` for each of args.refs parsed; AdminError if one matches nothing."""
+    found = []
+    for spec in args.specs:
+        matched = await what(spec)
+        if not matched:
+            raise AdminError(f"nothing cached matches {spec.text!r}"
+                             + (f" (read as {spec.upstream}/{spec.repository}:{spec.tag})"
+                                if spec.tag is not None else ""))
+        found += matched
+    return found
+
+
+def _specs(args, router: Router, digests: bool) -> None:
+    try:
+        args.specs = [remove.parse(router, ref, digests) for ref in args.refs]
+    except remove.BadReference as exc:
+        raise AdminError(str(exc), 2) from None
+
+
+async def rm(args, config: Config, router: Router) -> int:
+    _specs(args, router, digests=True)
+    async with opened(config) as cache:
+        chosen = await _select(args, config, router, cache,
+                               lambda spec: remove.targets(cache, config, router, spec))
+        removal = await remove.plan(cache, chosen, force=args.force)
+        before = cache.size
+        if not args.dry_run and (removal.tags or removal.manifests or removal.blobs
+                                 or removal.links or removal.pins):
+            # Tags, links and pins first, so nothing names content that is going; then
+            # the content as gc removes it (rows first, then the files); then the
+            # generation, so a running server reloads its view within a second.
+            await cache.index.untag([(t.upstream, t.repository, t.tag) for t in removal.tags],
+                                    removal.links, removal.pins)
+            await evict.apply(cache, evict.Plan(dict(removal.blobs), dict(removal.manifests)))
+            await cache.index.bump_generation()
+            if removal.pins:
+                await cache.index.bump_generation("pins")
+        after = before - removal.bytes if args.dry_run else cache.size
+    rows = [["-", "tag", f"{t.upstream}/{t.repository}:{t.tag}"] for t in removal.tags]
+    rows += [[human_size(size), "manifest", d] for d, size in removal.manifests.items()]
+    rows += [[human_size(size), "blob", d]
+             for d, size in sorted(removal.blobs.items(), key=lambda item: -item[1])]
+    if rows:
+        print(table(["SIZE", "KIND", "WHAT"], rows, right={0}))
+    for digest, why in sorted(removal.kept.items()):
+        print(f"kept manifest {digest}: {why}")
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {plural(len(removal.tags), 'tag')}, "
+          f"{plural(len(removal.manifests), 'manifest')} and "
+          f"{plural(len(removal.blobs), 'blob')}, {human_size(removal.bytes)}; "
+          f"cache {human_size(before)} -> {human_size(after)}"
+          f"{' (dry run: nothing changed)' if args.dry_run else ''}")
+    for t, pin in removal.skipped:
+        what = f"{t.upstream}/{t.repository}" + (f":{t.tag}" if t.tag else f"@{t.digest}")
+        sep = "@" if ":" in pin else ":"
+        print(f"mirror: {what} is pinned ({t.upstream}/{t.repository}{sep}{pin}): kept; "
+              "unpin it, or rm --force", file=sys.stderr)
+    return 1 if removal.skipped else 0
+
+
+async def invalidate(args, config: Config, router: Router) -> int:
+    _specs(args, router, digests=False)
+    async with opened(config) as cache:
+        rows = await _select(args, config, router, cache,
+                             lambda spec: remove.matching_tags(cache, config, router, spec))
+        rows = list({(r.upstream, r.repository, r.tag): r for r in rows}.values())
+        await cache.index.expire_tags([(r.upstream, r.repository, r.tag) for r in rows])
+        await cache.index.bump_generation()      # the server reloads its tags
+    for r in rows:
+        print(f"invalidated {r.upstream}/{r.repository}:{r.tag} (was {r.digest})")
+    print(f"{plural(len(rows), 'tag')} stale now: the next pull of each asks upstream")
     return 0
 
 

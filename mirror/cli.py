@@ -1,8 +1,8 @@
 """Command line: ``mirror serve [--config FILE] [--listen HOST:PORT] [--data-dir DIR]``,
-the maintenance commands ``stats``, ``ls``, ``pin``, ``unpin``, ``gc`` and ``verify``
-(implemented in ``admin.py``; safe to run while the server runs), and the set-up
-commands ``certs`` and ``htpasswd``. ``serve`` locks the data directory (lock.py)
-first: one server per data directory."""
+the maintenance commands ``stats``, ``ls``, ``pin``, ``unpin``, ``gc``, ``verify``, ``rm``
+and ``invalidate`` (implemented in ``admin.py``; safe to run while the server runs), the
+set-up commands ``certs`` and ``htpasswd``, and ``healthcheck`` (healthcheck.py).
+``serve`` locks the data directory (lock.py) first: one server per data directory."""
 
 from __future__ import annotations
 
@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         return certs_command(args, config)
     if args.command == "htpasswd":
         return htpasswd_command(args, config)
+    if args.command == "healthcheck":
+        from .healthcheck import healthcheck
+        return healthcheck(config)
     if args.command != "serve":
         from .admin import run
         return run(args, config)
@@ -67,8 +70,9 @@ def _admin_commands(sub) -> None:
     ls.add_argument("--json", action="store_true", help="print the listing as JSON")
     for name, verb in (("pin", "never evict"), ("unpin", "remove the pin of")):
         cmd = sub.add_parser(name, parents=[common], help=f"{verb} an image")
-        cmd.add_argument("ref", metavar="REF", help="NAME:TAG or NAME@DIGEST as clients write "
-                         "it (a tag pin keeps whatever the tag points at)")
+        cmd.add_argument("ref", metavar="REF", help="NAME[:TAG] or NAME@DIGEST as clients "
+                         "write it, NAME meaning NAME:latest (a tag pin keeps whatever the "
+                         "tag points at)")
     gc = sub.add_parser("gc", parents=[common], help="evict down to the budget now, and "
                         "remove unreferenced blobs")
     gc.add_argument("--dry-run", action="store_true", help="list what would go; change nothing")
@@ -76,15 +80,32 @@ def _admin_commands(sub) -> None:
                             "drop what does not match its digest (exit status 1 if any)")
     verify.add_argument("--quarantine", action="store_true", help="move bad files to "
                         "DATA_DIR/quarantine/ instead of deleting them")
+    rm = sub.add_parser("rm", parents=[common], help="remove cached images: tags, their "
+                        "manifests, and the blobs nothing else cached uses")
+    rm.add_argument("refs", nargs="+", metavar="REF", help="NAME[:TAG] (NAME is NAME:latest), "
+                    "NAME@DIGEST, NAME:GLOB ('alpine:*': every tag) or a name glob "
+                    "('library/*', 'ghcr.io/org/*': every tag of each match)")
+    rm.add_argument("--dry-run", action="store_true", help="list what would go; change nothing")
+    rm.add_argument("--force", action="store_true", help="remove pinned images too, and "
+                    "their pins")
+    invalidate = sub.add_parser("invalidate", parents=[common], help="make the next pull of "
+                                "a tag ask upstream at once")
+    invalidate.add_argument("refs", nargs="+", metavar="REF", help="NAME[:TAG] (NAME is "
+                            "NAME:latest), NAME:GLOB or a name glob, as for rm")
+    health = sub.add_parser("healthcheck", help="GET /healthz of the mirror the config "
+                            "describes (listen, tls): exit 0 if it answers 200 within 3 s")
+    health.add_argument("--config", default=os.environ.get("MIRROR_CONFIG"),
+                        help="config.yml, as for serve")
+    health.set_defaults(data_dir=None)
     certs = sub.add_parser("certs", parents=[common], help="make a private CA and a server "
                            "certificate for TLS")
     certs.add_argument("names", nargs="+", metavar="HOST", help="host names and IP addresses "
                        "clients use to reach the mirror")
     certs.add_argument("--out", default="certs", help="directory for the files (default: certs)")
-    users = sub.add_parser("htpasswd", parents=[common], help="add or remove a user of the "
-                           "mirror (bcrypt, as htpasswd -B)")
-    users.add_argument("action", choices=["add", "remove"])
-    users.add_argument("user")
+    users = sub.add_parser("htpasswd", parents=[common], help="add, remove or list the users "
+                           "of the mirror (bcrypt, as htpasswd -B)")
+    users.add_argument("action", choices=["add", "remove", "list"])
+    users.add_argument("user", nargs="?", help="the user to add or remove")
     users.add_argument("--file", help="the htpasswd file (default: auth.htpasswd of the config)")
 
 
@@ -110,6 +131,11 @@ def htpasswd_command(args, config) -> int:
     if path is None:
         print("mirror: htpasswd: no file: give --file or set auth.htpasswd in the config",
               file=sys.stderr)
+        return 2
+    if args.action == "list":
+        return htpasswd_list(path)
+    if args.user is None:
+        print(f"mirror: htpasswd: {args.action} needs a USER", file=sys.stderr)
         return 2
     user = args.user
     if not user or len(user) > 64 or ":" in user or not user.isprintable() or " " in user:
@@ -139,6 +165,25 @@ def htpasswd_command(args, config) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_htpasswd(path, users)
     print(f"{verb} {user} in {path}")
+    return 0
+
+
+def htpasswd_list(path) -> int:
+    """The users of an htpasswd file, and whether each can log in (bcrypt only)."""
+    from .passwords import read_htpasswd
+    try:
+        users = read_htpasswd(path)
+    except OSError as exc:
+        print(f"mirror: htpasswd: {path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    if not users:
+        print(f"no users in {path}")
+        return 0
+    width = max(len(u) for u in users)
+    for user, hashed in sorted(users.items()):
+        kind = f"bcrypt, cost {hashed[4:6]}" if hashed[:4] in ("$2y$", "$2b$", "$2a$") \
+            else "not bcrypt: cannot log in (add the user again)"
+        print(f"{user:<{width}}  {kind}")
     return 0
 
 

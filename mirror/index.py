@@ -336,6 +336,41 @@ class Index:
             except Exception:  # keep flushing; a failed flush only loses usage counts
                 log.exception("index usage flush failed")
 
+    # -- removal and revalidation (`mirror rm`, `mirror invalidate`; see remove.py) ---------------
+
+    async def _batched(self, sql: str, digests: Iterable[str]) -> list[tuple]:
+        """``sql`` (with ``{}`` for the placeholders) over ``digests``, ``VARIABLES`` at a time."""
+        items, found = list(digests), []
+        for i in range(0, len(items), VARIABLES):
+            part = items[i:i + VARIABLES]
+            rows = await self._db.execute_fetchall(sql.format(",".join("?" * len(part))), part)
+            found += [tuple(r) for r in rows]
+        return found
+
+    async def children(self, manifests: Iterable[str]) -> list[tuple[str, str, str]]:
+        """(manifest, child, "blob" | "manifest") for what ``manifests`` reference."""
+        return await self._batched(
+            "SELECT manifest, child, kind FROM manifest_refs WHERE manifest IN ({})", manifests)
+
+    async def referrers(self, digests: Iterable[str]) -> list[tuple[str, str]]:
+        """(manifest, child) for every cached manifest referencing one of ``digests``."""
+        return await self._batched(
+            "SELECT manifest, child FROM manifest_refs WHERE child IN ({})", digests)
+
+    async def untag(self, tags: Iterable[tuple[str, str, str]],
+                    links: Iterable[tuple[str, str, str]] = (),
+                    pins: Iterable[tuple[str, str, str]] = ()) -> None:
+        """Drop tags, repository links and pins, as (upstream, repository, x), at once."""
+        where = "WHERE upstream = ? AND repository = ? AND"
+        await self._write((f"DELETE FROM tags {where} tag = ?", list(tags)),
+                          (f"DELETE FROM repo_links {where} digest = ?", list(links)),
+                          (f"DELETE FROM pins {where} reference = ?", list(pins)))
+
+    async def expire_tags(self, tags: Iterable[tuple[str, str, str]]) -> None:
+        """Make tags stale now: the next pull of each asks upstream (HEAD) first."""
+        await self._write(("UPDATE tags SET expires_at = 0 "
+                           "WHERE upstream = ? AND repository = ? AND tag = ?", list(tags)))
+
     # -- reports (CLI) -------------------------------------------------------------------------
     # Read-only queries for `mirror stats`, `mirror ls` and `mirror pin` (see admin.py).
 

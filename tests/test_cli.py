@@ -290,8 +290,9 @@ def test_the_server_caches_again_the_manifests_gc_removed(make_mirror, small_ima
 def test_bad_references_and_bad_config_are_one_line_errors(make_mirror, upstream, tmp_path):
     mirror = make_mirror(hub_config(upstream))
     fails(mirror, "pin", "Alpine:3.19", status=2, says="invalid repository name 'Alpine'")
-    fails(mirror, "pin", "alpine", status=2, says="expected NAME:TAG or NAME@DIGEST")
-    fails(mirror, "pin", "localhost:5000/alpine", status=2, says="expected NAME:TAG")
+    fails(mirror, "pin", "localhost:5000/alpine", status=2,
+          says="invalid repository name 'localhost:5000/alpine'")
+    fails(mirror, "pin", ":3.19", status=2, says="expected NAME[:TAG] or NAME@DIGEST")
     fails(mirror, "pin", "alpine:-x", status=2, says="invalid tag")
     fails(mirror, "unpin", "alpine@sha256:abc", status=2, says="invalid digest")
     fails(mirror, "ls", "UPPER/case", status=2, says="invalid repository name")
@@ -299,6 +300,12 @@ def test_bad_references_and_bad_config_are_one_line_errors(make_mirror, upstream
           says="docker.io/library/alpine:3.19 is not pinned")
     fails(mirror, "ls", "alpine", status=1, says="nothing cached for docker.io/library/alpine")
     assert ok(mirror, "ls") == "the cache is empty\n"
+    # A bare name is NAME:latest, as docker reads it.
+    assert ok(mirror, "pin", "alpine") == ("pinned docker.io/library/alpine:latest (not cached "
+                                           "yet: it will be kept once it is pulled)\n")
+    assert ok_json(mirror, "stats")["pins"] == 1
+    assert ok(mirror, "unpin", "alpine") == "unpinned docker.io/library/alpine:latest\n"
+    assert ok(mirror, "pin", "local.test/org/app").startswith("pinned local.test/org/app:latest ")
 
     bad = tmp_path / "bad.yml"
     bad.write_text("max_size: lots\n")
