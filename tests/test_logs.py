@@ -12,6 +12,7 @@ import ssl
 import time
 
 import httpx
+import pytest
 
 from mirror import __version__
 from tests.test_auth import USERS, auth_config
@@ -95,3 +96,17 @@ def test_metrics_have_build_info_and_no_created_series(make_mirror, upstream):
     assert f'mirror_build_info{{version="{__version__}"}} 1.0' in text.splitlines()
     assert "mirror_http_requests_total{" in text
     assert [line for line in text.splitlines() if "_created" in line] == []
+
+
+def test_log_format_and_shutdown_grace_are_checked(tmp_path):
+    from mirror.config import ConfigError, load_config
+    path = tmp_path / "config.yml"
+    path.write_text("log_format: xml\n")
+    with pytest.raises(ConfigError, match=r"log_format: expected text or json, got 'xml'"):
+        load_config(path)
+    path.write_text("shutdown_grace: soon\n")
+    with pytest.raises(ConfigError, match=r"shutdown_grace: expected a duration"):
+        load_config(path)
+    path.write_text("log_format: JSON\nshutdown_grace: 5s\n")
+    config = load_config(path)
+    assert (config.log_format, config.shutdown_grace) == ("json", 5.0)
