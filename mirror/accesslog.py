@@ -1,9 +1,12 @@
 """One line per request, and the HTTP metrics, as an ASGI middleware.
 
-    127.0.0.1:50312 "GET /v2/library/alpine/manifests/3.19" 200 1638 0.004s hit
+    127.0.0.1:50312 alice "GET /v2/library/alpine/manifests/3.19" 200 1638 0.004s hit "containerd/1.7.2"
 
-The last field is what the cache did: hit, miss (fetched upstream), stale (served
-while upstream failed), coalesced (joined a fetch already running) or - (no lookup).
+After the client's address comes the user the request logged in as (``-``:
+anonymous, or no logins configured); after the time, what the cache did: hit, miss
+(fetched upstream), stale (served while upstream failed), coalesced (joined a fetch
+already running) or - (no lookup); last, the client's User-Agent. With
+``log_format: json`` the same fields are keys of the line's object.
 """
 
 from __future__ import annotations
@@ -78,5 +81,19 @@ class AccessLog:
                 raw = scope.get("raw_path") or scope["path"].encode()
                 query = scope.get("query_string", b"")
                 path = _printable((raw + (b"?" + query if query else b"")).decode("latin-1"))
-                log.info('%s:%s "%s %s" %d %d %.3fs %s', client[0], client[1], scope["method"],
-                         path, status, sent, elapsed, note.cache)
+                agent = _printable(_header(scope, b"user-agent")[:200])
+                user = _printable(note.user[:100])
+                fields = {"client": f"{client[0]}:{client[1]}", "user": user,
+                          "method": scope["method"], "path": path, "status": status,
+                          "bytes": sent, "seconds": round(elapsed, 3), "cache": note.cache,
+                          "user_agent": agent}
+                log.info('%s:%s %s "%s %s" %d %d %.3fs %s "%s"', client[0], client[1], user,
+                         scope["method"], path, status, sent, elapsed, note.cache,
+                         agent.replace('"', '\\"') or "-", extra={"fields": fields})
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return ""

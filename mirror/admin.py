@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import evict, fileio, remove
-from .cache import LocalCache
+from .cache import CannotOpen, LocalCache
 from .config import Config
 from .errors import RegistryError
 from .models import HASHES, validate_digest, validate_tag
@@ -66,7 +66,10 @@ async def opened(config: Config):
     if not (Path(config.data_dir) / "index.db").is_file():
         raise AdminError(f"no cache in {config.data_dir} (no index.db there); "
                          "check --data-dir or data_dir in the config")
-    cache = await LocalCache.open(config.data_dir, server=False)
+    try:
+        cache = await LocalCache.open(config.data_dir, server=False)
+    except CannotOpen as exc:
+        raise AdminError(str(exc)) from None
     try:
         yield cache
     finally:

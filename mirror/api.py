@@ -259,8 +259,10 @@ async def _identity(request: Request) -> Identity | None:
     guard = _registry(request).guard
     if guard is None:
         return None
-    return await guard.identify(request.headers.get("authorization"), _realm(request),
-                                _client(request))
+    identity = await guard.identify(request.headers.get("authorization"), _realm(request),
+                                    _client(request))
+    metrics.identified(identity.account)      # the access log's user
+    return identity
 
 
 def _page(request: Request, validate_last) -> tuple[int, str | None]:

@@ -1,13 +1,17 @@
-"""create_app(config): the ASGI application.
+"""The ASGI application and what it runs on.
 
-The lifespan builds the cache (files + index), one Upstream and one ProxyStore
-per configured upstream, and closes them in reverse order.
+``Mirror(config).running()`` builds the cache (files + index), one Upstream and one
+ProxyStore per configured upstream, and closes them in reverse order; server.py
+enters it before it accepts connections, so a data directory the mirror cannot use
+is one line (``StartupError``), not a traceback. ``create_app(config)`` is the same
+application with that as its ASGI lifespan, for running it under any ASGI server.
 """
 
 from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
+from typing import AsyncIterator
 
 from starlette.applications import Starlette
 
@@ -15,7 +19,7 @@ from . import metrics
 from .accesslog import AccessLog
 from .api import EXCEPTION_HANDLERS, ROUTES, APIVersionHeader, Registry
 from .auth import Guard
-from .cache import LocalCache
+from .cache import CannotOpen, LocalCache
 from .config import Config
 from .evict import Budget, Evictor
 from .proxy import ProxyStore
@@ -25,24 +29,40 @@ from .upstream import Upstream
 log = logging.getLogger("mirror")
 
 
-def create_app(config: Config) -> AccessLog:
+class StartupError(Exception):
+    """The mirror cannot start: one line naming the path, key or address, and what
+    to do."""
+
+
+class Mirror:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.app = Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS,
+                             lifespan=lambda app: self.running())
+        self.asgi = AccessLog(APIVersionHeader(self.app), enabled=config.access_log)
+        self.guard: Guard | None = None
+        self.local: LocalCache | None = None
+
     @asynccontextmanager
-    async def lifespan(app: Starlette):
-        local = await LocalCache.open(config.data_dir)
+    async def running(self) -> AsyncIterator[None]:
+        config = self.config
+        try:
+            local = await LocalCache.open(config.data_dir)
+        except CannotOpen as exc:
+            raise StartupError(str(exc)) from None
+        self.local = local
         evictor = Evictor(local, Budget.of(config))
         evictor.start()
         sources = {name: ProxyStore(local, Upstream(up), up.tag_ttl, up.offline)
                    for name, up in config.upstreams.items()}
         router = Router(config)
-        guard = Guard(config.auth, router, local.data_dir, config.public_url) \
+        guard = self.guard = Guard(config.auth, router, local.data_dir, config.public_url) \
             if config.auth else None
-        app.state.registry = Registry(router, sources, local.repositories, local.not_ready, guard)
+        self.app.state.registry = Registry(router, sources, local.repositories,
+                                           local.not_ready, guard)
         metrics.persist = local.index.count
         metrics.cache_size.set_function(lambda: local.size)
         metrics.cache_budget.set(config.max_size or 0)
-        log.info("mirror ready on %s: upstreams %s (default %s), data in %s", config.listen,
-                 ", ".join(f"{n}={u.url}" for n, u in config.upstreams.items()),
-                 config.default, local.data_dir)
         try:
             yield
         finally:
@@ -54,5 +74,24 @@ def create_app(config: Config) -> AccessLog:
                 await source.aclose()
             await local.close()
 
-    app = Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
-    return AccessLog(APIVersionHeader(app), enabled=config.access_log)
+    def summary(self) -> str:
+        """What the ready line says after the address: TLS, logins, offline mode,
+        the upstreams and the data directory."""
+        config = self.config
+        offline = [n for n, u in config.upstreams.items() if u.offline]
+        if not offline:
+            offline_text = "off"
+        elif len(offline) == len(config.upstreams):
+            offline_text = "on"
+        else:
+            offline_text = "on for " + ",".join(offline)
+        logins = "off" if config.auth is None else \
+            f"on ({'bearer tokens' if config.auth.token else 'basic'})"
+        upstreams = ", ".join(f"{n}={u.url}" for n, u in config.upstreams.items())
+        data_dir = self.local.data_dir if self.local else config.data_dir
+        return (f"TLS {'on' if config.tls else 'off'}, logins {logins}, offline {offline_text}; "
+                f"upstreams {upstreams} (default {config.default}); data in {data_dir}")
+
+
+def create_app(config: Config) -> AccessLog:
+    return Mirror(config).asgi

@@ -19,6 +19,7 @@ in-memory maps loaded at start-up and kept in step with the index.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import shutil
@@ -37,6 +38,36 @@ from .models import HASHES, DIGEST_RE, Manifest, ManifestInfo, References
 log = logging.getLogger("mirror.cache")
 
 MANIFEST_MEMORY = 64 * 1024 * 1024   # bytes of hot manifests kept in memory
+
+
+class CannotOpen(Exception):
+    """The data directory or its index cannot be used; the message is one line that
+    names the path and says what to do."""
+
+
+def unusable(data_dir: Path, exc: BaseException, path: Path | None = None) -> str:
+    """One line for a data directory (or its ``index.db``, ``path``) that cannot be
+    opened: what failed, where, and what to do about it."""
+    where = Path(getattr(exc, "filename", None) or path or data_dir)
+    fix = f"or choose another data_dir (now {data_dir})"
+    if isinstance(exc, sqlite3.Error):
+        text = str(exc)
+        if "readonly" in text or "unable to open" in text:
+            return (f"{where}: {text}: the mirror (uid {os.getuid()}) must be able to write "
+                    f"it and its directory; fix their owner or mode, {fix}")
+        if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
+            return (f"{where}: {text}: not the mirror's index, or damaged; move it away to "
+                    f"start with an empty cache, {fix}")
+        return f"{where}: {text}"
+    reason = getattr(exc, "strerror", None) or str(exc)
+    if isinstance(exc, PermissionError) or getattr(exc, "errno", None) == errno.EROFS:
+        return (f"{where}: {reason}: the mirror (uid {os.getuid()}) cannot write to its data "
+                f"directory; fix the owner or mode, {fix}")
+    if getattr(exc, "errno", None) in (errno.ENOTDIR, errno.EEXIST):
+        return f"{where}: {reason}: a file is in the way of the data directory: move it, {fix}"
+    if getattr(exc, "errno", None) == errno.ENOSPC:
+        return f"{where}: {reason}: free some space, {fix}"
+    return f"{where}: {reason}"
 
 
 class TempBlob:
@@ -209,18 +240,32 @@ class LocalCache:
             if tmp.exists() and server:
                 shutil.rmtree(tmp)       # partial fills of an earlier run
             tmp.mkdir(exist_ok=True)
-        await fileio.run(prepare)
-        index = await Index.open(data_dir / "index.db", flush=server)
+        try:
+            await fileio.run(prepare)
+        except OSError as exc:
+            raise CannotOpen(unusable(data_dir, exc)) from None
+        try:
+            index = await Index.open(data_dir / "index.db", flush=server)
+        except (sqlite3.Error, OSError) as exc:
+            raise CannotOpen(unusable(data_dir, exc, data_dir / "index.db")) from None
         cache = cls(data_dir, index)
-        cache._lock = held
-        await cache.resync()
-        if server:
-            if held is not None and held.previous_pid is not None:
-                log.warning("the previous mirror on %s (pid %d) did not stop cleanly; files "
-                            "are checked against the index by size at start-up, run `mirror "
-                            "verify` to re-hash them", data_dir, held.previous_pid)
-            await cache._reconcile()
+        try:
             await cache.resync()
+            if server:
+                if held is not None and held.previous_pid is not None:
+                    log.warning("the previous mirror on %s (pid %d) did not stop cleanly; "
+                                "files are checked against the index by size at start-up, "
+                                "run `mirror verify` to re-hash them", data_dir,
+                                held.previous_pid)
+                await cache._reconcile()
+                await cache.resync()
+        except (sqlite3.Error, OSError) as exc:
+            await index.close()
+            raise CannotOpen(unusable(data_dir, exc, data_dir / "index.db")) from None
+        except BaseException:
+            await index.close()
+            raise
+        cache._lock = held
         log.info("cache at %s: %d blobs, %d manifests, %d tags", data_dir,
                  len(cache._blobs), len(cache._manifests), len(cache._tags))
         return cache

@@ -48,8 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     from .lock import DataDirInUse, hold
     try:
         lock = hold(config.data_dir)     # before anything touches the data directory
-    except (DataDirInUse, OSError) as exc:
+    except DataDirInUse as exc:
         print(f"mirror: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        from .cache import unusable
+        print(f"mirror: {unusable(config.data_dir.resolve(), exc)}", file=sys.stderr)
         return 1
     status = serve_forever(config)
     lock.release()                       # a clean stop
@@ -189,19 +193,27 @@ def htpasswd_list(path) -> int:
 
 class _QuietAborts(logging.Filter):
     """uvicorn logs a traceback for every response the app aborts on purpose (a
-    broken fill); the mirror has logged those already, in one line."""
+    broken fill), and for each one cut at the end of ``shutdown_grace``; the mirror,
+    or uvicorn itself ("Cancel N running task(s)"), has said so already in one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        import asyncio
+
         from .api import AbortResponse
-        return not (record.exc_info and isinstance(record.exc_info[1], AbortResponse))
+        return not (record.exc_info and isinstance(record.exc_info[1],
+                                                   (AbortResponse, asyncio.CancelledError)))
 
 
 def serve_forever(config) -> int:
-    import uvicorn
+    """Bind the socket (a port in use: one line, exit 1, before anything else), then
+    run the server until SIGTERM or SIGINT (server.py)."""
+    from .server import ListenError, listen, run
 
-    from .app import create_app
-    from .server import uvicorn_options
-
+    try:
+        sock = listen(config.host, config.port)
+    except ListenError as exc:
+        print(f"mirror: {exc}", file=sys.stderr)
+        return 1
     if config.auth is not None and config.auth.token:
         from .tokens import WeakKey, load_key
         try:
@@ -213,17 +225,8 @@ def serve_forever(config) -> int:
             print(f"mirror: {config.data_dir / 'token.key'}: cannot make the token signing "
                   f"key: {exc.strerror}", file=sys.stderr)
             return 2
-    logging.basicConfig(level=config.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("uvicorn.error").addFilter(_QuietAborts())
-    logging.getLogger("httpx").setLevel(logging.WARNING)     # one line per upstream request
-    tls = {"ssl_certfile": str(config.tls.cert), "ssl_keyfile": str(config.tls.key)} \
-        if config.tls else {}
-    uvicorn.run(create_app(config), host=config.host, port=config.port, **tls,
-                log_level=config.log_level, access_log=False,   # mirror.access logs instead
-                lifespan="on", timeout_graceful_shutdown=5, server_header=False,
-                **uvicorn_options(config.limits))
-    return 0
+    return run(config, sock)
 
 
 if __name__ == "__main__":

@@ -95,7 +95,9 @@ class Config:
     upstreams: Mapping[str, UpstreamConfig] = field(default_factory=lambda: MappingProxyType(
         {DOCKER_HUB: UpstreamConfig(DOCKER_HUB, DOCKER_HUB_URL, library_prefix=True)}))
     log_level: str = "info"
+    log_format: str = "text"          # text | json (one object per line)
     access_log: bool = True           # one line per request on the log
+    shutdown_grace: float = 30.0      # seconds running responses get to finish at SIGTERM
     tls: TlsConfig | None = None
     auth: AuthConfig | None = None
     public_url: str | None = None     # how clients reach the mirror (challenges name it)
@@ -210,10 +212,11 @@ def _expand_env(value: Any, key: str) -> Any:
 
 _TOP_KEYS = {"listen", "data_dir", "max_size", "default", "upstreams", "log_level", "offline",
              "high_watermark", "low_watermark", "expire_unused", "access_log", "tls", "auth",
-             "public_url", "limits"}
+             "public_url", "limits", "log_format", "shutdown_grace"}
 _UPSTREAM_KEYS = {"url", "username", "password", "tag_ttl", "library_prefix", "timeout",
                   "retries", "offline", "max_fills", "revalidate_timeout", "token_realms"}
 _LOG_LEVELS = {"critical", "error", "warning", "info", "debug"}
+_LOG_FORMATS = ("text", "json")
 
 
 def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Config:
@@ -287,6 +290,14 @@ def _build(raw: dict) -> Config:
         if level not in _LOG_LEVELS:
             raise ConfigError(f"log_level: expected one of {', '.join(sorted(_LOG_LEVELS))}")
         kwargs["log_level"] = level
+    if "log_format" in raw:
+        log_format = str(_expand_env(raw["log_format"], "log_format")).lower()
+        if log_format not in _LOG_FORMATS:
+            raise ConfigError(f"log_format: expected text or json, got {log_format[:40]!r}")
+        kwargs["log_format"] = log_format
+    if raw.get("shutdown_grace") is not None:
+        kwargs["shutdown_grace"] = _field("shutdown_grace", parse_duration,
+                                          _expand_env(raw["shutdown_grace"], "shutdown_grace"))
     offline = _bool("offline", _expand_env(raw["offline"], "offline")) if "offline" in raw else False
     if "upstreams" in raw:
         ups = raw["upstreams"]

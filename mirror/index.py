@@ -59,6 +59,16 @@ GENERATIONS = {"content": "generation", "pins": "pins_generation"}   # kind -> m
 VARIABLES = 500     # bound values per statement: far below SQLite's limit on any build
 
 
+async def _abandon(db: aiosqlite.Connection, timeout: float = 5.0) -> None:
+    """Close a connection that failed while opening. aiosqlite runs each connection on
+    a non-daemon thread that only a close ends: one left open keeps the process from
+    exiting (a read-only index.db hung `mirror serve` and `mirror stats` for ever)."""
+    try:
+        await asyncio.wait_for(db.close(), timeout)
+    except BaseException:
+        db.stop()          # the thread ends once it has run what was queued before
+
+
 @dataclass(frozen=True)
 class TagRow:
     upstream: str
@@ -81,16 +91,21 @@ class Index:
     @classmethod
     async def open(cls, path: Path, flush_interval: float = 1.0, flush: bool = True) -> "Index":
         db = await aiosqlite.connect(str(path))
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=NORMAL")
-        await db.execute("PRAGMA busy_timeout=5000")
-        await db.executescript(SCHEMA)
-        await db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
-        columns = {row[1] for row in await db.execute_fetchall("PRAGMA table_info(tags)")}
-        if "pulls" not in columns:     # index.db from before tag pull counts
-            await db.execute("ALTER TABLE tags ADD COLUMN pulls INTEGER NOT NULL DEFAULT 0")
-            await db.execute("ALTER TABLE tags ADD COLUMN last_pull REAL")
-        await db.commit()
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=NORMAL")
+            await db.execute("PRAGMA busy_timeout=5000")
+            await db.executescript(SCHEMA)
+            await db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                             (SCHEMA_VERSION,))
+            columns = {row[1] for row in await db.execute_fetchall("PRAGMA table_info(tags)")}
+            if "pulls" not in columns:     # index.db from before tag pull counts
+                await db.execute("ALTER TABLE tags ADD COLUMN pulls INTEGER NOT NULL DEFAULT 0")
+                await db.execute("ALTER TABLE tags ADD COLUMN last_pull REAL")
+            await db.commit()
+        except BaseException:
+            await _abandon(db)
+            raise
         index = cls(db)
         if flush:
             index._flusher = asyncio.create_task(index._flush_loop(flush_interval))

@@ -2,7 +2,7 @@
 access log reads, and the counters `mirror stats` reads from the index.
 
 This module sits at the bottom of the layering: anything may import it, it imports
-nothing of the mirror's. Counters that must outlive the process go through
+nothing of the mirror's (but the version, for ``mirror_build_info``). Counters that must outlive the process go through
 ``persist`` (the index's batched counter, wired up by app.py).
 """
 
@@ -12,10 +12,19 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for api.py)
+from prometheus_client import disable_created_metrics
+
+from . import __version__
+
+# No `*_created` series: one more per counter and histogram, which nobody graphs.
+disable_created_metrics()
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+
+build_info = Info("mirror_build", "The running mirror's version", registry=REGISTRY)
+build_info.info({"version": __version__})
 
 http_requests = Counter("mirror_http_requests", "HTTP requests answered",
                         ["route", "method", "status"], registry=REGISTRY)
@@ -75,6 +84,7 @@ class RequestNote:
     """Filled in while a request is answered; the access log prints it."""
 
     cache: str = "-"
+    user: str = "-"          # who the request came from, once auth.py knows; - anonymous
 
 
 _note: ContextVar[RequestNote | None] = ContextVar("mirror_request_note", default=None)
@@ -84,6 +94,13 @@ def begin_request() -> RequestNote:
     note = RequestNote()
     _note.set(note)
     return note
+
+
+def identified(user: str) -> None:
+    """The request's user, as the login checks found it ("" for anonymous)."""
+    note = _note.get()
+    if note is not None:
+        note.user = user or "-"
 
 
 def lookup(kind: str, result: str) -> None:

@@ -83,6 +83,13 @@ class Htpasswd:
             self._users, self._mtime = users, mtime
             self._verified.clear()
 
+    async def reload(self) -> int:
+        """Read the file again now, changed or not (SIGHUP); the number of users."""
+        mtime, users = await run(self._read, None)
+        self._users, self._mtime = users or {}, mtime
+        self._verified.clear()
+        return len(self._users)
+
     async def check(self, user: str, password: str) -> bool:
         await self._load()
         hashed = self._users.get(user)

@@ -82,7 +82,8 @@ def test_access_log_has_one_line_per_request_with_the_cache_outcome(make_mirror,
     lines = [line for line in mirror.log_text().splitlines() if "mirror.access" in line]
     blob_lines = [line for line in lines if f"/blobs/{blob.digest}" in line]
     assert len(blob_lines) == 2
-    assert blob_lines[0].endswith(" miss") and f" 200 {blob.size} " in blob_lines[0]
-    assert blob_lines[1].endswith(" hit")
+    agent = f'"python-httpx/{httpx.__version__}"'
+    assert blob_lines[0].endswith(f" miss {agent}") and f" 200 {blob.size} " in blob_lines[0]
+    assert blob_lines[1].endswith(f" hit {agent}")
     bad = [line for line in lines if "a%0Ab" in line]
     assert len(bad) == 1 and (" 400 " in bad[0] or " 404 " in bad[0])   # logged escaped, on one line
