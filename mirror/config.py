@@ -108,39 +108,46 @@ class Config:
 
 # -- value parsers: each raises ValueError with a short reason ------------------------------
 
-_UNITS_TIME = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_UNITS_TIME = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION_PART = r"(\d+(?:\.\d+)?)\s*(ms|[smhdw])"
 _UNITS_SIZE = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2,
                "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
+               "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4,
                "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
 
 
 def parse_duration(value: Any) -> float:
-    """``90s``, ``5m``, ``1h``, ``7d`` or a plain number of seconds."""
+    """``90s``, ``5m``, ``1h30m``, ``7d``, ``2w``, ``500ms`` (Go's and Prometheus's
+    units, which may be combined) or a plain number of seconds."""
     if isinstance(value, bool):
-        raise ValueError("expected a duration like 90s, 5m, 1h or 7d")
+        raise ValueError("expected a duration like 90s, 5m, 1h30m or 7d")
     if isinstance(value, (int, float)):
         seconds = float(value)
     else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(value))
-        if not m:
-            raise ValueError(f"expected a duration like 90s, 5m, 1h or 7d, got {value!r}")
-        seconds = float(m.group(1)) * _UNITS_TIME[m.group(2) or "s"]
+        text = str(value).strip().lower()
+        if re.fullmatch(r"\d+(?:\.\d+)?", text):
+            seconds = float(text)
+        elif text and re.fullmatch(rf"(?:{_DURATION_PART}\s*)+", text):
+            seconds = sum(float(n) * _UNITS_TIME[u] for n, u in re.findall(_DURATION_PART, text))
+        else:
+            raise ValueError(f"expected a duration like 90s, 5m, 1h30m or 7d, got {value!r}")
     if seconds < 0:
         raise ValueError("must not be negative")
     return seconds
 
 
 def parse_size(value: Any) -> int:
-    """``50GiB``, ``512MiB``, ``10GB`` or a plain number of bytes."""
+    """``50GiB`` or ``50Gi`` (powers of 1024), ``500MB`` or ``500M`` (powers of 1000),
+    or a plain number of bytes."""
     if isinstance(value, bool):
-        raise ValueError("expected a size like 512MiB or 50GiB")
+        raise ValueError("expected a size like 512MiB, 50Gi or 500MB")
     if isinstance(value, int):
         size = value
     else:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
         unit = m.group(2).lower() if m else None
         if not m or unit not in _UNITS_SIZE:
-            raise ValueError(f"expected a size like 512MiB or 50GiB, got {value!r}")
+            raise ValueError(f"expected a size like 512MiB, 50Gi or 500MB, got {value!r}")
         size = int(float(m.group(1)) * _UNITS_SIZE[unit])
     if size <= 0:
         raise ValueError("must be positive")
@@ -266,8 +273,7 @@ def _build(raw: dict) -> Config:
     for key in ("high_watermark", "low_watermark"):
         if key in raw:
             kwargs[key] = _field(key, parse_fraction, _expand_env(raw[key], key))
-    if kwargs.get("low_watermark", 0.8) >= kwargs.get("high_watermark", 0.9):
-        raise ConfigError("low_watermark: must be below high_watermark")
+    _check_watermarks(raw, kwargs)
     if raw.get("expire_unused") is not None:
         kwargs["expire_unused"] = _field("expire_unused", parse_duration,
                                          _expand_env(raw["expire_unused"], "expire_unused"))
@@ -304,6 +310,23 @@ def _build(raw: dict) -> Config:
                           f"({', '.join(upstreams)})")
     kwargs["default"] = default
     return Config(**kwargs)
+
+
+def _check_watermarks(raw: dict, kwargs: dict) -> None:
+    """low_watermark < high_watermark, named as the user wrote them: the key(s) from the
+    file, and the default where one side was left out."""
+    low = kwargs.get("low_watermark", Config.low_watermark)
+    high = kwargs.get("high_watermark", Config.high_watermark)
+    if low < high:
+        return
+
+    def side(key: str, share: float) -> str:
+        return f"{key} {raw[key]}" if key in raw else f"the default {key} {share:.0%}"
+    if "low_watermark" in raw:
+        raise ConfigError(f"low_watermark: {raw['low_watermark']} must be below "
+                          f"{side('high_watermark', high)}")
+    raise ConfigError(f"high_watermark: {raw['high_watermark']} must be above "
+                      f"{side('low_watermark', low)}")
 
 
 def _upstream(name: str, raw: Any, offline: bool = False) -> UpstreamConfig:
