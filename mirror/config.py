@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 import yaml
@@ -224,10 +224,17 @@ _LOG_LEVELS = {"critical", "error", "warning", "info", "debug"}
 
 
 def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Config:
-    """Read ``path`` (or nothing: the embedded default) and apply CLI overrides."""
+    """Read ``path`` (or nothing: the embedded default) and apply CLI overrides.
+
+    Relative paths in the file (``data_dir``, ``tls.cert``, ``tls.key``,
+    ``auth.htpasswd``) are taken from the file's folder, as nginx and registry:2 users
+    expect; relative paths given on the command line are taken from the current
+    directory."""
     raw: dict = {}
     where = "config"
+    base: Path | None = None
     if path is not None:
+        base = Path(os.path.abspath(path)).parent
         where = str(path)
         try:
             text = Path(path).read_text()
@@ -242,9 +249,17 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Conf
                               f"{getattr(exc, 'problem', None) or exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: expected a mapping of keys at the top level")
-    raw.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    raw.update(given)
+
+    def resolve(key: str, value: str) -> Path:
+        """A path from the file is relative to the file's folder; any other, to the cwd."""
+        if base is None or key in given:
+            return Path(value)
+        return base / value
+
     try:
-        return _build(raw)
+        return _build(raw, resolve)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
@@ -256,7 +271,7 @@ def _field(key: str, parse, value):
         raise ConfigError(f"{key}: {exc}") from None
 
 
-def _build(raw: dict) -> Config:
+def _build(raw: dict, resolve: Callable[[str, str], Path]) -> Config:
     unknown = set(map(str, raw)) - _TOP_KEYS
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown key (known: {', '.join(sorted(_TOP_KEYS))})")
@@ -267,7 +282,7 @@ def _build(raw: dict) -> Config:
         value = _expand_env(raw["data_dir"], "data_dir")
         if not isinstance(value, (str, os.PathLike)) or not str(value):
             raise ConfigError("data_dir: expected a directory path")
-        kwargs["data_dir"] = Path(value)
+        kwargs["data_dir"] = resolve("data_dir", str(value))
     if raw.get("max_size") is not None:
         kwargs["max_size"] = _field("max_size", parse_size, _expand_env(raw["max_size"], "max_size"))
     for key in ("high_watermark", "low_watermark"):
@@ -278,9 +293,9 @@ def _build(raw: dict) -> Config:
         kwargs["expire_unused"] = _field("expire_unused", parse_duration,
                                          _expand_env(raw["expire_unused"], "expire_unused"))
     if raw.get("tls") is not None:
-        kwargs["tls"] = _tls(raw["tls"])
+        kwargs["tls"] = _tls(raw["tls"], resolve)
     if raw.get("auth") is not None:
-        kwargs["auth"] = _auth(raw["auth"])
+        kwargs["auth"] = _auth(raw["auth"], resolve)
     if raw.get("public_url") is not None:
         kwargs["public_url"] = _field("public_url", parse_public_url,
                                       _expand_env(raw["public_url"], "public_url"))
@@ -415,18 +430,19 @@ def _mapping(key: str, raw: Any, known: set[str]) -> dict:
     return {k: _expand_env(v, f"{key}.{k}") for k, v in raw.items()}
 
 
-def _path(key: str, value: Any) -> Path:
+def _path(key: str, value: Any, resolve: Callable[[str, str], Path]) -> Path:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{key}: expected a file path")
-    return Path(value)
+    return resolve(key, value)
 
 
-def _tls(raw: Any) -> TlsConfig:
+def _tls(raw: Any, resolve: Callable[[str, str], Path]) -> TlsConfig:
     values = _mapping("tls", raw, {"cert", "key"})
     for k in ("cert", "key"):
         if k not in values:
             raise ConfigError(f"tls.{k}: missing (PEM file; `mirror certs HOST` makes one)")
-    cert, key = _path("tls.cert", values["cert"]), _path("tls.key", values["key"])
+    cert = _path("tls.cert", values["cert"], resolve)
+    key = _path("tls.key", values["key"], resolve)
     for name, path in (("cert", cert), ("key", key)):
         if not path.is_file():
             raise ConfigError(f"tls.{name}: {path} does not exist")
@@ -436,13 +452,13 @@ def _tls(raw: Any) -> TlsConfig:
 _ACTIONS = {"pull", "push", "delete", "*"}
 
 
-def _auth(raw: Any) -> AuthConfig:
+def _auth(raw: Any, resolve: Callable[[str, str], Path]) -> AuthConfig:
     values = _mapping("auth", raw, {"htpasswd", "token", "anonymous", "acl", "max_failures",
                                     "failure_window"})
     if "htpasswd" not in values:
         raise ConfigError("auth.htpasswd: missing (the users file; `mirror htpasswd add USER` "
                           "creates it)")
-    kwargs: dict[str, Any] = {"htpasswd": _path("auth.htpasswd", values["htpasswd"])}
+    kwargs: dict[str, Any] = {"htpasswd": _path("auth.htpasswd", values["htpasswd"], resolve)}
     if "anonymous" in values:
         anon = values["anonymous"]
         if anon not in ("pull", "none", False, None):
