@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
@@ -154,6 +154,30 @@ def parse_size(value: Any) -> int:
     return size
 
 
+def format_duration(seconds: float) -> str:
+    """The inverse of ``parse_duration``: 5400 -> ``1h30m``, 0.5 -> ``500ms``."""
+    ms = round(seconds * 1000)
+    if ms == 0:
+        return "0s"
+    parts = []
+    for unit, size in (("d", 86400_000), ("h", 3600_000), ("m", 60_000), ("s", 1000),
+                       ("ms", 1)):
+        count, ms = divmod(ms, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts)
+
+
+def format_size(size: int) -> str:
+    """The inverse of ``parse_size``, exact: ``50GiB``, ``500MB`` or a number of bytes."""
+    for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2),
+                         ("TB", 1000**4), ("GB", 1000**3), ("MB", 1000**2),
+                         ("KiB", 1024), ("KB", 1000)):
+        if size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
 def parse_fraction(value: Any) -> float:
     """``90%`` or ``0.9``: a share of the budget, above 0 and at most 1."""
     text = str(value).strip()
@@ -199,16 +223,22 @@ def parse_public_url(value: Any) -> str:
     return url
 
 
-def _expand_env(value: Any, key: str) -> Any:
-    """Replace ``${VAR}`` in strings with the environment's value."""
+def expand_env(value: Any, key: str, environ: Mapping[str, str]) -> Any:
+    """Replace ``${VAR}`` in the strings of a config file's tree with the environment's
+    values, once, as the file is read (so a value may itself contain ``${``)."""
+    if isinstance(value, dict):
+        return {k: expand_env(v, f"{key}.{k}" if key else str(k), environ)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, f"{key}[{i}]", environ) for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
 
     def sub(m: re.Match) -> str:
         name = m.group(1)
-        if name not in os.environ:
+        if name not in environ:
             raise ConfigError(f"{key}: environment variable {name} is not set")
-        return os.environ[name]
+        return environ[name]
 
     return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", sub, value)
 
@@ -221,10 +251,16 @@ _TOP_KEYS = {"listen", "data_dir", "max_size", "default", "upstreams", "log_leve
 _UPSTREAM_KEYS = {"url", "username", "password", "tag_ttl", "library_prefix", "timeout",
                   "retries", "offline", "max_fills", "revalidate_timeout", "token_realms"}
 _LOG_LEVELS = {"critical", "error", "warning", "info", "debug"}
+_TLS_KEYS = {"cert", "key"}
+_AUTH_KEYS = {"htpasswd", "token", "anonymous", "acl", "max_failures", "failure_window"}
+_TOKEN_KEYS = {"realm", "service", "issuer", "expiry"}
+_LIMITS_KEYS = {"max_connections", "header_timeout", "keepalive_timeout"}
 
 
-def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Config:
-    """Read ``path`` (or nothing: the embedded default) and apply CLI overrides.
+def load_config(path: str | os.PathLike | None = None,
+                environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+    """Read ``path`` (or nothing: the embedded default), apply ``MIRROR_*`` settings from
+    ``environ`` (default: ``os.environ``; ``{}`` for none), then CLI overrides.
 
     Relative paths in the file (``data_dir``, ``tls.cert``, ``tls.key``,
     ``auth.htpasswd``) are taken from the file's folder, as nginx and registry:2 users
@@ -249,19 +285,135 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Conf
                               f"{getattr(exc, 'problem', None) or exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: expected a mapping of keys at the top level")
+    environ = os.environ if environ is None else environ
+    try:
+        raw = expand_env(raw, "", environ)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    origins = from_environment(raw, environ)
     given = {k: v for k, v in overrides.items() if v is not None}
     raw.update(given)
 
     def resolve(key: str, value: str) -> Path:
         """A path from the file is relative to the file's folder; any other, to the cwd."""
-        if base is None or key in given:
+        if base is None or key in given or key in origins:
             return Path(value)
         return base / value
 
     try:
         return _build(raw, resolve)
     except ConfigError as exc:
+        key = str(exc).split(":", 1)[0]
+        for setting, variable in origins.items():
+            if key == setting or key.startswith((f"{setting}.", f"{setting}[")):
+                if setting not in given:
+                    raise ConfigError(f"{variable}: {exc}") from None
         raise ConfigError(f"{where}: {exc}") from None
+
+
+# -- the environment: MIRROR_<KEY PATH> -----------------------------------------------------
+#
+# Every key that takes a single value can be set as MIRROR_ followed by its path in the
+# file, components joined by "_", upper case, and any character other than a letter or
+# digit (the "." and "-" of upstream names) turned into "_": MIRROR_LISTEN,
+# MIRROR_UPSTREAMS_DOCKER_IO_TAG_TTL, MIRROR_AUTH_TOKEN_EXPIRY. It overrides the file.
+# Upstreams are matched by that same spelling of the names in the file (or docker.io, the
+# embedded default); a variable cannot add an upstream, since GHCR_IO could be ghcr.io or
+# ghcr-io. Values are read as YAML scalars (true, 5m, 8), except strings such as URLs,
+# paths and passwords, which are taken as written. MIRROR_CONFIG names the file and
+# MIRROR_TEST_* belong to the test suite and tools; any other MIRROR_* that is not a
+# setting is an error, so a misspelt one does not go unnoticed.
+
+ENV_PREFIX = "MIRROR_"
+NOT_SETTINGS = ("MIRROR_CONFIG",)
+RESERVED_PREFIX = "MIRROR_TEST_"
+_SECTIONS = {"upstreams", "tls", "auth", "limits"}
+_TEXT_KEYS = {"listen", "data_dir", "default", "public_url", "log_level", "cert", "key",
+              "htpasswd", "realm", "service", "issuer", "url", "username", "password"}
+
+
+def env_name(*path: str) -> str:
+    """``("upstreams", "docker.io", "tag_ttl")`` -> ``MIRROR_UPSTREAMS_DOCKER_IO_TAG_TTL``."""
+    return ENV_PREFIX + "_".join(re.sub(r"[^A-Za-z0-9]", "_", p).upper() for p in path)
+
+
+def _settings(raw: dict) -> dict[str, list[tuple[str, ...]]]:
+    """Variable name -> the key path(s) it sets, for every single-value key."""
+    ups = raw.get("upstreams")
+    names = [str(n) for n in ups] if isinstance(ups, dict) and ups else [DOCKER_HUB]
+    paths = [(k,) for k in _TOP_KEYS - _SECTIONS]
+    paths += [("tls", k) for k in _TLS_KEYS] + [("limits", k) for k in _LIMITS_KEYS]
+    paths += [("auth", k) for k in _AUTH_KEYS - {"acl"}]
+    paths += [("auth", "token", k) for k in _TOKEN_KEYS]
+    paths += [("upstreams", n, k) for n in names for k in _UPSTREAM_KEYS]
+    table: dict[str, list[tuple[str, ...]]] = {}
+    for path in paths:
+        table.setdefault(env_name(*path), []).append(path)
+    return table
+
+
+def env_settings(environ: Mapping[str, str]) -> list[str]:
+    """The names in ``environ`` that are read as settings."""
+    return sorted(n for n in environ if n.startswith(ENV_PREFIX) and n not in NOT_SETTINGS
+                  and not n.startswith(RESERVED_PREFIX))
+
+
+def from_environment(raw: dict, environ: Mapping[str, str]) -> dict[str, str]:
+    """Set ``MIRROR_*`` settings into ``raw``; returns ``{"a.b": "MIRROR_A_B"}``."""
+    table = _settings(raw)
+    found = []
+    for name in env_settings(environ):
+        paths = table.get(name)
+        if not paths:
+            raise ConfigError(_not_a_setting(name, raw, table))
+        if len(paths) > 1:
+            raise ConfigError(f"{name}: names {' and '.join('.'.join(p) for p in paths)}; "
+                              "rename one of the upstreams")
+        found.append((paths[0], name))
+    origins = {}
+    for path, name in sorted(found, key=lambda f: len(f[0])):     # auth.token before its keys
+        node = raw
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None or (child is True and part == "token"):
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"{name}: {'.'.join(path[:i + 1])} is not a mapping "
+                                  f"(it is {child!r} in the config file)")
+            node = child
+        node[path[-1]] = _env_value(path[-1], environ[name])
+        origins[".".join(path)] = name
+    return origins
+
+
+def _env_value(key: str, text: str) -> Any:
+    """Text keys (URLs, paths, passwords) as written; others as a YAML scalar."""
+    if key in _TEXT_KEYS:
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _not_a_setting(name: str, raw: dict, table: dict) -> str:
+    rest = name[len(ENV_PREFIX):]
+    sections = {env_name(*p): ".".join(p) for p in [(s,) for s in _SECTIONS] + [("auth", "acl")]}
+    if name in sections:
+        return (f"{name}: {sections[name]} is not a single value; set it in the config file"
+                + ("" if name == env_name("auth", "acl") else
+                   f" or its keys one by one ({name}_<KEY>)"))
+    names = sorted({p[1] for ps in table.values() for p in ps if p[0] == "upstreams"})
+    if rest.startswith("UPSTREAMS_") and not any(
+            name.startswith(env_name("upstreams", n) + "_") for n in names):
+        return (f"{name}: no upstream of that name in the config (upstreams: "
+                f"{', '.join(names)}); a variable sets keys of an upstream the config file "
+                "has, it cannot add one")
+    import difflib
+    close = difflib.get_close_matches(name, table, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return (f"{name}: not a setting (MIRROR_ and a key's path in upper case with _ between "
+            f"the parts, e.g. MIRROR_LISTEN or MIRROR_UPSTREAMS_DOCKER_IO_TAG_TTL){hint}")
 
 
 def _field(key: str, parse, value):
@@ -277,38 +429,36 @@ def _build(raw: dict, resolve: Callable[[str, str], Path]) -> Config:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown key (known: {', '.join(sorted(_TOP_KEYS))})")
     kwargs: dict[str, Any] = {}
     if "listen" in raw:
-        kwargs["host"], kwargs["port"] = _field("listen", parse_listen, _expand_env(raw["listen"], "listen"))
+        kwargs["host"], kwargs["port"] = _field("listen", parse_listen, raw["listen"])
     if "data_dir" in raw:
-        value = _expand_env(raw["data_dir"], "data_dir")
+        value = raw["data_dir"]
         if not isinstance(value, (str, os.PathLike)) or not str(value):
             raise ConfigError("data_dir: expected a directory path")
         kwargs["data_dir"] = resolve("data_dir", str(value))
     if raw.get("max_size") is not None:
-        kwargs["max_size"] = _field("max_size", parse_size, _expand_env(raw["max_size"], "max_size"))
+        kwargs["max_size"] = _field("max_size", parse_size, raw["max_size"])
     for key in ("high_watermark", "low_watermark"):
         if key in raw:
-            kwargs[key] = _field(key, parse_fraction, _expand_env(raw[key], key))
+            kwargs[key] = _field(key, parse_fraction, raw[key])
     _check_watermarks(raw, kwargs)
     if raw.get("expire_unused") is not None:
-        kwargs["expire_unused"] = _field("expire_unused", parse_duration,
-                                         _expand_env(raw["expire_unused"], "expire_unused"))
+        kwargs["expire_unused"] = _field("expire_unused", parse_duration, raw["expire_unused"])
     if raw.get("tls") is not None:
         kwargs["tls"] = _tls(raw["tls"], resolve)
     if raw.get("auth") is not None:
         kwargs["auth"] = _auth(raw["auth"], resolve)
     if raw.get("public_url") is not None:
-        kwargs["public_url"] = _field("public_url", parse_public_url,
-                                      _expand_env(raw["public_url"], "public_url"))
+        kwargs["public_url"] = _field("public_url", parse_public_url, raw["public_url"])
     if raw.get("limits") is not None:
         kwargs["limits"] = _limits(raw["limits"])
     if "access_log" in raw:
-        kwargs["access_log"] = _bool("access_log", _expand_env(raw["access_log"], "access_log"))
+        kwargs["access_log"] = _bool("access_log", raw["access_log"])
     if "log_level" in raw:
         level = str(raw["log_level"]).lower()
         if level not in _LOG_LEVELS:
             raise ConfigError(f"log_level: expected one of {', '.join(sorted(_LOG_LEVELS))}")
         kwargs["log_level"] = level
-    offline = _bool("offline", _expand_env(raw["offline"], "offline")) if "offline" in raw else False
+    offline = _bool("offline", raw["offline"]) if "offline" in raw else False
     if "upstreams" in raw:
         ups = raw["upstreams"]
         if not isinstance(ups, dict) or not ups:
@@ -356,7 +506,7 @@ def _upstream(name: str, raw: Any, offline: bool = False) -> UpstreamConfig:
     if unknown:
         raise ConfigError(f"{key}.{sorted(unknown)[0]}: unknown key "
                           f"(known: {', '.join(sorted(_UPSTREAM_KEYS))})")
-    values = {k: _expand_env(v, f"{key}.{k}") for k, v in raw.items()}
+    values = dict(raw)
     if "url" not in values:
         if name != DOCKER_HUB:
             raise ConfigError(f"{key}.url: missing (the upstream registry's URL, e.g. https://{name})")
@@ -401,7 +551,6 @@ def _upstream(name: str, raw: Any, offline: bool = False) -> UpstreamConfig:
 def _token_realm(key: str, value: Any) -> str:
     """A host (``auth.example.com``: any realm on it) or a realm URL
     (``https://auth.example.com/token``: that URL only, query aside)."""
-    value = _expand_env(value, key)
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{key}: expected a host like auth.example.com or a realm URL")
     value = value.strip()
@@ -427,7 +576,7 @@ def _mapping(key: str, raw: Any, known: set[str]) -> dict:
     unknown = set(map(str, raw)) - known
     if unknown:
         raise ConfigError(f"{key}.{sorted(unknown)[0]}: unknown key (known: {', '.join(sorted(known))})")
-    return {k: _expand_env(v, f"{key}.{k}") for k, v in raw.items()}
+    return dict(raw)
 
 
 def _path(key: str, value: Any, resolve: Callable[[str, str], Path]) -> Path:
@@ -437,7 +586,7 @@ def _path(key: str, value: Any, resolve: Callable[[str, str], Path]) -> Path:
 
 
 def _tls(raw: Any, resolve: Callable[[str, str], Path]) -> TlsConfig:
-    values = _mapping("tls", raw, {"cert", "key"})
+    values = _mapping("tls", raw, _TLS_KEYS)
     for k in ("cert", "key"):
         if k not in values:
             raise ConfigError(f"tls.{k}: missing (PEM file; `mirror certs HOST` makes one)")
@@ -453,8 +602,7 @@ _ACTIONS = {"pull", "push", "delete", "*"}
 
 
 def _auth(raw: Any, resolve: Callable[[str, str], Path]) -> AuthConfig:
-    values = _mapping("auth", raw, {"htpasswd", "token", "anonymous", "acl", "max_failures",
-                                    "failure_window"})
+    values = _mapping("auth", raw, _AUTH_KEYS)
     if "htpasswd" not in values:
         raise ConfigError("auth.htpasswd: missing (the users file; `mirror htpasswd add USER` "
                           "creates it)")
@@ -467,8 +615,7 @@ def _auth(raw: Any, resolve: Callable[[str, str], Path]) -> AuthConfig:
     token = values.get("token")
     if token is True or isinstance(token, dict):
         kwargs["token"] = True
-        tok = _mapping("auth.token", token if isinstance(token, dict) else {},
-                       {"realm", "service", "issuer", "expiry"})
+        tok = _mapping("auth.token", token if isinstance(token, dict) else {}, _TOKEN_KEYS)
         if "realm" in tok:
             kwargs["realm"] = _field("auth.token.realm", parse_url, tok["realm"])
         for k in ("service", "issuer"):
@@ -503,7 +650,7 @@ def _whole(key: str, value: Any, low: int, high: int) -> int:
 
 
 def _limits(raw: Any) -> LimitsConfig:
-    values = _mapping("limits", raw, {"max_connections", "header_timeout", "keepalive_timeout"})
+    values = _mapping("limits", raw, _LIMITS_KEYS)
     kwargs: dict[str, Any] = {}
     if "max_connections" in values:
         kwargs["max_connections"] = _whole("limits.max_connections", values["max_connections"],
@@ -536,3 +683,61 @@ def _acl_rule(i: int, raw: Any) -> AclRule:
     if bad:
         raise ConfigError(f"{key}.actions: unknown action {bad[0]!r} (known: pull, push, delete, *)")
     return AclRule(account, name, frozenset(actions))
+
+
+# -- the effective configuration, as `mirror config check` prints it ------------------------
+
+SECRET = "***"
+
+
+def describe(config: Config, mask: bool = True) -> dict:
+    """``config`` as a config.yml would hold it (loading that gives ``config`` back),
+    with absolute paths and, if ``mask``, passwords as ``***``."""
+    def path(p: Path) -> str:
+        return os.path.abspath(p)
+
+    def upstream(u: UpstreamConfig) -> dict:
+        return {"url": u.url, "username": u.username,
+                "password": SECRET if mask and u.password is not None else u.password,
+                "tag_ttl": format_duration(u.tag_ttl), "library_prefix": u.library_prefix,
+                "timeout": format_duration(u.timeout), "retries": u.retries,
+                "offline": u.offline, "max_fills": u.max_fills,
+                "revalidate_timeout": format_duration(u.revalidate_timeout),
+                "token_realms": list(u.token_realms)}
+
+    out: dict[str, Any] = {
+        "listen": config.listen, "data_dir": path(config.data_dir),
+        "max_size": format_size(config.max_size) if config.max_size else None,
+        "high_watermark": f"{config.high_watermark * 100:g}%",
+        "low_watermark": f"{config.low_watermark * 100:g}%",
+        "expire_unused": None if config.expire_unused is None
+        else format_duration(config.expire_unused),
+        "log_level": config.log_level, "access_log": config.access_log,
+        "public_url": config.public_url,
+        "tls": {"cert": path(config.tls.cert), "key": path(config.tls.key)}
+        if config.tls else None,
+        "auth": None, "limits": {
+            "max_connections": config.limits.max_connections,
+            "header_timeout": format_duration(config.limits.header_timeout),
+            "keepalive_timeout": format_duration(config.limits.keepalive_timeout)},
+        "default": config.default,
+        "upstreams": {name: upstream(u) for name, u in config.upstreams.items()},
+    }
+    if config.auth is not None:
+        a = config.auth
+        token = {"service": a.service, "issuer": a.issuer,
+                 "expiry": format_duration(a.token_ttl)} if a.token else False
+        if a.token and a.realm is not None:
+            token = {"realm": a.realm, **token}
+        acl = None if a.acl is None else [
+            {"match": {"account": r.account, "name": r.name}, "actions": sorted(r.actions)}
+            for r in a.acl]
+        out["auth"] = {"htpasswd": path(a.htpasswd), "token": token,
+                       "anonymous": "pull" if a.anonymous else "none", "acl": acl,
+                       "max_failures": a.max_failures,
+                       "failure_window": format_duration(a.failure_window)}
+    for f in fields(config):          # keys this function does not know yet, as they are
+        if f.name not in out and f.name not in ("host", "port"):
+            value = getattr(config, f.name)
+            out[f.name] = str(value) if isinstance(value, Path) else value
+    return out
