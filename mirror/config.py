@@ -3,6 +3,11 @@
 Every key has a default, so no file at all gives the embedded default: a mirror
 of Docker Hub on 0.0.0.0:5000 caching under ./data. A bad file raises
 ``ConfigError`` whose message is one line naming the key and the problem.
+
+Here: ``Config``, ``load_config`` (the file, then ``MIRROR_*`` variables, then the
+command line) and ``describe`` (what `mirror config check` prints). The sections
+(upstreams, tls, auth, limits) are in config_sections.py, the value parsers in
+config_values.py; import them all from here.
 """
 
 from __future__ import annotations
@@ -13,73 +18,21 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
-from urllib.parse import urlsplit
 
 import yaml
 
-from .models import NAME_RE
+from .config_sections import (DOCKER_HUB, DOCKER_HUB_URL, _AUTH_KEYS, _LIMITS_KEYS,
+                              _TLS_KEYS, _TOKEN_KEYS, _UPSTREAM_KEYS, AclRule, AuthConfig,
+                              LimitsConfig, TlsConfig, UpstreamConfig, _auth, _limits, _tls,
+                              _upstream)
+from .config_values import (ConfigError, _bool, _field, expand_env, format_duration,
+                            format_size, parse_duration, parse_fraction, parse_listen,
+                            parse_public_url, parse_size, parse_url)
 
-DOCKER_HUB = "docker.io"
-DOCKER_HUB_URL = "https://registry-1.docker.io"
-
-
-class ConfigError(Exception):
-    """One line: where, which key, what is wrong."""
-
-
-@dataclass(frozen=True)
-class UpstreamConfig:
-    name: str
-    url: str
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    tag_ttl: float = 300.0
-    library_prefix: bool = False      # one-component names get "library/" (Docker Hub)
-    timeout: float = 30.0             # connect and read timeout, seconds
-    retries: int = 2                  # extra tries on connect errors and 5xx (GET/HEAD)
-    offline: bool = False             # never contact this upstream; serve what is cached
-    max_fills: int = 32               # blob downloads from it at once; more wait for a slot
-    revalidate_timeout: float = 5.0   # whole-request deadline when a cached copy can answer
-    token_realms: tuple[str, ...] = ()  # extra token realms (hosts or URLs) given credentials
-
-
-@dataclass(frozen=True)
-class TlsConfig:
-    cert: Path
-    key: Path
-
-
-@dataclass(frozen=True)
-class AclRule:
-    """docker_auth style: the first rule whose account and name globs match decides.
-    ``account`` "" matches anonymous requests only; names are ``<upstream>/<repo>``."""
-
-    account: str
-    name: str
-    actions: frozenset[str]
-
-
-@dataclass(frozen=True)
-class AuthConfig:
-    htpasswd: Path
-    token: bool = False               # Bearer tokens from /token instead of Basic on each request
-    realm: str | None = None          # token realm URL; default: this server's /token
-    service: str = "mirror"
-    issuer: str = "mirror"
-    token_ttl: float = 300.0
-    anonymous: bool = False           # anonymous pulls allowed (when no ACL says otherwise)
-    acl: tuple[AclRule, ...] | None = None
-    max_failures: int = 10            # failed logins per user or address in failure_window
-    failure_window: float = 60.0      # ... after which that user or address gets 429 a while
-
-
-@dataclass(frozen=True)
-class LimitsConfig:
-    """What one client may hold of the server."""
-
-    max_connections: int = 1000       # open connections; past it requests get 503
-    header_timeout: float = 10.0      # seconds a request's headers may take to arrive
-    keepalive_timeout: float = 5.0    # seconds an idle keep-alive connection stays open
+__all__ = ["DOCKER_HUB", "DOCKER_HUB_URL", "AclRule", "AuthConfig", "Config", "ConfigError",
+           "LimitsConfig", "TlsConfig", "UpstreamConfig", "describe", "env_name",
+           "env_settings", "format_duration", "format_size", "load_config", "parse_duration",
+           "parse_fraction", "parse_listen", "parse_public_url", "parse_size", "parse_url"]
 
 
 @dataclass(frozen=True)
@@ -106,155 +59,14 @@ class Config:
         return f"{self.host}:{self.port}"
 
 
-# -- value parsers: each raises ValueError with a short reason ------------------------------
-
-_UNITS_TIME = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_DURATION_PART = r"(\d+(?:\.\d+)?)\s*(ms|[smhdw])"
-_UNITS_SIZE = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2,
-               "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
-               "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4,
-               "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
-
-
-def parse_duration(value: Any) -> float:
-    """``90s``, ``5m``, ``1h30m``, ``7d``, ``2w``, ``500ms`` (Go's and Prometheus's
-    units, which may be combined) or a plain number of seconds."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration like 90s, 5m, 1h30m or 7d")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        text = str(value).strip().lower()
-        if re.fullmatch(r"\d+(?:\.\d+)?", text):
-            seconds = float(text)
-        elif text and re.fullmatch(rf"(?:{_DURATION_PART}\s*)+", text):
-            seconds = sum(float(n) * _UNITS_TIME[u] for n, u in re.findall(_DURATION_PART, text))
-        else:
-            raise ValueError(f"expected a duration like 90s, 5m, 1h30m or 7d, got {value!r}")
-    if seconds < 0:
-        raise ValueError("must not be negative")
-    return seconds
-
-
-def parse_size(value: Any) -> int:
-    """``50GiB`` or ``50Gi`` (powers of 1024), ``500MB`` or ``500M`` (powers of 1000),
-    or a plain number of bytes."""
-    if isinstance(value, bool):
-        raise ValueError("expected a size like 512MiB, 50Gi or 500MB")
-    if isinstance(value, int):
-        size = value
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
-        unit = m.group(2).lower() if m else None
-        if not m or unit not in _UNITS_SIZE:
-            raise ValueError(f"expected a size like 512MiB, 50Gi or 500MB, got {value!r}")
-        size = int(float(m.group(1)) * _UNITS_SIZE[unit])
-    if size <= 0:
-        raise ValueError("must be positive")
-    return size
-
-
-def format_duration(seconds: float) -> str:
-    """The inverse of ``parse_duration``: 5400 -> ``1h30m``, 0.5 -> ``500ms``."""
-    ms = round(seconds * 1000)
-    if ms == 0:
-        return "0s"
-    parts = []
-    for unit, size in (("d", 86400_000), ("h", 3600_000), ("m", 60_000), ("s", 1000),
-                       ("ms", 1)):
-        count, ms = divmod(ms, size)
-        if count:
-            parts.append(f"{count}{unit}")
-    return "".join(parts)
-
-
-def format_size(size: int) -> str:
-    """The inverse of ``parse_size``, exact: ``50GiB``, ``500MB`` or a number of bytes."""
-    for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2),
-                         ("TB", 1000**4), ("GB", 1000**3), ("MB", 1000**2),
-                         ("KiB", 1024), ("KB", 1000)):
-        if size % factor == 0:
-            return f"{size // factor}{unit}"
-    return str(size)
-
-
-def parse_fraction(value: Any) -> float:
-    """``90%`` or ``0.9``: a share of the budget, above 0 and at most 1."""
-    text = str(value).strip()
-    try:
-        share = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    except ValueError:
-        raise ValueError(f"expected a share like 90% or 0.9, got {value!r}") from None
-    if isinstance(value, bool) or not 0 < share <= 1:
-        raise ValueError(f"expected a share like 90% or 0.9, got {value!r}")
-    return share
-
-
-def parse_listen(value: Any) -> tuple[str, int]:
-    text = str(value)
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        host, port = "0.0.0.0", text
-    host = host.strip("[]") or "0.0.0.0"
-    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
-        raise ValueError(f"expected HOST:PORT like 0.0.0.0:5000, got {text!r}")
-    return host, int(port)
-
-
-def parse_url(value: Any) -> str:
-    url = str(value).rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
-    return url
-
-
-def parse_public_url(value: Any) -> str:
-    """``https://mirror.example`` or ``https://mirror.example:5000``: no path, query or
-    user, since it names the host the mirror's own endpoints (/v2/, /token) are on."""
-    url = parse_url(value)
-    parts = urlsplit(url)
-    if parts.path or parts.query or parts.fragment or parts.username is not None:
-        raise ValueError(f"expected scheme://host[:port] like https://mirror.example, got {value!r}")
-    try:
-        parts.port
-    except ValueError:
-        raise ValueError(f"bad port in {value!r}") from None
-    return url
-
-
-def expand_env(value: Any, key: str, environ: Mapping[str, str]) -> Any:
-    """Replace ``${VAR}`` in the strings of a config file's tree with the environment's
-    values, once, as the file is read (so a value may itself contain ``${``)."""
-    if isinstance(value, dict):
-        return {k: expand_env(v, f"{key}.{k}" if key else str(k), environ)
-                for k, v in value.items()}
-    if isinstance(value, list):
-        return [expand_env(v, f"{key}[{i}]", environ) for i, v in enumerate(value)]
-    if not isinstance(value, str):
-        return value
-
-    def sub(m: re.Match) -> str:
-        name = m.group(1)
-        if name not in environ:
-            raise ConfigError(f"{key}: environment variable {name} is not set")
-        return environ[name]
-
-    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", sub, value)
-
-
 # -- loading --------------------------------------------------------------------------------
 
 _TOP_KEYS = {"listen", "data_dir", "max_size", "default", "upstreams", "log_level", "offline",
              "high_watermark", "low_watermark", "expire_unused", "access_log", "tls", "auth",
              "public_url", "limits"}
-_UPSTREAM_KEYS = {"url", "username", "password", "tag_ttl", "library_prefix", "timeout",
-                  "retries", "offline", "max_fills", "revalidate_timeout", "token_realms"}
+
+
 _LOG_LEVELS = {"critical", "error", "warning", "info", "debug"}
-_TLS_KEYS = {"cert", "key"}
-_AUTH_KEYS = {"htpasswd", "token", "anonymous", "acl", "max_failures", "failure_window"}
-_TOKEN_KEYS = {"realm", "service", "issuer", "expiry"}
-_LIMITS_KEYS = {"max_connections", "header_timeout", "keepalive_timeout"}
 
 
 def load_config(path: str | os.PathLike | None = None,
@@ -325,9 +137,17 @@ def load_config(path: str | os.PathLike | None = None,
 # setting is an error, so a misspelt one does not go unnoticed.
 
 ENV_PREFIX = "MIRROR_"
+
+
 NOT_SETTINGS = ("MIRROR_CONFIG",)
+
+
 RESERVED_PREFIX = "MIRROR_TEST_"
+
+
 _SECTIONS = {"upstreams", "tls", "auth", "limits"}
+
+
 _TEXT_KEYS = {"listen", "data_dir", "default", "public_url", "log_level", "cert", "key",
               "htpasswd", "realm", "service", "issuer", "url", "username", "password"}
 
@@ -416,13 +236,6 @@ def _not_a_setting(name: str, raw: dict, table: dict) -> str:
             f"the parts, e.g. MIRROR_LISTEN or MIRROR_UPSTREAMS_DOCKER_IO_TAG_TTL){hint}")
 
 
-def _field(key: str, parse, value):
-    try:
-        return parse(value)
-    except ValueError as exc:
-        raise ConfigError(f"{key}: {exc}") from None
-
-
 def _build(raw: dict, resolve: Callable[[str, str], Path]) -> Config:
     unknown = set(map(str, raw)) - _TOP_KEYS
     if unknown:
@@ -492,197 +305,6 @@ def _check_watermarks(raw: dict, kwargs: dict) -> None:
                           f"{side('high_watermark', high)}")
     raise ConfigError(f"high_watermark: {raw['high_watermark']} must be above "
                       f"{side('low_watermark', low)}")
-
-
-def _upstream(name: str, raw: Any, offline: bool = False) -> UpstreamConfig:
-    key = f"upstreams.{name}"
-    if not NAME_RE.fullmatch(name) or "/" in name:
-        raise ConfigError(f"{key}: upstream names are one path component like docker.io or ghcr.io")
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{key}: expected a mapping with at least url")
-    unknown = set(map(str, raw)) - _UPSTREAM_KEYS
-    if unknown:
-        raise ConfigError(f"{key}.{sorted(unknown)[0]}: unknown key "
-                          f"(known: {', '.join(sorted(_UPSTREAM_KEYS))})")
-    values = dict(raw)
-    if "url" not in values:
-        if name != DOCKER_HUB:
-            raise ConfigError(f"{key}.url: missing (the upstream registry's URL, e.g. https://{name})")
-        values["url"] = DOCKER_HUB_URL
-    kwargs: dict[str, Any] = {"name": name, "url": _field(f"{key}.url", parse_url, values["url"]),
-                              "library_prefix": name == DOCKER_HUB, "offline": offline}
-    for k in ("username", "password"):
-        if values.get(k) is not None:
-            if not isinstance(values[k], (str, int)):
-                raise ConfigError(f"{key}.{k}: expected a string")
-            kwargs[k] = str(values[k])
-    if ("username" in kwargs) != ("password" in kwargs):
-        raise ConfigError(f"{key}: username and password go together")
-    if "tag_ttl" in values:
-        kwargs["tag_ttl"] = _field(f"{key}.tag_ttl", parse_duration, values["tag_ttl"])
-    for k in ("timeout", "revalidate_timeout"):
-        if k in values:
-            kwargs[k] = _field(f"{key}.{k}", parse_duration, values[k])
-            if kwargs[k] <= 0:
-                raise ConfigError(f"{key}.{k}: must be positive")
-    if values.get("token_realms") is not None:
-        kwargs["token_realms"] = tuple(_token_realm(f"{key}.token_realms[{i}]", v) for i, v in
-                                       enumerate(_list(f"{key}.token_realms", values["token_realms"])))
-    for flag in ("library_prefix", "offline"):
-        if flag in values:
-            kwargs[flag] = _bool(f"{key}.{flag}", values[flag])
-    if "retries" in values:
-        retries = values["retries"]
-        if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
-            raise ConfigError(f"{key}.retries: expected a whole number from 0 to 10")
-        kwargs["retries"] = retries
-    if "max_fills" in values:
-        max_fills = values["max_fills"]
-        if isinstance(max_fills, str) and max_fills.isdigit():
-            max_fills = int(max_fills)        # from ${ENV}
-        if isinstance(max_fills, bool) or not isinstance(max_fills, int) or not 1 <= max_fills <= 1000:
-            raise ConfigError(f"{key}.max_fills: expected a whole number from 1 to 1000")
-        kwargs["max_fills"] = max_fills
-    return UpstreamConfig(**kwargs)
-
-
-def _token_realm(key: str, value: Any) -> str:
-    """A host (``auth.example.com``: any realm on it) or a realm URL
-    (``https://auth.example.com/token``: that URL only, query aside)."""
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{key}: expected a host like auth.example.com or a realm URL")
-    value = value.strip()
-    if "://" in value:
-        return _field(key, parse_url, value)
-    if not re.fullmatch(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]", value):
-        raise ConfigError(f"{key}: expected a host like auth.example.com or a realm URL, "
-                          f"got {value!r}")
-    return value.strip("[]").lower()
-
-
-def _bool(key: str, value: Any) -> bool:
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}: expected true or false")
-    return value
-
-
-def _mapping(key: str, raw: Any, known: set[str]) -> dict:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{key}: expected a mapping")
-    unknown = set(map(str, raw)) - known
-    if unknown:
-        raise ConfigError(f"{key}.{sorted(unknown)[0]}: unknown key (known: {', '.join(sorted(known))})")
-    return dict(raw)
-
-
-def _path(key: str, value: Any, resolve: Callable[[str, str], Path]) -> Path:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{key}: expected a file path")
-    return resolve(key, value)
-
-
-def _tls(raw: Any, resolve: Callable[[str, str], Path]) -> TlsConfig:
-    values = _mapping("tls", raw, _TLS_KEYS)
-    for k in ("cert", "key"):
-        if k not in values:
-            raise ConfigError(f"tls.{k}: missing (PEM file; `mirror certs HOST` makes one)")
-    cert = _path("tls.cert", values["cert"], resolve)
-    key = _path("tls.key", values["key"], resolve)
-    for name, path in (("cert", cert), ("key", key)):
-        if not path.is_file():
-            raise ConfigError(f"tls.{name}: {path} does not exist")
-    return TlsConfig(cert, key)
-
-
-_ACTIONS = {"pull", "push", "delete", "*"}
-
-
-def _auth(raw: Any, resolve: Callable[[str, str], Path]) -> AuthConfig:
-    values = _mapping("auth", raw, _AUTH_KEYS)
-    if "htpasswd" not in values:
-        raise ConfigError("auth.htpasswd: missing (the users file; `mirror htpasswd add USER` "
-                          "creates it)")
-    kwargs: dict[str, Any] = {"htpasswd": _path("auth.htpasswd", values["htpasswd"], resolve)}
-    if "anonymous" in values:
-        anon = values["anonymous"]
-        if anon not in ("pull", "none", False, None):
-            raise ConfigError("auth.anonymous: expected pull or none")
-        kwargs["anonymous"] = anon == "pull"
-    token = values.get("token")
-    if token is True or isinstance(token, dict):
-        kwargs["token"] = True
-        tok = _mapping("auth.token", token if isinstance(token, dict) else {}, _TOKEN_KEYS)
-        if "realm" in tok:
-            kwargs["realm"] = _field("auth.token.realm", parse_url, tok["realm"])
-        for k in ("service", "issuer"):
-            if k in tok:
-                if not isinstance(tok[k], str) or not tok[k] or not tok[k].isprintable():
-                    raise ConfigError(f"auth.token.{k}: expected a name")
-                kwargs[k] = tok[k]
-        if "expiry" in tok:
-            kwargs["token_ttl"] = _field("auth.token.expiry", parse_duration, tok["expiry"])
-            if not 60 <= kwargs["token_ttl"] <= 86400:
-                raise ConfigError("auth.token.expiry: expected between 1m and 1d")
-    elif token not in (None, False):
-        raise ConfigError("auth.token: expected true, false or a mapping")
-    if values.get("acl") is not None:
-        kwargs["acl"] = tuple(_acl_rule(i, r) for i, r in enumerate(_list("auth.acl", values["acl"])))
-    if "max_failures" in values:
-        kwargs["max_failures"] = _whole("auth.max_failures", values["max_failures"], 0, 1000000)
-    if "failure_window" in values:
-        kwargs["failure_window"] = _field("auth.failure_window", parse_duration,
-                                          values["failure_window"])
-        if not 1 <= kwargs["failure_window"] <= 86400:
-            raise ConfigError("auth.failure_window: expected between 1s and 1d")
-    return AuthConfig(**kwargs)
-
-
-def _whole(key: str, value: Any, low: int, high: int) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"{key}: expected a whole number from {low} to {high}")
-    return value
-
-
-def _limits(raw: Any) -> LimitsConfig:
-    values = _mapping("limits", raw, _LIMITS_KEYS)
-    kwargs: dict[str, Any] = {}
-    if "max_connections" in values:
-        kwargs["max_connections"] = _whole("limits.max_connections", values["max_connections"],
-                                           1, 1000000)
-    for k in ("header_timeout", "keepalive_timeout"):
-        if k in values:
-            kwargs[k] = _field(f"limits.{k}", parse_duration, values[k])
-            if not 0 < kwargs[k] <= 3600:
-                raise ConfigError(f"limits.{k}: expected more than 0s and at most 1h")
-    return LimitsConfig(**kwargs)
-
-
-def _list(key: str, value: Any) -> list:
-    if not isinstance(value, list):
-        raise ConfigError(f"{key}: expected a list")
-    return value
-
-
-def _acl_rule(i: int, raw: Any) -> AclRule:
-    key = f"auth.acl[{i}]"
-    values = _mapping(key, raw, {"match", "actions"})
-    match = _mapping(f"{key}.match", values.get("match", {}), {"account", "name"})
-    account = match.get("account", "*")
-    name = match.get("name", "*")
-    for k, v in (("account", account), ("name", name)):
-        if not isinstance(v, str) or not v.isprintable() or len(v) > 256:
-            raise ConfigError(f"{key}.match.{k}: expected a glob like \"alice\" or \"docker.io/*\"")
-    actions = _list(f"{key}.actions", values.get("actions", []))
-    bad = [a for a in actions if a not in _ACTIONS]
-    if bad:
-        raise ConfigError(f"{key}.actions: unknown action {bad[0]!r} (known: pull, push, delete, *)")
-    return AclRule(account, name, frozenset(actions))
 
 
 # -- the effective configuration, as `mirror config check` prints it ------------------------
