@@ -1,8 +1,11 @@
 """Command line: ``mirror serve [--config FILE] [--listen HOST:PORT] [--data-dir DIR]``,
 the maintenance commands ``stats``, ``ls``, ``pin``, ``unpin``, ``gc``, ``verify``, ``rm``
 and ``invalidate`` (implemented in ``admin.py``; safe to run while the server runs), the
-set-up commands ``certs`` and ``htpasswd``, and ``healthcheck`` (healthcheck.py).
-``serve`` locks the data directory (lock.py) first: one server per data directory."""
+set-up commands ``certs`` and ``htpasswd``, ``config check`` and ``healthcheck``
+(healthcheck.py). Every command reads the configuration the same way: ``--config``,
+else ``$MIRROR_CONFIG``, else the embedded default, then ``MIRROR_*`` settings from the
+environment (config.py). ``serve`` locks the data directory (lock.py) first: one server
+per data directory."""
 
 from __future__ import annotations
 
@@ -42,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "healthcheck":
         from .healthcheck import healthcheck
         return healthcheck(config)
+    if args.command == "config":
+        return config_command(args, config)
     if args.command != "serve":
         from .admin import run
         return run(args, config)
@@ -111,6 +116,22 @@ def _admin_commands(sub) -> None:
     users.add_argument("action", choices=["add", "remove", "list"])
     users.add_argument("user", nargs="?", help="the user to add or remove")
     users.add_argument("--file", help="the htpasswd file (default: auth.htpasswd of the config)")
+    conf = sub.add_parser("config", help="check the configuration")
+    conf.add_subparsers(dest="config_command", required=True).add_parser(
+        "check", parents=[common], help="validate the config file, the MIRROR_* variables and "
+        "--data-dir, and print the configuration in effect (passwords as ***)")
+
+
+def config_command(args, config) -> int:
+    import yaml
+
+    from .config import describe, env_settings
+    source = args.config or "the embedded default"
+    variables = env_settings(os.environ)
+    print(f"# mirror {__version__}: {source}"
+          + (f", with {', '.join(variables)} from the environment" if variables else ""))
+    print(yaml.safe_dump(describe(config), sort_keys=False), end="")
+    return 0
 
 
 def certs_command(args, config) -> int:

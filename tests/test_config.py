@@ -119,3 +119,58 @@ def test_serve_with_a_bad_config_exits_with_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1
     assert "upstreams.ghcr.io.tag_ttl" in proc.stderr and "soon" in proc.stderr
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("90s", 90), ("5m", 300), ("1h30m", 5400), ("1h 30m", 5400), ("2h45m30s", 9930),
+    ("1.5h", 5400), ("7d", 7 * 86400), ("2w", 14 * 86400), ("500ms", 0.5), ("1m500ms", 60.5),
+    ("300", 300), (300, 300), (0.25, 0.25),
+])
+def test_durations_as_people_write_them(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text, size", [
+    ("50Gi", 50 * 1024**3), ("50GiB", 50 * 1024**3), ("50gib", 50 * 1024**3),
+    ("512Mi", 512 * 1024**2), ("500MB", 500 * 1000**2), ("500M", 500 * 1000**2),
+    ("2T", 2 * 1000**4), ("1.5Gi", 3 * 1024**3 // 2), ("4096", 4096), (4096, 4096),
+])
+def test_sizes_as_people_write_them(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["soon", "1x", "h", "1h-30m", "", "m5"])
+def test_bad_durations(text):
+    with pytest.raises(ValueError, match="duration like"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("text", ["lots", "50Gx", "GiB", "-5Gi"])
+def test_bad_sizes(text):
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def test_units_in_a_config_file(tmp_path):
+    config = load_config(write(tmp_path, """
+max_size: 50Gi
+expire_unused: 1h30m
+upstreams:
+  docker.io: {tag_ttl: 1m30s}
+"""))
+    assert config.max_size == 50 * 1024**3 and config.expire_unused == 5400
+    assert config.upstreams["docker.io"].tag_ttl == 90
+
+
+@pytest.mark.parametrize("text, says", [
+    ("low_watermark: 95%", "low_watermark: 95% must be below the default high_watermark 90%"),
+    ("high_watermark: 70%", "high_watermark: 70% must be above the default low_watermark 80%"),
+    ("high_watermark: 70%\nlow_watermark: 75%",
+     "low_watermark: 75% must be below high_watermark 70%"),
+    ("high_watermark: 0.6\nlow_watermark: 0.6",
+     "low_watermark: 0.6 must be below high_watermark 0.6"),
+])
+def test_watermark_error_names_the_keys_written_and_the_default(tmp_path, text, says):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert str(info.value) == f"{tmp_path / 'config.yml'}: {says}"

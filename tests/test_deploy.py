@@ -363,7 +363,7 @@ def test_compose_config_serves_tls_and_logins(tmp_path):
     log = tmp_path / "mirror.log"
     with open(log, "wb") as out:
         # cwd: the config's folder, as relative paths resolve from there
-        proc = subprocess.Popen(mirror + ["serve"], env=env, cwd=etc, stdout=out,
+        proc = subprocess.Popen(mirror + ["serve"], env=env, cwd="/", stdout=out,
                                 stderr=subprocess.STDOUT)
     try:
         ca = ssl.create_default_context(cafile=etc / "certs" / "ca.crt")

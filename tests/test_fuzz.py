@@ -36,7 +36,7 @@ tests before them in the same session):
   most 255 characters after routing, valid tags and digests);
 * the mirror's log has no traceback.
 
-``MIRROR_FUZZ_SCALE`` multiplies the number of examples (default 1: about 3000
+``MIRROR_TEST_FUZZ_SCALE`` multiplies the number of examples (default 1: about 3000
 requests). With ``CI=true`` the examples are derandomized (the same every run);
 elsewhere every run explores new ones.  A failure prints the request (``Req(...)``) and the mirror's log
 lines for it; ``print_blob`` also prints a ``@reproduce_failure`` blob, and
@@ -70,7 +70,7 @@ from tests.support.mirror import MirrorProcess
 from tests.support.registry import _ACCESS_RE
 from tests.test_pull_through import hub_config
 
-SCALE = float(os.environ.get("MIRROR_FUZZ_SCALE", "1"))
+SCALE = float(os.environ.get("MIRROR_TEST_FUZZ_SCALE", "1"))
 BIG_GET_MAX = 16 * 1024 * 1024       # larger blobs are only HEADed (default big layer: 100 MiB)
 TEXT_PATHS = ("/metrics", "/healthz", "/readyz")
 PARSER_400 = b"Invalid HTTP request received."
