@@ -21,7 +21,7 @@ get ``revalidate_timeout`` for the whole exchange. A transport failure marks the
 upstream down: until a background probe of ``/v2/`` gets an answer, fallback
 requests fail at once without touching the network, so stale copies are served
 without waiting; misses (nothing cached) are still tried with the normal timeout.
-Upstream failures become ``RegistryError``s in ``_error`` and nowhere else.
+Upstream failures become ``RegistryError``s in ``upstream_errors`` and nowhere else.
 """
 
 from __future__ import annotations
@@ -32,9 +32,7 @@ import contextvars
 import hashlib
 import json
 import logging
-import os
 import re
-import ssl
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -44,9 +42,9 @@ from urllib.parse import urljoin, urlsplit
 import httpcore
 import httpx
 
-from . import __version__, metrics
+from . import __version__, metrics, upstream_errors
 from .config import UpstreamConfig
-from .errors import (BY_CODE, BlobUnknown, Denied, ManifestUnknown, NameUnknown, RegistryError,
+from .errors import (Denied, RegistryError,
                      UpstreamBadContent, UpstreamRateLimited, UpstreamUnavailable)
 from .models import (DEFAULT_ACCEPT, DIGEST_RE, DOCKER_SCHEMA1_SIGNED, MANIFEST_MAX,
                      SCHEMA1_TYPES, TAG_RE, Manifest, ManifestInfo, References, is_digest,
@@ -169,7 +167,7 @@ class Upstream:
         resp = await self._request("HEAD", self._url(repository, "manifests", reference),
                                    repository, self._accept_headers(accept))
         if resp.status_code != 200:
-            raise self._error(resp, b"", "manifest", repository, reference)
+            raise upstream_errors.error(self.name, resp, b"", "manifest", repository, reference)
         digest = resp.headers.get("docker-content-digest", "")
         media_type = resp.headers.get("content-type", "").split(";", 1)[0].strip()
         size = _number(resp.headers.get("content-length"))
@@ -180,7 +178,7 @@ class Upstream:
     async def stat_blob(self, repository: str, digest: str) -> int:
         resp = await self._request("HEAD", self._url(repository, "blobs", digest), repository, [])
         if resp.status_code != 200:
-            raise self._error(resp, b"", "blob", repository, digest)
+            raise upstream_errors.error(self.name, resp, b"", "blob", repository, digest)
         size = _number(resp.headers.get("content-length"))
         return -1 if size is None else size
 
@@ -212,7 +210,7 @@ class Upstream:
             resp = await self._request("GET", url, repository, [("Accept", "application/json")])
             body = await self._read_limited(resp, 16 * 1024 * 1024)
             if resp.status_code != 200:
-                raise self._error(resp, body, "name", repository, "")
+                raise upstream_errors.error(self.name, resp, body, "name", repository, "")
             try:
                 page = json.loads(body).get("tags") or []
             except (ValueError, AttributeError):
@@ -276,7 +274,7 @@ class Upstream:
                 resp = await self._client.send(request)
             except httpx.TransportError as exc:
                 log.info("upstream %s still down: %s", self.name,
-                         _unavailable(self.name, exc, "probing").message)
+                         upstream_errors.unavailable(self.name, exc, "probing").message)
                 delay = min(delay * 2, PROBE_MAX)
                 continue
             await resp.aclose()
@@ -300,10 +298,11 @@ class Upstream:
         try:
             if resp.status_code not in (200, 206):
                 body = await self._read_limited(resp, ERROR_BODY_MAX)
-                raise self._error(resp, body, what, repository, url.rsplit("/", 1)[-1])
+                raise upstream_errors.error(self.name, resp, body, what, repository,
+                                            url.rsplit("/", 1)[-1])
             yield resp
         except httpx.TransportError as exc:
-            raise _unavailable(self.name, exc, f"reading {what}") from None
+            raise upstream_errors.unavailable(self.name, exc, f"reading {what}") from None
         finally:
             await resp.aclose()
 
@@ -397,7 +396,7 @@ class Upstream:
         raise AssertionError("unreachable")
 
     def _failed(self, exc: httpx.TransportError, doing: str, own: bool) -> UpstreamUnavailable:
-        error = _unavailable(self.name, exc, doing)
+        error = upstream_errors.unavailable(self.name, exc, doing)
         if own:
             self._mark_down(error.message.removeprefix(f"upstream {self.name}: "))
         return error
@@ -453,14 +452,14 @@ class Upstream:
             request = self._client.build_request("GET", realm, params=params, headers=headers)
             resp = await self._client.send(request, stream=True)
         except httpx.TransportError as exc:
-            raise _unavailable(self.name, exc, "asking its token service") from None
+            raise upstream_errors.unavailable(self.name, exc, "asking its token service") from None
         body = await self._read_limited(resp, TOKEN_BODY_MAX + 1)
         if resp.status_code in (401, 403):
             raise Denied(f"upstream {self.name}: token service refused "
                          f"{'the configured credentials' if basic else 'anonymous access'}")
         if resp.status_code == 429:
             raise UpstreamRateLimited(f"upstream {self.name}: token service rate limited",
-                                      headers=_retry_after(resp))
+                                      headers=upstream_errors.retry_after(resp))
         if resp.status_code != 200:
             raise UpstreamUnavailable(f"upstream {self.name}: token service answered "
                                       f"{resp.status_code}")
@@ -476,34 +475,6 @@ class Upstream:
         if not isinstance(token, str) or not token:
             raise UpstreamUnavailable(f"upstream {self.name}: token service sent no token")
         return f"Bearer {token}", max(1.0, min(expires_in, 3600) - 15)
-
-    # -- the one error mapping -------------------------------------------------------------
-
-    def _error(self, resp: httpx.Response, body: bytes, what: str, repository: str,
-               reference: str) -> RegistryError:
-        status = resp.status_code
-        code, message = _upstream_error(body)
-        where = f"upstream {self.name}"
-        detail = {"upstream": self.name, "status": status}
-        if status == 429:
-            return UpstreamRateLimited(f"{where} rate limit reached: {message or 'too many requests'}",
-                                       detail=detail, headers=_retry_after(resp))
-        if status >= 500:
-            return UpstreamUnavailable(f"{where} answered {status}: {message or resp.reason_phrase}",
-                                       detail=detail)
-        if status in (401, 403):
-            return Denied(f"{where} denied access to {repository} ({message or status}); "
-                          "the repository may not exist or need credentials", detail=detail)
-        if status == 404:
-            cls = BY_CODE.get(code or "") or {"manifest": ManifestUnknown, "blob": BlobUnknown}.get(
-                what, NameUnknown)
-            return cls(f"{where}: {message or 'not found'}: {repository}"
-                       f"{'@' if ':' in reference else ':'}{reference}" if reference else
-                       f"{where}: {message or 'not found'}: {repository}", detail=detail)
-        cls = BY_CODE.get(code or "")
-        if cls is not None:
-            return cls(f"{where}: {message}", detail=detail)
-        return UpstreamUnavailable(f"{where} answered {status}", detail=detail)
 
 
 @dataclass
@@ -529,7 +500,7 @@ class BlobStream:
             async for chunk in self._resp.aiter_raw():
                 yield chunk
         except httpx.TransportError as exc:
-            raise _unavailable(self._upstream, exc, "mid-blob") from None
+            raise upstream_errors.unavailable(self._upstream, exc, "mid-blob") from None
 
 
 def _number(value: str | None) -> int | None:
@@ -537,57 +508,6 @@ def _number(value: str | None) -> int | None:
     if value and len(value) <= 18 and value.isascii() and value.isdigit():
         return int(value)
     return None
-
-
-def _unavailable(upstream: str, exc: httpx.TransportError, doing: str) -> UpstreamUnavailable:
-    """The one mapping of a transport failure (no usable HTTP answer) to an OCI error."""
-    if isinstance(exc, httpx.ConnectError):
-        what = "could not connect"
-    elif isinstance(exc, httpx.TimeoutException):
-        what = f"timed out {doing}"
-    else:
-        what = f"connection broke {doing}"
-    detail = {"upstream": upstream}
-    reason = _reason(exc)
-    if reason:
-        what += f": {reason}"
-        detail["reason"] = reason
-    return UpstreamUnavailable(f"upstream {upstream}: {what} ({type(exc).__name__})", detail=detail)
-
-
-def _reason(exc: BaseException) -> str | None:
-    """Why a transport failed, in the words of the innermost OS or TLS error of the chain
-    ("Connection refused", "Name or service not known", "[SSL: ...] certificate verify
-    failed: self-signed certificate"); else httpx's own message, when it has one."""
-    reason = None
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, ssl.SSLError):
-            reason = re.sub(r"\s*\(_ssl\.c:\d+\)$", "", str(cur)) or cur.reason or reason
-        elif isinstance(cur, OSError):
-            if cur.errno and cur.errno > 0:
-                reason = os.strerror(cur.errno)
-            elif cur.strerror:
-                reason = cur.strerror
-        cur = cur.__cause__ or cur.__context__
-    if reason is None and not isinstance(exc, httpx.TimeoutException):
-        reason = str(exc) or None
-    return reason[:200] if reason else None
-
-
-def _upstream_error(body: bytes) -> tuple[str | None, str | None]:
-    try:
-        err = json.loads(body)["errors"][0]
-        return str(err.get("code"))[:64], str(err.get("message"))[:300]
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-        return None, None
-
-
-def _retry_after(resp: httpx.Response) -> dict[str, str]:
-    value = resp.headers.get("retry-after", "")
-    return {"Retry-After": value} if value and len(value) < 64 else {}
 
 
 def _next_link(header: str | None) -> str | None:
