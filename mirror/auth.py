@@ -16,6 +16,7 @@ import binascii
 import fnmatch
 import logging
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 from .config import AclRule, AuthConfig
@@ -62,7 +63,7 @@ class Acl:
 @dataclass(frozen=True)
 class Identity:
     account: str                       # "" for anonymous
-    token: dict | None = None          # claims, when a Bearer token was presented
+    token: dict[str, Any] | None = None   # claims, when a Bearer token was presented
 
 
 class Guard:
@@ -236,7 +237,7 @@ class Guard:
         return Unauthorized(message, headers={"WWW-Authenticate": header})
 
 
-def _granted(claims: dict, kind: str, name: str) -> frozenset[str] | None:
+def _granted(claims: dict[str, Any], kind: str, name: str) -> frozenset[str] | None:
     """Actions a token grants on (kind, name); None when it says nothing of it."""
     found = None
     for entry in claims.get("access") or []:

@@ -28,10 +28,12 @@ import time
 import weakref
 from collections import Counter, OrderedDict
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterable
 
 from . import fileio, lock
-from .cache_files import CachedBlob, TempBlob, fsync_dir, make_dirs, remove_later, scan_blobs
+from .cache_files import CachedBlob as CachedBlob
+from .cache_files import TempBlob as TempBlob
+from .cache_files import fsync_dir, make_dirs, remove_later, scan_blobs
 from .errors import DigestInvalid
 from .index import Index, TagRow
 from .models import DIGEST_RE, Manifest, ManifestInfo, References
@@ -317,7 +319,7 @@ class LocalCache:
         await fileio.run(temp.close)
         weakref.finalize(owner, remove_later, temp.path)
 
-    async def _persist(self, write, what: str) -> None:
+    async def _persist(self, write: Awaitable[None], what: str) -> None:
         """An index write that must not fail the request: the in-memory maps serve
         until restart, when reconciliation drops files the index does not know."""
         try:
@@ -362,7 +364,7 @@ class LocalCache:
             self._grew()
         await self.link(upstream, repository, (manifest.digest, *refs.blobs, *refs.manifests))
 
-    async def link(self, upstream: str, repository: str, digests) -> None:
+    async def link(self, upstream: str, repository: str, digests: Iterable[str]) -> None:
         new = [d for d in digests if (upstream, repository, d) not in self._links]
         if new:
             await self._persist(self.index.link(upstream, repository, new),
@@ -376,7 +378,8 @@ class LocalCache:
         await self._persist(self.index.set_tag(row), f"tag {upstream}/{repository}:{tag}")
         self._tags[(upstream, repository, tag)] = row
 
-    async def tag_list(self, upstream: str, repository: str):
+    async def tag_list(self, upstream: str,
+                       repository: str) -> tuple[list[str], float] | None:
         return await self.index.tag_list(upstream, repository)
 
     async def set_tag_list(self, upstream: str, repository: str, tags: list[str], ttl: float) -> None:

@@ -37,7 +37,7 @@ class TempBlob:
         self._hasher = HASHES[algorithm]()
         self._algorithm = algorithm
         self.closed = False
-        self._busy: asyncio.Future | None = None     # the last write's thread
+        self._busy: asyncio.Future[None] | None = None   # the last write's thread
 
     async def write(self, chunks: list[bytes]) -> None:
         """Hash and append ``chunks``, both on a worker thread: hashlib lets go of the
@@ -142,11 +142,15 @@ class CachedBlob:
     async def wait_verified(self) -> None:
         """Cached blobs were verified before they were placed."""
 
-    async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+    async def chunks(self, start: int = 0,
+                     end: int | None = None) -> AsyncIterator[bytes | bytearray]:
         end = self.size if end is None else end
+        fd = self._fd
+        if fd is None:
+            raise CacheUnavailable(f"cached blob {self.digest} was already let go of")
         try:
             pos = start
-            async for chunk in fileio.read_range(self._fd, start, end):
+            async for chunk in fileio.read_range(fd, start, end):
                 pos += len(chunk)
                 yield chunk
             if pos < end:

@@ -99,7 +99,7 @@ async def plan(cache: LocalCache, budget: Budget, *, force: bool = False,
         for digest, size in await cache.index.orphan_blobs(now - ORPHAN_GRACE):
             if digest not in keep:
                 take(digest, size, False, "unreferenced")
-    if over:
+    if over and budget.max_size is not None:      # (over says it is set)
         target = budget.low * budget.max_size
         for digest, size, _, is_manifest in rows:
             if used - taken <= target:
@@ -134,7 +134,7 @@ class Evictor:
         self.evicted_bytes = 0
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self.cache.on_grow = self.poke

@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import aiosqlite
 
@@ -76,7 +76,7 @@ class Index:
         self._usage: dict[tuple[str, str], list[float]] = {}   # (table, digest) -> [last, hits]
         self._pulls: dict[tuple[str, str, str], list[float]] = {}   # tag -> [last, pulls]
         self._counters: dict[str, int] = {}
-        self._flusher: asyncio.Task | None = None
+        self._flusher: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, path: Path, flush_interval: float = 1.0, flush: bool = True) -> "Index":
@@ -133,7 +133,7 @@ class Index:
 
     # -- writes (cache misses: not on the hot path) -----------------------------------------
 
-    async def _write(self, *statements: tuple[str, list[tuple]]) -> None:
+    async def _write(self, *statements: tuple[str, list[tuple[Any, ...]]]) -> None:
         """Run statements (each with its rows, via executemany) as one transaction."""
         async with self._write_lock:
             try:
@@ -196,9 +196,10 @@ class Index:
         rows = await self._db.execute_fetchall(
             "SELECT tags, expires_at FROM tag_lists WHERE upstream = ? AND repository = ?",
             (upstream, repository))
-        if not rows:
+        row = next(iter(rows), None)
+        if row is None:
             return None
-        return json.loads(rows[0][0]), rows[0][1]
+        return json.loads(row[0]), row[1]
 
     async def repositories(self) -> list[tuple[str, str]]:
         rows = await self._db.execute_fetchall(
@@ -236,7 +237,7 @@ class Index:
         found: set[str] = set()
         frontier = set(digests)
         while frontier:
-            batch, above = list(frontier), set()
+            batch, above = list(frontier), set[str]()
             for i in range(0, len(batch), VARIABLES):
                 part = batch[i:i + VARIABLES]
                 rows = await self._db.execute_fetchall(
@@ -348,7 +349,7 @@ class Index:
         rows = await self._db.execute_fetchall(
             "SELECT (SELECT count(*) FROM blobs), (SELECT count(*) FROM manifests), "
             "(SELECT count(*) FROM tags), (SELECT count(*) FROM pins)")
-        return dict(zip(("blobs", "manifests", "tags", "pins"), rows[0]))
+        return dict(zip(("blobs", "manifests", "tags", "pins"), next(iter(rows))))
 
     async def linked_sizes(self) -> dict[tuple[str, str], int]:
         """(upstream, repository) -> bytes of cached content linked to it."""
@@ -359,7 +360,7 @@ class Index:
         return {(u, r): size for u, r, size in rows}
 
     async def tag_report(self, upstream: str | None = None,
-                         repository: str | None = None) -> list[dict]:
+                         repository: str | None = None) -> list[dict[str, Any]]:
         """Every tag (or one repository's): its manifest's media type, the size of its
         closure (the manifest and everything cached it reaches), pulls, pinned or not."""
         rows = await self._db.execute_fetchall(
@@ -401,4 +402,4 @@ class Index:
                SELECT sum(coalesce(b.size, m.size, 0)) FROM reach
                LEFT JOIN blobs b ON b.digest = reach.d LEFT JOIN manifests m ON m.digest = reach.d""",
             {"d": digest})
-        return rows[0][0] or 0
+        return int(next(iter(rows))[0] or 0)

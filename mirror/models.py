@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import DigestInvalid, ManifestInvalid, NameInvalid, TagInvalid
 
@@ -52,10 +53,6 @@ def is_digest(reference: str) -> bool:
 def validate_reference(reference: str) -> str:
     """A manifest reference: a digest or a tag."""
     return validate_digest(reference) if is_digest(reference) else validate_tag(reference)
-
-
-def hasher_for(digest: str):
-    return HASHES[digest.split(":", 1)[0]]()
 
 
 def digest_of(data: bytes, algorithm: str = "sha256") -> str:
@@ -205,7 +202,7 @@ def parse_manifest(data: bytes, content_type: str | None) -> tuple[str, Referenc
     return media_type, References(tuple(dict.fromkeys(blobs)), tuple(dict.fromkeys(manifests)))
 
 
-def _media_type(doc: dict, content_type: str | None) -> str:
+def _media_type(doc: dict[str, Any], content_type: str | None) -> str:
     ct = (content_type or "").split(";", 1)[0].strip()
     if ct in MANIFEST_TYPES or (ct and MEDIA_TYPE_RE.fullmatch(ct)
                                 and ct not in ("application/json", "text/plain",
@@ -221,7 +218,7 @@ def _media_type(doc: dict, content_type: str | None) -> str:
     return OCI_MANIFEST
 
 
-def _digests(items) -> list[str]:
+def _digests(items: Any) -> list[str]:
     out = []
     for item in items or []:
         if isinstance(item, dict) and isinstance(item.get("digest"), str):

@@ -29,7 +29,8 @@ class BlobBody(Protocol):
         here before its headers go out."""
         ...
 
-    def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+    def chunks(self, start: int = 0,
+               end: int | None = None) -> AsyncIterator[bytes | bytearray]:
         """Bytes [start, end) (to the end when ``end`` is None). Raises if the bytes
         cannot all be delivered, so a response is aborted, never silently short.
         Ending (or closing) the iterator lets go of the body."""

@@ -81,13 +81,13 @@ class Upstream:
         async with self._http.stream("GET", self._url(repository, "manifests", reference),
                                      repository, self._accept_headers(accept),
                                      what="manifest") as resp:
-            data = bytearray()
+            received = bytearray()
             async for chunk in resp.aiter_bytes():
-                data += chunk
-                if len(data) > MANIFEST_MAX:
+                received += chunk
+                if len(received) > MANIFEST_MAX:
                     raise UpstreamBadContent(f"upstream {self.name}: manifest larger than "
                                              f"{MANIFEST_MAX} bytes")
-            data = bytes(data)
+            data = bytes(received)
             content_type = resp.headers.get("content-type")
             header_digest = resp.headers.get("docker-content-digest")
         try:

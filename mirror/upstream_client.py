@@ -38,6 +38,7 @@ from .upstream_auth import (Challenge, TokenCache, is_loopback, origin, parse_ch
 from .upstream_health import Health
 
 log = logging.getLogger("mirror.upstream")
+Headers = list[tuple[str, str]]
 
 # httpcore reads the socket 64 KiB at a time, and every read costs a trip through
 # h11 and anyio: most of the CPU of a cold blob. 1 MiB reads cut that several times.
@@ -90,7 +91,7 @@ class UpstreamClient:
 
     @asynccontextmanager
     async def stream_blob(self, url: str, repository: str,
-                          headers: list[tuple[str, str]]) -> AsyncIterator[httpx.Response]:
+                          headers: Headers) -> AsyncIterator[httpx.Response]:
         """A blob's body, on the blob connections (redirects and retries included)."""
         on_blob_client = _transfer_client.set(self._blob_client)
         try:
@@ -100,7 +101,7 @@ class UpstreamClient:
             _transfer_client.reset(on_blob_client)
 
     @asynccontextmanager
-    async def stream(self, method: str, url: str, repository: str, headers,
+    async def stream(self, method: str, url: str, repository: str, headers: Headers,
                      what: str) -> AsyncIterator[httpx.Response]:
         resp = await self.request(method, url, repository, headers, stream=True)
         try:
@@ -114,7 +115,7 @@ class UpstreamClient:
         finally:
             await resp.aclose()
 
-    async def request(self, method: str, url: str, repository: str, headers,
+    async def request(self, method: str, url: str, repository: str, headers: Headers,
                       stream: bool = False) -> httpx.Response:
         scope = f"repository:{repository}:pull"
         for attempt in range(2):
@@ -138,7 +139,7 @@ class UpstreamClient:
                 self.tokens.refused(scope, auth)   # others' 401s were not this token's fault
         raise AssertionError("unreachable")
 
-    async def _send(self, method: str, url: str, headers: list, auth: str | None,
+    async def _send(self, method: str, url: str, headers: Headers, auth: str | None,
                     stream: bool) -> httpx.Response:
         for _ in range(MAX_REDIRECTS + 1):
             hdrs = list(headers)

@@ -43,9 +43,9 @@ def error(upstream: str, resp: httpx.Response, body: bytes, what: str, repositor
         return cls(f"{where}: {message or 'not found'}: {repository}"
                    f"{'@' if ':' in reference else ':'}{reference}" if reference else
                    f"{where}: {message or 'not found'}: {repository}", detail=detail)
-    cls = BY_CODE.get(code or "")
-    if cls is not None:
-        return cls(f"{where}: {message}", detail=detail)
+    known = BY_CODE.get(code or "")
+    if known is not None:
+        return known(f"{where}: {message}", detail=detail)
     return UpstreamUnavailable(f"{where} answered {status}", detail=detail)
 
 
