@@ -16,8 +16,8 @@ import binascii
 import fnmatch
 import logging
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from .config import AclRule, AuthConfig
 from .errors import Denied, NameUnknown, NotFound, RegistryError, Unauthorized
@@ -153,7 +153,8 @@ class Guard:
             scope = f"repository:{name}:{action}"
             if granted is not None and identity.account:
                 raise Denied(f"{identity.account} may not {action} {name}")
-            raise self._challenge(realm, "insufficient scope", scope=scope, error="insufficient_scope")
+            raise self._challenge(realm, "insufficient scope", scope=scope,
+                                  error="insufficient_scope")
         if action in self.acl.allowed(identity.account, self.canonical(name, ns)):
             return
         if identity.account:

@@ -27,8 +27,8 @@ import sqlite3
 import time
 import weakref
 from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Awaitable, Callable, Iterable
 
 from . import fileio, lock
 from .cache_files import CachedBlob as CachedBlob
@@ -63,7 +63,7 @@ class LocalCache:
         self._lock: lock.DataDirLock | None = None
 
     @classmethod
-    async def open(cls, data_dir: Path, server: bool = True) -> "LocalCache":
+    async def open(cls, data_dir: Path, server: bool = True) -> LocalCache:
         """Open the cache. The server (``server=True``) owns the data directory: it
         clears leftover temp files and reconciles files with the index. The CLI opens
         with ``server=False`` and touches neither, so it is safe beside a running server."""
@@ -382,7 +382,8 @@ class LocalCache:
                        repository: str) -> tuple[list[str], float] | None:
         return await self.index.tag_list(upstream, repository)
 
-    async def set_tag_list(self, upstream: str, repository: str, tags: list[str], ttl: float) -> None:
+    async def set_tag_list(self, upstream: str, repository: str, tags: list[str],
+                           ttl: float) -> None:
         now = time.time()
         await self._persist(self.index.set_tag_list(upstream, repository, tags, now, now + ttl),
                             f"tag list of {upstream}/{repository}")

@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-from typing import AsyncIterator, Callable, TypeVar, TypeVarTuple, Unpack
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar, TypeVarTuple
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
@@ -22,11 +23,11 @@ Ts = TypeVarTuple("Ts")
 CHUNK = 1024 * 1024
 
 
-async def run(fn: Callable[[Unpack[Ts]], T], *args: Unpack[Ts]) -> T:
+async def run(fn: Callable[[*Ts], T], *args: *Ts) -> T:
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
-async def run_to_end(fn: Callable[[Unpack[Ts]], T], *args: Unpack[Ts]) -> T:
+async def run_to_end(fn: Callable[[*Ts], T], *args: *Ts) -> T:
     """``run``, except that a cancelled caller still waits for the thread to finish
     before the cancellation goes on (for calls that use a descriptor someone will
     close as soon as the cancellation reaches them)."""

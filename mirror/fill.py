@@ -21,12 +21,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from . import fileio, metrics
 from .cache import LocalCache, TempBlob
-from .errors import (CacheUnavailable, DigestInvalid, RegistryError, UpstreamBadContent,
-                     UpstreamRateLimited, UpstreamUnavailable)
+from .errors import (
+    CacheUnavailable,
+    DigestInvalid,
+    RegistryError,
+    UpstreamBadContent,
+    UpstreamRateLimited,
+    UpstreamUnavailable,
+)
 from .upstream import Upstream
 
 log = logging.getLogger("mirror.fill")
@@ -79,7 +85,7 @@ class Fill:
     def joinable(self) -> bool:
         return not self.done and not self.abandoned
 
-    def reader(self) -> "FillReader":
+    def reader(self) -> FillReader:
         return FillReader(self)
 
     async def wait_started(self) -> None:
@@ -164,7 +170,8 @@ class Fill:
                 await (self.cache.pass_through(self._temp, self.digest, self) if self.uncached
                        else self.cache.commit_blob(self._temp, self.digest))
             except DigestInvalid as exc:
-                raise UpstreamBadContent(f"upstream {self.upstream.name}: blob {exc.message}") from None
+                raise UpstreamBadContent(
+                    f"upstream {self.upstream.name}: blob {exc.message}") from None
             self.size = self._temp.size
             log.info("%s blob %s (%d bytes) from %s/%s", "passed through (too big to cache)"
                      if self.uncached else "cached", self.digest, self.size,

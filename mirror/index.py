@@ -14,9 +14,10 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import aiosqlite
 
@@ -79,13 +80,14 @@ class Index:
         self._flusher: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, path: Path, flush_interval: float = 1.0, flush: bool = True) -> "Index":
+    async def open(cls, path: Path, flush_interval: float = 1.0, flush: bool = True) -> Index:
         db = await aiosqlite.connect(str(path))
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=NORMAL")
         await db.execute("PRAGMA busy_timeout=5000")
         await db.executescript(SCHEMA)
-        await db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+        await db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                         (SCHEMA_VERSION,))
         columns = {row[1] for row in await db.execute_fetchall("PRAGMA table_info(tags)")}
         if "pulls" not in columns:     # index.db from before tag pull counts
             await db.execute("ALTER TABLE tags ADD COLUMN pulls INTEGER NOT NULL DEFAULT 0")
@@ -128,7 +130,8 @@ class Index:
         return [TagRow(*r) for r in rows]
 
     async def load_links(self) -> set[tuple[str, str, str]]:
-        rows = await self._db.execute_fetchall("SELECT upstream, repository, digest FROM repo_links")
+        rows = await self._db.execute_fetchall(
+            "SELECT upstream, repository, digest FROM repo_links")
         return {tuple(r) for r in rows}
 
     # -- writes (cache misses: not on the hot path) -----------------------------------------
@@ -349,7 +352,7 @@ class Index:
         rows = await self._db.execute_fetchall(
             "SELECT (SELECT count(*) FROM blobs), (SELECT count(*) FROM manifests), "
             "(SELECT count(*) FROM tags), (SELECT count(*) FROM pins)")
-        return dict(zip(("blobs", "manifests", "tags", "pins"), next(iter(rows))))
+        return dict(zip(("blobs", "manifests", "tags", "pins"), next(iter(rows)), strict=True))
 
     async def linked_sizes(self) -> dict[tuple[str, str], int]:
         """(upstream, repository) -> bytes of cached content linked to it."""
@@ -383,7 +386,7 @@ class Index:
                ORDER BY t.upstream, t.repository, t.tag""", {"u": upstream, "r": repository})
         keys = ("upstream", "repository", "tag", "digest", "media_type", "size", "fetched_at",
                 "expires_at", "pulls", "last_pull", "pinned")
-        return [dict(zip(keys, row)) for row in rows]
+        return [dict(zip(keys, row, strict=True)) for row in rows]
 
     async def pins(self, upstream: str | None = None,
                    repository: str | None = None) -> list[tuple[str, str, str, float]]:
@@ -398,8 +401,10 @@ class Index:
         """Bytes of ``digest`` and everything cached that it reaches through manifest_refs."""
         rows = await self._db.execute_fetchall(
             """WITH RECURSIVE reach(d) AS (
-                   SELECT :d UNION SELECT x.child FROM manifest_refs x JOIN reach ON x.manifest = reach.d)
+                   SELECT :d UNION
+                   SELECT x.child FROM manifest_refs x JOIN reach ON x.manifest = reach.d)
                SELECT sum(coalesce(b.size, m.size, 0)) FROM reach
-               LEFT JOIN blobs b ON b.digest = reach.d LEFT JOIN manifests m ON m.digest = reach.d""",
+               LEFT JOIN blobs b ON b.digest = reach.d
+               LEFT JOIN manifests m ON m.digest = reach.d""",
             {"d": digest})
         return int(next(iter(rows))[0] or 0)

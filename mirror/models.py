@@ -75,7 +75,8 @@ SCHEMA1_TYPES = frozenset({DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED})
 # What the mirror asks upstream for when a client sends no Accept of its own.
 DEFAULT_ACCEPT = ", ".join(MANIFEST_TYPES)
 
-MEDIA_TYPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
+MEDIA_TYPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+                           r"/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
 MANIFEST_MAX = 4 * 1024 * 1024
 
 

@@ -21,14 +21,23 @@ import asyncio
 import logging
 import sqlite3
 import time
-from typing import Any, Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from . import metrics
 from .cache import CachedBlob, LocalCache
 from .errors import BlobUnknown, Denied, ManifestUnknown, NameUnknown, UpstreamUnavailable
 from .fill import Fill, FillReader
-from .models import (INDEX_TYPES, SCHEMA1_TYPES, Manifest, ManifestInfo, acceptable,
-                     accepted_types, is_digest, upstream_accept)
+from .models import (
+    INDEX_TYPES,
+    SCHEMA1_TYPES,
+    Manifest,
+    ManifestInfo,
+    acceptable,
+    accepted_types,
+    is_digest,
+    upstream_accept,
+)
 from .upstream import Upstream
 
 log = logging.getLogger("mirror.proxy")
@@ -233,14 +242,16 @@ class ProxyStore:
         if size is not None and await self._authorized(repository, digest, blob=True):
             return size
         fill = self._fills.get(digest)
-        if fill is not None and fill.size is not None and self.local.linked(self.name, repository, digest):
+        if (fill is not None and fill.size is not None
+                and self.local.linked(self.name, repository, digest)):
             return fill.size
         if self.offline:
             raise self._offline_blob(digest)
         return await self.remote.stat_blob(repository, digest)
 
     def _offline_blob(self, digest: str) -> BlobUnknown:
-        return BlobUnknown(f"blob {digest} is not in the cache, and upstream {self.name} is offline")
+        return BlobUnknown(f"blob {digest} is not in the cache, and upstream {self.name} "
+                           "is offline")
 
     async def _authorized(self, repository: str, digest: str, blob: bool) -> bool:
         """Whether this repository may be served cached content ``digest``."""

@@ -7,7 +7,8 @@ first, then upstream); so could a bare cache (offline) or a bare upstream
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Protocol
+from collections.abc import AsyncIterator
+from typing import Protocol
 
 from .models import Manifest, ManifestInfo
 

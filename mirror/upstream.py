@@ -32,9 +32,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator
 from urllib.parse import urljoin
 
 import httpx
@@ -42,9 +42,20 @@ import httpx
 from . import upstream_errors
 from .config import UpstreamConfig
 from .errors import RegistryError, UpstreamBadContent, UpstreamUnavailable
-from .models import (DEFAULT_ACCEPT, DIGEST_RE, DOCKER_SCHEMA1_SIGNED, MANIFEST_MAX,
-                     SCHEMA1_TYPES, TAG_RE, Manifest, ManifestInfo, References, is_digest,
-                     parse_manifest, schema1_digest)
+from .models import (
+    DEFAULT_ACCEPT,
+    DIGEST_RE,
+    DOCKER_SCHEMA1_SIGNED,
+    MANIFEST_MAX,
+    SCHEMA1_TYPES,
+    TAG_RE,
+    Manifest,
+    ManifestInfo,
+    References,
+    is_digest,
+    parse_manifest,
+    schema1_digest,
+)
 from .upstream_auth import origin
 from .upstream_client import UpstreamClient, read_limited
 
@@ -101,7 +112,8 @@ class Upstream:
             # convert to schema1 sign anew on every GET, so the bytes vary).
             digest = schema1_digest(data) or digest
         if is_digest(reference) and digest != reference:
-            raise UpstreamBadContent(f"upstream {self.name}: manifest {reference} hashed to {digest}")
+            raise UpstreamBadContent(f"upstream {self.name}: manifest {reference} hashed to "
+                                     f"{digest}")
         if (header_digest and header_digest.startswith(f"{algorithm}:")
                 and header_digest != digest and media_type not in SCHEMA1_TYPES):
             raise UpstreamBadContent(f"upstream {self.name}: manifest for {reference} hashed to "
@@ -139,7 +151,7 @@ class Upstream:
 
     @asynccontextmanager
     async def stream_blob(self, repository: str, digest: str,
-                          offset: int = 0) -> AsyncIterator["BlobStream"]:
+                          offset: int = 0) -> AsyncIterator[BlobStream]:
         """The upstream body of a blob, from ``offset`` when upstream honours Range
         (``stream.start`` says where the bytes really begin: ``offset`` or 0)."""
         headers = [("Accept-Encoding", "identity")]
@@ -196,12 +208,13 @@ class BlobStream:
     _upstream: str
 
     @classmethod
-    def of(cls, resp: httpx.Response, offset: int, upstream: str) -> "BlobStream":
+    def of(cls, resp: httpx.Response, offset: int, upstream: str) -> BlobStream:
         if resp.status_code == 206:
             m = re.fullmatch(r"bytes ([0-9]{1,18})-([0-9]{1,18})/([0-9]{1,18}|\*)",
                              resp.headers.get("content-range", ""))
             if not m or int(m.group(1)) != offset:
-                raise UpstreamUnavailable(f"upstream {upstream}: unusable answer to a Range request")
+                raise UpstreamUnavailable(
+                    f"upstream {upstream}: unusable answer to a Range request")
             return cls(offset, _number(m.group(3)), resp, upstream)
         return cls(0, _number(resp.headers.get("content-length")), resp, upstream)
 

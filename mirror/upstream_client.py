@@ -23,8 +23,8 @@ import json
 import logging
 import re
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
 from urllib.parse import urljoin, urlsplit
 
 import httpcore
@@ -33,8 +33,14 @@ import httpx
 from . import __version__, metrics, upstream_errors
 from .config import UpstreamConfig
 from .errors import Denied, UpstreamRateLimited, UpstreamUnavailable
-from .upstream_auth import (Challenge, TokenCache, is_loopback, origin, parse_challenge,
-                            realm_allowed)
+from .upstream_auth import (
+    Challenge,
+    TokenCache,
+    is_loopback,
+    origin,
+    parse_challenge,
+    realm_allowed,
+)
 from .upstream_health import Health
 
 log = logging.getLogger("mirror.upstream")
@@ -267,7 +273,8 @@ class UpstreamClient:
             token = body.get("token") or body.get("access_token")
             expires_in = float(body.get("expires_in") or 60)
         except (ValueError, AttributeError, TypeError):
-            raise UpstreamUnavailable(f"upstream {self.name}: token service sent no token") from None
+            raise UpstreamUnavailable(
+                f"upstream {self.name}: token service sent no token") from None
         if not isinstance(token, str) or not token:
             raise UpstreamUnavailable(f"upstream {self.name}: token service sent no token")
         return f"Bearer {token}", max(1.0, min(expires_in, 3600) - 15)

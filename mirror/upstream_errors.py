@@ -16,8 +16,16 @@ import ssl
 
 import httpx
 
-from .errors import (BY_CODE, BlobUnknown, Denied, ManifestUnknown, NameUnknown, RegistryError,
-                     UpstreamRateLimited, UpstreamUnavailable)
+from .errors import (
+    BY_CODE,
+    BlobUnknown,
+    Denied,
+    ManifestUnknown,
+    NameUnknown,
+    RegistryError,
+    UpstreamRateLimited,
+    UpstreamUnavailable,
+)
 
 
 def error(upstream: str, resp: httpx.Response, body: bytes, what: str, repository: str,
