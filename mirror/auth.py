@@ -17,6 +17,7 @@ import fnmatch
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .config import AclRule, AuthConfig
 from .errors import Denied, NameUnknown, NotFound, RegistryError, Unauthorized
@@ -62,7 +63,7 @@ class Acl:
 @dataclass(frozen=True)
 class Identity:
     account: str                       # "" for anonymous
-    token: dict | None = None          # claims, when a Bearer token was presented
+    token: dict[str, Any] | None = None   # claims, when a Bearer token was presented
 
 
 class Guard:
@@ -152,7 +153,8 @@ class Guard:
             scope = f"repository:{name}:{action}"
             if granted is not None and identity.account:
                 raise Denied(f"{identity.account} may not {action} {name}")
-            raise self._challenge(realm, "insufficient scope", scope=scope, error="insufficient_scope")
+            raise self._challenge(realm, "insufficient scope", scope=scope,
+                                  error="insufficient_scope")
         if action in self.acl.allowed(identity.account, self.canonical(name, ns)):
             return
         if identity.account:
@@ -236,7 +238,7 @@ class Guard:
         return Unauthorized(message, headers={"WWW-Authenticate": header})
 
 
-def _granted(claims: dict, kind: str, name: str) -> frozenset[str] | None:
+def _granted(claims: dict[str, Any], kind: str, name: str) -> frozenset[str] | None:
     """Actions a token grants on (kind, name); None when it says nothing of it."""
     found = None
     for entry in claims.get("access") or []:

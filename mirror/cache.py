@@ -13,12 +13,13 @@ hash matched, and the index names it only once its bytes, the rename and any new
 directory are on disk (fdatasync/fsync), so a power loss never leaves a row naming
 wrong bytes. Paths are built from validated digests only, never request text.
 Hot lookups (blob present, tag -> digest, repository links) are answered from
-in-memory maps loaded at start-up and kept in step with the index.
+in-memory maps loaded at start-up and kept in step with the index. The file
+objects (``TempBlob`` being written, ``CachedBlob`` being read) and the disk calls
+behind the durability rules are in ``cache_files``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
 import os
@@ -27,13 +28,16 @@ import sqlite3
 import time
 import weakref
 from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable
 
 from . import fileio, lock
-from .errors import CacheUnavailable, DigestInvalid
+from .cache_files import CachedBlob as CachedBlob
+from .cache_files import TempBlob as TempBlob
+from .cache_files import fsync_dir, make_dirs, remove_later, scan_blobs
+from .errors import DigestInvalid
 from .index import Index, TagRow
-from .models import HASHES, DIGEST_RE, Manifest, ManifestInfo, References
+from .models import DIGEST_RE, Manifest, ManifestInfo, References
 
 log = logging.getLogger("mirror.cache")
 
@@ -70,140 +74,6 @@ def unusable(data_dir: Path, exc: BaseException, path: Path | None = None) -> st
     return f"{where}: {reason}"
 
 
-class TempBlob:
-    """A file being written under data_dir/tmp, hashed as it is written."""
-
-    def __init__(self, path: Path, fd: int, algorithm: str) -> None:
-        self.path = path
-        self.fd = fd
-        self.size = 0
-        self._hasher = HASHES[algorithm]()
-        self._algorithm = algorithm
-        self.closed = False
-        self._busy: asyncio.Future | None = None     # the last write's thread
-
-    async def write(self, chunks: list[bytes]) -> None:
-        """Hash and append ``chunks``, both on a worker thread: hashlib lets go of the
-        GIL for big buffers, so the event loop keeps receiving meanwhile. A cancelled
-        write returns only once its thread is done with the descriptor."""
-        def hash_and_write() -> None:
-            for chunk in chunks:
-                self._hasher.update(chunk)
-            fileio.writev_all(self.fd, chunks)
-        self._busy = asyncio.get_running_loop().run_in_executor(None, hash_and_write)
-        await fileio.finish(self._busy)
-        self.size += sum(len(c) for c in chunks)
-
-    @property
-    def digest(self) -> str:
-        return f"{self._algorithm}:{self._hasher.hexdigest()}"
-
-    def fsync(self) -> None:
-        """Put the bytes written so far on disk (blocks: call it on a worker thread)."""
-        _fdatasync(self.fd)
-
-    def _close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            os.close(self.fd)
-
-    async def discard(self) -> None:
-        """Close and delete the file, never while a write's thread still uses the
-        descriptor (its bytes would land in the next file to get the number)."""
-        def rm() -> None:
-            self._close()
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-        try:
-            if self._busy is not None:
-                await fileio.finish(self._busy)
-        except Exception:
-            pass                # that write's error was reported to whoever awaited it
-        finally:
-            await fileio.run_to_end(rm)
-
-
-def _fdatasync(fd: int) -> None:
-    """Put a file's bytes (and the size it needs to read them back) on disk; blocks."""
-    (getattr(os, "fdatasync", None) or os.fsync)(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Put a directory's entries (a rename into it, a new subdirectory) on disk; blocks."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove_later(path: Path) -> None:
-    """Unlink ``path`` off the event loop when one runs (a big file takes a while)."""
-    def unlink() -> None:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-    try:
-        asyncio.get_running_loop().run_in_executor(None, unlink)
-    except RuntimeError:          # no loop (interpreter exit): now
-        unlink()
-
-
-def _make_dirs(path: Path) -> list[Path]:
-    """mkdir -p ``path``; the directories it created, deepest first."""
-    made: list[Path] = []
-    missing = path
-    while not missing.is_dir():
-        made.append(missing)
-        missing = missing.parent
-    for directory in reversed(made):
-        try:
-            directory.mkdir()
-        except FileExistsError:
-            pass
-    return made
-
-
-class CachedBlob:
-    """A blob in the cache, opened: the open file keeps its bytes readable even if the
-    blob is evicted meanwhile, and the hold keeps the evictor away while it is served."""
-
-    source = "cache"
-
-    def __init__(self, cache: "LocalCache", fd: int, digest: str, size: int) -> None:
-        self._cache = cache
-        self._fd: int | None = fd
-        self.digest = digest
-        self.size = size
-
-    async def wait_started(self) -> None:
-        """Cached: nothing to wait for."""
-
-    async def wait_verified(self) -> None:
-        """Cached blobs were verified before they were placed."""
-
-    async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
-        end = self.size if end is None else end
-        try:
-            pos = start
-            async for chunk in fileio.read_range(self._fd, start, end):
-                pos += len(chunk)
-                yield chunk
-            if pos < end:
-                raise CacheUnavailable(f"cached blob {self.digest} is shorter than its index entry")
-        finally:
-            await self.aclose()
-
-    async def aclose(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
-            self._cache.release(self.digest)
-
-
 class LocalCache:
     def __init__(self, data_dir: Path, index: Index) -> None:
         self.data_dir = data_dir
@@ -224,7 +94,7 @@ class LocalCache:
         self._lock: lock.DataDirLock | None = None
 
     @classmethod
-    async def open(cls, data_dir: Path, server: bool = True) -> "LocalCache":
+    async def open(cls, data_dir: Path, server: bool = True) -> LocalCache:
         """Open the cache. The server (``server=True``) owns the data directory: it
         clears leftover temp files and reconciles files with the index. The CLI opens
         with ``server=False`` and touches neither, so it is safe beside a running server."""
@@ -283,24 +153,7 @@ class LocalCache:
         expected = dict(self._blobs)
         expected.update({d: s for d, (_, s) in self._manifests.items()})
 
-        def scan() -> tuple[list[str], int]:
-            present: list[str] = []
-            removed = 0
-            root = self.data_dir / "blobs"
-            for algo_dir in root.iterdir():
-                for prefix_dir in (algo_dir.iterdir() if algo_dir.is_dir() else ()):
-                    for entry in os.scandir(prefix_dir) if prefix_dir.is_dir() else ():
-                        digest = f"{algo_dir.name}:{entry.name}"
-                        ok = (DIGEST_RE.fullmatch(digest) and entry.name[:2] == prefix_dir.name
-                              and entry.is_file(follow_symlinks=False)
-                              and expected.get(digest) == entry.stat().st_size)
-                        if ok:
-                            present.append(digest)
-                        else:
-                            os.unlink(entry.path)
-                            removed += 1
-            return present, removed
-        present, removed = await fileio.run(scan)
+        present, removed = await fileio.run(scan_blobs, self.data_dir / "blobs", expected)
         present_set = set(present)
         gone_blobs = [d for d in self._blobs if d not in present_set]
         gone_manifests = [d for d in self._manifests if d not in present_set]
@@ -508,10 +361,10 @@ class LocalCache:
         if temp.digest != digest:
             await temp.discard()
             raise DigestInvalid(f"content hashed to {temp.digest}, expected {digest}")
-        await fileio.run(temp._close)
-        weakref.finalize(owner, _remove_later, temp.path)
+        await fileio.run(temp.close)
+        weakref.finalize(owner, remove_later, temp.path)
 
-    async def _persist(self, write, what: str) -> None:
+    async def _persist(self, write: Awaitable[None], what: str) -> None:
         """An index write that must not fail the request: the in-memory maps serve
         until restart, when reconciliation drops files the index does not know."""
         try:
@@ -528,12 +381,12 @@ class LocalCache:
 
         def place() -> None:
             temp.fsync()
-            temp._close()
-            new_dirs = _make_dirs(final.parent)
+            temp.close()
+            new_dirs = make_dirs(final.parent)
             os.replace(temp.path, final)
             # The rename, and any directory it needed, on disk before the index names it.
             for directory in (final.parent, *(d.parent for d in new_dirs)):
-                _fsync_dir(directory)
+                fsync_dir(directory)
         await fileio.run(place)
 
     async def put_manifest(self, upstream: str, repository: str, manifest: Manifest,
@@ -556,7 +409,7 @@ class LocalCache:
             self._grew()
         await self.link(upstream, repository, (manifest.digest, *refs.blobs, *refs.manifests))
 
-    async def link(self, upstream: str, repository: str, digests) -> None:
+    async def link(self, upstream: str, repository: str, digests: Iterable[str]) -> None:
         new = [d for d in digests if (upstream, repository, d) not in self._links]
         if new:
             await self._persist(self.index.link(upstream, repository, new),
@@ -570,10 +423,12 @@ class LocalCache:
         await self._persist(self.index.set_tag(row), f"tag {upstream}/{repository}:{tag}")
         self._tags[(upstream, repository, tag)] = row
 
-    async def tag_list(self, upstream: str, repository: str):
+    async def tag_list(self, upstream: str,
+                       repository: str) -> tuple[list[str], float] | None:
         return await self.index.tag_list(upstream, repository)
 
-    async def set_tag_list(self, upstream: str, repository: str, tags: list[str], ttl: float) -> None:
+    async def set_tag_list(self, upstream: str, repository: str, tags: list[str],
+                           ttl: float) -> None:
         now = time.time()
         await self._persist(self.index.set_tag_list(upstream, repository, tags, now, now + ttl),
                             f"tag list of {upstream}/{repository}")

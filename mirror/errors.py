@@ -14,6 +14,16 @@ class RegistryError(Exception):
     status = 500
     default_message = "unknown error"
 
+    def __init_subclass__(cls, code: str | None = None, status: int | None = None,
+                          message: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.code = code
+        if status is not None:
+            cls.status = status
+        if message is not None:
+            cls.default_message = message
+
     def __init__(self, message: str | None = None, detail: Any = None,
                  headers: dict[str, str] | None = None) -> None:
         self.message = message or self.default_message
@@ -21,7 +31,7 @@ class RegistryError(Exception):
         self.headers = dict(headers or {})
         super().__init__(self.message)
 
-    def body(self, kind: str | None = None) -> dict:
+    def body(self, kind: str | None = None) -> dict[str, Any]:
         """The OCI error body. ``kind`` (manifest, blob, tags, catalog) is what the
         request was about; it picks the code a server-side failure is reported under."""
         code = wire_code(self, kind)
@@ -33,31 +43,77 @@ class RegistryError(Exception):
         return {"errors": [{"code": code, "message": self.message, "detail": detail}]}
 
 
-def _error(code: str, status: int, message: str) -> type[RegistryError]:
-    cls = type(code.title().replace("_", ""), (RegistryError,),
-               {"code": code, "status": status, "default_message": message})
-    cls.__module__ = __name__
-    return cls
+# The plain codes: one class each, set up by ``RegistryError.__init_subclass__``.
+class BlobUnknown(RegistryError, code="BLOB_UNKNOWN", status=404,
+                  message="blob unknown to registry"): ...
 
 
-BlobUnknown = _error("BLOB_UNKNOWN", 404, "blob unknown to registry")
-BlobUploadInvalid = _error("BLOB_UPLOAD_INVALID", 400, "blob upload invalid")
-BlobUploadUnknown = _error("BLOB_UPLOAD_UNKNOWN", 404, "blob upload unknown to registry")
-DigestInvalid = _error("DIGEST_INVALID", 400, "provided digest did not match uploaded content")
-ManifestBlobUnknown = _error("MANIFEST_BLOB_UNKNOWN", 404, "manifest references a manifest or blob unknown to registry")
-ManifestInvalid = _error("MANIFEST_INVALID", 400, "manifest invalid")
-ManifestUnknown = _error("MANIFEST_UNKNOWN", 404, "manifest unknown to registry")
-NameInvalid = _error("NAME_INVALID", 400, "invalid repository name")
-NameUnknown = _error("NAME_UNKNOWN", 404, "repository name not known to registry")
-SizeInvalid = _error("SIZE_INVALID", 400, "provided length did not match content length")
-TagInvalid = _error("TAG_INVALID", 400, "manifest tag did not match URI")
-Unauthorized = _error("UNAUTHORIZED", 401, "authentication required")
-Denied = _error("DENIED", 403, "requested access to the resource is denied")
-Unsupported = _error("UNSUPPORTED", 405, "the operation is unsupported")
-TooManyRequests = _error("TOOMANYREQUESTS", 429, "too many requests")
-RangeNotSatisfiable = _error("RANGE_INVALID", 416, "requested range not satisfiable")
-PaginationInvalid = _error("PAGINATION_NUMBER_INVALID", 400, "invalid number of results requested")
-NotFound = _error("NOT_FOUND", 404, "no such endpoint")
+class BlobUploadInvalid(RegistryError, code="BLOB_UPLOAD_INVALID", status=400,
+                        message="blob upload invalid"): ...
+
+
+class BlobUploadUnknown(RegistryError, code="BLOB_UPLOAD_UNKNOWN", status=404,
+                        message="blob upload unknown to registry"): ...
+
+
+class DigestInvalid(RegistryError, code="DIGEST_INVALID", status=400,
+                    message="provided digest did not match uploaded content"): ...
+
+
+class ManifestBlobUnknown(RegistryError, code="MANIFEST_BLOB_UNKNOWN", status=404,
+                          message="manifest references a manifest or blob unknown to registry"): ...
+
+
+class ManifestInvalid(RegistryError, code="MANIFEST_INVALID", status=400,
+                      message="manifest invalid"): ...
+
+
+class ManifestUnknown(RegistryError, code="MANIFEST_UNKNOWN", status=404,
+                      message="manifest unknown to registry"): ...
+
+
+class NameInvalid(RegistryError, code="NAME_INVALID", status=400,
+                  message="invalid repository name"): ...
+
+
+class NameUnknown(RegistryError, code="NAME_UNKNOWN", status=404,
+                  message="repository name not known to registry"): ...
+
+
+class SizeInvalid(RegistryError, code="SIZE_INVALID", status=400,
+                  message="provided length did not match content length"): ...
+
+
+class TagInvalid(RegistryError, code="TAG_INVALID", status=400,
+                 message="manifest tag did not match URI"): ...
+
+
+class Unauthorized(RegistryError, code="UNAUTHORIZED", status=401,
+                   message="authentication required"): ...
+
+
+class Denied(RegistryError, code="DENIED", status=403,
+             message="requested access to the resource is denied"): ...
+
+
+class Unsupported(RegistryError, code="UNSUPPORTED", status=405,
+                  message="the operation is unsupported"): ...
+
+
+class TooManyRequests(RegistryError, code="TOOMANYREQUESTS", status=429,
+                      message="too many requests"): ...
+
+
+class RangeNotSatisfiable(RegistryError, code="RANGE_INVALID", status=416,
+                          message="requested range not satisfiable"): ...
+
+
+class PaginationInvalid(RegistryError, code="PAGINATION_NUMBER_INVALID", status=400,
+                        message="invalid number of results requested"): ...
+
+
+class NotFound(RegistryError, code="NOT_FOUND", status=404,
+               message="no such endpoint"): ...
 
 
 class UpstreamUnavailable(RegistryError):

@@ -5,9 +5,9 @@ watermark, least-recently-used content goes until it is under the low watermark.
 Content unused for ``expire_unused`` goes whatever the budget. Never evicted:
 anything reachable from a tag inside its TTL or from a pin, and any blob being
 served right now. A blob bigger than the high watermark on its own is not
-cached at all (``Budget.largest``; the fill streams it through). A manifest goes with any blob it references, and the manifests
-above it (an index) and the tags pointing at it go too, so the index never points
-at what is not there.
+cached at all (``Budget.largest``; the fill streams it through). A manifest goes
+with any blob it references, and the manifests above it (an index) and the tags
+pointing at it go too, so the index never points at what is not there.
 
 The same ``plan``/``apply`` serve the server's background task and `mirror gc`.
 """
@@ -62,7 +62,7 @@ class Budget:
         return None if self.max_size is None else int(self.high * self.max_size)
 
     @classmethod
-    def of(cls, config: Config) -> "Budget":
+    def of(cls, config: Config) -> Budget:
         return cls(config.max_size, config.high_watermark, config.low_watermark,
                    config.expire_unused)
 
@@ -99,7 +99,7 @@ async def plan(cache: LocalCache, budget: Budget, *, force: bool = False,
         for digest, size in await cache.index.orphan_blobs(now - ORPHAN_GRACE):
             if digest not in keep:
                 take(digest, size, False, "unreferenced")
-    if over:
+    if over and budget.max_size is not None:      # (over says it is set)
         target = budget.low * budget.max_size
         for digest, size, _, is_manifest in rows:
             if used - taken <= target:
@@ -134,7 +134,7 @@ class Evictor:
         self.evicted_bytes = 0
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self.cache.on_grow = self.poke
@@ -153,7 +153,8 @@ class Evictor:
 
     def over(self) -> bool:
         b = self.budget
-        return b.max_size is not None and self.cache.size + self.cache.reserved > b.high * b.max_size
+        used = self.cache.size + self.cache.reserved
+        return b.max_size is not None and used > b.high * b.max_size
 
     def poke(self) -> None:
         if self.over():
@@ -192,7 +193,7 @@ class Evictor:
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), RESYNC_INTERVAL)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             woken = self._wake.is_set()
             self._wake.clear()

@@ -14,23 +14,27 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-from typing import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar, TypeVarTuple
+
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 CHUNK = 1024 * 1024
 
 
-async def run(fn, *args):
+async def run(fn: Callable[[*Ts], T], *args: *Ts) -> T:
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
-async def run_to_end(fn, *args):
+async def run_to_end(fn: Callable[[*Ts], T], *args: *Ts) -> T:
     """``run``, except that a cancelled caller still waits for the thread to finish
     before the cancellation goes on (for calls that use a descriptor someone will
     close as soon as the cancellation reaches them)."""
     return await finish(asyncio.get_running_loop().run_in_executor(None, fn, *args))
 
 
-async def finish(fut: asyncio.Future):
+async def finish(fut: asyncio.Future[T]) -> T:
     """Await ``fut`` to its end, however many times the caller is cancelled meanwhile
     (``fut`` itself is never cancelled); then raise the cancellation, if any, or
     return ``fut``'s outcome."""
@@ -74,7 +78,7 @@ def writev_all(fd: int, chunks: list[bytes]) -> None:
                 n = 0
 
 
-async def open_read(path: str | os.PathLike) -> int:
+async def open_read(path: str | os.PathLike[str]) -> int:
     return await run(os.open, path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
 
 
@@ -82,9 +86,12 @@ def _read_nowait(fd: int, n: int, pos: int) -> bytearray | None:
     """Up to ``n`` bytes at ``pos`` if they are in the page cache, without waiting for
     the disk (preadv with RWF_NOWAIT); None when a read would have to wait."""
     global NOWAIT
+    flags = NOWAIT
+    if flags is None:         # no RWF_NOWAIT here: every read goes to a thread
+        return None
     buf = bytearray(n)
     try:
-        got = os.preadv(fd, [buf], pos, NOWAIT)
+        got = os.preadv(fd, [buf], pos, flags)
     except BlockingIOError:
         return None
     except OSError as exc:
@@ -97,11 +104,13 @@ def _read_nowait(fd: int, n: int, pos: int) -> bytearray | None:
     return buf
 
 
-NOWAIT = getattr(os, "RWF_NOWAIT", None)
+NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
 
 
-async def read_range(fd: int, start: int, end: int, chunk: int = CHUNK) -> AsyncIterator[bytes]:
-    """Bytes [start, end) of an open file, in chunks; stops early at EOF.
+async def read_range(fd: int, start: int, end: int,
+                     chunk: int = CHUNK) -> AsyncIterator[bytes | bytearray]:
+    """Bytes [start, end) of an open file, in chunks; stops early at EOF (a chunk
+    copied from the page cache is a bytearray: not copied again to make it bytes).
 
     Bytes already in the page cache are copied on the event loop (a 1 MiB copy is
     ~0.1 ms, and half the CPU of a thread hop); anything that would wait for the
@@ -109,7 +118,7 @@ async def read_range(fd: int, start: int, end: int, chunk: int = CHUNK) -> Async
     pos = start
     while pos < end:
         n = min(chunk, end - pos)
-        data = _read_nowait(fd, n, pos) if NOWAIT is not None else None
+        data: bytes | bytearray | None = _read_nowait(fd, n, pos)
         if data is None:
             data = await run(os.pread, fd, n, pos)
             if not data:

@@ -21,12 +21,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from . import fileio, metrics
 from .cache import LocalCache, TempBlob
-from .errors import (CacheUnavailable, DigestInvalid, RegistryError, UpstreamBadContent,
-                     UpstreamRateLimited, UpstreamUnavailable)
+from .errors import (
+    CacheUnavailable,
+    DigestInvalid,
+    RegistryError,
+    UpstreamBadContent,
+    UpstreamRateLimited,
+    UpstreamUnavailable,
+)
 from .upstream import Upstream
 
 log = logging.getLogger("mirror.fill")
@@ -66,12 +72,12 @@ class Fill:
         self.uncached = False            # too big for the cache's budget: streamed, not kept
         self._finished = asyncio.Event()
         self._progress = asyncio.Event()
-        self._inflight: asyncio.Future | None = None      # the task writing _pending
+        self._inflight: asyncio.Future[None] | None = None  # the task writing _pending
         self._pending: list[bytes] = []                       # received, not yet written
         self._pending_bytes = 0
-        self.task: asyncio.Task | None = None
+        self.task: asyncio.Task[None] | None = None
 
-    def start(self) -> "Fill":
+    def start(self) -> Fill:
         self.task = asyncio.create_task(self._run(), name=f"fill {self.digest}")
         return self
 
@@ -79,7 +85,7 @@ class Fill:
     def joinable(self) -> bool:
         return not self.done and not self.abandoned
 
-    def reader(self) -> "FillReader":
+    def reader(self) -> FillReader:
         return FillReader(self)
 
     async def wait_started(self) -> None:
@@ -164,7 +170,8 @@ class Fill:
                 await (self.cache.pass_through(self._temp, self.digest, self) if self.uncached
                        else self.cache.commit_blob(self._temp, self.digest))
             except DigestInvalid as exc:
-                raise UpstreamBadContent(f"upstream {self.upstream.name}: blob {exc.message}") from None
+                raise UpstreamBadContent(
+                    f"upstream {self.upstream.name}: blob {exc.message}") from None
             self.size = self._temp.size
             log.info("%s blob %s (%d bytes) from %s/%s", "passed through (too big to cache)"
                      if self.uncached else "cached", self.digest, self.size,
@@ -273,7 +280,8 @@ class Fill:
 
     async def _settle(self) -> None:
         inflight, self._inflight = self._inflight, None
-        await inflight
+        if inflight is not None:
+            await inflight
 
     def _advance(self) -> None:
         assert self._temp is not None
@@ -303,10 +311,13 @@ class Fill:
         await self._finished.wait()
         if self.error is not None:
             raise FillFailed(str(self.error))
-        return await fileio.open_read(self._temp.path if self.uncached
-                                      else self.cache.path_for(self.digest))
+        if self.uncached:
+            assert self._temp is not None       # streamed through from its temp file
+            return await fileio.open_read(self._temp.path)
+        return await fileio.open_read(self.cache.path_for(self.digest))
 
-    async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+    async def chunks(self, start: int = 0,
+                     end: int | None = None) -> AsyncIterator[bytes | bytearray]:
         fd = await self._open()
         try:
             pos = start
@@ -351,7 +362,8 @@ class FillReader:
     async def wait_verified(self) -> None:
         await self.fill.wait_verified()
 
-    def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+    def chunks(self, start: int = 0,
+               end: int | None = None) -> AsyncIterator[bytes | bytearray]:
         return self.fill.chunks(start, end)
 
     async def aclose(self) -> None:

@@ -14,9 +14,10 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any
 
 import aiosqlite
 
@@ -86,10 +87,10 @@ class Index:
         self._usage: dict[tuple[str, str], list[float]] = {}   # (table, digest) -> [last, hits]
         self._pulls: dict[tuple[str, str, str], list[float]] = {}   # tag -> [last, pulls]
         self._counters: dict[str, int] = {}
-        self._flusher: asyncio.Task | None = None
+        self._flusher: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, path: Path, flush_interval: float = 1.0, flush: bool = True) -> "Index":
+    async def open(cls, path: Path, flush_interval: float = 1.0, flush: bool = True) -> Index:
         db = await aiosqlite.connect(str(path))
         try:
             await db.execute("PRAGMA journal_mode=WAL")
@@ -143,12 +144,13 @@ class Index:
         return [TagRow(*r) for r in rows]
 
     async def load_links(self) -> set[tuple[str, str, str]]:
-        rows = await self._db.execute_fetchall("SELECT upstream, repository, digest FROM repo_links")
+        rows = await self._db.execute_fetchall(
+            "SELECT upstream, repository, digest FROM repo_links")
         return {tuple(r) for r in rows}
 
     # -- writes (cache misses: not on the hot path) -----------------------------------------
 
-    async def _write(self, *statements: tuple[str, list[tuple]]) -> None:
+    async def _write(self, *statements: tuple[str, list[tuple[Any, ...]]]) -> None:
         """Run statements (each with its rows, via executemany) as one transaction."""
         async with self._write_lock:
             try:
@@ -211,9 +213,10 @@ class Index:
         rows = await self._db.execute_fetchall(
             "SELECT tags, expires_at FROM tag_lists WHERE upstream = ? AND repository = ?",
             (upstream, repository))
-        if not rows:
+        row = next(iter(rows), None)
+        if row is None:
             return None
-        return json.loads(rows[0][0]), rows[0][1]
+        return json.loads(row[0]), row[1]
 
     async def repositories(self) -> list[tuple[str, str]]:
         rows = await self._db.execute_fetchall(
@@ -251,7 +254,7 @@ class Index:
         found: set[str] = set()
         frontier = set(digests)
         while frontier:
-            batch, above = list(frontier), set()
+            batch, above = list(frontier), set[str]()
             for i in range(0, len(batch), VARIABLES):
                 part = batch[i:i + VARIABLES]
                 rows = await self._db.execute_fetchall(
@@ -353,7 +356,7 @@ class Index:
 
     # -- removal and revalidation (`mirror rm`, `mirror invalidate`; see remove.py) ---------------
 
-    async def _batched(self, sql: str, digests: Iterable[str]) -> list[tuple]:
+    async def _batched(self, sql: str, digests: Iterable[str]) -> list[tuple[Any, ...]]:
         """``sql`` (with ``{}`` for the placeholders) over ``digests``, ``VARIABLES`` at a time."""
         items, found = list(digests), []
         for i in range(0, len(items), VARIABLES):
@@ -398,7 +401,7 @@ class Index:
         rows = await self._db.execute_fetchall(
             "SELECT (SELECT count(*) FROM blobs), (SELECT count(*) FROM manifests), "
             "(SELECT count(*) FROM tags), (SELECT count(*) FROM pins)")
-        return dict(zip(("blobs", "manifests", "tags", "pins"), rows[0]))
+        return dict(zip(("blobs", "manifests", "tags", "pins"), next(iter(rows)), strict=True))
 
     async def linked_sizes(self) -> dict[tuple[str, str], int]:
         """(upstream, repository) -> bytes of cached content linked to it."""
@@ -409,7 +412,7 @@ class Index:
         return {(u, r): size for u, r, size in rows}
 
     async def tag_report(self, upstream: str | None = None,
-                         repository: str | None = None) -> list[dict]:
+                         repository: str | None = None) -> list[dict[str, Any]]:
         """Every tag (or one repository's): its manifest's media type, the size of its
         closure (the manifest and everything cached it reaches), pulls, pinned or not."""
         rows = await self._db.execute_fetchall(
@@ -432,7 +435,7 @@ class Index:
                ORDER BY t.upstream, t.repository, t.tag""", {"u": upstream, "r": repository})
         keys = ("upstream", "repository", "tag", "digest", "media_type", "size", "fetched_at",
                 "expires_at", "pulls", "last_pull", "pinned")
-        return [dict(zip(keys, row)) for row in rows]
+        return [dict(zip(keys, row, strict=True)) for row in rows]
 
     async def pins(self, upstream: str | None = None,
                    repository: str | None = None) -> list[tuple[str, str, str, float]]:
@@ -447,8 +450,10 @@ class Index:
         """Bytes of ``digest`` and everything cached that it reaches through manifest_refs."""
         rows = await self._db.execute_fetchall(
             """WITH RECURSIVE reach(d) AS (
-                   SELECT :d UNION SELECT x.child FROM manifest_refs x JOIN reach ON x.manifest = reach.d)
+                   SELECT :d UNION
+                   SELECT x.child FROM manifest_refs x JOIN reach ON x.manifest = reach.d)
                SELECT sum(coalesce(b.size, m.size, 0)) FROM reach
-               LEFT JOIN blobs b ON b.digest = reach.d LEFT JOIN manifests m ON m.digest = reach.d""",
+               LEFT JOIN blobs b ON b.digest = reach.d
+               LEFT JOIN manifests m ON m.digest = reach.d""",
             {"d": digest})
-        return rows[0][0] or 0
+        return int(next(iter(rows))[0] or 0)

@@ -48,7 +48,7 @@ def _pid_in(fd: int) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def hold(data_dir) -> DataDirLock:
+def hold(data_dir: str | os.PathLike[str]) -> DataDirLock:
     """Lock ``data_dir`` for this process (again: the lock it already holds), or raise
     DataDirInUse. Blocking file-system calls: call it before the event loop runs, or
     on a worker thread."""

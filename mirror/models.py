@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import DigestInvalid, ManifestInvalid, NameInvalid, TagInvalid
 
@@ -54,10 +55,6 @@ def validate_reference(reference: str) -> str:
     return validate_digest(reference) if is_digest(reference) else validate_tag(reference)
 
 
-def hasher_for(digest: str):
-    return HASHES[digest.split(":", 1)[0]]()
-
-
 def digest_of(data: bytes, algorithm: str = "sha256") -> str:
     return f"{algorithm}:{HASHES[algorithm](data).hexdigest()}"
 
@@ -78,7 +75,8 @@ SCHEMA1_TYPES = frozenset({DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED})
 # What the mirror asks upstream for when a client sends no Accept of its own.
 DEFAULT_ACCEPT = ", ".join(MANIFEST_TYPES)
 
-MEDIA_TYPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
+MEDIA_TYPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+                           r"/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
 MANIFEST_MAX = 4 * 1024 * 1024
 
 
@@ -205,7 +203,7 @@ def parse_manifest(data: bytes, content_type: str | None) -> tuple[str, Referenc
     return media_type, References(tuple(dict.fromkeys(blobs)), tuple(dict.fromkeys(manifests)))
 
 
-def _media_type(doc: dict, content_type: str | None) -> str:
+def _media_type(doc: dict[str, Any], content_type: str | None) -> str:
     ct = (content_type or "").split(";", 1)[0].strip()
     if ct in MANIFEST_TYPES or (ct and MEDIA_TYPE_RE.fullmatch(ct)
                                 and ct not in ("application/json", "text/plain",
@@ -221,7 +219,7 @@ def _media_type(doc: dict, content_type: str | None) -> str:
     return OCI_MANIFEST
 
 
-def _digests(items) -> list[str]:
+def _digests(items: Any) -> list[str]:
     out = []
     for item in items or []:
         if isinstance(item, dict) and isinstance(item.get("digest"), str):

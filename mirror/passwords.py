@@ -99,7 +99,7 @@ class Htpasswd:
             return True
         # An unknown user is checked against a hash of the same cost, so the answer
         # takes as long as for a real one: timing does not tell which users exist.
-        target = hashed.encode() if known else self._dummy_for(self._cost())
+        target = hashed.encode() if known and hashed is not None else self._dummy_for(self._cost())
         ok = await self._checkpw(password.encode(), target) and known
         if ok:
             self._verified[key] = time.monotonic() + VERIFIED_TTL

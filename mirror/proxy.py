@@ -21,14 +21,23 @@ import asyncio
 import logging
 import sqlite3
 import time
-from typing import Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from . import metrics
-from .cache import LocalCache
+from .cache import CachedBlob, LocalCache
 from .errors import BlobUnknown, Denied, ManifestUnknown, NameUnknown, UpstreamUnavailable
-from .fill import Fill
-from .models import (INDEX_TYPES, SCHEMA1_TYPES, Manifest, ManifestInfo, acceptable,
-                     accepted_types, is_digest, upstream_accept)
+from .fill import Fill, FillReader
+from .models import (
+    INDEX_TYPES,
+    SCHEMA1_TYPES,
+    Manifest,
+    ManifestInfo,
+    acceptable,
+    accepted_types,
+    is_digest,
+    upstream_accept,
+)
 from .upstream import Upstream
 
 log = logging.getLogger("mirror.proxy")
@@ -41,7 +50,7 @@ class SingleFlight:
     """Concurrent calls with the same key share one execution and its result."""
 
     def __init__(self) -> None:
-        self._calls: dict[object, asyncio.Future] = {}
+        self._calls: dict[object, asyncio.Future[Any]] = {}
 
     async def do(self, key: object, fn: Callable[[], Awaitable[T]]) -> T:
         fut = self._calls.get(key)
@@ -101,7 +110,7 @@ class ProxyStore:
             # The client asked for another form than the one the tag is cached as:
             # pass its Accept upstream; do not repoint the tag at that form.
             return await self._fetch(repository, reference, ask, update_tag=False)
-        if cached is not None:
+        if cached is not None and row is not None:
             if row.expires_at > time.time() or self.offline:
                 metrics.lookup("manifest", "hit")
                 return cached
@@ -146,7 +155,8 @@ class ProxyStore:
         else:
             row = self.local.tag(self.name, repository, reference)
             info = self.local.manifest_info(row.digest) if row else None
-            if (info is not None and (row.expires_at > time.time() or self.offline)
+            if (row is not None and info is not None
+                    and (row.expires_at > time.time() or self.offline)
                     and acceptable(info.media_type, accepted_types(accept))):
                 metrics.lookup("manifest", "hit")
                 return info
@@ -199,7 +209,7 @@ class ProxyStore:
 
     # -- blobs ---------------------------------------------------------------------------
 
-    async def open_blob(self, repository: str, digest: str):
+    async def open_blob(self, repository: str, digest: str) -> CachedBlob | FillReader:
         """The cached blob, or a reader of its download (which the caller waits on
         with ``wait_started``; the fill starts or joins here)."""
         size = self.local.blob_size(digest)
@@ -220,9 +230,10 @@ class ProxyStore:
         metrics.lookup("blob", "miss")
         fill = Fill(self.local, self.remote, repository, digest, self._fill_slots)
         reader = fill.reader()
-        fill.start()
+        task = fill.start().task
+        assert task is not None
         self._fills[digest] = fill
-        fill.task.add_done_callback(
+        task.add_done_callback(
             lambda _: self._fills.pop(digest, None) if self._fills.get(digest) is fill else None)
         return reader
 
@@ -231,14 +242,16 @@ class ProxyStore:
         if size is not None and await self._authorized(repository, digest, blob=True):
             return size
         fill = self._fills.get(digest)
-        if fill is not None and fill.size is not None and self.local.linked(self.name, repository, digest):
+        if (fill is not None and fill.size is not None
+                and self.local.linked(self.name, repository, digest)):
             return fill.size
         if self.offline:
             raise self._offline_blob(digest)
         return await self.remote.stat_blob(repository, digest)
 
     def _offline_blob(self, digest: str) -> BlobUnknown:
-        return BlobUnknown(f"blob {digest} is not in the cache, and upstream {self.name} is offline")
+        return BlobUnknown(f"blob {digest} is not in the cache, and upstream {self.name} "
+                           "is offline")
 
     async def _authorized(self, repository: str, digest: str, blob: bool) -> bool:
         """Whether this repository may be served cached content ``digest``."""

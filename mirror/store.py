@@ -7,7 +7,8 @@ first, then upstream); so could a bare cache (offline) or a bare upstream
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Protocol
+from collections.abc import AsyncIterator
+from typing import Protocol
 
 from .models import Manifest, ManifestInfo
 
@@ -29,7 +30,8 @@ class BlobBody(Protocol):
         here before its headers go out."""
         ...
 
-    def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+    def chunks(self, start: int = 0,
+               end: int | None = None) -> AsyncIterator[bytes | bytearray]:
         """Bytes [start, end) (to the end when ``end`` is None). Raises if the bytes
         cannot all be delivered, so a response is aborted, never silently short.
         Ending (or closing) the iterator lets go of the body."""

@@ -14,6 +14,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 LEEWAY = 10.0                 # clock skew allowed on token times
 KEY_BYTES = 32                # the token signing key: at least this many random bytes
@@ -95,7 +96,7 @@ class Tokens:
         sig = hmac.new(self._key, signing.encode(), hashlib.sha256).digest()
         return f"{signing}.{_b64(sig)}"
 
-    def verify(self, token: str) -> dict | None:
+    def verify(self, token: str) -> dict[str, Any] | None:
         """The claims of a valid, current token for this service; else None."""
         try:
             head, body, sig = token.split(".")

@@ -16,12 +16,16 @@ import ipaddress
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Iterator
 from urllib.parse import urlsplit
 
 # Second-level labels under which names are registered below a country code (co.uk, com.au).
 _GENERIC_SECOND_LEVEL = {"co", "com", "org", "net", "gov", "ac", "edu"}
+
+
+# One auth-param of a challenge: name=token or name="quoted string".
+_PARAM_RE = re.compile(r'([A-Za-z_]+)=(?:(")([^"]*)"|([^",\s]*))')
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,7 @@ def parse_challenge(header: str | None) -> Challenge | None:
     scheme, _, rest = header.strip().partition(" ")
     params = {k.lower(): v1 if v1 is not None and q else v2
               for k, q, v1, v2 in ((m.group(1), m.group(2), m.group(3), m.group(4))
-                                   for m in re.finditer(r'([A-Za-z_]+)=(?:(")([^"]*)"|([^",\s]*))', rest))}
+                                   for m in _PARAM_RE.finditer(rest))}
     scheme = scheme.lower()
     if scheme not in ("bearer", "basic"):
         return None
@@ -86,8 +90,9 @@ def realm_allowed(upstream_url: str, realm: str, token_realms: tuple[str, ...] =
                 return True
             continue
         allowed = urlsplit(entry)
-        if ((allowed.scheme, (allowed.hostname or "").lower(), allowed.port, allowed.path.rstrip("/"))
-                == (parts.scheme, host, parts.port, parts.path.rstrip("/"))):
+        listed = (allowed.scheme, (allowed.hostname or "").lower(), allowed.port,
+                  allowed.path.rstrip("/"))
+        if listed == (parts.scheme, host, parts.port, parts.path.rstrip("/")):
             return True
     return False
 

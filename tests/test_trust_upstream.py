@@ -15,7 +15,7 @@ import httpx
 import pytest
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
-from mirror import upstream as upstream_module
+from mirror import upstream_client
 from mirror import upstream_auth
 from mirror.config import ConfigError, UpstreamConfig, load_config
 from mirror.certs import make_certs
@@ -213,7 +213,7 @@ def test_connection_errors_keep_their_cause(make_mirror, tmp_path):
 # -- item 16: bounded token caches; one upstream request per question ---------------------------
 
 def test_token_cache_and_locks_are_bounded_and_expire(token_upstream, token_server, monkeypatch):
-    monkeypatch.setattr(upstream_module, "TOKEN_SCOPES_MAX", 4, raising=False)
+    monkeypatch.setattr(upstream_client, "TOKEN_SCOPES_MAX", 4)
 
     async def run():
         up = Upstream(UpstreamConfig("tok.test", token_upstream.url, username="alice",
@@ -227,13 +227,13 @@ def test_token_cache_and_locks_are_bounded_and_expire(token_upstream, token_serv
             assert len(token_server.requests) - before == 1       # one fetch per scope
             for i in range(10):
                 await ask(f"bounded/repo{i}")
-            sizes = [len(up._tokens), len(up._tokens.locks)]
+            sizes = [len(up._http.tokens), len(up._http.tokens.locks)]
             monkeypatch.setattr(token_server, "expires_in", 16)    # cached for 1 s
             for i in range(3):
                 await ask(f"bounded/short{i}")
             await asyncio.sleep(1.1)
             await ask("bounded/last")
-            return sizes + [list(up._tokens), len(up._tokens.locks)]
+            return sizes + [list(up._http.tokens), len(up._http.tokens.locks)]
         finally:
             await up.aclose()
 
