@@ -75,7 +75,7 @@ class PeakRss:
         while not self._stop.wait(0.02):
             self.peak = max(self.peak, self._rss())
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> PeakRss:
         self.peak = self._rss()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()

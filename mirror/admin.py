@@ -19,7 +19,7 @@ import sqlite3
 import sys
 import time
 from contextlib import asynccontextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from . import evict, fileio, remove
@@ -104,7 +104,7 @@ def ago(ts: float | None, now: float) -> str:
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")[:-6] + "Z"
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")[:-6] + "Z"
 
 
 def table(headers: list[str], rows: list[list], right: set[int] = frozenset(),

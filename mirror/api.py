@@ -12,9 +12,9 @@ import base64
 import json
 import logging
 import re
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from urllib.parse import parse_qs, urlencode
 
 from starlette.exceptions import HTTPException
@@ -24,12 +24,18 @@ from starlette.routing import Route as HttpRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import metrics
-from .errors import (ManifestUnknown, NotFound, PaginationInvalid, RangeNotSatisfiable,
-                     RegistryError, SizeInvalid, Unsupported)
 from .auth import Guard, Identity
+from .errors import (
+    ManifestUnknown,
+    NotFound,
+    PaginationInvalid,
+    RangeNotSatisfiable,
+    RegistryError,
+    SizeInvalid,
+    Unsupported,
+)
 from .fill import FillFailed
-from .models import (TAG_RE, is_digest, sanitize_accept, validate_digest, validate_name,
-                     validate_tag)
+from .models import TAG_RE, is_digest, sanitize_accept, validate_digest, validate_name, validate_tag
 from .routing import Route, Router
 from .store import BlobBody, Source
 
@@ -325,7 +331,7 @@ async def token(request: Request) -> Response:
         authorization = request.headers.get("authorization")
     value, expires_in = await guard.token_for(authorization, service, scopes, _client(request))
     return JSONResponse({"token": value, "access_token": value, "expires_in": expires_in,
-                         "issued_at": datetime.now(timezone.utc).isoformat()})
+                         "issued_at": datetime.now(UTC).isoformat()})
 
 
 async def _read_limited(request: Request, limit: int) -> bytes:

@@ -10,8 +10,8 @@ application with that as its ASGI lifespan, for running it under any ASGI server
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 from starlette.applications import Starlette
 

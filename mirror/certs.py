@@ -45,7 +45,7 @@ def _load_or_make_ca(cert_path: Path, key_path: Path):
         return cert, key
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mirror private CA")])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5))
@@ -82,7 +82,7 @@ def make_certs(out_dir: Path, names: list[str]) -> CertFiles:
                       out_dir / "server.key")
     ca_cert, ca_key = _load_or_make_ca(files.ca_cert, files.ca_key)
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
             .issuer_name(ca_cert.subject).public_key(key.public_key())

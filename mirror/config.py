@@ -14,20 +14,46 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import yaml
 
-from .config_sections import (DOCKER_HUB, DOCKER_HUB_URL, _AUTH_KEYS, _LIMITS_KEYS,
-                              _TLS_KEYS, _TOKEN_KEYS, _UPSTREAM_KEYS, AclRule, AuthConfig,
-                              LimitsConfig, TlsConfig, UpstreamConfig, _auth, _limits, _tls,
-                              _upstream)
-from .config_values import (ConfigError, _bool, _field, expand_env, format_duration,
-                            format_size, parse_duration, parse_fraction, parse_listen,
-                            parse_public_url, parse_size, parse_url)
+from .config_sections import (
+    _AUTH_KEYS,
+    _LIMITS_KEYS,
+    _TLS_KEYS,
+    _TOKEN_KEYS,
+    _UPSTREAM_KEYS,
+    DOCKER_HUB,
+    DOCKER_HUB_URL,
+    AclRule,
+    AuthConfig,
+    LimitsConfig,
+    TlsConfig,
+    UpstreamConfig,
+    _auth,
+    _limits,
+    _tls,
+    _upstream,
+)
+from .config_values import (
+    ConfigError,
+    _bool,
+    _field,
+    expand_env,
+    format_duration,
+    format_size,
+    parse_duration,
+    parse_fraction,
+    parse_listen,
+    parse_public_url,
+    parse_size,
+    parse_url,
+)
 
 __all__ = ["DOCKER_HUB", "DOCKER_HUB_URL", "AclRule", "AuthConfig", "Config", "ConfigError",
            "LimitsConfig", "TlsConfig", "UpstreamConfig", "describe", "env_name",

@@ -5,14 +5,22 @@ section of the file into them (config.py calls these)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .config_values import (ConfigError, _bool, _field, _list, _mapping, _whole,
-                            parse_duration, parse_url)
+from .config_values import (
+    ConfigError,
+    _bool,
+    _field,
+    _list,
+    _mapping,
+    _whole,
+    parse_duration,
+    parse_url,
+)
 from .models import NAME_RE
-
 
 DOCKER_HUB = "docker.io"
 

@@ -5,7 +5,8 @@ expansion, the small validators the sections share, and ``ConfigError``."""
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 

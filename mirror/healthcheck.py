@@ -11,7 +11,6 @@ a probe needs. Standard library only, so it starts fast.
 from __future__ import annotations
 
 import http.client
-import socket
 import ssl
 import sys
 import time
@@ -51,7 +50,7 @@ def probe(config: Config, timeout: float = TIMEOUT) -> str | None:
         conn.request("GET", "/healthz", headers={"User-Agent": "mirror-healthcheck"})
         resp = conn.getresponse()
         resp.read(1024)
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return f"no answer within {timeout:g} s"
     except ConnectionRefusedError:
         return "connection refused (is the mirror running, on this address?)"

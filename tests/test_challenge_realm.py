@@ -8,8 +8,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.test_auth import USERS, auth_config, basic, bearer, error_code, token
 from tests.support.client import MANIFEST_ACCEPT
+from tests.test_auth import USERS, auth_config, basic, bearer, error_code, token
 from tests.test_pull_through import check_manifest
 
 ACL = [

@@ -3,8 +3,8 @@
 import pytest
 
 from mirror.config import ConfigError, load_config, parse_duration, parse_size
-from mirror.routing import Router
 from mirror.errors import NameInvalid, NameUnknown
+from mirror.routing import Router
 
 
 def write(tmp_path, text):

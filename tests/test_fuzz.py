@@ -62,8 +62,8 @@ from urllib.parse import quote
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis.configuration import set_hypothesis_home_dir
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from tests.support import syscalls
 from tests.support.mirror import MirrorProcess

@@ -5,9 +5,20 @@ import json
 import pytest
 
 from mirror.errors import DigestInvalid, ManifestInvalid, NameInvalid, TagInvalid
-from mirror.models import (DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, acceptable,
-                           accepted_types, digest_of, parse_manifest, validate_digest,
-                           validate_name, validate_reference, validate_tag)
+from mirror.models import (
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    acceptable,
+    accepted_types,
+    digest_of,
+    parse_manifest,
+    validate_digest,
+    validate_name,
+    validate_reference,
+    validate_tag,
+)
 
 D = "sha256:" + "a" * 64
 

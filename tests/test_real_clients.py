@@ -22,8 +22,14 @@ import httpx
 import pytest
 
 from tests.support.clients import (
-    ContainerdProcess, DockerdProcess, Podman, check_dir_image, hosts_dir, registries_conf,
-    run, which,
+    ContainerdProcess,
+    DockerdProcess,
+    Podman,
+    check_dir_image,
+    hosts_dir,
+    registries_conf,
+    run,
+    which,
 )
 
 

@@ -13,7 +13,12 @@ import pytest
 from tests.support.client import MANIFEST_V2, RegistryClient
 from tests.support.image_set import Image
 from tests.support.images import (
-    docker_manifest, make_config, make_layer, push_blob, push_manifest, sha256_bytes,
+    docker_manifest,
+    make_config,
+    make_layer,
+    push_blob,
+    push_manifest,
+    sha256_bytes,
 )
 from tests.test_cli import FLUSH, cli, fails, ok, ok_json, on_disk
 from tests.test_pull_through import ALL_ACCEPT, get_manifest, hub_config, pull

@@ -13,7 +13,12 @@ import pytest
 from tests.support.client import MANIFEST_ACCEPT, MANIFEST_V2, RegistryClient
 from tests.support.fixtures import big_layer_size
 from tests.support.images import (
-    docker_manifest, make_config, make_layer, push_blob, push_manifest, sha256_file,
+    docker_manifest,
+    make_config,
+    make_layer,
+    push_blob,
+    push_manifest,
+    sha256_file,
 )
 from tests.support.token_server import TokenServer
 

@@ -15,10 +15,9 @@ import httpx
 import pytest
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
-from mirror import upstream_client
-from mirror import upstream_auth
-from mirror.config import ConfigError, UpstreamConfig, load_config
+from mirror import upstream_auth, upstream_client
 from mirror.certs import make_certs
+from mirror.config import ConfigError, UpstreamConfig, load_config
 from mirror.errors import ManifestUnknown, NameUnknown, UpstreamUnavailable
 from mirror.upstream import Upstream
 from tests.support.client import MANIFEST_V2, OCI_MANIFEST, RegistryClient

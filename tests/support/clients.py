@@ -242,7 +242,7 @@ class Podman:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             self.run_dir = None
 
-    def __enter__(self) -> "Podman":
+    def __enter__(self) -> Podman:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -280,7 +280,7 @@ class ContainerdProcess:
         self.log_path = self.dir / "containerd.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 30) -> "ContainerdProcess":
+    def start(self, timeout: float = 30) -> ContainerdProcess:
         self.run_dir = short_tmpdir("ctd-")
         self.socket = self.run_dir / "containerd.sock"
         self.config_path.write_text(
@@ -332,7 +332,7 @@ class ContainerdProcess:
     def log_text(self) -> str:
         return _tail(self.log_path, 1 << 30)
 
-    def __enter__(self) -> "ContainerdProcess":
+    def __enter__(self) -> ContainerdProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -361,7 +361,7 @@ class DockerdProcess:
         self.socket: Path | None = None
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60) -> "DockerdProcess":
+    def start(self, timeout: float = 60) -> DockerdProcess:
         self.run_dir = short_tmpdir("dkd-")
         self.socket = self.run_dir / "docker.sock"
         self.config_path.write_text("{}\n")
@@ -425,7 +425,7 @@ class DockerdProcess:
     def log_text(self) -> str:
         return _tail(self.log_path, 1 << 30)
 
-    def __enter__(self) -> "DockerdProcess":
+    def __enter__(self) -> DockerdProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -38,7 +38,7 @@ class FakeUpstream:
             Route("/v2/fake/repo/blobs/{digest}", self._blob, methods=["GET", "HEAD"]),
         ]), "fake-upstream")
 
-    def start(self) -> "FakeUpstream":
+    def start(self) -> FakeUpstream:
         self.cdn.start()
         self.api.start()
         return self

@@ -312,7 +312,7 @@ class FaultyUpstream:
     def cdn_url(self) -> str:
         return self.cdn.url
 
-    def start(self) -> "FaultyUpstream":
+    def start(self) -> FaultyUpstream:
         self._stopping.clear()
         self.server.start()
         if any(f.kind == "redirect" for f in self.faults):
@@ -342,7 +342,7 @@ class FaultyUpstream:
             t.join()
         self._cdn_started = False
 
-    def __enter__(self) -> "FaultyUpstream":
+    def __enter__(self) -> FaultyUpstream:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -21,9 +21,20 @@ from pathlib import Path
 
 from .client import MANIFEST_LIST_V2, MANIFEST_V2, OCI_INDEX, OCI_MANIFEST
 from .images import (
-    DOCKER_CONFIG, DOCKER_LAYER, OCI_CONFIG, OCI_LAYER, Blob, docker_manifest,
-    docker_manifest_list, make_config, make_layer, oci_index, oci_manifest,
-    push_blob, push_manifest, sha256_bytes,
+    DOCKER_CONFIG,
+    DOCKER_LAYER,
+    OCI_CONFIG,
+    OCI_LAYER,
+    Blob,
+    docker_manifest,
+    docker_manifest_list,
+    make_config,
+    make_layer,
+    oci_index,
+    oci_manifest,
+    push_blob,
+    push_manifest,
+    sha256_bytes,
 )
 
 AMD64 = {"architecture": "amd64", "os": "linux"}
@@ -38,7 +49,7 @@ class Image:
     media_type: str
     digest: str
     blobs: list[Blob]  # config + layers; for a list/index, all children's blobs
-    children: list["Image"] = field(default_factory=list)  # list/index entries
+    children: list[Image] = field(default_factory=list)  # list/index entries
     platform: dict | None = None  # set on list/index children
 
     @property
@@ -50,7 +61,7 @@ class Image:
     def largest_blob(self) -> Blob:
         return max(self.blobs, key=lambda b: b.size)
 
-    def manifests(self) -> list["Image"]:
+    def manifests(self) -> list[Image]:
         """This image and its children."""
         return [self, *self.children]
 

@@ -13,9 +13,9 @@ import json
 import os
 import random
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urljoin
 
 import httpx

@@ -33,7 +33,7 @@ class MirrorProcess:
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "MirrorProcess":
+    def start(self) -> MirrorProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mirror", "serve", "--config", str(self.config_path)],
@@ -62,7 +62,7 @@ class MirrorProcess:
         self.config.update(changes)
         self.config_path.write_text(yaml.safe_dump(self.config))
 
-    def restart(self) -> "MirrorProcess":
+    def restart(self) -> MirrorProcess:
         self.stop()
         return self.start()
 
@@ -72,7 +72,7 @@ class MirrorProcess:
         except FileNotFoundError:
             return ""
 
-    def __enter__(self) -> "MirrorProcess":
+    def __enter__(self) -> MirrorProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -75,7 +75,7 @@ class RegistryProcess:
         return f"http://{self.host}"
 
     # -- lifecycle ---------------------------------------------------------
-    def start(self, attempts: int = 3) -> "RegistryProcess":
+    def start(self, attempts: int = 3) -> RegistryProcess:
         for attempt in range(attempts):  # retry: the free port may be taken
             self.port = free_port()
             self._write_config()
@@ -102,7 +102,7 @@ class RegistryProcess:
             stop_process(self.proc)
             self.proc = None
 
-    def __enter__(self) -> "RegistryProcess":
+    def __enter__(self) -> RegistryProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:

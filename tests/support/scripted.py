@@ -15,7 +15,8 @@ lower-cased), so a test can assert that credentials never reached it::
 from __future__ import annotations
 
 import threading
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 from starlette.requests import Request
 from starlette.responses import Response

@@ -78,7 +78,7 @@ class SyscallTrace:
         self.stderr: list[str] = []
         self._reader: threading.Thread | None = None
 
-    def start(self, timeout: float = 10) -> "SyscallTrace":
+    def start(self, timeout: float = 10) -> SyscallTrace:
         self.proc = subprocess.Popen(
             [STRACE, "-f", "-y", "-xx", "-s", "65536", "-e", f"trace={self.trace}", "-e", "signal=none",
              "-o", str(self.out_path), "-p", str(self.pid)],
@@ -125,7 +125,7 @@ class SyscallTrace:
             self._reader.join(timeout=5)
         self.proc = None
 
-    def __enter__(self) -> "SyscallTrace":
+    def __enter__(self) -> SyscallTrace:
         return self.start()
 
     def __exit__(self, *exc) -> None:

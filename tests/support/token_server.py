@@ -16,8 +16,8 @@ import hashlib
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -173,14 +173,14 @@ class TokenServer(ServerThread):
             "token": token,
             "access_token": token,
             "expires_in": self.expires_in,
-            "issued_at": dt.datetime.now(dt.timezone.utc).isoformat().replace("+00:00", "Z"),
+            "issued_at": dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z"),
         })
 
 
 def _make_key_and_cert():
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-token-issuer")])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
