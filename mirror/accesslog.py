@@ -1,6 +1,9 @@
 """One line per request, and the HTTP metrics, as an ASGI middleware.
 
-    127.0.0.1:50312 alice "GET /v2/library/alpine/manifests/3.19" 200 1638 0.004s hit "containerd/1.7.2"
+    127.0.0.1:50312 alice "GET /v2/library/alpine/manifests/3.19" 200 1638 0.004s hit \
+        "containerd/1.7.2"
+
+(one line; wrapped here).
 
 After the client's address comes the user the request logged in as (``-``:
 anonymous, or no logins configured); after the time, what the cache did: hit, miss

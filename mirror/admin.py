@@ -18,6 +18,7 @@ import os
 import sqlite3
 import sys
 import time
+from collections.abc import Collection, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -88,6 +89,7 @@ def human_size(n: int | None) -> str:
         value /= 1024
         if value < 1024 or unit == "TiB":
             return f"{value:.1f} {unit}"
+    raise AssertionError("unreachable")
 
 
 def ago(ts: float | None, now: float) -> str:
@@ -98,7 +100,7 @@ def ago(ts: float | None, now: float) -> str:
                              (30 * 86400, 86400, "d")):
         if s < limit:
             return f"{int(s // div)}{unit} ago"
-    return iso(ts)
+    return iso(ts) or "never"
 
 
 def iso(ts: float | None) -> str | None:
@@ -107,13 +109,15 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")[:-6] + "Z"
 
 
-def table(headers: list[str], rows: list[list], right: set[int] = frozenset(),
+def table(headers: list[str], rows: Sequence[Sequence[object]],
+          right: Collection[int] = frozenset(),
           indent: str = "") -> str:
     """Aligned columns; the columns in ``right`` (numbers, sizes) right-aligned."""
     cells = [headers, *([str(c) for c in row] for row in rows)]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = [indent + "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                       for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in cells]
+                       for i, (c, w) in enumerate(zip(r, widths, strict=False))).rstrip()
+             for r in cells]
     return "\n".join(lines)
 
 
@@ -196,7 +200,8 @@ async def stats(args, config: Config, router: Router) -> int:
                 [[image_name(router, r), r["pulls"], ago(r["last_pull"], now)] for r in by_pulls],
                 right={1}, indent="  ") if by_pulls else "  (no pulls counted yet)")
     print("\ntop images by size")
-    print(table(["IMAGE", "SIZE"], [[image_name(router, r), human_size(r["size"])] for r in by_size],
+    print(table(["IMAGE", "SIZE"],
+                [[image_name(router, r), human_size(r["size"])] for r in by_size],
                 right={1}, indent="  ") if by_size else "  (no tags cached)")
     return 0
 

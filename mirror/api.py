@@ -219,11 +219,11 @@ async def _authorize(request: Request, name: str) -> None:
     """Refuse the request unless the client may pull ``name``; before anything else
     looks at it (the route too), so a refused client learns nothing about what is
     cached or which upstreams are configured."""
-    registry = _registry(request)
-    if registry.guard is not None:
+    guard = _registry(request).guard
+    if guard is not None:
         realm = _realm(request)
-        identity = await _identity(request)
-        registry.guard.check(identity, name, realm, request.query_params.get("ns"))
+        identity = await _known(request, guard)
+        guard.check(identity, name, realm, request.query_params.get("ns"))
     request.scope["mirror.authorized"] = name
 
 
@@ -263,8 +263,11 @@ def _client(request: Request) -> str | None:
 
 async def _identity(request: Request) -> Identity | None:
     guard = _registry(request).guard
-    if guard is None:
-        return None
+    return None if guard is None else await _known(request, guard)
+
+
+async def _known(request: Request, guard: Guard) -> Identity:
+    """Who sent the request (anonymous: account ""); bad credentials raise."""
     identity = await guard.identify(request.headers.get("authorization"), _realm(request),
                                     _client(request))
     metrics.identified(identity.account)      # the access log's user
@@ -305,9 +308,9 @@ def _common_headers(route: Route) -> dict[str, str]:
 async def base(request: Request) -> Response:
     """The login probe: with logins configured it challenges anonymous clients, as
     Docker Hub and registry:2 do, so clients send the credentials they have."""
-    identity = await _identity(request)
-    if identity is not None:
-        _registry(request).guard.check(identity, None, _realm(request))
+    guard = _registry(request).guard
+    if guard is not None:
+        guard.check(await _known(request, guard), None, _realm(request))
     return JSONResponse({})
 
 
@@ -319,7 +322,7 @@ async def token(request: Request) -> Response:
         # OAuth2 password grant, as containerd sends it when it has credentials.
         body = await _read_limited(request, TOKEN_BODY_MAX)
         form = parse_qs(body.decode("latin-1"), max_num_fields=32)
-        service = (form.get("service") or [None])[0]
+        service: str | None = form["service"][0] if form.get("service") else None
         scopes = [s for v in form.get("scope", []) for s in v.split(" ")]
         user, password = (form.get("username") or [""])[0], (form.get("password") or [""])[0]
         authorization = request.headers.get("authorization")
@@ -361,11 +364,12 @@ async def readyz(request: Request) -> Response:
 async def catalog(request: Request) -> Response:
     registry = _registry(request)
     n, last = _page(request, validate_name)
-    identity = await _identity(request)
-    if identity is not None:
-        registry.guard.check_catalog(identity, _realm(request))
+    guard = registry.guard
+    identity = None if guard is None else await _known(request, guard)
+    if guard is not None and identity is not None:
+        guard.check_catalog(identity, _realm(request))
     names = sorted({registry.router.display_name(u, r) for u, r in await registry.repositories()
-                    if identity is None or registry.guard.may_list(identity, u, r)})
+                    if guard is None or identity is None or guard.may_list(identity, u, r)})
     page, more = _paginate(names, n, last)
     headers = {"Link": _link("/v2/_catalog", n, page[-1], {})} if more and page else {}
     return JSONResponse({"repositories": page}, headers=headers)

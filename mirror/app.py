@@ -24,6 +24,7 @@ from .config import Config
 from .evict import Budget, Evictor
 from .proxy import ProxyStore
 from .routing import Router
+from .store import Source
 from .upstream import Upstream
 
 log = logging.getLogger("mirror")
@@ -53,7 +54,7 @@ class Mirror:
         self.local = local
         evictor = Evictor(local, Budget.of(config))
         evictor.start()
-        sources = {name: ProxyStore(local, Upstream(up), up.tag_ttl, up.offline)
+        sources: dict[str, Source] = {name: ProxyStore(local, Upstream(up), up.tag_ttl, up.offline)
                    for name, up in config.upstreams.items()}
         router = Router(config)
         guard = self.guard = Guard(config.auth, router, local.data_dir, config.public_url) \

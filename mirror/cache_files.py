@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Protocol
 
@@ -144,7 +144,7 @@ class CachedBlob:
         """Cached blobs were verified before they were placed."""
 
     async def chunks(self, start: int = 0,
-                     end: int | None = None) -> AsyncIterator[bytes | bytearray]:
+                     end: int | None = None) -> AsyncGenerator[bytes | bytearray, None]:
         end = self.size if end is None else end
         fd = self._fd
         if fd is None:

@@ -103,6 +103,8 @@ def make_certs(out_dir: Path, names: list[str]) -> CertFiles:
 
 def instructions(files: CertFiles, host: str, port: int) -> str:
     where = f"{host}:{port}"
+    docker, containerd = f"/etc/docker/certs.d/{where}", f"/etc/containerd/certs.d/{where}"
+    containers = f"/etc/containers/certs.d/{where}"
     return f"""\
 Wrote {files.ca_cert} (the CA clients trust), {files.cert} and {files.key} (the server's).
 Keep {files.ca_key} private: it signs new server certificates.
@@ -111,10 +113,10 @@ Serve with TLS (config.yml):
   tls: {{cert: {files.cert}, key: {files.key}}}
 
 Trust the CA on each client:
-  docker:      mkdir -p /etc/docker/certs.d/{where} && cp {files.ca_cert} /etc/docker/certs.d/{where}/ca.crt
-  containerd:  mkdir -p /etc/containerd/certs.d/{where} && cp {files.ca_cert} /etc/containerd/certs.d/{where}/ca.crt
-               and in hosts.toml: [host."https://{where}"] ca = "/etc/containerd/certs.d/{where}/ca.crt"
+  docker:      mkdir -p {docker} && cp {files.ca_cert} {docker}/ca.crt
+  containerd:  mkdir -p {containerd} && cp {files.ca_cert} {containerd}/ca.crt
+               and in hosts.toml: [host."https://{where}"] ca = "{containerd}/ca.crt"
   podman/skopeo/cri-o:
-               mkdir -p /etc/containers/certs.d/{where} && cp {files.ca_cert} /etc/containers/certs.d/{where}/ca.crt
+               mkdir -p {containers} && cp {files.ca_cert} {containers}/ca.crt
   curl:        curl --cacert {files.ca_cert} https://{where}/v2/
 """

@@ -190,7 +190,7 @@ def _settings(raw: dict) -> dict[str, list[tuple[str, ...]]]:
     """Variable name -> the key path(s) it sets, for every single-value key."""
     ups = raw.get("upstreams")
     names = [str(n) for n in ups] if isinstance(ups, dict) and ups else [DOCKER_HUB]
-    paths = [(k,) for k in _TOP_KEYS - _SECTIONS]
+    paths: list[tuple[str, ...]] = [(k,) for k in _TOP_KEYS - _SECTIONS]
     paths += [("tls", k) for k in _TLS_KEYS] + [("limits", k) for k in _LIMITS_KEYS]
     paths += [("auth", k) for k in _AUTH_KEYS - {"acl"}]
     paths += [("auth", "token", k) for k in _TOKEN_KEYS]
@@ -268,7 +268,8 @@ def _not_a_setting(name: str, raw: dict, table: dict) -> str:
 def _build(raw: dict, resolve: Callable[[str, str], Path]) -> Config:
     unknown = set(map(str, raw)) - _TOP_KEYS
     if unknown:
-        raise ConfigError(f"{sorted(unknown)[0]}: unknown key (known: {', '.join(sorted(_TOP_KEYS))})")
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown key "
+                          f"(known: {', '.join(sorted(_TOP_KEYS))})")
     kwargs: dict[str, Any] = {}
     if "listen" in raw:
         kwargs["host"], kwargs["port"] = _field("listen", parse_listen, raw["listen"])
@@ -318,7 +319,8 @@ def _build(raw: dict, resolve: Callable[[str, str], Path]) -> Config:
         kwargs["upstreams"] = MappingProxyType(
             {n: replace(u, offline=True) for n, u in Config().upstreams.items()})
     upstreams = kwargs.get("upstreams", Config().upstreams)
-    default = str(raw.get("default", DOCKER_HUB if DOCKER_HUB in upstreams else next(iter(upstreams))))
+    first = DOCKER_HUB if DOCKER_HUB in upstreams else next(iter(upstreams))
+    default = str(raw.get("default", first))
     if default not in upstreams:
         raise ConfigError(f"default: {default!r} is not one of the configured upstreams "
                           f"({', '.join(upstreams)})")
@@ -383,9 +385,10 @@ def describe(config: Config, mask: bool = True) -> dict:
     }
     if config.auth is not None:
         a = config.auth
-        token = {"service": a.service, "issuer": a.issuer,
-                 "expiry": format_duration(a.token_ttl)} if a.token else False
-        if a.token and a.realm is not None:
+        token: dict[str, str] | bool = {"service": a.service, "issuer": a.issuer,
+                                        "expiry": format_duration(a.token_ttl)} \
+            if a.token else False
+        if isinstance(token, dict) and a.realm is not None:
             token = {"realm": a.realm, **token}
         acl = None if a.acl is None else [
             {"match": {"account": r.account, "name": r.name}, "actions": sorted(r.actions)}

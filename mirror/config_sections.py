@@ -133,8 +133,9 @@ def _upstream(name: str, raw: Any, offline: bool = False) -> UpstreamConfig:
             if kwargs[k] <= 0:
                 raise ConfigError(f"{key}.{k}: must be positive")
     if values.get("token_realms") is not None:
-        kwargs["token_realms"] = tuple(_token_realm(f"{key}.token_realms[{i}]", v) for i, v in
-                                       enumerate(_list(f"{key}.token_realms", values["token_realms"])))
+        realms = _list(f"{key}.token_realms", values["token_realms"])
+        kwargs["token_realms"] = tuple(_token_realm(f"{key}.token_realms[{i}]", v)
+                                       for i, v in enumerate(realms))
     for flag in ("library_prefix", "offline"):
         if flag in values:
             kwargs[flag] = _bool(f"{key}.{flag}", values[flag])
@@ -147,7 +148,8 @@ def _upstream(name: str, raw: Any, offline: bool = False) -> UpstreamConfig:
         max_fills = values["max_fills"]
         if isinstance(max_fills, str) and max_fills.isdigit():
             max_fills = int(max_fills)        # from ${ENV}
-        if isinstance(max_fills, bool) or not isinstance(max_fills, int) or not 1 <= max_fills <= 1000:
+        if (isinstance(max_fills, bool) or not isinstance(max_fills, int)
+                or not 1 <= max_fills <= 1000):
             raise ConfigError(f"{key}.max_fills: expected a whole number from 1 to 1000")
         kwargs["max_fills"] = max_fills
     return UpstreamConfig(**kwargs)
@@ -218,7 +220,8 @@ def _auth(raw: Any, resolve: Callable[[str, str], Path]) -> AuthConfig:
     elif token not in (None, False):
         raise ConfigError("auth.token: expected true, false or a mapping")
     if values.get("acl") is not None:
-        kwargs["acl"] = tuple(_acl_rule(i, r) for i, r in enumerate(_list("auth.acl", values["acl"])))
+        rules = _list("auth.acl", values["acl"])
+        kwargs["acl"] = tuple(_acl_rule(i, r) for i, r in enumerate(rules))
     if "max_failures" in values:
         kwargs["max_failures"] = _whole("auth.max_failures", values["max_failures"], 0, 1000000)
     if "failure_window" in values:
@@ -255,5 +258,6 @@ def _acl_rule(i: int, raw: Any) -> AclRule:
     actions = _list(f"{key}.actions", values.get("actions", []))
     bad = [a for a in actions if a not in _ACTIONS]
     if bad:
-        raise ConfigError(f"{key}.actions: unknown action {bad[0]!r} (known: pull, push, delete, *)")
+        raise ConfigError(f"{key}.actions: unknown action {bad[0]!r} "
+                          "(known: pull, push, delete, *)")
     return AclRule(account, name, frozenset(actions))

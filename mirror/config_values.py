@@ -127,9 +127,10 @@ def parse_public_url(value: Any) -> str:
     url = parse_url(value)
     parts = urlsplit(url)
     if parts.path or parts.query or parts.fragment or parts.username is not None:
-        raise ValueError(f"expected scheme://host[:port] like https://mirror.example, got {value!r}")
+        raise ValueError("expected scheme://host[:port] like https://mirror.example, "
+                         f"got {value!r}")
     try:
-        parts.port
+        _ = parts.port          # parsed on access: a bad port raises here
     except ValueError:
         raise ValueError(f"bad port in {value!r}") from None
     return url
@@ -175,7 +176,8 @@ def _mapping(key: str, raw: Any, known: set[str]) -> dict:
         raise ConfigError(f"{key}: expected a mapping")
     unknown = set(map(str, raw)) - known
     if unknown:
-        raise ConfigError(f"{key}.{sorted(unknown)[0]}: unknown key (known: {', '.join(sorted(known))})")
+        raise ConfigError(f"{key}.{sorted(unknown)[0]}: unknown key "
+                          f"(known: {', '.join(sorted(known))})")
     return dict(raw)
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from . import fileio, metrics
 from .cache import LocalCache, TempBlob
@@ -317,7 +317,7 @@ class Fill:
         return await fileio.open_read(self.cache.path_for(self.digest))
 
     async def chunks(self, start: int = 0,
-                     end: int | None = None) -> AsyncIterator[bytes | bytearray]:
+                     end: int | None = None) -> AsyncGenerator[bytes | bytearray, None]:
         fd = await self._open()
         try:
             pos = start
@@ -363,7 +363,7 @@ class FillReader:
         await self.fill.wait_verified()
 
     def chunks(self, start: int = 0,
-               end: int | None = None) -> AsyncIterator[bytes | bytearray]:
+               end: int | None = None) -> AsyncGenerator[bytes | bytearray, None]:
         return self.fill.chunks(start, end)
 
     async def aclose(self) -> None:

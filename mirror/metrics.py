@@ -2,8 +2,8 @@
 access log reads, and the counters `mirror stats` reads from the index.
 
 This module sits at the bottom of the layering: anything may import it, it imports
-nothing of the mirror's (but the version, for ``mirror_build_info``). Counters that must outlive the process go through
-``persist`` (the index's batched counter, wired up by app.py).
+nothing of the mirror's (but the version, for ``mirror_build_info``). Counters that
+must outlive the process go through ``persist`` (the index's batched counter, wired up by app.py).
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ http_requests = Counter("mirror_http_requests", "HTTP requests answered",
 http_seconds = Histogram("mirror_http_request_duration_seconds",
                          "Time to answer a request (to the last byte)", ["route"],
                          registry=REGISTRY,
-                         buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+                         buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5,
+                                  10, 30, 60))
 cache_lookups = Counter("mirror_cache_lookups", "Manifest and blob lookups by outcome: hit, miss "
                         "(fetched upstream), stale (served while upstream failed), coalesced "
                         "(joined a fetch already running)", ["kind", "result"], registry=REGISTRY)

@@ -60,7 +60,7 @@ def listen(host: str, port: int) -> socket.socket:
                 errno.EACCES: "permission denied (ports below 1024 need root or "
                               "CAP_NET_BIND_SERVICE; choose a port above 1023)",
                 errno.EADDRNOTAVAIL: "address not available (not an address of this "
-                                     "machine; choose another --listen)"}.get(exc.errno)
+                                     "machine; choose another --listen)"}.get(exc.errno or 0)
         raise ListenError(f"cannot listen on {where}: "
                           f"{hint or (exc.strerror or str(exc)).lower()}") from None
 
@@ -113,6 +113,10 @@ class HeaderTimeout:
     request's headers are complete; that is the signal used."""
 
     header_timeout: float = 10.0
+    # What the uvicorn protocol class this is mixed into provides:
+    transport: asyncio.Transport
+    loop: asyncio.AbstractEventLoop
+    cycle: Any
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
@@ -238,7 +242,8 @@ async def _serve(config: Config, sock: socket.socket, context: ssl.SSLContext | 
     uv_config = uvicorn.Config(mirror.asgi, log_config=None, log_level=config.log_level,
                                access_log=False,          # mirror.access logs instead
                                lifespan="off",            # _serve opens and closes the cache
-                               timeout_graceful_shutdown=config.shutdown_grace,
+                               # a float works (it is a wait timeout); the stub says int
+                               timeout_graceful_shutdown=config.shutdown_grace,  # type: ignore[arg-type]
                                server_header=False, **uvicorn_options(config.limits))
     uv_config.load()
     uv_config.ssl = context                  # kept: SIGHUP loads new files into it

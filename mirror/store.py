@@ -7,7 +7,7 @@ first, then upstream); so could a bare cache (offline) or a bare upstream
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Protocol
 
 from .models import Manifest, ManifestInfo
@@ -16,8 +16,16 @@ from .models import Manifest, ManifestInfo
 class BlobBody(Protocol):
     """Bytes of one blob, readable by range. ``size`` is None when not yet known."""
 
-    digest: str
-    size: int | None
+    @property
+    def digest(self) -> str: ...
+
+    @property
+    def size(self) -> int | None: ...
+
+    @property
+    def source(self) -> str:
+        """Where its bytes come from ("cache", "upstream"), for the metrics."""
+        ...
 
     async def wait_started(self) -> None:
         """Until ``size`` is known and the first bytes are readable (a download has
@@ -31,7 +39,7 @@ class BlobBody(Protocol):
         ...
 
     def chunks(self, start: int = 0,
-               end: int | None = None) -> AsyncIterator[bytes | bytearray]:
+               end: int | None = None) -> AsyncGenerator[bytes | bytearray, None]:
         """Bytes [start, end) (to the end when ``end`` is None). Raises if the bytes
         cannot all be delivered, so a response is aborted, never silently short.
         Ending (or closing) the iterator lets go of the body."""
