@@ -103,7 +103,7 @@ def wrk(url: str, seconds: int) -> float:
                           url], capture_output=True, text=True, check=True).stdout
     for line in out.splitlines():
         if line.startswith("Requests/sec:"):
-            non2xx = [l for l in out.splitlines() if "Non-2xx" in l]
+            non2xx = [ln for ln in out.splitlines() if "Non-2xx" in ln]
             if non2xx:
                 raise SystemExit(f"wrk saw errors from {url}: {non2xx[0]}")
             return float(line.split()[1])
@@ -163,35 +163,38 @@ class Bench:
                         self.check(f"{name} after cold 16", sha256_of(server.url + path))
                     finally:
                         server.stop()
-            for r in range(a.rounds):
+            for _ in range(a.rounds):
                 size, t = curl(self.upstream.url + path)
-                rows.setdefault(("cold 1 client MB/s", "upstream direct"), []).append(size / t / 1e6)
+                rows.setdefault(("cold 1 client MB/s", "upstream direct"), []).append(
+                    size / t / 1e6)
 
             # Rows 1-3: warm, one server of each kind, interleaved.
             warm = {name: make(f"{name}-warm") for name, make in servers.items()}
             try:
-                for name, server in warm.items():
+                for server in warm.values():
                     curl(server.url + path)                   # fill the cache
                     subprocess.run(["curl", "-sf", "-o", "/dev/null", "-H",
                                     f"Accept: {MANIFEST_ACCEPT}", server.url + manifest_path],
                                    check=True)
-                for r in range(a.rounds):
+                for _ in range(a.rounds):
                     for name, server in warm.items():
                         size, t = curl(server.url + path)
                         rows.setdefault(("warm 1 client MB/s", name), []).append(size / t / 1e6)
                         with PeakRss(server.proc.pid) as rss:
                             wall, sizes = parallel(16, lambda s=server: curl(s.url + path))
                         total = sum(n for n, _ in sizes)
-                        rows.setdefault(("warm 16 clients MB/s", name), []).append(total / wall / 1e6)
+                        rows.setdefault(("warm 16 clients MB/s", name), []).append(
+                            total / wall / 1e6)
                         rows.setdefault(("peak RSS MB, warm 16", name), []).append(rss.peak / 1e6)
-                for r in range(a.rounds):
+                for _ in range(a.rounds):
                     for name, server in warm.items():
                         rows.setdefault(("manifest req/s, 32 conns", name), []).append(
                             wrk(server.url + manifest_path, a.seconds))
                 mirror = warm["mirror"]
                 self.check("mirror warm", sha256_of(mirror.url + path))
                 cached = mirror.cached_path(self.blob.digest)
-                self.check("mirror cached file", "sha256:" + hashlib.sha256(cached.read_bytes()).hexdigest())
+                cached_digest = "sha256:" + hashlib.sha256(cached.read_bytes()).hexdigest()
+                self.check("mirror cached file", cached_digest)
             finally:
                 for server in warm.values():
                     server.stop()
@@ -208,6 +211,10 @@ TARGETS = [  # (row, ratio wanted, how the ratio is read)
     ("peak RSS MB, warm 16", None, "mirror <= 120"),
     ("peak RSS MB, cold 16", None, "mirror <= 120"),
 ]
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:10.1f}"
 
 
 def report(results: dict, args) -> list[str]:
@@ -230,8 +237,7 @@ def report(results: dict, args) -> list[str]:
             ok, target = ratio >= want, f">={want}"
         if not ok:
             missed.append(row)
-        fmt = (lambda v: "-" if v is None else f"{v:10.1f}")
-        print(f"{row:32} {fmt(mirror)} {fmt(ref)} {fmt(direct)} "
+        print(f"{row:32} {_fmt(mirror)} {_fmt(ref)} {_fmt(direct)} "
               f"{'-' if ratio is None else f'{ratio:7.2f}'} {target:>7} {'' if ok else 'MISSED'}")
     return missed
 

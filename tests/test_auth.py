@@ -158,8 +158,9 @@ def test_token_auth_matrix(token_mirror, image_set):
     resp = manifest(m, docker.repo, "v1", {"Authorization": f"Bearer {expired}"})
     assert resp.status_code == 401 and 'error="invalid_token"' in resp.headers["www-authenticate"]
     head, body, sig = alice["Authorization"][7:].split(".")
-    forged = base64.urlsafe_b64encode(json.dumps({"sub": "alice", "access": [
-        {"type": "repository", "name": oci.repo, "actions": ["pull"]}]}).encode()).decode().rstrip("=")
+    forged_claims = {"sub": "alice",
+                     "access": [{"type": "repository", "name": oci.repo, "actions": ["pull"]}]}
+    forged = base64.urlsafe_b64encode(json.dumps(forged_claims).encode()).decode().rstrip("=")
     resp = manifest(m, oci.repo, "1.0", {"Authorization": f"Bearer {head}.{forged}.{sig}"})
     assert resp.status_code == 401
     # OAuth2 password grant (containerd), and the catalog scope.
@@ -168,7 +169,8 @@ def test_token_auth_matrix(token_mirror, image_set):
                                                  "scope": f"repository:{docker.repo}:pull"})
     check_manifest(manifest(m, docker.repo, "v1", bearer(resp)), docker)
     resp = httpx.get(f"{m.url}/v2/_catalog", headers=alice)
-    assert resp.status_code == 401 and 'scope="registry:catalog:*"' in resp.headers["www-authenticate"]
+    assert resp.status_code == 401
+    assert 'scope="registry:catalog:*"' in resp.headers["www-authenticate"]
     cat = bearer(token(m, "registry:catalog:*", "alice", USERS["alice"]))
     assert httpx.get(f"{m.url}/v2/_catalog", headers=cat).json()["repositories"] == \
         ["library/alpinetest"]

@@ -24,7 +24,8 @@ def test_embedded_default_is_a_docker_hub_mirror():
 
 def test_units():
     assert parse_duration("90s") == 90 and parse_duration("5m") == 300
-    assert parse_duration("1h") == 3600 and parse_duration("2d") == 172800 and parse_duration(7) == 7
+    assert parse_duration("1h") == 3600 and parse_duration("2d") == 172800
+    assert parse_duration(7) == 7
     assert parse_size("50GiB") == 50 * 1024**3 and parse_size("512MiB") == 512 * 1024**2
     assert parse_size("10KiB") == 10240 and parse_size(100) == 100
 
@@ -67,7 +68,8 @@ default: docker.io
     ("upstreams:\n  ghcr.io: {url: 'https://ghcr.io', password: '${NOPE_UNSET_VAR}'}",
      "upstreams.ghcr.io.password"),
     ("upstreams:\n  ghcr.io: {url: 'https://ghcr.io', colour: 1}", "upstreams.ghcr.io.colour"),
-    ("upstreams:\n  ghcr.io: {url: 'https://ghcr.io', max_fills: 0}", "upstreams.ghcr.io.max_fills"),
+    ("upstreams:\n  ghcr.io: {url: 'https://ghcr.io', max_fills: 0}",
+     "upstreams.ghcr.io.max_fills"),
     ("upstreams:\n  ghcr.io: {url: 'https://ghcr.io', max_fills: many}",
      "upstreams.ghcr.io.max_fills"),
     ("default: quay.io", "default"),
@@ -107,7 +109,8 @@ upstreams:
 def test_example_config_in_the_repository_loads():
     from pathlib import Path
     config = load_config(Path(__file__).resolve().parent.parent / "config.yml")
-    assert config.default == "docker.io" and {"docker.io", "ghcr.io", "quay.io"} <= set(config.upstreams)
+    assert config.default == "docker.io"
+    assert {"docker.io", "ghcr.io", "quay.io"} <= set(config.upstreams)
 
 
 def test_serve_with_a_bad_config_exits_with_one_line(tmp_path):

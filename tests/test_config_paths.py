@@ -49,8 +49,9 @@ def served(tmp_path_factory):
                                  str(srv / "config.yml")], cwd=elsewhere, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
     try:
+        ca = ssl.create_default_context(cafile=srv / "certs" / "ca.crt")
         wait_http(f"https://127.0.0.1:{port}/v2/", timeout=20,
-                  alive=lambda: proc.poll() is None, verify=ssl.create_default_context(cafile=srv / "certs" / "ca.crt"))
+                  alive=lambda: proc.poll() is None, verify=ca)
     except Exception:
         stop_process(proc)
         pytest.fail((root / "mirror.log").read_text()[-2000:])
@@ -72,7 +73,10 @@ def test_serve_takes_tls_htpasswd_and_data_dir_from_the_config_files_folder(serv
 def test_admin_commands_find_the_data_directory_as_the_server_does(served, how):
     srv, elsewhere, _ = served
     config = str(srv / "config.yml")
-    args, env = (["--config", config], None) if how == "--config" else ([], {"MIRROR_CONFIG": config})
+    if how == "--config":
+        args, env = ["--config", config], None
+    else:
+        args, env = [], {"MIRROR_CONFIG": config}
     stats = mirror_cli("stats", "--json", *args, cwd=elsewhere, env=env)
     assert stats.returncode == 0, stats.stderr
     assert Path(json.loads(stats.stdout)["data_dir"]) == srv / "data"

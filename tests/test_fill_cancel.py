@@ -81,4 +81,5 @@ def test_a_cancelled_fill_waits_for_its_disk_call_before_closing_the_file(
     assert unrelated.stat().st_size == 0, "the cancelled fill's disk call hit another file"
     assert not closed_under_the_thread
     assert not temp_left
-    assert not (tmp_path / "data" / "blobs" / "sha256" / blob.digest[7:9] / blob.digest[7:]).exists()
+    blob_path = tmp_path / "data" / "blobs" / "sha256" / blob.digest[7:9] / blob.digest[7:]
+    assert not blob_path.exists()

@@ -38,8 +38,8 @@ tests before them in the same session):
 
 ``MIRROR_TEST_FUZZ_SCALE`` multiplies the number of examples (default 1: about 3000
 requests). With ``CI=true`` the examples are derandomized (the same every run);
-elsewhere every run explores new ones.  A failure prints the request (``Req(...)``) and the mirror's log
-lines for it; ``print_blob`` also prints a ``@reproduce_failure`` blob, and
+elsewhere every run explores new ones.  A failure prints the request (``Req(...)``) and
+the mirror's log lines for it; ``print_blob`` also prints a ``@reproduce_failure`` blob, and
 ``pytest --hypothesis-seed=N`` replays a whole run.  ``FOUND`` keeps requests this
 fuzzer found answered with a 5xx, so that every run checks them again.
 """
@@ -473,7 +473,8 @@ def bodies(method: str) -> st.SearchStrategy[bytes]:
 
 
 def requests_for(targets: st.SearchStrategy[str], known: Known,
-                 methods=st.sampled_from(METHODS), header_sets=None) -> st.SearchStrategy[Req]:
+                 methods=None, header_sets=None) -> st.SearchStrategy[Req]:
+    methods = methods if methods is not None else st.sampled_from(METHODS)
     header_sets = header_sets if header_sets is not None else headers(known)
 
     @st.composite
@@ -895,7 +896,8 @@ FOUND = [
     pytest.param(Req("HEAD", "/v2/alpinetest/tags/list?n=%E2%91%A0"), id="tags-n-circled-one"),
     # Python's int() refuses more than 4300 digits
     pytest.param(Req("GET", BLOB, (("Range", "bytes=0-" + "9" * 4301),)), id="range-last-4301"),
-    pytest.param(Req("GET", BLOB, (("Range", "bytes=" + "9" * 4301 + "-"),)), id="range-first-4301"),
+    pytest.param(Req("GET", BLOB, (("Range", "bytes=" + "9" * 4301 + "-"),)),
+                 id="range-first-4301"),
     pytest.param(Req("GET", BLOB, (("Range", "bytes=-" + "9" * 4301),)), id="range-suffix-4301"),
     # valid as sent, but library/ + 248 characters is past the 255 limit upstream
     pytest.param(Req("GET", "/v2/" + "a" * 248 + "/tags/list"), id="name-248-plus-library"),

@@ -74,6 +74,6 @@ def test_healthcheck_fails_on_a_bad_answer_or_none_within_3_s(tmp_path):
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         start = time.monotonic()
-        unhealthy(healthcheck({"listen": "127.0.0.1:%d" % silent.getsockname()[1]}, tmp_path),
+        unhealthy(healthcheck({"listen": f"127.0.0.1:{silent.getsockname()[1]}"}, tmp_path),
                   "no answer within 3 s")
         assert 2.9 < time.monotonic() - start < 10

@@ -85,7 +85,8 @@ def test_a_tls_handshake_on_the_plain_port_is_explained_once_at_debug(make_mirro
     assert httpx.get(f"{mirror.url}/v2/").status_code == 200        # plain HTTP as before
     log = stopped_log(mirror)
     assert "Invalid HTTP request" not in log
-    explained = [line for line in log.splitlines() if "TLS handshake came to this plain-HTTP" in line]
+    explained = [line for line in log.splitlines()
+                 if "TLS handshake came to this plain-HTTP" in line]
     assert len(explained) == 1 and " DEBUG mirror: " in explained[0]
 
 

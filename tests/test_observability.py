@@ -40,15 +40,17 @@ def test_metrics_move_with_hits_and_misses(make_mirror, upstream, image_set):
         return value(b, name, **labels) - value(a, name, **labels)
 
     n_blobs = len(image.blobs)
-    assert delta(before, after_cold, "mirror_cache_lookups_total", kind="manifest", result="miss") == 2
-    assert delta(before, after_cold, "mirror_cache_lookups_total", kind="manifest", result="hit") == 1
-    assert delta(before, after_cold, "mirror_cache_lookups_total", kind="blob", result="miss") == n_blobs
-    assert delta(after_cold, after_warm, "mirror_cache_lookups_total", kind="manifest", result="hit") == 3
-    assert delta(after_cold, after_warm, "mirror_cache_lookups_total", kind="blob", result="hit") == n_blobs
-    assert delta(after_cold, after_warm, "mirror_cache_lookups_total", kind="blob", result="miss") == 0
+    lookups = "mirror_cache_lookups_total"
+    assert delta(before, after_cold, lookups, kind="manifest", result="miss") == 2
+    assert delta(before, after_cold, lookups, kind="manifest", result="hit") == 1
+    assert delta(before, after_cold, lookups, kind="blob", result="miss") == n_blobs
+    assert delta(after_cold, after_warm, lookups, kind="manifest", result="hit") == 3
+    assert delta(after_cold, after_warm, lookups, kind="blob", result="hit") == n_blobs
+    assert delta(after_cold, after_warm, lookups, kind="blob", result="miss") == 0
     assert delta(before, after_cold, "mirror_bytes_served_total", source="upstream") == blob_bytes
     assert delta(after_cold, after_warm, "mirror_bytes_served_total", source="cache") == blob_bytes
-    assert delta(before, after_cold, "mirror_upstream_bytes_total", upstream="docker.io") == blob_bytes
+    assert delta(before, after_cold, "mirror_upstream_bytes_total",
+                 upstream="docker.io") == blob_bytes
     assert delta(after_cold, after_warm, "mirror_upstream_bytes_total", upstream="docker.io") == 0
     assert delta(before, after_cold, "mirror_upstream_requests_total", upstream="docker.io",
                  method="GET", status="200") == 2 + n_blobs
@@ -86,4 +88,5 @@ def test_access_log_has_one_line_per_request_with_the_cache_outcome(make_mirror,
     assert blob_lines[0].endswith(f" miss {agent}") and f" 200 {blob.size} " in blob_lines[0]
     assert blob_lines[1].endswith(f" hit {agent}")
     bad = [line for line in lines if "a%0Ab" in line]
-    assert len(bad) == 1 and (" 400 " in bad[0] or " 404 " in bad[0])   # logged escaped, on one line
+    # logged escaped, on one line
+    assert len(bad) == 1 and (" 400 " in bad[0] or " 404 " in bad[0])

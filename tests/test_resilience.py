@@ -218,8 +218,8 @@ def test_concurrent_manifest_misses_and_token_fetches_are_coalesced(make_mirror,
     from tests.support.faulty import FaultyUpstream
     from tests.support.fixtures import USERS
     with RegistryClient(token_upstream.url, "alice", USERS["alice"]) as client:
-        image = push_image(tmp_path / "img", client, "flight/app", ["1"], [1000 + i for i in range(6)],
-                           seed=8000)
+        image = push_image(tmp_path / "img", client, "flight/app", ["1"],
+                           [1000 + i for i in range(6)], seed=8000)
     proxy = FaultyUpstream(token_upstream.url).start()
     # Every GET is held 0.5 s upstream, so concurrent misses really overlap: the blob
     # GETs all meet the first 401 together (one token fetch for their shared scope),

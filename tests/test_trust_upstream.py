@@ -98,8 +98,9 @@ def test_a_token_realm_on_another_site_gets_credentials_only_when_listed(make_mi
         assert len(tokens.requests) == before               # not asked at all
         assert "refusing to send credentials to token realm http://localhost:" in refused.log_text()
 
-        allowed = make_mirror({"upstreams": {"tok.test": {**upstream, "token_realms": ["localhost"]}},
-                               "default": "tok.test"})
+        allowed = make_mirror({
+            "upstreams": {"tok.test": {**upstream, "token_realms": ["localhost"]}},
+            "default": "tok.test"})
         pull_and_check(allowed.url, "elsewhere/app", image)
         assert [(r.user, r.status) for r in tokens.requests[before:]] == [("alice", 200)]
 
@@ -132,7 +133,8 @@ def test_which_token_realms_get_credentials():
     assert realm_allowed("https://registry.example.com", "https://auth.example.net/token/", url)
     assert not realm_allowed("https://registry.example.com", "https://auth.example.net/other", url)
     assert not realm_allowed("https://registry.example.com", "http://auth.example.net/token", url)
-    assert not realm_allowed("https://registry.example.com", "https://x.auth.example.net/token", host)
+    assert not realm_allowed("https://registry.example.com", "https://x.auth.example.net/token",
+                             host)
 
 
 def test_token_realms_and_revalidate_timeout_config(tmp_path):
@@ -188,8 +190,8 @@ def test_connection_errors_keep_their_cause(make_mirror, tmp_path):
     certs = make_certs(tmp_path / "certs", ["127.0.0.1"])
     closed = free_port()
     ok = lambda r: JSONResponse({})                                   # noqa: E731
-    with Scripted(ok, name="plain") as plain, \
-            Scripted(ok, name="tls", ssl_certfile=str(certs.cert), ssl_keyfile=str(certs.key)) as tls:
+    tls_files = {"ssl_certfile": str(certs.cert), "ssl_keyfile": str(certs.key)}
+    with Scripted(ok, name="plain") as plain, Scripted(ok, name="tls", **tls_files) as tls:
         mirror = make_mirror({"upstreams": {
             "closed.test": {"url": f"http://127.0.0.1:{closed}", "retries": 0},
             "plain.test": {"url": f"https://{plain.host}", "retries": 0},     # https to plain HTTP

@@ -17,7 +17,8 @@ from tests.support.image_set import push_image
 
 def pull_and_check(mirror_url, name, image):
     with httpx.Client(base_url=mirror_url, timeout=60) as client:
-        resp = client.get(f"/v2/{name}/manifests/{image.tags[0]}", headers={"Accept": MANIFEST_ACCEPT})
+        resp = client.get(f"/v2/{name}/manifests/{image.tags[0]}",
+                          headers={"Accept": MANIFEST_ACCEPT})
         assert resp.status_code == 200, resp.text
         assert resp.content == image.manifest
         assert resp.headers["docker-content-digest"] == image.digest
@@ -30,7 +31,8 @@ def pull_and_check(mirror_url, name, image):
 @pytest.fixture(scope="module")
 def htpasswd_image(tmp_path_factory, htpasswd_upstream):
     with RegistryClient(htpasswd_upstream.url, "alice", USERS["alice"]) as client:
-        return push_image(tmp_path_factory.mktemp("img"), client, "private/app", ["1"], [4096, 9000])
+        return push_image(tmp_path_factory.mktemp("img"), client, "private/app", ["1"],
+                          [4096, 9000])
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +87,11 @@ def small_image():
     config = json.dumps({"rootfs": {"type": "layers", "diff_ids": []}}).encode()
     digests = {f"sha256:{hashlib.sha256(b).hexdigest()}": b for b in (layer, config)}
     (layer_d, config_d) = list(digests)
+    layer_type = "application/vnd.docker.image.rootfs.diff.tar.gzip"
     manifest = json.dumps({"schemaVersion": 2, "mediaType": MANIFEST_V2,
                            "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
                                       "digest": config_d, "size": len(config)},
-                           "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                           "layers": [{"mediaType": layer_type,
                                        "digest": layer_d, "size": len(layer)}]}).encode()
     manifest_d = f"sha256:{hashlib.sha256(manifest).hexdigest()}"
     return digests, manifest, manifest_d
@@ -98,7 +101,8 @@ def test_redirected_blobs_never_carry_authorization_to_the_other_host(make_mirro
     digests, manifest, manifest_d = small_image()
     with FakeUpstream(digests, manifest, MANIFEST_V2, manifest_d) as fake:
         mirror = make_mirror({"upstreams": {"fake.test": {
-            "url": fake.api.url, "username": "bob", "password": "hunter2"}}, "default": "fake.test"})
+            "url": fake.api.url, "username": "bob", "password": "hunter2"}},
+            "default": "fake.test"})
         with httpx.Client(base_url=mirror.url, timeout=30) as client:
             resp = client.get(f"/v2/{REPO}/manifests/latest")
             assert resp.status_code == 200 and resp.content == manifest
@@ -114,7 +118,8 @@ def test_blob_head_without_an_upstream_size_has_no_content_length(make_mirror):
     digests, manifest, manifest_d = small_image()
     with FakeUpstream(digests, manifest, MANIFEST_V2, manifest_d, blob_head_size=False) as fake:
         mirror = make_mirror({"upstreams": {"fake.test": {
-            "url": fake.api.url, "username": "bob", "password": "hunter2"}}, "default": "fake.test"})
+            "url": fake.api.url, "username": "bob", "password": "hunter2"}},
+            "default": "fake.test"})
         digest = next(iter(digests))
         resp = httpx.head(f"{mirror.url}/v2/{REPO}/blobs/{digest}", timeout=30)
         assert resp.status_code == 200 and resp.headers["docker-content-digest"] == digest

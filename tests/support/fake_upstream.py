@@ -27,7 +27,8 @@ class FakeUpstream:
                  blob_head_size: bool = True) -> None:
         self.blobs = blobs
         self.blob_head_size = blob_head_size     # False: blob HEADs carry no Content-Length
-        self.manifest, self.manifest_type, self.manifest_digest = manifest, manifest_type, manifest_digest
+        self.manifest, self.manifest_type = manifest, manifest_type
+        self.manifest_digest = manifest_digest
         self.auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
         self.api_headers: list[dict] = []
         self.cdn_headers: list[dict] = []

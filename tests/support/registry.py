@@ -89,12 +89,12 @@ class RegistryProcess:
                 wait_http(self.url + "/", alive=lambda: self.proc.poll() is None)
                 self._start_mark = len(self._all_requests())
                 return self
-            except (RuntimeError, TimeoutError):
+            except (RuntimeError, TimeoutError) as exc:
                 self.stop()
                 if attempt == attempts - 1:
                     raise RuntimeError(
                         f"docker-registry failed to start; log:\n{self.log_text()[-3000:]}"
-                    )
+                    ) from exc
         raise AssertionError("unreachable")
 
     def stop(self) -> None:

@@ -80,8 +80,8 @@ class SyscallTrace:
 
     def start(self, timeout: float = 10) -> SyscallTrace:
         self.proc = subprocess.Popen(
-            [STRACE, "-f", "-y", "-xx", "-s", "65536", "-e", f"trace={self.trace}", "-e", "signal=none",
-             "-o", str(self.out_path), "-p", str(self.pid)],
+            [STRACE, "-f", "-y", "-xx", "-s", "65536", "-e", f"trace={self.trace}",
+             "-e", "signal=none", "-o", str(self.out_path), "-p", str(self.pid)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             text=True, errors="replace")
         self._reader = threading.Thread(target=self._read_stderr, daemon=True)
@@ -90,8 +90,8 @@ class SyscallTrace:
         while not self._all_threads_traced():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError("strace could not attach to pid %d: %s"
-                                   % (self.pid, "".join(self.stderr)[-2000:]))
+                raise RuntimeError(f"strace could not attach to pid {self.pid}: "
+                                   f"{''.join(self.stderr)[-2000:]}")
             time.sleep(0.02)
         return self
 
