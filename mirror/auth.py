@@ -2,7 +2,8 @@
 
 - ``Acl``: docker_auth style rules, first match wins; names are matched as
   ``<upstream>/<repository>`` so one repository has one name whatever route
-  (``?ns=``, path prefix, default) a client used.
+  (``?ns=``, path prefix, default) a client used; a hosted repository is matched
+  by its name as pushed (``myorg/app``), with no upstream in front.
 - ``Guard``: what api.py calls: authenticate a request and check one action, or
   answer the token endpoint. Failing checks raise ``Unauthorized`` (with the
   challenge a client needs) or ``Denied``. Passwords are checked by ``passwords``
@@ -23,7 +24,7 @@ from .config import AclRule, AuthConfig
 from .errors import Denied, NameUnknown, NotFound, RegistryError, Unauthorized
 from .models import validate_name
 from .passwords import Htpasswd, Throttle
-from .routing import Router
+from .routing import HOSTED, Router
 from .tokens import Grant, Tokens, load_key
 
 log = logging.getLogger("mirror.auth")
@@ -92,7 +93,7 @@ class Guard:
             return f"{ns}/{name}"
         except RegistryError:
             return name        # an invalid name: answered as such once the ACL allows it
-        return f"{route.upstream}/{route.repository}"
+        return _acl_name(route.upstream, route.repository)
 
     # -- requests to the registry API
 
@@ -171,7 +172,7 @@ class Guard:
 
     def may_list(self, identity: Identity, upstream: str, repository: str) -> bool:
         """Catalog entries shown to ``identity``: only what it may pull."""
-        return "pull" in self.acl.allowed(identity.account, f"{upstream}/{repository}")
+        return "pull" in self.acl.allowed(identity.account, _acl_name(upstream, repository))
 
     # -- the token endpoint
 
@@ -236,6 +237,10 @@ class Guard:
             if error:
                 header += f',error="{error}"'
         return Unauthorized(message, headers={"WWW-Authenticate": header})
+
+
+def _acl_name(upstream: str, repository: str) -> str:
+    return repository if upstream == HOSTED else f"{upstream}/{repository}"
 
 
 def _granted(claims: dict[str, Any], kind: str, name: str) -> frozenset[str] | None:

@@ -24,6 +24,7 @@ import yaml
 
 from .config_sections import (
     _AUTH_KEYS,
+    _HOSTED_KEYS,
     _LIMITS_KEYS,
     _TLS_KEYS,
     _TOKEN_KEYS,
@@ -32,10 +33,12 @@ from .config_sections import (
     DOCKER_HUB_URL,
     AclRule,
     AuthConfig,
+    HostedConfig,
     LimitsConfig,
     TlsConfig,
     UpstreamConfig,
     _auth,
+    _hosted,
     _limits,
     _tls,
     _upstream,
@@ -56,6 +59,7 @@ from .config_values import (
 )
 
 __all__ = ["DOCKER_HUB", "DOCKER_HUB_URL", "AclRule", "AuthConfig", "Config", "ConfigError",
+           "HostedConfig",
            "LimitsConfig", "TlsConfig", "UpstreamConfig", "describe", "env_name",
            "env_settings", "format_duration", "format_size", "load_config", "parse_duration",
            "parse_fraction", "parse_listen", "parse_public_url", "parse_size", "parse_url"]
@@ -70,7 +74,7 @@ class Config:
     high_watermark: float = 0.90      # evict when the cache passes this share of max_size
     low_watermark: float = 0.80       # ... down to this share
     expire_unused: float | None = None  # seconds without access after which content goes
-    default: str = DOCKER_HUB
+    default: str | None = DOCKER_HUB  # None: only with upstreams {} and hosted set
     upstreams: Mapping[str, UpstreamConfig] = field(default_factory=lambda: MappingProxyType(
         {DOCKER_HUB: UpstreamConfig(DOCKER_HUB, DOCKER_HUB_URL, library_prefix=True)}))
     log_level: str = "info"
@@ -81,6 +85,7 @@ class Config:
     auth: AuthConfig | None = None
     public_url: str | None = None     # how clients reach the mirror (challenges name it)
     limits: LimitsConfig = LimitsConfig()
+    hosted: HostedConfig | None = None  # None: no push, every write answers 405
 
     @property
     def listen(self) -> str:
@@ -91,7 +96,7 @@ class Config:
 
 _TOP_KEYS = {"listen", "data_dir", "max_size", "default", "upstreams", "log_level", "offline",
              "high_watermark", "low_watermark", "expire_unused", "access_log", "tls", "auth",
-             "public_url", "limits", "log_format", "shutdown_grace"}
+             "public_url", "limits", "log_format", "shutdown_grace", "hosted"}
 
 
 _LOG_LEVELS = {"critical", "error", "warning", "info", "debug"}
@@ -174,7 +179,7 @@ NOT_SETTINGS = ("MIRROR_CONFIG",)
 RESERVED_PREFIX = "MIRROR_TEST_"
 
 
-_SECTIONS = {"upstreams", "tls", "auth", "limits"}
+_SECTIONS = {"upstreams", "tls", "auth", "limits", "hosted"}
 
 
 _TEXT_KEYS = {"listen", "data_dir", "default", "public_url", "log_level", "log_format", "cert",
@@ -193,6 +198,7 @@ def _settings(raw: dict) -> dict[str, list[tuple[str, ...]]]:
     paths: list[tuple[str, ...]] = [(k,) for k in _TOP_KEYS - _SECTIONS]
     paths += [("tls", k) for k in _TLS_KEYS] + [("limits", k) for k in _LIMITS_KEYS]
     paths += [("auth", k) for k in _AUTH_KEYS - {"acl"}]
+    paths += [("hosted", k) for k in _HOSTED_KEYS - {"repositories"}]
     paths += [("auth", "token", k) for k in _TOKEN_KEYS]
     paths += [("upstreams", n, k) for n in names for k in _UPSTREAM_KEYS]
     table: dict[str, list[tuple[str, ...]]] = {}
@@ -247,10 +253,11 @@ def _env_value(key: str, text: str) -> Any:
 
 def _not_a_setting(name: str, raw: dict, table: dict) -> str:
     rest = name[len(ENV_PREFIX):]
-    sections = {env_name(*p): ".".join(p) for p in [(s,) for s in _SECTIONS] + [("auth", "acl")]}
+    lists = [("auth", "acl"), ("hosted", "repositories")]
+    sections = {env_name(*p): ".".join(p) for p in [(s,) for s in _SECTIONS] + lists}
     if name in sections:
         return (f"{name}: {sections[name]} is not a single value; set it in the config file"
-                + ("" if name == env_name("auth", "acl") else
+                + ("" if name in (env_name(*p) for p in lists) else
                    f" or its keys one by one ({name}_<KEY>)"))
     names = sorted({p[1] for ps in table.values() for p in ps if p[0] == "upstreams"})
     if rest.startswith("UPSTREAMS_") and not any(
@@ -294,6 +301,8 @@ def _build(raw: dict, resolve: Callable[[str, str], Path]) -> Config:
         kwargs["public_url"] = _field("public_url", parse_public_url, raw["public_url"])
     if raw.get("limits") is not None:
         kwargs["limits"] = _limits(raw["limits"])
+    if raw.get("hosted") is not None:
+        kwargs["hosted"] = _hosted(raw["hosted"])
     if "access_log" in raw:
         kwargs["access_log"] = _bool("access_log", raw["access_log"])
     if "log_level" in raw:
@@ -311,14 +320,23 @@ def _build(raw: dict, resolve: Callable[[str, str], Path]) -> Config:
     offline = _bool("offline", raw["offline"]) if "offline" in raw else False
     if "upstreams" in raw:
         ups = raw["upstreams"]
-        if not isinstance(ups, dict) or not ups:
-            raise ConfigError("upstreams: expected a mapping of upstream name to settings")
+        if ups is None and "hosted" in kwargs:
+            ups = {}
+        if not isinstance(ups, dict) or (not ups and "hosted" not in kwargs):
+            raise ConfigError("upstreams: expected a mapping of upstream name to settings"
+                              + ("; {} only with hosted set (a plain private registry)"
+                                 if isinstance(ups, dict) else ""))
         kwargs["upstreams"] = MappingProxyType(
             {str(n): _upstream(str(n), v, offline) for n, v in ups.items()})
     elif offline:
         kwargs["upstreams"] = MappingProxyType(
             {n: replace(u, offline=True) for n, u in Config().upstreams.items()})
     upstreams = kwargs.get("upstreams", Config().upstreams)
+    if not upstreams:              # a plain private registry: nothing to default to
+        if raw.get("default") is not None:
+            raise ConfigError("default: no upstreams are configured (upstreams: {})")
+        kwargs["default"] = None
+        return Config(**kwargs)
     first = DOCKER_HUB if DOCKER_HUB in upstreams else next(iter(upstreams))
     default = str(raw.get("default", first))
     if default not in upstreams:
@@ -382,6 +400,10 @@ def describe(config: Config, mask: bool = True) -> dict:
             "keepalive_timeout": format_duration(config.limits.keepalive_timeout)},
         "default": config.default,
         "upstreams": {name: upstream(u) for name, u in config.upstreams.items()},
+        "hosted": None if config.hosted is None else {
+            "repositories": list(config.hosted.repositories), "delete": config.hosted.delete,
+            "upload_ttl": format_duration(config.hosted.upload_ttl),
+            "max_blob_size": format_size(config.hosted.max_blob_size)},
     }
     if config.auth is not None:
         a = config.auth

@@ -18,6 +18,7 @@ from .config_values import (
     _mapping,
     _whole,
     parse_duration,
+    parse_size,
     parse_url,
 )
 from .models import NAME_RE
@@ -83,6 +84,16 @@ class LimitsConfig:
     keepalive_timeout: float = 5.0    # seconds an idle keep-alive connection stays open
 
 
+@dataclass(frozen=True)
+class HostedConfig:
+    """Repositories the mirror hosts itself (pushed to it) rather than mirrors."""
+
+    repositories: tuple[str, ...] = ()            # fnmatch globs on the whole name
+    delete: bool = False                          # DELETE of manifests, tags and blobs
+    upload_ttl: float = 24 * 3600.0               # seconds an abandoned upload session lives
+    max_blob_size: int = 10 * 1024 ** 3           # bytes one pushed blob may have
+
+
 _UPSTREAM_KEYS = {"url", "username", "password", "tag_ttl", "library_prefix", "timeout",
                   "retries", "offline", "max_fills", "revalidate_timeout", "token_realms"}
 
@@ -97,6 +108,9 @@ _TOKEN_KEYS = {"realm", "service", "issuer", "expiry"}
 
 
 _LIMITS_KEYS = {"max_connections", "header_timeout", "keepalive_timeout"}
+
+
+_HOSTED_KEYS = {"repositories", "delete", "upload_ttl", "max_blob_size"}
 
 
 def _upstream(name: str, raw: Any, offline: bool = False) -> UpstreamConfig:
@@ -244,6 +258,30 @@ def _limits(raw: Any) -> LimitsConfig:
             if not 0 < kwargs[k] <= 3600:
                 raise ConfigError(f"limits.{k}: expected more than 0s and at most 1h")
     return LimitsConfig(**kwargs)
+
+
+def _hosted(raw: Any) -> HostedConfig:
+    values = _mapping("hosted", raw, _HOSTED_KEYS)
+    kwargs: dict[str, Any] = {}
+    if "repositories" in values:
+        globs = _list("hosted.repositories", values["repositories"])
+        for g in globs:
+            if not isinstance(g, str) or not g or not g.isprintable() or len(g) > 256:
+                raise ConfigError("hosted.repositories: expected globs like \"myorg/*\" "
+                                  "or \"*\"")
+        kwargs["repositories"] = tuple(globs)
+    if "delete" in values:
+        kwargs["delete"] = _bool("hosted.delete", values["delete"])
+    if values.get("upload_ttl") is not None:
+        kwargs["upload_ttl"] = _field("hosted.upload_ttl", parse_duration, values["upload_ttl"])
+        if kwargs["upload_ttl"] <= 0:
+            raise ConfigError("hosted.upload_ttl: expected more than 0s, e.g. 24h")
+    if values.get("max_blob_size") is not None:
+        kwargs["max_blob_size"] = _field("hosted.max_blob_size", parse_size,
+                                         values["max_blob_size"])
+        if kwargs["max_blob_size"] <= 0:
+            raise ConfigError("hosted.max_blob_size: expected a size above 0, e.g. 10GiB")
+    return HostedConfig(**kwargs)
 
 
 def _acl_rule(i: int, raw: Any) -> AclRule:

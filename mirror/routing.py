@@ -3,18 +3,24 @@
 1. ``?ns=<host>`` naming a configured upstream (containerd's hosts.toml mirrors);
 2. else a first path component equal to a configured upstream's name
    (``/v2/ghcr.io/org/app/...`` -> ghcr.io, ``org/app``);
-3. else the default upstream.
+3. else, with ``hosted`` configured, a name matching one of ``hosted.repositories``
+   (fnmatchcase on the whole name) is hosted here: upstream ``HOSTED`` (""), which no
+   configured upstream can be named, and the name as pushed, with no ``library/``;
+4. else the default upstream.
 For an upstream with ``library_prefix`` (Docker Hub) a one-component name gets
 ``library/``. A name that routes nowhere is NAME_UNKNOWN.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 
 from .config import Config
 from .errors import NameInvalid, NameUnknown
 from .models import NAME_MAX, validate_name
+
+HOSTED = ""     # the route (and index upstream) of hosted repositories; never an upstream name
 
 
 @dataclass(frozen=True)
@@ -23,11 +29,16 @@ class Route:
     repository: str
     namespace: str | None = None     # the ns= value that chose it, echoed as OCI-Namespace
 
+    @property
+    def hosted(self) -> bool:
+        return self.upstream == HOSTED
+
 
 class Router:
     def __init__(self, config: Config) -> None:
         self._upstreams = config.upstreams
         self._default = config.default
+        self._hosted = config.hosted.repositories if config.hosted else ()
 
     def resolve(self, name: str, ns: str | None = None) -> Route:
         validate_name(name)
@@ -41,6 +52,11 @@ class Router:
         first, _, rest = name.partition("/")
         if rest and first in self._upstreams:
             return Route(first, self._repository(first, rest))
+        if any(fnmatch.fnmatchcase(name, glob) for glob in self._hosted):
+            return Route(HOSTED, name)
+        if self._default is None:
+            raise NameUnknown(f"repository {name[:200]!r} is not hosted here and no upstream "
+                              "is configured", detail={"name": name[:200]})
         return Route(self._default, self._repository(self._default, name))
 
     def _repository(self, upstream: str, name: str) -> str:
@@ -52,6 +68,6 @@ class Router:
 
     def display_name(self, upstream: str, repository: str) -> str:
         """The name a client uses to pull it again (catalog entries)."""
-        if upstream == self._default:
+        if upstream == HOSTED or upstream == self._default:
             return repository
         return f"{upstream}/{repository}"
