@@ -22,8 +22,9 @@ from .auth import Guard
 from .cache import CannotOpen, LocalCache
 from .config import Config
 from .evict import Budget, Evictor
+from .hosted.store import HostedStore
 from .proxy import ProxyStore
-from .routing import Router
+from .routing import HOSTED, Router
 from .store import Source
 from .upstream import Upstream
 
@@ -56,11 +57,15 @@ class Mirror:
         evictor.start()
         sources: dict[str, Source] = {name: ProxyStore(local, Upstream(up), up.tag_ttl, up.offline)
                    for name, up in config.upstreams.items()}
+        hosted = HostedStore(local, config.hosted) if config.hosted is not None else None
+        if hosted is not None:
+            await hosted.open()
+            sources[HOSTED] = hosted
         router = Router(config)
         guard = self.guard = Guard(config.auth, router, local.data_dir, config.public_url) \
             if config.auth else None
         self.app.state.registry = Registry(router, sources, local.repositories,
-                                           local.not_ready, guard)
+                                           local.not_ready, guard, hosted)
         metrics.persist = local.index.count
         metrics.cache_size.set_function(lambda: local.size)
         metrics.cache_budget.set(config.max_size or 0)
@@ -88,7 +93,9 @@ class Mirror:
             offline_text = "on for " + ",".join(offline)
         logins = "off" if config.auth is None else \
             f"on ({'bearer tokens' if config.auth.token else 'basic'})"
-        upstreams = ", ".join(f"{n}={u.url}" for n, u in config.upstreams.items())
+        upstreams = ", ".join(f"{n}={u.url}" for n, u in config.upstreams.items()) or "none"
+        if config.hosted is not None:
+            upstreams += f"; hosted {','.join(config.hosted.repositories) or 'nothing'}"
         data_dir = self.local.data_dir if self.local else config.data_dir
         return (f"TLS {'on' if config.tls else 'off'}, logins {logins}, offline {offline_text}; "
                 f"upstreams {upstreams} (default {config.default}); data in {data_dir}")

@@ -21,7 +21,7 @@ from typing import Any
 
 import aiosqlite
 
-from .models import References
+from .models import HOSTED, References
 
 log = logging.getLogger("mirror.index")
 
@@ -228,17 +228,19 @@ class Index:
 
     async def protected(self, now: float) -> set[str]:
         """Digests that must stay: everything reachable from a tag inside its TTL or
-        from a pin (a pinned tag, whatever its TTL, or a pinned digest)."""
+        from a pin (a pinned tag, whatever its TTL, or a pinned digest), and everything
+        linked to a hosted repository (pushed content is never evicted)."""
         rows = await self._db.execute_fetchall(
             """WITH RECURSIVE roots(d) AS (
                    SELECT digest FROM tags WHERE expires_at > :now
+                   UNION SELECT digest FROM repo_links WHERE upstream = :hosted
                    UNION SELECT t.digest FROM pins p JOIN tags t ON t.upstream = p.upstream
                          AND t.repository = p.repository AND t.tag = p.reference
                    UNION SELECT reference FROM pins WHERE reference LIKE '%:%'),
                live(d) AS (
                    SELECT d FROM roots
                    UNION SELECT r.child FROM manifest_refs r JOIN live ON r.manifest = live.d)
-               SELECT d FROM live""", {"now": now})
+               SELECT d FROM live""", {"now": now, "hosted": HOSTED})
         return {r[0] for r in rows}
 
     async def by_last_access(self) -> list[tuple[str, int, float, bool]]:

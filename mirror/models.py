@@ -22,6 +22,7 @@ NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 TAG_RE = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
 DIGEST_RE = re.compile(r"(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})")
 NAME_MAX = 255
+HOSTED = ""     # the route and index "upstream" of hosted repositories; never an upstream name
 
 HASHES = {"sha256": hashlib.sha256, "sha512": hashlib.sha512}
 

@@ -18,10 +18,9 @@ from dataclasses import dataclass
 
 from .config import Config
 from .errors import NameInvalid, NameUnknown
-from .models import NAME_MAX, validate_name
+from .models import HOSTED, NAME_MAX, validate_name
 
-HOSTED = ""     # the route (and index upstream) of hosted repositories; never an upstream name
-
+__all__ = ["HOSTED", "Route", "Router"]
 
 @dataclass(frozen=True)
 class Route:

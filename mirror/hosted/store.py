@@ -1,0 +1,157 @@
+"""HostedStore: the repositories pushed to this mirror.
+
+It reads like any other ``Source`` (manifests, tags, blobs) from the local cache only,
+with no upstream behind it: what was not pushed is a 404. It writes through the same
+``LocalCache`` the proxy fills, so a blob both cached and pushed is stored once. Its
+index rows are under the upstream ``HOSTED`` (""); everything linked there is a root
+for eviction (``Index.protected``), so hosted content is never evicted. Hosted tags are
+written with a TTL of a century: they never go stale.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from ..cache import LocalCache
+from ..cache_files import CachedBlob
+from ..config import HostedConfig
+from ..errors import (
+    BlobUnknown,
+    DigestInvalid,
+    ManifestBlobUnknown,
+    ManifestInvalid,
+    ManifestUnknown,
+    NameUnknown,
+)
+from ..models import (
+    HOSTED,
+    Manifest,
+    ManifestInfo,
+    digest_of,
+    is_digest,
+    parse_manifest,
+)
+from .uploads import Uploads
+
+TAG_TTL = 100 * 365 * 24 * 3600.0     # hosted tags never expire
+
+
+class MissingReference(ManifestBlobUnknown):
+    status = 400           # as distribution and the OCI spec answer a manifest PUT
+
+
+@dataclass(frozen=True)
+class Pushed:
+    digest: str
+    subject: str | None        # the manifest's subject digest, for OCI-Subject
+
+
+class HostedStore:
+    def __init__(self, local: LocalCache, config: HostedConfig) -> None:
+        self.local = local
+        self.config = config
+        self.uploads = Uploads(local, config)
+
+    async def open(self) -> None:
+        await self.uploads.open()
+
+    async def aclose(self) -> None:
+        await self.uploads.close()
+
+    # -- the read side (store.Source)
+
+    def _resolve(self, repository: str, reference: str) -> ManifestInfo:
+        if is_digest(reference):
+            digest: str | None = reference
+        else:
+            row = self.local.tag(HOSTED, repository, reference)
+            digest = row.digest if row else None
+        info = self.local.manifest_info(digest) if digest else None
+        if info is None or not self.local.linked(HOSTED, repository, info.digest):
+            raise ManifestUnknown(f"manifest unknown: {repository[:200]}:{reference[:200]}",
+                                  detail={"reference": reference[:200]})
+        return info
+
+    async def get_manifest(self, repository: str, reference: str,
+                           accept: list[str]) -> Manifest:
+        info = self._resolve(repository, reference)
+        manifest = await self.local.read_manifest(info.digest)
+        if manifest is None:
+            raise ManifestUnknown(f"manifest unknown: {repository[:200]}:{reference[:200]}")
+        return manifest
+
+    async def head_manifest(self, repository: str, reference: str,
+                            accept: list[str]) -> ManifestInfo:
+        return self._resolve(repository, reference)
+
+    async def tags(self, repository: str) -> list[str]:
+        tags = self.local.tags_of(HOSTED, repository)
+        if not tags and not await self._exists(repository):
+            raise NameUnknown(f"repository {repository[:200]!r} not known to this registry",
+                              detail={"name": repository[:200]})
+        return tags
+
+    async def _exists(self, repository: str) -> bool:
+        return (HOSTED, repository) in set(await self.local.repositories())
+
+    async def open_blob(self, repository: str, digest: str) -> CachedBlob:
+        body = await self.local.open_blob(digest) \
+            if self.local.linked(HOSTED, repository, digest) else None
+        if body is None:
+            raise BlobUnknown(f"blob unknown: {digest}", detail={"digest": digest})
+        return body
+
+    async def stat_blob(self, repository: str, digest: str) -> int:
+        size = self.local.blob_size(digest) \
+            if self.local.linked(HOSTED, repository, digest) else None
+        if size is None:
+            raise BlobUnknown(f"blob unknown: {digest}", detail={"digest": digest})
+        return size
+
+    def has_blob(self, repository: str, digest: str) -> bool:
+        return self.local.blob_size(digest) is not None and \
+            self.local.linked(HOSTED, repository, digest)
+
+    # -- the write side
+
+    async def mount(self, repository: str, digest: str, source: tuple[str, str]) -> int | None:
+        """Link a blob that ``source`` (upstream, repository) has into ``repository``;
+        its size, or None when the source does not have it."""
+        size = self.local.blob_size(digest)
+        if size is None or not self.local.linked(source[0], source[1], digest):
+            return None
+        await self.local.link(HOSTED, repository, [digest])
+        return size
+
+    async def put_manifest(self, repository: str, reference: str, data: bytes,
+                           content_type: str | None) -> Pushed:
+        media_type, refs = parse_manifest(data, content_type)
+        doc = json.loads(data)
+        declared = doc.get("mediaType")
+        if declared is not None and content_type and declared != media_type:
+            raise ManifestInvalid(f"Content-Type {media_type!r} does not match the "
+                                  f"manifest's mediaType {str(declared)[:200]!r}")
+        if is_digest(reference):
+            digest = digest_of(data, reference.split(":", 1)[0])
+            if digest != reference:
+                raise DigestInvalid(f"manifest hashes to {digest}, not {reference}",
+                                    detail={"digest": reference})
+        else:
+            digest = digest_of(data)
+        for blob in refs.blobs:
+            if not self.has_blob(repository, blob):
+                raise MissingReference(f"blob {blob} is not in {repository[:200]}; push it "
+                                       "first", detail={"digest": blob})
+        for child in refs.manifests:
+            if self.local.manifest_info(child) is None or \
+                    not self.local.linked(HOSTED, repository, child):
+                raise MissingReference(f"manifest {child} is not in {repository[:200]}; "
+                                       "push it first", detail={"digest": child})
+        await self.local.put_manifest(HOSTED, repository, Manifest(data, media_type, digest),
+                                      refs)
+        if not is_digest(reference):
+            await self.local.set_tag(HOSTED, repository, reference, digest, TAG_TTL)
+        subject = doc.get("subject")
+        subject_digest = subject.get("digest") if isinstance(subject, dict) else None
+        return Pushed(digest, subject_digest if isinstance(subject_digest, str) else None)
