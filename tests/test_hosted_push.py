@@ -8,9 +8,13 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 
 import httpx
 import pytest
+import yaml
 
 from mirror.passwords import hash_password
 from tests.support.clients import check_dir_image, run
@@ -326,3 +330,52 @@ def test_skopeo_push_and_pull_back_byte_exact(config, make_mirror, upstream, ima
         r = http.head("/v2/pushed/app/manifests/1", headers={"Accept": image.media_type})
         assert r.headers["docker-content-digest"] == image.digest
         assert "pushed/app" in http.get("/v2/_catalog").json()["repositories"]
+
+
+# -- config and eviction ----------------------------------------------------------------------
+
+
+def test_hosted_config_keys_and_one_line_errors(tmp_path):
+    from mirror.config import ConfigError, load_config
+
+    def load(text: str):
+        path = tmp_path / "config.yml"
+        path.write_text(text)
+        return load_config(path, environ={})
+
+    config = load("upstreams: {}\nhosted: {repositories: ['*']}\n")
+    assert config.default is None and config.upstreams == {}
+    assert config.hosted.repositories == ("*",) and config.hosted.delete is False
+    assert config.hosted.upload_ttl == 24 * 3600 and config.hosted.max_blob_size == 10 * 1024 ** 3
+    config = load("hosted: {repositories: ['myorg/*'], delete: true, upload_ttl: 1h, "
+                  "max_blob_size: 1GiB}\n")
+    assert config.default == "docker.io" and config.hosted.upload_ttl == 3600
+    for text, key in (("upstreams: {}\n", "upstreams"),
+                      ("hosted: {repositories: 'x'}\n", "hosted.repositories"),
+                      ("hosted: {upload_ttl: soon}\n", "hosted.upload_ttl"),
+                      ("hosted: {max_blob_size: lots}\n", "hosted.max_blob_size"),
+                      ("hosted: {delete: maybe}\n", "hosted.delete"),
+                      ("hosted: {push: true}\n", "hosted.push"),
+                      ("upstreams: {}\nhosted: {}\ndefault: docker.io\n", "default")):
+        with pytest.raises(ConfigError) as err:
+            load(text)
+        message = str(err.value)
+        assert "\n" not in message and f": {key}" in message, message
+
+
+def test_hosted_content_is_never_evicted(private, http):
+    layer = os.urandom(20_000)
+    body, digest = push_manifest(http, [layer])
+    orphan = os.urandom(5000)       # uploaded, its manifest not pushed yet
+    assert http.post("/v2/team/app/blobs/uploads/", params={"digest": sha(orphan)},
+                     content=orphan).status_code == 201
+    time.sleep(1.5)                 # the server flushes usage to the index about once a second
+    budget = private.dir / "budget.yml"
+    budget.write_text(yaml.safe_dump({**private.config, "max_size": 1}))
+    result = subprocess.run([sys.executable, "-m", "mirror", "gc", "--config", str(budget)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    for d in (digest, sha(layer), sha(orphan)):
+        assert private.cached_path(d).exists(), f"{d} was evicted"
+    assert http.get("/v2/team/app/manifests/v1").content == body
+    assert http.get(f"/v2/team/app/blobs/{sha(layer)}").content == layer
