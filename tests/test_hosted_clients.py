@@ -1,0 +1,277 @@
+"""Hosted repositories with the real clients our users run (issue 11): podman push and
+pull over plain HTTP, skopeo ``copy --all`` of multi-arch indexes, the seeds' private
+registry (registry:2 with TLS and htpasswd) done with the mirror alone: ``mirror certs``,
+``mirror htpasswd add``, login, push, ``_catalog``, ``tags/list``, pull back byte-exact,
+and dockerd ``docker login`` + ``docker push`` + ``docker pull``.
+
+One plain-HTTP private mirror and one TLS + htpasswd private mirror serve the whole
+module (real processes); each test pushes to repository names of its own. podman and
+dockerd run as root with their own state, as in tests/test_real_clients.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import ssl
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.clients import (
+    ClientError,
+    DockerdProcess,
+    Podman,
+    check_dir_image,
+    registries_conf,
+    run,
+    which,
+)
+from tests.support.mirror import MirrorProcess
+
+PRIVATE = {"upstreams": {}, "hosted": {"repositories": ["*"]}}
+PASSWORD = "s3cret-Pa55"
+
+
+def needs(*binaries):
+    missing = [b for b in binaries if which(b) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"{', '.join(missing)} not installed "
+                              "(scripts/test apt-installs podman and docker.io)")
+
+
+@pytest.fixture
+def as_root():
+    if os.geteuid() != 0:
+        pytest.fail("podman and dockerd are run as root here (own storage, no systemd); "
+                    "run the test suite as root")
+
+
+@pytest.fixture(scope="module")
+def skopeo():
+    path = which("skopeo")
+    if path is None:
+        pytest.fail("skopeo is required (apt-get install skopeo; scripts/test does)")
+
+    def skopeo(*args, **kwargs):
+        return run([path, "--insecure-policy", *args], **kwargs)
+    return skopeo
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """A plain private registry over HTTP, no logins: the mirror alone."""
+    mirror = MirrorProcess(tmp_path_factory.mktemp("plain"), PRIVATE).start()
+    yield mirror
+    mirror.stop()
+
+
+def mirror_cli(*args, input=None):
+    proc = subprocess.run([sys.executable, "-m", "mirror", *args], capture_output=True,
+                          text=True, input=input, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@dataclass
+class Seeds:
+    mirror: MirrorProcess
+    certs: Path      # ca.crt, server.crt, server.key from `mirror certs`
+    cert_dir: Path   # what a client trusts: ca.crt only
+
+    def http(self, password: str = PASSWORD) -> httpx.Client:
+        ca = ssl.create_default_context(cafile=str(self.certs / "ca.crt"))
+        return httpx.Client(base_url=self.mirror.url, verify=ca, auth=("alice", password),
+                            timeout=30)
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory):
+    """The seeds' registry:2 set-up (TLS, htpasswd) made with the mirror's own commands."""
+    base = tmp_path_factory.mktemp("seeds")
+    mirror_cli("certs", "127.0.0.1", "--out", str(base / "certs"))
+    mirror_cli("htpasswd", "add", "alice", "--file", str(base / "htpasswd"),
+               input=PASSWORD + "\n")
+    config = {"tls": {"cert": str(base / "certs" / "server.crt"),
+                      "key": str(base / "certs" / "server.key")},
+              "auth": {"htpasswd": str(base / "htpasswd")},
+              **PRIVATE}
+    mirror = MirrorProcess(base / "mirror", config).start()
+    cert_dir = base / "client-certs"
+    cert_dir.mkdir()
+    shutil.copy(base / "certs" / "ca.crt", cert_dir / "ca.crt")
+    yield Seeds(mirror, base / "certs", cert_dir)
+    mirror.stop()
+
+
+def head_digest(http: httpx.Client, repo: str, ref: str, accept: str) -> str:
+    r = http.head(f"/v2/{repo}/manifests/{ref}", headers={"Accept": accept})
+    assert r.status_code == 200, (r.status_code, r.headers)
+    return r.headers["docker-content-digest"]
+
+
+# -- skopeo ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("attr", ["oci_index", "docker_list"])
+def test_skopeo_copy_all_multiarch_into_hosted_and_back_byte_exact(
+        attr, skopeo, plain, upstream, image_set, tmp_path):
+    image = getattr(image_set, attr)
+    dest = f"docker://{plain.host}/hosted/{attr}:multi"
+    skopeo("copy", "--all", "--preserve-digests", "--src-tls-verify=false",
+           "--dest-tls-verify=false", f"docker://{upstream.host}/{image.ref}", dest)
+    out = tmp_path / "back"
+    skopeo("copy", "--all", "--src-tls-verify=false", dest, f"dir:{out}")
+    check_dir_image(out, image)   # the index, every child manifest and every blob, byte-exact
+    with httpx.Client(base_url=plain.url, timeout=30) as http:
+        assert head_digest(http, f"hosted/{attr}", "multi", image.media_type) == image.digest
+        for child in image.children:
+            r = http.get(f"/v2/hosted/{attr}/manifests/{child.digest}",
+                         headers={"Accept": child.media_type})
+            assert r.status_code == 200 and r.content == child.manifest
+        assert http.get(f"/v2/hosted/{attr}/tags/list").json()["tags"] == ["multi"]
+
+
+# -- podman ------------------------------------------------------------------------------------
+
+@needs("podman")
+def test_podman_push_then_pull_back_over_plain_http(as_root, plain, upstream, image_set,
+                                                     tmp_path):
+    conf = registries_conf(tmp_path / "registries.conf", plain.host)
+    source = image_set.docker
+    with Podman(tmp_path / "podman", conf) as podman:
+        podman.run("pull", "--tls-verify=false", f"{upstream.host}/{source.ref}")
+        image_id = podman.inspect(f"{upstream.host}/{source.ref}")["Id"]
+        target = f"{plain.host}/team/podman:1"
+        podman.run("tag", f"{upstream.host}/{source.ref}", target)
+        digest_file = tmp_path / "digest"
+        podman.run("push", "--tls-verify=false", "--digestfile", digest_file, target)
+        pushed = digest_file.read_text().strip()
+        assert pushed.startswith("sha256:")
+        with httpx.Client(base_url=plain.url, timeout=30) as http:
+            accept = ("application/vnd.docker.distribution.manifest.v2+json, "
+                      "application/vnd.oci.image.manifest.v1+json")
+            assert head_digest(http, "team/podman", "1", accept) == pushed
+            assert http.get("/v2/team/podman/tags/list").json() == {"name": "team/podman",
+                                                                    "tags": ["1"]}
+
+        podman.run("rmi", "--all", "--force")
+        podman.run("pull", "--tls-verify=false", target)
+        info = podman.inspect(target)
+        assert info["Digest"] == pushed
+        assert info["Id"] == image_id      # the same config (image) after the round trip
+        assert f"{plain.host}/team/podman@{pushed}" in info["RepoDigests"]
+
+
+# -- the seeds' private registry: TLS and htpasswd -----------------------------------------------
+
+def test_seeds_private_registry_over_tls_with_login(skopeo, seeds, upstream, image_set,
+                                                    tmp_path):
+    host, certs = seeds.mirror.host, str(seeds.cert_dir)
+    with httpx.Client(base_url=seeds.mirror.url, timeout=30,
+                      verify=ssl.create_default_context(cafile=str(seeds.certs / "ca.crt"))) as c:
+        r = c.get("/v2/")
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Basic")
+
+    auth_file = tmp_path / "auth.json"
+    # skopeo login checks the password against GET /v2/ over verified TLS
+    run([which("skopeo"), "login", "--cert-dir", certs, "--authfile", auth_file,
+         "-u", "alice", "-p", PASSWORD, host])
+    bad = run([which("skopeo"), "login", "--cert-dir", certs, "--authfile", tmp_path / "x.json",
+               "-u", "alice", "-p", "wrong", host], check=False)
+    assert bad.returncode != 0
+
+    image = image_set.oci
+    dest = f"docker://{host}/myorg/app:1.0"
+    skopeo("copy", "--preserve-digests", "--src-tls-verify=false", "--dest-cert-dir", certs,
+           "--dest-authfile", auth_file, f"docker://{upstream.host}/{image.ref}", dest)
+
+    with seeds.http() as http:
+        assert "myorg/app" in http.get("/v2/_catalog").json()["repositories"]
+        assert http.get("/v2/myorg/app/tags/list").json() == {"name": "myorg/app",
+                                                              "tags": ["1.0"]}
+        assert head_digest(http, "myorg/app", "1.0", image.media_type) == image.digest
+    out = tmp_path / "back"
+    skopeo("copy", "--src-cert-dir", certs, "--src-authfile", auth_file, dest, f"dir:{out}")
+    check_dir_image(out, image)
+
+    # a wrong password pushes nothing
+    with pytest.raises(ClientError):
+        skopeo("copy", "--preserve-digests", "--src-tls-verify=false", "--dest-cert-dir",
+               certs, "--dest-creds", "alice:wrong", f"docker://{upstream.host}/{image.ref}",
+               f"docker://{host}/myorg/denied:1.0")
+    with seeds.http() as http:
+        assert "myorg/denied" not in http.get("/v2/_catalog").json()["repositories"]
+        assert http.get("/v2/myorg/denied/tags/list").status_code == 404
+        assert seeds.http("wrong").get("/v2/_catalog").status_code == 401
+    # and no password at all cannot pull what alice pushed
+    none = run([which("skopeo"), "--insecure-policy", "copy", "--src-cert-dir", certs,
+                "--src-no-creds", dest, f"dir:{tmp_path / 'anon'}"], check=False)
+    assert none.returncode != 0
+
+
+@needs("podman")
+def test_seeds_podman_login_push_pull_over_tls(as_root, seeds, upstream, image_set, tmp_path):
+    host, certs = seeds.mirror.host, str(seeds.cert_dir)
+    conf = registries_conf(tmp_path / "registries.conf", host)
+    source = image_set.docker
+    with Podman(tmp_path / "podman", conf) as podman:
+        podman.run("pull", "--tls-verify=false", f"{upstream.host}/{source.ref}")
+        target = f"{host}/ci/podman:tls"
+        podman.run("tag", f"{upstream.host}/{source.ref}", target)
+        with pytest.raises(ClientError):      # not logged in yet
+            podman.run("push", "--cert-dir", certs, target)
+        podman.run("login", "--cert-dir", certs, "-u", "alice", "-p", PASSWORD, host)
+        digest_file = tmp_path / "digest"
+        podman.run("push", "--cert-dir", certs, "--digestfile", digest_file, target)
+        pushed = digest_file.read_text().strip()
+        podman.run("rmi", "--all", "--force")
+        podman.run("pull", "--cert-dir", certs, target)
+        assert podman.inspect(target)["Digest"] == pushed
+    with seeds.http() as http:
+        assert http.get("/v2/ci/podman/tags/list").json()["tags"] == ["tls"]
+
+
+# -- dockerd -----------------------------------------------------------------------------------
+
+_PUSHED = re.compile(r"digest: (sha256:[0-9a-f]{64}) size: \d+")
+
+
+@needs("dockerd", "containerd")
+def test_dockerd_login_push_and_pull(as_root, seeds, upstream, image_set, tmp_path):
+    """docker treats 127.0.0.0/8 as an insecure registry: TLS without verifying the CA
+    (/etc/docker/certs.d is the host's, not ours to write), Basic logins as registry:2's."""
+    host = seeds.mirror.host
+    dockerd = DockerdProcess(tmp_path / "dockerd", seeds.mirror.url)
+    try:
+        dockerd.start()
+    except RuntimeError as exc:
+        pytest.skip(f"dockerd cannot run here: {str(exc).splitlines()[0]}")
+    try:
+        source = image_set.docker
+        dockerd.docker("pull", f"{upstream.host}/{source.ref}")
+        image_id = dockerd.inspect(f"{upstream.host}/{source.ref}")["Id"]
+        target = f"{host}/myorg/docker:v1"
+        dockerd.docker("tag", f"{upstream.host}/{source.ref}", target)
+        with pytest.raises(ClientError):      # no login: 401
+            dockerd.docker("push", target)
+        with pytest.raises(ClientError):
+            dockerd.docker("login", "-u", "alice", "-p", "wrong", host)
+        dockerd.docker("login", "-u", "alice", "-p", PASSWORD, host)
+        out = dockerd.docker("push", target).stdout
+        pushed = _PUSHED.search(out)
+        assert pushed, out
+        with seeds.http() as http:
+            accept = "application/vnd.docker.distribution.manifest.v2+json"
+            assert head_digest(http, "myorg/docker", "v1", accept) == pushed.group(1)
+            assert http.get("/v2/myorg/docker/tags/list").json()["tags"] == ["v1"]
+        dockerd.docker("rmi", target, f"{upstream.host}/{source.ref}")
+        dockerd.docker("pull", target)
+        info = dockerd.inspect(target)
+        assert info["Id"] == image_id
+        assert f"{host}/myorg/docker@{pushed.group(1)}" in info["RepoDigests"]
+    finally:
+        dockerd.stop()
