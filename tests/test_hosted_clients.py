@@ -11,6 +11,8 @@ dockerd run as root with their own state, as in tests/test_real_clients.py.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -36,6 +38,7 @@ from tests.support.mirror import MirrorProcess
 
 PRIVATE = {"upstreams": {}, "hosted": {"repositories": ["*"]}}
 PASSWORD = "s3cret-Pa55"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
 def needs(*binaries):
@@ -275,3 +278,51 @@ def test_dockerd_login_push_and_pull(as_root, seeds, upstream, image_set, tmp_pa
         assert f"{host}/myorg/docker@{pushed.group(1)}" in info["RepoDigests"]
     finally:
         dockerd.stop()
+
+
+# -- an OCI artifact ---------------------------------------------------------------------------
+
+def _write_blob(layout: Path, data: bytes) -> dict:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    (layout / "blobs" / "sha256" / digest.split(":")[1]).write_bytes(data)
+    return {"digest": digest, "size": len(data)}
+
+
+def artifact_layout(layout: Path, subject: dict) -> bytes:
+    """An OCI image layout holding one artifact (an SBOM with a ``subject``), as oras
+    or cosign push them: empty config, ``artifactType``, one non-image layer."""
+    (layout / "blobs" / "sha256").mkdir(parents=True)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    config = {"mediaType": "application/vnd.oci.empty.v1+json", **_write_blob(layout, b"{}")}
+    sbom = {"mediaType": "application/spdx+json",
+            **_write_blob(layout, json.dumps({"spdxVersion": "SPDX-2.3"}).encode()),
+            "annotations": {"org.opencontainers.image.title": "sbom.spdx.json"}}
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                           "artifactType": "application/spdx+json", "config": config,
+                           "layers": [sbom], "subject": subject}).encode()
+    entry = {"mediaType": OCI_MANIFEST, **_write_blob(layout, manifest),
+             "annotations": {"org.opencontainers.image.ref.name": "sbom"}}
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
+    return manifest
+
+
+def test_skopeo_copies_an_oci_artifact_into_hosted_and_back(skopeo, plain, upstream, image_set,
+                                                            tmp_path):
+    image = image_set.oci
+    skopeo("copy", "--preserve-digests", "--src-tls-verify=false", "--dest-tls-verify=false",
+           f"docker://{upstream.host}/{image.ref}", f"docker://{plain.host}/art/app:1.0")
+    subject = {"mediaType": image.media_type, "digest": image.digest,
+               "size": len(image.manifest)}
+    manifest = artifact_layout(tmp_path / "layout", subject)
+    dest = f"docker://{plain.host}/art/app:sbom"
+    skopeo("copy", "--preserve-digests", "--dest-tls-verify=false",
+           f"oci:{tmp_path / 'layout'}:sbom", dest)
+    with httpx.Client(base_url=plain.url, timeout=30) as http:
+        r = http.get("/v2/art/app/manifests/sbom", headers={"Accept": OCI_MANIFEST})
+        assert r.status_code == 200 and r.content == manifest
+    out = tmp_path / "back"
+    skopeo("copy", "--src-tls-verify=false", dest, f"dir:{out}")
+    assert (out / "manifest.json").read_bytes() == manifest
+    for layer in json.loads(manifest)["layers"]:
+        assert (out / layer["digest"].split(":")[1]).read_bytes() == \
+            (tmp_path / "layout" / "blobs" / "sha256" / layer["digest"].split(":")[1]).read_bytes()
