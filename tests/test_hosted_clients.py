@@ -35,6 +35,7 @@ from tests.support.clients import (
     which,
 )
 from tests.support.mirror import MirrorProcess
+from tests.support.ports import free_port, stop_process, wait_http
 
 PRIVATE = {"upstreams": {}, "hosted": {"repositories": ["*"]}}
 PASSWORD = "s3cret-Pa55"
@@ -326,3 +327,64 @@ def test_skopeo_copies_an_oci_artifact_into_hosted_and_back(skopeo, plain, upstr
     for layer in json.loads(manifest)["layers"]:
         assert (out / layer["digest"].split(":")[1]).read_bytes() == \
             (tmp_path / "layout" / "blobs" / "sha256" / layer["digest"].split(":")[1]).read_bytes()
+
+
+# -- the README's walkthrough --------------------------------------------------------------------
+
+def walkthrough_blocks() -> list[str]:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = text.index("#### A private registry with the mirror alone")
+    return re.findall(r"```sh\n(.*?)```", text[start:], re.S)[:2]
+
+
+def test_readme_private_registry_walkthrough_serves_as_written(tmp_path):
+    """The server commands of the README's walkthrough, run as written (``mirror`` is
+    ``python -m mirror``; MIRROR_LISTEN moves it off port 5000), then a login and a push
+    checked against the certificate made for registry.example."""
+    server, client = walkthrough_blocks()
+    *setup, serve = server.strip().splitlines()
+    assert serve == "mirror serve --config config.yml"
+    assert "docker login" in client and "docker push" in client and "docker pull" in client
+    mirror = f"{sys.executable} -m mirror "
+    script = "set -e\n" + "\n".join(mirror + line[len("mirror "):] if line.startswith("mirror ")
+                                    else line for line in setup)
+    proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, input=PASSWORD + "\n",
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    port = free_port()
+    log = open(tmp_path / "serve.log", "wb")
+    serving = subprocess.Popen([sys.executable, "-m", "mirror", *serve.split()[1:]],
+                               cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, "MIRROR_LISTEN": f"127.0.0.1:{port}"})
+    log.close()
+    try:
+        wait_http(f"https://127.0.0.1:{port}/v2/", timeout=20, verify=False,
+                  alive=lambda: serving.poll() is None)
+        ca = ssl.create_default_context(cafile=str(tmp_path / "certs" / "ca.crt"))
+        sni = {"sni_hostname": "registry.example"}      # the name the certificate is for
+
+        def client(auth):
+            return httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=ca, auth=auth,
+                                timeout=30)
+        with client(None) as anonymous:
+            r = anonymous.post("/v2/myorg/alpine/blobs/uploads/", extensions=sni)
+            assert r.status_code == 401
+        with client(("alice", PASSWORD)) as alice:
+            config = b'{"architecture":"amd64","os":"linux"}'
+            digest = "sha256:" + hashlib.sha256(config).hexdigest()
+            r = alice.post("/v2/myorg/alpine/blobs/uploads/", params={"digest": digest},
+                           content=config, extensions=sni)
+            assert r.status_code == 201, r.text
+            body = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": [],
+                               "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                          "digest": digest, "size": len(config)}}).encode()
+            r = alice.put("/v2/myorg/alpine/manifests/3.19", content=body, extensions=sni,
+                          headers={"Content-Type": OCI_MANIFEST})
+            assert r.status_code == 201, r.text
+            assert alice.get("/v2/_catalog", extensions=sni).json() == {
+                "repositories": ["myorg/alpine"]}
+            assert alice.get("/v2/myorg/alpine/tags/list", extensions=sni).json() == {
+                "name": "myorg/alpine", "tags": ["3.19"]}
+            assert alice.get("/v2/myorg/alpine/manifests/3.19", extensions=sni).content == body
+    finally:
+        stop_process(serving)
