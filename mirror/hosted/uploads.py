@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import fileio
+from .. import fileio, metrics
 from ..cache import LocalCache, TempBlob
 from ..config import HostedConfig
 from ..errors import BlobUploadInvalid, BlobUploadUnknown, DigestInvalid, SizeInvalid
@@ -163,6 +163,7 @@ class Uploads:
         finally:
             await self.cancel(session)
         await self.local.link(HOSTED, session.repository, [digest])
+        metrics.pushed("blob")
         return size
 
     async def _writer(self, session: Session, algorithm: str = "sha256") -> TempBlob:
