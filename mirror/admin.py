@@ -146,7 +146,7 @@ async def stats(args, config: Config, router: Router) -> int:
         counters = {name: 0 for name in COUNTERS} | await cache.index.counters()
         tags = await cache.index.tag_report()
         repos = await repository_rows(cache, tags)
-        size = cache.size
+        size, hosted = cache.cached_size, cache.hosted_size
 
     def entry(row: dict) -> dict:
         return {"image": image_name(router, row), "upstream": row["upstream"],
@@ -157,7 +157,8 @@ async def stats(args, config: Config, router: Router) -> int:
     by_pulls = sorted((r for r in tags if r["pulls"]), key=lambda r: -r["pulls"])[:TOP]
     by_size = sorted(tags, key=lambda r: -r["size"])[:TOP]
     report = {
-        "data_dir": str(config.data_dir), "size": size, "max_size": config.max_size,
+        "data_dir": str(config.data_dir), "size": size, "hosted_size": hosted,
+        "max_size": config.max_size,
         "high_watermark": config.high_watermark, "low_watermark": config.low_watermark,
         **totals, "repositories": len(repos), "counters": counters,
         "hit_ratio": {
@@ -181,6 +182,7 @@ async def stats(args, config: Config, router: Router) -> int:
     hr = report["hit_ratio"]
     lines = [
         ("cache", budget),
+        ("hosted", f"{human_size(hosted)} (pushed content: never evicted, outside max_size)"),
         ("content", f"{plural(totals['blobs'], 'blob')}, {plural(totals['manifests'], 'manifest')}"
                     f" in {len(repos)} repositories; {plural(totals['tags'], 'tag')}, "
                     f"{plural(totals['pins'], 'pin')}"),

@@ -26,22 +26,18 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from . import metrics
 from .auth import Guard, Identity
 from .errors import (
-    BlobUploadInvalid,
-    Denied,
-    DigestInvalid,
     ManifestUnknown,
     NotFound,
     PaginationInvalid,
     RangeNotSatisfiable,
     RegistryError,
-    SizeInvalid,
     Unsupported,
 )
 from .fill import FillFailed
+from .hosted import routes
+from .hosted.routes import read_limited
 from .hosted.store import HostedStore
-from .hosted.uploads import Session
 from .models import (
-    MANIFEST_MAX,
     TAG_RE,
     is_digest,
     sanitize_accept,
@@ -58,7 +54,6 @@ API_VERSION = (b"docker-distribution-api-version", b"registry/2.0")
 PAGE_MAX = 1000
 TOKEN_BODY_MAX = 16 * 1024
 PAGE_DEFAULT = 100
-CHUNK_MIN = 0         # OCI-Chunk-Min-Length: chunks of any size are taken
 
 
 @dataclass
@@ -222,7 +217,6 @@ def _position(digits: str) -> int:
 
 _MANIFEST = re.compile(r"(.+)/manifests/([^/]+)")
 _UPLOADS = re.compile(r"(.+)/blobs/uploads(?:/.*)?")
-_UPLOAD_SESSION = re.compile(r"(.+)/blobs/uploads/([^/]+)")
 _BLOB = re.compile(r"(.+)/blobs/([^/]+)")
 _TAGS = re.compile(r"(.+)/tags/list")
 
@@ -336,7 +330,7 @@ async def token(request: Request) -> Response:
         raise NotFound("token auth is not enabled on this mirror")
     if request.method == "POST":
         # OAuth2 password grant, as containerd sends it when it has credentials.
-        body = await _read_limited(request, TOKEN_BODY_MAX)
+        body = await read_limited(request, TOKEN_BODY_MAX)
         form = parse_qs(body.decode("latin-1"), max_num_fields=32)
         service: str | None = form["service"][0] if form.get("service") else None
         scopes = [s for v in form.get("scope", []) for s in v.split(" ")]
@@ -351,15 +345,6 @@ async def token(request: Request) -> Response:
     value, expires_in = await guard.token_for(authorization, service, scopes, _client(request))
     return JSONResponse({"token": value, "access_token": value, "expires_in": expires_in,
                          "issued_at": datetime.now(UTC).isoformat()})
-
-
-async def _read_limited(request: Request, limit: int) -> bytes:
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise SizeInvalid(f"request body larger than {limit} bytes")
-    return bytes(body)
 
 
 async def metrics_endpoint(request: Request) -> Response:
@@ -399,7 +384,7 @@ async def dispatch(request: Request) -> Response:
     method = request.method
     hosted = _registry(request).hosted
     if hosted is not None and (method not in ("GET", "HEAD") or _UPLOADS.fullmatch(path)):
-        return await _write(request, hosted, path)
+        return await routes.write(request, hosted, GATE, path)
     if method not in ("GET", "HEAD"):
         raise Unsupported(f"{method} is not supported: this mirror serves pulls only")
     if m := _MANIFEST.fullmatch(path):
@@ -416,122 +401,6 @@ async def dispatch(request: Request) -> Response:
     raise NotFound(f"no such endpoint: /v2/{path[:200]}")
 
 
-async def _write(request: Request, hosted: HostedStore, path: str) -> Response:
-    """Uploads, manifest PUT and the upload-session GET, for hosted repositories."""
-    method = request.method
-    reference = upload = None
-    if m := _UPLOAD_SESSION.fullmatch(path):
-        name, upload = m.group(1), m.group(2)
-    elif m := _UPLOADS.fullmatch(path):
-        name = m.group(1)
-    elif m := _MANIFEST.fullmatch(path):
-        name, reference = m.group(1), m.group(2)
-    else:
-        raise Unsupported(f"{method} is not supported here")
-    await _authorize(request, name, "pull" if method == "GET" else "push")
-    validate_name(name)
-    route = _route(request, name)[0]
-    if not route.hosted:
-        raise Denied(f"{name[:200]} is mirrored from upstream {route.upstream}, which takes "
-                     "no pushes here; hosted.repositories in the config names what is hosted")
-    repository = route.repository
-    if reference is not None:
-        if method != "PUT":
-            raise Unsupported(f"{method} of manifests is not supported yet")
-        if is_digest(reference):
-            validate_digest(reference)
-        else:
-            validate_tag(reference)
-        body = await _read_limited(request, MANIFEST_MAX)
-        pushed = await hosted.put_manifest(repository, reference, body,
-                                           request.headers.get("content-type"))
-        headers = {"Docker-Content-Digest": pushed.digest,
-                   "Location": f"/v2/{name}/manifests/{pushed.digest}"}
-        if pushed.subject:
-            headers["OCI-Subject"] = pushed.subject
-        return Response(status_code=201, headers=headers)
-    uploads = hosted.uploads
-    if upload is None:
-        if method != "POST":
-            raise Unsupported(f"{method} is not supported on an upload's start")
-        mount, source = request.query_params.get("mount"), request.query_params.get("from")
-        if mount is not None and source is not None:
-            validate_digest(mount)
-            where = await _mount_source(request, source)
-            if where is not None and await hosted.mount(repository, mount, where) is not None:
-                return _blob_created(name, mount)
-        digest = request.query_params.get("digest")
-        session = await uploads.start(repository)
-        if digest is not None:
-            validate_digest(digest)
-            await uploads.append(session, request.stream())
-            await uploads.finish(session, digest)
-            return _blob_created(name, digest)
-        return _upload_answer(202, name, session)
-    session = await uploads.get(repository, upload)
-    if method == "GET":
-        return _upload_answer(204, name, session)
-    if method == "DELETE":
-        await uploads.cancel(session)
-        return Response(status_code=204)
-    if method not in ("PATCH", "PUT"):
-        raise Unsupported(f"{method} is not supported on an upload")
-    async with uploads.lock(session):
-        session = await uploads.get(repository, upload)    # as it is now, under the lock
-        if method == "PATCH":
-            expected = _chunk_range(request.headers.get("content-range"), name, session)
-            start = session.offset
-            written = await uploads.append(session, request.stream())
-            if expected is not None and written != expected:
-                await uploads.rollback(session, start)
-                raise BlobUploadInvalid(f"Content-Range promised {expected} bytes, got "
-                                        f"{written}")
-            return _upload_answer(202, name, session)
-        digest = request.query_params.get("digest")
-        if digest is None:
-            raise DigestInvalid("the PUT that closes an upload needs ?digest=")
-        validate_digest(digest)
-        await uploads.append(session, request.stream())
-        await uploads.finish(session, digest)
-        return _blob_created(name, digest)
-
-
-_CONTENT_RANGE = re.compile(r"\s*(?:bytes[ =])?\s*([0-9]{1,18})-([0-9]{1,18})(?:/[0-9*]+)?\s*")
-
-
-def _chunk_range(header: str | None, name: str, session: Session) -> int | None:
-    """The length a chunked PATCH's ``Content-Range`` announces (None: streamed); 416
-    unless it starts where the upload is."""
-    if header is None:
-        return None
-    m = _CONTENT_RANGE.fullmatch(header)
-    if not m or int(m.group(2)) < int(m.group(1)):
-        raise BlobUploadInvalid(f"malformed Content-Range {header[:100]!r}")
-    start, end = int(m.group(1)), int(m.group(2))
-    if start != session.offset:
-        raise RangeNotSatisfiable(
-            f"chunk starts at {start}, the upload is at {session.offset}",
-            headers=_upload_headers(name, session))
-    return end - start + 1
-
-
-def _upload_headers(name: str, session: Session) -> dict[str, str]:
-    return {"Location": f"/v2/{name}/blobs/uploads/{session.id}",
-            "Range": f"0-{max(session.offset - 1, 0)}",
-            "Docker-Upload-UUID": session.id, "OCI-Chunk-Min-Length": str(CHUNK_MIN)}
-
-
-def _upload_answer(status: int, name: str, session: Session) -> Response:
-    return Response(status_code=status, headers={**_upload_headers(name, session),
-                                                 "Content-Length": "0"})
-
-
-def _blob_created(name: str, digest: str) -> Response:
-    return Response(status_code=201, headers={"Location": f"/v2/{name}/blobs/{digest}",
-                                              "Docker-Content-Digest": digest,
-                                              "Content-Length": "0"})
-
-
 async def _mount_source(request: Request, source: str) -> tuple[str, str] | None:
     """(upstream, repository) of a mount's ``from`` when the client may pull it."""
     registry = _registry(request)
@@ -543,6 +412,9 @@ async def _mount_source(request: Request, source: str) -> tuple[str, str] | None
     except RegistryError:
         return None
     return route.upstream, route.repository
+
+
+GATE = routes.Gate(_authorize, lambda request, name: _route(request, name)[0], _mount_source)
 
 
 async def manifest(request: Request, name: str, reference: str) -> Response:

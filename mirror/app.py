@@ -67,7 +67,8 @@ class Mirror:
         self.app.state.registry = Registry(router, sources, local.repositories,
                                            local.not_ready, guard, hosted)
         metrics.persist = local.index.count
-        metrics.cache_size.set_function(lambda: local.size)
+        metrics.cache_size.set_function(lambda: local.cached_size)
+        metrics.hosted_size.set_function(lambda: local.hosted_size)
         metrics.cache_budget.set(config.max_size or 0)
         try:
             yield

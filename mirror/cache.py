@@ -37,7 +37,7 @@ from .cache_files import TempBlob as TempBlob
 from .cache_files import fsync_dir, make_dirs, remove_later, scan_blobs
 from .errors import DigestInvalid
 from .index import Index, TagRow
-from .models import DIGEST_RE, Manifest, ManifestInfo, References
+from .models import DIGEST_RE, HOSTED, Manifest, ManifestInfo, References
 
 log = logging.getLogger("mirror.cache")
 
@@ -82,6 +82,7 @@ class LocalCache:
         self._manifests: dict[str, tuple[str, int]] = {}
         self._tags: dict[tuple[str, str, str], TagRow] = {}
         self._links: set[tuple[str, str, str]] = set()
+        self._hosted: Counter[str] = Counter()      # digest -> hosted repositories linking it
         self._hot: OrderedDict[str, bytes] = OrderedDict()
         self._hot_bytes = 0
         self._temp_seq = 0
@@ -185,6 +186,7 @@ class LocalCache:
         self._manifests = await self.index.load_manifests()
         self._tags = {(t.upstream, t.repository, t.tag): t for t in await self.index.load_tags()}
         self._links = await self.index.load_links()
+        self._hosted = Counter(d for u, _, d in self._links if u == HOSTED)
         for digest in [d for d in self._hot if d not in self._manifests]:
             self._hot_bytes -= len(self._hot.pop(digest))
 
@@ -217,8 +219,20 @@ class LocalCache:
 
     @property
     def size(self) -> int:
-        """Bytes of blobs and manifests in the cache."""
+        """Bytes of blobs and manifests in the data directory, hosted and cached."""
         return sum(self._blobs.values()) + sum(s for _, s in self._manifests.values())
+
+    @property
+    def hosted_size(self) -> int:
+        """Bytes of blobs and manifests linked to a hosted repository (stored once
+        however many repositories, hosted or cached, link them)."""
+        return sum(self._blobs.get(d) or (self._manifests.get(d) or ("", 0))[1]
+                   for d in self._hosted)
+
+    @property
+    def cached_size(self) -> int:
+        """Bytes of content no hosted repository links: what the budget counts."""
+        return self.size - self.hosted_size
 
     # -- eviction support ------------------------------------------------------------------
 
@@ -415,6 +429,24 @@ class LocalCache:
             await self._persist(self.index.link(upstream, repository, new),
                                 f"links of {upstream}/{repository}")
             self._links.update((upstream, repository, d) for d in new)
+            if upstream == HOSTED:
+                self._hosted.update(set(new))
+
+    async def unlink(self, upstream: str, repository: str, tags: Iterable[str] = (),
+                     digests: Iterable[str] = ()) -> None:
+        """Drop tags and links of one repository (the content itself stays)."""
+        tags, digests = list(tags), [d for d in set(digests)
+                                     if (upstream, repository, d) in self._links]
+        await self.index.untag([(upstream, repository, t) for t in tags],
+                               [(upstream, repository, d) for d in digests])
+        for tag in tags:
+            self._tags.pop((upstream, repository, tag), None)
+        for digest in digests:
+            self._links.discard((upstream, repository, digest))
+            if upstream == HOSTED:
+                self._hosted[digest] -= 1
+                if self._hosted[digest] <= 0:
+                    del self._hosted[digest]
 
     async def set_tag(self, upstream: str, repository: str, tag: str, digest: str,
                       ttl: float) -> None:

@@ -2,6 +2,8 @@
 
 When the cache (plus what fills in progress have announced) passes the high
 watermark, least-recently-used content goes until it is under the low watermark.
+The budget counts cached bytes only (``LocalCache.cached_size``): content a hosted
+repository links is never evicted and does not count against ``max_size``.
 Content unused for ``expire_unused`` goes whatever the budget. Never evicted:
 anything reachable from a tag inside its TTL or from a pin, and any blob being
 served right now. A blob bigger than the high watermark on its own is not
@@ -72,7 +74,7 @@ async def plan(cache: LocalCache, budget: Budget, *, force: bool = False,
     """What to remove now. ``force`` evicts down to the low watermark even if the high
     one is not crossed (``mirror gc``); ``orphans`` adds blobs no manifest references."""
     now = time.time() if now is None else now
-    used = cache.size + cache.reserved
+    used = cache.cached_size + cache.reserved
     over = budget.max_size is not None and (force or used > budget.high * budget.max_size)
     if not (over or orphans or budget.expire_unused is not None):
         return Plan()                 # nothing could be chosen: no need to read the index
@@ -153,7 +155,7 @@ class Evictor:
 
     def over(self) -> bool:
         b = self.budget
-        used = self.cache.size + self.cache.reserved
+        used = self.cache.cached_size + self.cache.reserved
         return b.max_size is not None and used > b.high * b.max_size
 
     def poke(self) -> None:

@@ -68,6 +68,12 @@ evictions = Counter("mirror_evictions", "Blobs and manifests evicted", registry=
 evicted_bytes = Counter("mirror_evicted_bytes", "Bytes evicted", registry=REGISTRY)
 cache_size = Gauge("mirror_cache_size_bytes", "Bytes of blobs and manifests cached",
                    registry=REGISTRY)
+hosted_size = Gauge("mirror_hosted_size_bytes", "Bytes of blobs and manifests hosted "
+                    "repositories link (outside the cache budget)", registry=REGISTRY)
+pushes = Counter("mirror_pushes", "Blobs and manifests pushed to hosted repositories",
+                 ["kind"], registry=REGISTRY)
+deletes = Counter("mirror_deletes", "DELETEs done in hosted repositories: manifest, tag, blob",
+                  ["kind"], registry=REGISTRY)
 cache_budget = Gauge("mirror_cache_budget_bytes", "max_size (0 when unbounded)",
                      registry=REGISTRY)
 
@@ -143,3 +149,15 @@ def evicted(items: int, nbytes: int) -> None:
     evicted_bytes.inc(nbytes)
     _persist("evictions", items)
     _persist("evicted_bytes", nbytes)
+
+
+def pushed(kind: str) -> None:
+    """A blob upload finished or a manifest was pushed (kind: blob, manifest)."""
+    pushes.labels(kind).inc()
+    _persist(f"pushed_{kind}s")
+
+
+def deleted(kind: str) -> None:
+    """A hosted manifest, tag or blob was deleted (kind: manifest, tag, blob)."""
+    deletes.labels(kind).inc()
+    _persist(f"deleted_{kind}s")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from .. import metrics
 from ..cache import LocalCache
 from ..cache_files import CachedBlob
 from ..config import HostedConfig
@@ -23,6 +24,7 @@ from ..errors import (
     ManifestInvalid,
     ManifestUnknown,
     NameUnknown,
+    Unsupported,
 )
 from ..models import (
     HOSTED,
@@ -122,6 +124,7 @@ class HostedStore:
         if size is None or not self.local.linked(source[0], source[1], digest):
             return None
         await self.local.link(HOSTED, repository, [digest])
+        metrics.pushed("blob")
         return size
 
     async def put_manifest(self, repository: str, reference: str, data: bytes,
@@ -150,8 +153,41 @@ class HostedStore:
                                        "push it first", detail={"digest": child})
         await self.local.put_manifest(HOSTED, repository, Manifest(data, media_type, digest),
                                       refs)
+        metrics.pushed("manifest")
         if not is_digest(reference):
             await self.local.set_tag(HOSTED, repository, reference, digest, TAG_TTL)
         subject = doc.get("subject")
         subject_digest = subject.get("digest") if isinstance(subject, dict) else None
         return Pushed(digest, subject_digest if isinstance(subject_digest, str) else None)
+
+    # -- delete (content management): links and tags go; bytes stay for garbage collection
+
+    def _deletable(self) -> None:
+        if not self.config.delete:
+            raise Unsupported("deleting is disabled: hosted.delete is false in the config")
+
+    async def delete_manifest(self, repository: str, reference: str) -> None:
+        """By digest: the manifest leaves the repository with every tag pointing at it.
+        By tag: only the tag goes (untag)."""
+        self._deletable()
+        if is_digest(reference):
+            info = self._resolve(repository, reference)
+            tags = [t for t in self.local.tags_of(HOSTED, repository)
+                    if (row := self.local.tag(HOSTED, repository, t)) is not None
+                    and row.digest == info.digest]
+            await self.local.unlink(HOSTED, repository, tags, [info.digest])
+        else:
+            if self.local.tag(HOSTED, repository, reference) is None:
+                raise ManifestUnknown(f"manifest unknown: {repository[:200]}:{reference[:200]}",
+                                      detail={"reference": reference[:200]})
+            await self.local.unlink(HOSTED, repository, [reference])
+        metrics.deleted("manifest" if is_digest(reference) else "tag")
+
+    async def delete_blob(self, repository: str, digest: str) -> None:
+        """Unlink a blob from the repository (a manifest still referencing it is not
+        checked, as registry:2 does not)."""
+        self._deletable()
+        if not self.has_blob(repository, digest):
+            raise BlobUnknown(f"blob unknown: {digest}", detail={"digest": digest})
+        await self.local.unlink(HOSTED, repository, digests=[digest])
+        metrics.deleted("blob")

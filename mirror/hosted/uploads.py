@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import fileio
+from .. import fileio, metrics
 from ..cache import LocalCache, TempBlob
 from ..config import HostedConfig
 from ..errors import BlobUploadInvalid, BlobUploadUnknown, DigestInvalid, SizeInvalid
@@ -152,6 +152,9 @@ class Uploads:
         session's repository; the session is gone afterwards, whatever happens."""
         algorithm = digest.split(":", 1)[0]
         temp = await self._writer(session, algorithm)
+        # Held until linked: committed but not yet linked, the blob would look like
+        # unreferenced cached content to an eviction run in between.
+        self.local.hold(digest)
         try:
             if temp.digest != digest:
                 raise DigestInvalid(f"uploaded content hashed to {temp.digest}, not {digest}",
@@ -160,9 +163,11 @@ class Uploads:
                 self._open.pop(session.id, None)
                 await self.local.commit_blob(temp, digest)
             size = temp.size
+            await self.local.link(HOSTED, session.repository, [digest])
         finally:
+            self.local.release(digest)
             await self.cancel(session)
-        await self.local.link(HOSTED, session.repository, [digest])
+        metrics.pushed("blob")
         return size
 
     async def _writer(self, session: Session, algorithm: str = "sha256") -> TempBlob:
