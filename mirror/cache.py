@@ -416,6 +416,16 @@ class LocalCache:
                                 f"links of {upstream}/{repository}")
             self._links.update((upstream, repository, d) for d in new)
 
+    async def refresh_links(self, upstream: str, repository: str, digests: Iterable[str],
+                            create: bool = False) -> set[str]:
+        """Stamp links with the time now (hosted gc's grace counts from it); which of
+        ``digests`` are linked and present in the index (``Index.refresh_links``)."""
+        wanted = list(digests)
+        present = await self.index.refresh_links(upstream, repository, wanted, create)
+        if create:
+            self._links.update((upstream, repository, d) for d in wanted)
+        return present
+
     async def set_tag(self, upstream: str, repository: str, tag: str, digest: str,
                       ttl: float) -> None:
         now = time.time()
