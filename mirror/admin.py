@@ -27,6 +27,7 @@ from . import evict, fileio, remove
 from .cache import CannotOpen, LocalCache
 from .config import Config
 from .errors import RegistryError
+from .hosted import gc as hosted_gc
 from .models import HASHES, validate_digest, validate_tag
 from .routing import Route, Router
 
@@ -333,7 +334,31 @@ async def unpin(args, config: Config, router: Router) -> int:
 # -- gc -------------------------------------------------------------------------------------
 
 async def gc(args, config: Config, router: Router) -> int:
+    """Hosted garbage collection first (hosted/gc.py; it may hand blobs a cached
+    repository still links to eviction), then eviction down to the budget."""
     async with opened(config) as cache:
+        hosted = None
+        if config.hosted is not None:
+            hosted = await hosted_gc.collect(cache, config.hosted.gc_grace,
+                                             args.delete_untagged, args.dry_run)
+            swept = {**{d: ("blob", s) for d, s in hosted.blobs.items()},
+                     **{d: ("manifest", s) for d, s in hosted.manifests.items()}}
+            if args.dry_run and swept:
+                print(table(["SIZE", "REASON", "KIND", "DIGEST"],
+                            [[human_size(s), "hosted, unreferenced", k, d]
+                             for d, (k, s) in sorted(swept.items(), key=lambda i: -i[1][1])],
+                            right={0}))
+            hosted_bytes = sum(s for _, s in swept.values())
+            print(f"hosted: {'would remove' if args.dry_run else 'removed'} "
+                  f"{plural(len(hosted.manifests), 'manifest')} and "
+                  f"{plural(len(hosted.blobs), 'blob')}, {human_size(hosted_bytes)}; "
+                  f"{plural(len(hosted.links), 'repository link')} "
+                  f"{'would go' if args.dry_run else 'dropped'} "
+                  f"(grace {config.hosted.gc_grace:g}s"
+                  f"{', untagged manifests too' if args.delete_untagged else ''})")
+        elif args.delete_untagged:
+            raise AdminError("--delete-untagged: no hosted repositories configured (hosted:)",
+                             2)
         before = cache.size
         removal = await evict.plan(cache, evict.Budget.of(config), force=True, orphans=True)
         if args.dry_run:

@@ -448,6 +448,19 @@ class LocalCache:
                 if self._hosted[digest] <= 0:
                     del self._hosted[digest]
 
+    async def refresh_links(self, upstream: str, repository: str, digests: Iterable[str],
+                            create: bool = False) -> set[str]:
+        """Stamp links with the time now (hosted gc's grace counts from it); which of
+        ``digests`` are linked and present in the index (``Index.refresh_links``)."""
+        wanted = list(digests)
+        present = await self.index.refresh_links(upstream, repository, wanted, create)
+        if create:
+            new = {d for d in wanted if (upstream, repository, d) not in self._links}
+            self._links.update((upstream, repository, d) for d in new)
+            if upstream == HOSTED:
+                self._hosted.update(new)        # hosted_size counts them, as link() does
+        return present
+
     async def set_tag(self, upstream: str, repository: str, tag: str, digest: str,
                       ttl: float) -> None:
         now = time.time()

@@ -85,6 +85,9 @@ def _admin_commands(sub) -> None:
     gc = sub.add_parser("gc", parents=[common], help="evict down to the budget now, and "
                         "remove unreferenced blobs")
     gc.add_argument("--dry-run", action="store_true", help="list what would go; change nothing")
+    gc.add_argument("--delete-untagged", action="store_true", help="also sweep hosted "
+                    "manifests no tag reaches (as registry:2's garbage-collect "
+                    "--delete-untagged), and then their blobs")
     verify = sub.add_parser("verify", parents=[common], help="re-hash every cached file; "
                             "drop what does not match its digest (exit status 1 if any)")
     verify.add_argument("--quarantine", action="store_true", help="move bad files to "

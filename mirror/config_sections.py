@@ -92,6 +92,8 @@ class HostedConfig:
     delete: bool = False                          # DELETE of manifests, tags and blobs
     upload_ttl: float = 24 * 3600.0               # seconds an abandoned upload session lives
     max_blob_size: int = 10 * 1024 ** 3           # bytes one pushed blob may have
+    gc_grace: float = 3600.0                      # gc spares links younger than this
+    gc_interval: float | None = 3600.0            # the server's hosted gc; None: off
 
 
 _UPSTREAM_KEYS = {"url", "username", "password", "tag_ttl", "library_prefix", "timeout",
@@ -110,7 +112,8 @@ _TOKEN_KEYS = {"realm", "service", "issuer", "expiry"}
 _LIMITS_KEYS = {"max_connections", "header_timeout", "keepalive_timeout"}
 
 
-_HOSTED_KEYS = {"repositories", "delete", "upload_ttl", "max_blob_size"}
+_HOSTED_KEYS = {"repositories", "delete", "upload_ttl", "max_blob_size", "gc_grace",
+                "gc_interval"}
 
 
 def _upstream(name: str, raw: Any, offline: bool = False) -> UpstreamConfig:
@@ -281,6 +284,19 @@ def _hosted(raw: Any) -> HostedConfig:
                                          values["max_blob_size"])
         if kwargs["max_blob_size"] <= 0:
             raise ConfigError("hosted.max_blob_size: expected a size above 0, e.g. 10GiB")
+    if values.get("gc_grace") is not None:
+        kwargs["gc_grace"] = _field("hosted.gc_grace", parse_duration, values["gc_grace"])
+        if kwargs["gc_grace"] < 0:
+            raise ConfigError("hosted.gc_grace: expected 0s or more, e.g. 1h")
+    if "gc_interval" in values:
+        raw_interval = values["gc_interval"]
+        if raw_interval in (None, False, "off", 0, "0"):
+            kwargs["gc_interval"] = None
+        else:
+            kwargs["gc_interval"] = _field("hosted.gc_interval", parse_duration,
+                                           raw_interval) or None     # 0s: off
+            if kwargs["gc_interval"] is not None and kwargs["gc_interval"] < 60:
+                raise ConfigError("hosted.gc_interval: expected off or 1m or more, e.g. 1h")
     return HostedConfig(**kwargs)
 
 

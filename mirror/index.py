@@ -14,8 +14,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS tags (
 CREATE INDEX IF NOT EXISTS tags_digest ON tags (digest);
 CREATE TABLE IF NOT EXISTS repo_links (
     upstream TEXT NOT NULL, repository TEXT NOT NULL, digest TEXT NOT NULL,
+    linked_at REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (upstream, repository, digest));
 CREATE TABLE IF NOT EXISTS pins (
     upstream TEXT NOT NULL, repository TEXT NOT NULL, reference TEXT NOT NULL,
@@ -103,6 +104,12 @@ class Index:
             if "pulls" not in columns:     # index.db from before tag pull counts
                 await db.execute("ALTER TABLE tags ADD COLUMN pulls INTEGER NOT NULL DEFAULT 0")
                 await db.execute("ALTER TABLE tags ADD COLUMN last_pull REAL")
+            columns = {row[1] for row in
+                       await db.execute_fetchall("PRAGMA table_info(repo_links)")}
+            if "linked_at" not in columns:   # index.db from before hosted gc: the grace
+                await db.execute(             # of hosted gc counts from the upgrade
+                    "ALTER TABLE repo_links ADD COLUMN linked_at REAL NOT NULL DEFAULT 0")
+                await db.execute("UPDATE repo_links SET linked_at = ?", (time.time(),))
             await db.commit()
         except BaseException:
             await _abandon(db)
@@ -188,8 +195,10 @@ class Index:
             [(row.upstream, row.repository, row.tag, row.digest, row.fetched_at, row.expires_at)]))
 
     async def link(self, upstream: str, repository: str, digests: Iterable[str]) -> None:
-        await self._write(("INSERT OR IGNORE INTO repo_links VALUES (?, ?, ?)",
-                           [(upstream, repository, d) for d in digests]))
+        now = time.time()
+        await self._write(("INSERT OR IGNORE INTO repo_links "
+                           "(upstream, repository, digest, linked_at) VALUES (?, ?, ?, ?)",
+                           [(upstream, repository, d, now) for d in digests]))
 
     async def set_tag_list(self, upstream: str, repository: str, tags: list[str],
                            fetched_at: float, expires_at: float) -> None:
@@ -459,3 +468,115 @@ class Index:
                LEFT JOIN manifests m ON m.digest = reach.d""",
             {"d": digest})
         return int(next(iter(rows))[0] or 0)
+
+    # -- hosted garbage collection (hosted/gc.py) -------------------------------------------------
+
+    async def refresh_links(self, upstream: str, repository: str, digests: Iterable[str],
+                            create: bool = False) -> set[str]:
+        """Stamp the links of ``digests`` to the repository with the time now (``create``:
+        making missing ones), then say which of them are linked and still have their
+        blob or manifest row. One write transaction: a hosted gc sweep (which deletes
+        under the database's write lock, and only links stamped before its grace) either
+        committed before, and then the answer leaves the swept content out, or comes
+        after, and then it sees the fresh stamps and leaves the content alone."""
+        wanted = list(dict.fromkeys(digests))
+        now = time.time()
+        async with self._write_lock:
+            try:
+                if create:
+                    await self._db.executemany(
+                        "INSERT INTO repo_links (upstream, repository, digest, linked_at) "
+                        "VALUES (?, ?, ?, ?) ON CONFLICT (upstream, repository, digest) "
+                        "DO UPDATE SET linked_at = excluded.linked_at",
+                        [(upstream, repository, d, now) for d in wanted])
+                else:
+                    await self._db.executemany(
+                        "UPDATE repo_links SET linked_at = ? "
+                        "WHERE upstream = ? AND repository = ? AND digest = ?",
+                        [(now, upstream, repository, d) for d in wanted])
+                present: set[str] = set()
+                for i in range(0, len(wanted), VARIABLES):
+                    part = wanted[i:i + VARIABLES]
+                    rows = await self._db.execute_fetchall(
+                        "SELECT l.digest FROM repo_links l WHERE l.upstream = ? "
+                        f"AND l.repository = ? AND l.digest IN ({','.join('?' * len(part))}) "
+                        "AND (EXISTS (SELECT 1 FROM blobs b WHERE b.digest = l.digest) OR "
+                        "EXISTS (SELECT 1 FROM manifests m WHERE m.digest = l.digest))",
+                        [upstream, repository, *part])
+                    present.update(r[0] for r in rows)
+                await self._db.commit()
+            except BaseException:
+                await self._db.rollback()
+                raise
+        return present
+
+    async def sweep_hosted(self, cutoff: float, delete_untagged: bool,
+                           remove_files: Callable[[list[str]], Awaitable[None]],
+                           dry_run: bool = False) -> HostedSweep:
+        """Hosted garbage collection, all in one write transaction (BEGIN IMMEDIATE, so
+        every other writer, in this process or another, waits for it):
+
+        Mark, per hosted repository: its tags, its manifests (all of them; with
+        ``delete_untagged`` only those linked at or after ``cutoff``), and everything they
+        reference through manifest_refs. Sweep: the repository's links to what is not
+        marked and was linked before ``cutoff``. Then the content of a swept link goes
+        too (row and file) when nothing else wants it: no link from any repository,
+        hosted or cached, no manifest referencing it, and not protected (fresh cached
+        tags, pins). A blob a cached repository still links stays, under eviction's
+        rules from then on. ``remove_files`` runs before the commit, still holding the
+        lock, so no upload can link a blob between its row going and its file going.
+        ``dry_run`` rolls everything back and removes no file."""
+        result = HostedSweep()
+        async with self._write_lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = await self._db.execute_fetchall(
+                    """WITH RECURSIVE roots(repo, d) AS (
+                           SELECT repository, digest FROM tags WHERE upstream = :h
+                           UNION SELECT l.repository, l.digest FROM repo_links l
+                                 JOIN manifests m ON m.digest = l.digest
+                                 WHERE l.upstream = :h AND (:keep OR l.linked_at >= :cutoff)),
+                       live(repo, d) AS (
+                           SELECT repo, d FROM roots
+                           UNION SELECT live.repo, r.child FROM manifest_refs r
+                                 JOIN live ON r.manifest = live.d)
+                       SELECT l.repository, l.digest FROM repo_links l
+                       WHERE l.upstream = :h AND l.linked_at < :cutoff AND NOT EXISTS
+                           (SELECT 1 FROM live WHERE live.repo = l.repository
+                            AND live.d = l.digest)""",
+                    {"h": HOSTED, "keep": not delete_untagged, "cutoff": cutoff})
+                result.links = [(r, d) for r, d in rows]
+                await self._db.executemany(
+                    "DELETE FROM repo_links WHERE upstream = ? AND repository = ? AND digest = ?",
+                    [(HOSTED, r, d) for r, d in result.links])
+                digests = list({d for _, d in result.links})
+                keep = await self.protected(time.time())
+                unlinked = "NOT EXISTS (SELECT 1 FROM repo_links l WHERE l.digest = {t}.digest)"
+                unused = "NOT EXISTS (SELECT 1 FROM manifest_refs r WHERE r.child = {t}.digest)"
+                for table, chosen in (("manifests", result.manifests), ("blobs", result.blobs)):
+                    found = await self._batched(
+                        f"SELECT digest, size FROM {table} t WHERE digest IN ({{}}) AND "
+                        + unlinked.format(t="t") + " AND " + unused.format(t="t"), digests)
+                    chosen.update((d, s) for d, s in found if d not in keep)
+                    gone = [(d,) for d in chosen]
+                    await self._db.executemany(f"DELETE FROM {table} WHERE digest = ?", gone)
+                    if table == "manifests":
+                        await self._db.executemany(
+                            "DELETE FROM manifest_refs WHERE manifest = ?", gone)
+                        await self._db.executemany("DELETE FROM tags WHERE digest = ?", gone)
+                if dry_run:
+                    await self._db.rollback()
+                else:
+                    await remove_files([*result.manifests, *result.blobs])
+                    await self._db.commit()
+            except BaseException:
+                await self._db.rollback()
+                raise
+        return result
+
+
+@dataclass
+class HostedSweep:
+    links: list[tuple[str, str]] = field(default_factory=list)   # (repository, digest)
+    blobs: dict[str, int] = field(default_factory=dict)          # removed: digest -> size
+    manifests: dict[str, int] = field(default_factory=dict)

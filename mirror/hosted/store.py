@@ -10,6 +10,7 @@ written with a TTL of a century: they never go stale.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ from ..models import (
     is_digest,
     parse_manifest,
 )
+from . import gc
 from .uploads import Uploads
 
 TAG_TTL = 100 * 365 * 24 * 3600.0     # hosted tags never expire
@@ -54,11 +56,19 @@ class HostedStore:
         self.local = local
         self.config = config
         self.uploads = Uploads(local, config)
+        self._gc: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         await self.uploads.open()
+        if self.config.gc_interval is not None:
+            self._gc = asyncio.create_task(
+                gc.schedule(self.local, self.config.gc_interval, self.config.gc_grace),
+                name="hosted-gc")
 
     async def aclose(self) -> None:
+        if self._gc is not None:
+            self._gc.cancel()
+            await asyncio.gather(self._gc, return_exceptions=True)
         await self.uploads.close()
 
     # -- the read side (store.Source)
@@ -123,7 +133,8 @@ class HostedStore:
         size = self.local.blob_size(digest)
         if size is None or not self.local.linked(source[0], source[1], digest):
             return None
-        await self.local.link(HOSTED, repository, [digest])
+        if not await self.local.refresh_links(HOSTED, repository, [digest], create=True):
+            return None         # gone meanwhile (hosted gc): a normal upload follows
         metrics.pushed("blob")
         return size
 
@@ -142,12 +153,17 @@ class HostedStore:
                                     detail={"digest": reference})
         else:
             digest = digest_of(data)
+        # Stamp the links of what the manifest references, and read from the index
+        # which are there: a hosted gc sweep before this lost them (and the push fails
+        # here), one after sees fresh links inside its grace and keeps them.
+        present = await self.local.refresh_links(HOSTED, repository,
+                                                 [*refs.blobs, *refs.manifests])
         for blob in refs.blobs:
-            if not self.has_blob(repository, blob):
+            if blob not in present or not self.has_blob(repository, blob):
                 raise MissingReference(f"blob {blob} is not in {repository[:200]}; push it "
                                        "first", detail={"digest": blob})
         for child in refs.manifests:
-            if self.local.manifest_info(child) is None or \
+            if child not in present or self.local.manifest_info(child) is None or \
                     not self.local.linked(HOSTED, repository, child):
                 raise MissingReference(f"manifest {child} is not in {repository[:200]}; "
                                        "push it first", detail={"digest": child})

@@ -159,7 +159,12 @@ class Uploads:
             if temp.digest != digest:
                 raise DigestInvalid(f"uploaded content hashed to {temp.digest}, not {digest}",
                                     detail={"digest": digest})
-            if self.local.blob_size(digest) is None:
+            # Link (stamped now, for hosted gc's grace) before looking whether the blob
+            # is there: a gc sweep then either removed it already, and it is written
+            # again, or sees the fresh link and keeps it (Index.refresh_links).
+            if not await self.local.refresh_links(HOSTED, session.repository, [digest],
+                                                  create=True) \
+                    or self.local.blob_size(digest) is None:
                 self._open.pop(session.id, None)
                 await self.local.commit_blob(temp, digest)
             size = temp.size
