@@ -219,6 +219,7 @@ _MANIFEST = re.compile(r"(.+)/manifests/([^/]+)")
 _UPLOADS = re.compile(r"(.+)/blobs/uploads(?:/.*)?")
 _BLOB = re.compile(r"(.+)/blobs/([^/]+)")
 _TAGS = re.compile(r"(.+)/tags/list")
+_REFERRERS = re.compile(r"(.+)/referrers/([^/]+)")
 
 
 def _registry(request: Request) -> Registry:
@@ -398,6 +399,8 @@ async def dispatch(request: Request) -> Response:
     if m := _TAGS.fullmatch(path):
         await _authorize(request, m.group(1))
         return await tags(request, m.group(1))
+    if m := _REFERRERS.fullmatch(path):
+        return await routes.referrers(request, hosted, GATE, m.group(1), m.group(2))
     raise NotFound(f"no such endpoint: /v2/{path[:200]}")
 
 

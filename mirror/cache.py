@@ -36,7 +36,7 @@ from .cache_files import CachedBlob as CachedBlob
 from .cache_files import TempBlob as TempBlob
 from .cache_files import fsync_dir, make_dirs, remove_later, scan_blobs
 from .errors import DigestInvalid
-from .index import Index, TagRow
+from .index import Index, Referrer, TagRow
 from .models import DIGEST_RE, HOSTED, Manifest, ManifestInfo, References
 
 log = logging.getLogger("mirror.cache")
@@ -460,6 +460,15 @@ class LocalCache:
             if upstream == HOSTED:
                 self._hosted.update(new)        # hosted_size counts them, as link() does
         return present
+
+    async def add_referrer(self, upstream: str, repository: str, subject: str,
+                           referrer: Referrer) -> None:
+        await self._persist(self.index.add_referrer(upstream, repository, subject, referrer),
+                            f"referrer {referrer.digest} of {subject}")
+
+    async def referrers_of(self, upstream: str, repository: str,
+                           subject: str) -> list[Referrer]:
+        return await self.index.referrers_of(upstream, repository, subject)
 
     async def set_tag(self, upstream: str, repository: str, tag: str, digest: str,
                       ttl: float) -> None:

@@ -55,6 +55,10 @@ CREATE TABLE IF NOT EXISTS tag_lists (
     upstream TEXT NOT NULL, repository TEXT NOT NULL, tags TEXT NOT NULL,
     fetched_at REAL NOT NULL, expires_at REAL NOT NULL,
     PRIMARY KEY (upstream, repository));
+CREATE TABLE IF NOT EXISTS referrers (
+    upstream TEXT NOT NULL, repository TEXT NOT NULL, subject TEXT NOT NULL,
+    digest TEXT NOT NULL, media_type TEXT NOT NULL, artifact_type TEXT, size INTEGER NOT NULL,
+    annotations TEXT, PRIMARY KEY (upstream, repository, subject, digest));
 """
 SCHEMA_VERSION = "1"
 GENERATIONS = {"content": "generation", "pins": "pins_generation"}   # kind -> meta key
@@ -69,6 +73,17 @@ async def _abandon(db: aiosqlite.Connection, timeout: float = 5.0) -> None:
         await asyncio.wait_for(db.close(), timeout)
     except BaseException:
         db.stop()          # the thread ends once it has run what was queued before
+
+
+@dataclass(frozen=True)
+class Referrer:
+    """A manifest naming a subject: its descriptor in a referrers list (OCI v1.1)."""
+
+    digest: str
+    media_type: str
+    artifact_type: str | None
+    size: int
+    annotations: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -232,6 +247,28 @@ class Index:
             "SELECT DISTINCT upstream, repository FROM repo_links "
             "WHERE digest IN (SELECT digest FROM manifests) ORDER BY upstream, repository")
         return [tuple(r) for r in rows]
+
+    async def add_referrer(self, upstream: str, repository: str, subject: str,
+                           referrer: Referrer) -> None:
+        """Record that ``referrer`` (a manifest of the repository) names ``subject``."""
+        await self._write((
+            "INSERT OR REPLACE INTO referrers (upstream, repository, subject, digest, "
+            "media_type, artifact_type, size, annotations) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(upstream, repository, subject, referrer.digest, referrer.media_type,
+              referrer.artifact_type, referrer.size,
+              json.dumps(referrer.annotations) if referrer.annotations else None)]))
+
+    async def referrers_of(self, upstream: str, repository: str,
+                           subject: str) -> list[Referrer]:
+        """The manifests of the repository whose subject is ``subject``: only those
+        still linked there (a deleted or collected manifest is no longer a referrer)."""
+        rows = await self._db.execute_fetchall(
+            "SELECT r.digest, r.media_type, r.artifact_type, r.size, r.annotations "
+            "FROM referrers r JOIN repo_links l ON l.upstream = r.upstream "
+            "AND l.repository = r.repository AND l.digest = r.digest "
+            "WHERE r.upstream = ? AND r.repository = ? AND r.subject = ? ORDER BY r.digest",
+            (upstream, repository, subject))
+        return [Referrer(d, m, a, s, json.loads(n) if n else {}) for d, m, a, s, n in rows]
 
     # -- eviction ------------------------------------------------------------------------------
 

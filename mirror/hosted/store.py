@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass
+from typing import Any
 
 from .. import metrics
 from ..cache import LocalCache
@@ -27,7 +28,9 @@ from ..errors import (
     NameUnknown,
     Unsupported,
 )
+from ..index import Referrer
 from ..models import (
+    DIGEST_RE,
     HOSTED,
     Manifest,
     ManifestInfo,
@@ -49,6 +52,34 @@ class MissingReference(ManifestBlobUnknown):
 class Pushed:
     digest: str
     subject: str | None        # the manifest's subject digest, for OCI-Subject
+
+
+def _subject(doc: dict[str, Any]) -> str | None:
+    """The manifest's subject digest; MANIFEST_INVALID when it names none."""
+    subject = doc.get("subject")
+    if subject is None:
+        return None
+    digest = subject.get("digest") if isinstance(subject, dict) else None
+    if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
+        raise ManifestInvalid(f"the manifest's subject has no valid digest: {subject!r:.200}")
+    return digest
+
+
+def _descriptor(doc: dict[str, Any], digest: str, media_type: str, size: int) -> Referrer:
+    """The referrer's descriptor (OCI distribution-spec v1.1, listing referrers): its
+    ``artifactType``, else its config's media type (an image manifest; an index has
+    none), and its annotations."""
+    artifact_type = doc.get("artifactType")
+    if not isinstance(artifact_type, str) or not artifact_type:
+        config = doc.get("config")
+        artifact_type = config.get("mediaType") if isinstance(config, dict) else None
+        if not isinstance(artifact_type, str) or not artifact_type:
+            artifact_type = None
+    annotations = doc.get("annotations")
+    if not isinstance(annotations, dict):
+        annotations = {}
+    return Referrer(digest, media_type, artifact_type, size,
+                    {str(k): str(v) for k, v in annotations.items()})
 
 
 class HostedStore:
@@ -146,6 +177,7 @@ class HostedStore:
         if declared is not None and content_type and declared != media_type:
             raise ManifestInvalid(f"Content-Type {media_type!r} does not match the "
                                   f"manifest's mediaType {str(declared)[:200]!r}")
+        subject = _subject(doc)
         if is_digest(reference):
             digest = digest_of(data, reference.split(":", 1)[0])
             if digest != reference:
@@ -172,9 +204,15 @@ class HostedStore:
         metrics.pushed("manifest")
         if not is_digest(reference):
             await self.local.set_tag(HOSTED, repository, reference, digest, TAG_TTL)
-        subject = doc.get("subject")
-        subject_digest = subject.get("digest") if isinstance(subject, dict) else None
-        return Pushed(digest, subject_digest if isinstance(subject_digest, str) else None)
+        if subject is not None:
+            await self.local.add_referrer(HOSTED, repository, subject,
+                                          _descriptor(doc, digest, media_type, len(data)))
+        return Pushed(digest, subject)
+
+    async def referrers(self, repository: str, subject: str) -> list[Referrer]:
+        """The repository's manifests whose subject is ``subject`` (none: an empty list;
+        the subject itself need not exist)."""
+        return await self.local.referrers_of(HOSTED, repository, subject)
 
     # -- delete (content management): links and tags go; bytes stay for garbage collection
 

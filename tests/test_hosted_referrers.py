@@ -1,0 +1,199 @@
+"""Hosted repositories, content discovery (issue 11): the referrers API of the OCI
+distribution-spec v1.1 (``GET /v2/<name>/referrers/<digest>``), with ``artifactType``
+filtering and ``OCI-Filters-Applied``; referrers pushed before their subject are listed,
+an unknown digest gives an empty index, a deleted referrer is no longer listed. The
+mirror is a real process; manifests are pushed with raw HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import httpx
+import pytest
+
+from mirror.passwords import hash_password
+from tests.test_hosted_push import OCI_MANIFEST, errors, push_manifest, sha
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+EMPTY = b"{}"
+EMPTY_TYPE = "application/vnd.oci.empty.v1+json"
+SBOM = "application/spdx+json"
+SIGNATURE = "application/vnd.dev.cosign.artifact.sig.v1+json"
+CONFIG_TYPED = "application/vnd.example.config.v1+json"
+HOSTED = {"upstreams": {}, "hosted": {"repositories": ["*"], "delete": True}}
+
+
+@pytest.fixture
+def http(make_mirror):
+    mirror = make_mirror(HOSTED)
+    with httpx.Client(base_url=mirror.url, timeout=30) as client:
+        yield client
+
+
+def push_blob(http, data: bytes, repo: str = "team/app") -> None:
+    r = http.post(f"/v2/{repo}/blobs/uploads/", params={"digest": sha(data)}, content=data)
+    assert r.status_code == 201, r.text
+
+
+def push_artifact(http, subject: tuple[bytes, str], artifact_type: str | None,
+                  annotations: dict[str, str], repo: str = "team/app",
+                  config_type: str = EMPTY_TYPE) -> tuple[bytes, str]:
+    """An OCI artifact manifest whose subject is ``subject`` (body, digest), by digest."""
+    payload = os.urandom(64)
+    push_blob(http, EMPTY, repo)
+    push_blob(http, payload, repo)
+    doc: dict[str, object] = {
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": config_type, "digest": sha(EMPTY), "size": len(EMPTY)},
+        "layers": [{"mediaType": "application/octet-stream", "digest": sha(payload),
+                    "size": len(payload)}],
+        "subject": {"mediaType": OCI_MANIFEST, "digest": subject[1], "size": len(subject[0])},
+        "annotations": annotations}
+    if artifact_type is not None:
+        doc["artifactType"] = artifact_type
+    body = json.dumps(doc).encode()
+    r = http.put(f"/v2/{repo}/manifests/{sha(body)}", content=body,
+                 headers={"Content-Type": OCI_MANIFEST})
+    assert r.status_code == 201, r.text
+    assert r.headers["oci-subject"] == subject[1]
+    return body, sha(body)
+
+
+def listing(http, digest: str, repo: str = "team/app", **params: str) -> httpx.Response:
+    r = http.get(f"/v2/{repo}/referrers/{digest}", params=params)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == OCI_INDEX
+    doc = r.json()
+    assert doc["schemaVersion"] == 2 and doc["mediaType"] == OCI_INDEX
+    return r
+
+
+def test_referrers_listed_also_when_pushed_before_their_subject(http):
+    # the image's manifest bytes are known before it is pushed: its digest is the subject
+    layer = os.urandom(2000)
+    config = b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}'
+    image = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": sha(config), "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": sha(layer),
+                    "size": len(layer)}]}).encode()
+    subject = (image, sha(image))
+    early, early_digest = push_artifact(http, subject, SBOM, {"org.example.sbom": "spdx"})
+    assert listing(http, subject[1]).json()["manifests"][0]["digest"] == early_digest
+
+    pushed, digest = push_manifest(http, [layer], ref="v1")
+    assert (pushed, digest) == subject
+    late, late_digest = push_artifact(http, subject, SIGNATURE, {"org.example.signer": "ci"})
+
+    manifests = listing(http, digest).json()["manifests"]
+    assert sorted(manifests, key=lambda d: d["digest"]) == sorted([
+        {"mediaType": OCI_MANIFEST, "digest": early_digest, "size": len(early),
+         "artifactType": SBOM, "annotations": {"org.example.sbom": "spdx"}},
+        {"mediaType": OCI_MANIFEST, "digest": late_digest, "size": len(late),
+         "artifactType": SIGNATURE, "annotations": {"org.example.signer": "ci"}},
+    ], key=lambda d: d["digest"])
+    # each artifact is an ordinary manifest of the repository too
+    assert http.get(f"/v2/team/app/manifests/{late_digest}",
+                    headers={"Accept": OCI_MANIFEST}).content == late
+    # the image itself has no subject: nothing refers to the artifacts
+    assert listing(http, late_digest).json()["manifests"] == []
+
+
+def test_artifact_type_filter_and_header(http):
+    image, digest = push_manifest(http, [os.urandom(500)], ref="v1")
+    _, sbom = push_artifact(http, (image, digest), SBOM, {})
+    _, sig = push_artifact(http, (image, digest), SIGNATURE, {})
+    r = listing(http, digest)
+    assert "oci-filters-applied" not in r.headers
+    assert {d["digest"] for d in r.json()["manifests"]} == {sbom, sig}
+
+    r = listing(http, digest, artifactType=SBOM)
+    assert r.headers["oci-filters-applied"] == "artifactType"
+    assert [d["digest"] for d in r.json()["manifests"]] == [sbom]
+    r = listing(http, digest, artifactType="application/vnd.example.none")
+    assert r.headers["oci-filters-applied"] == "artifactType"
+    assert r.json()["manifests"] == []
+
+
+def test_artifact_type_falls_back_to_the_config_media_type(http):
+    image, digest = push_manifest(http, [os.urandom(500)], ref="v1")
+    _, typed = push_artifact(http, (image, digest), None, {}, config_type=CONFIG_TYPED)
+    [descriptor] = listing(http, digest).json()["manifests"]
+    assert descriptor["digest"] == typed and descriptor["artifactType"] == CONFIG_TYPED
+    assert "annotations" not in descriptor
+    r = listing(http, digest, artifactType=CONFIG_TYPED)
+    assert [d["digest"] for d in r.json()["manifests"]] == [typed]
+
+
+def test_unknown_digest_is_an_empty_index_and_a_bad_one_400(http):
+    push_manifest(http, [os.urandom(100)], ref="v1")
+    r = listing(http, sha(b"nothing refers to this"))
+    assert r.json()["manifests"] == []
+    # in a repository nothing was pushed to, too
+    assert listing(http, sha(b"x"), repo="nobody/here").json()["manifests"] == []
+    r = http.get("/v2/team/app/referrers/sha256:not-a-digest")
+    assert r.status_code == 400 and errors(r) == ["DIGEST_INVALID"]
+
+
+def test_referrers_stay_in_their_repository(http):
+    image, digest = push_manifest(http, [os.urandom(300)], ref="v1")
+    push_manifest(http, [os.urandom(300)], repo="team/other", ref="v1")
+    _, art = push_artifact(http, (image, digest), SBOM, {})
+    assert [d["digest"] for d in listing(http, digest).json()["manifests"]] == [art]
+    assert listing(http, digest, repo="team/other").json()["manifests"] == []
+
+
+def test_deleted_referrer_is_no_longer_listed(http):
+    image, digest = push_manifest(http, [os.urandom(300)], ref="v1")
+    _, gone = push_artifact(http, (image, digest), SBOM, {})
+    _, kept = push_artifact(http, (image, digest), SIGNATURE, {})
+    assert http.delete(f"/v2/team/app/manifests/{gone}").status_code == 202
+    assert [d["digest"] for d in listing(http, digest).json()["manifests"]] == [kept]
+    # pushed again, it is listed again
+    body = http.get(f"/v2/team/app/manifests/{kept}", headers={"Accept": OCI_MANIFEST}).content
+    assert http.delete(f"/v2/team/app/manifests/{kept}").status_code == 202
+    assert listing(http, digest).json()["manifests"] == []
+    assert http.put(f"/v2/team/app/manifests/{kept}", content=body,
+                    headers={"Content-Type": OCI_MANIFEST}).status_code == 201
+    assert [d["digest"] for d in listing(http, digest).json()["manifests"]] == [kept]
+
+
+def test_subject_without_a_digest_is_manifest_invalid(http):
+    push_blob(http, EMPTY)
+    body = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": EMPTY_TYPE, "digest": sha(EMPTY), "size": len(EMPTY)},
+        "layers": [], "subject": {"mediaType": OCI_MANIFEST, "digest": "sha256:zz"}}).encode()
+    r = http.put("/v2/team/app/manifests/x", content=body, headers={"Content-Type": OCI_MANIFEST})
+    assert r.status_code == 400 and errors(r) == ["MANIFEST_INVALID"]
+
+
+def test_referrers_need_pull(make_mirror, tmp_path):
+    htpasswd = tmp_path / "htpasswd"
+    hashed = hash_password("secret", rounds=4)
+    htpasswd.write_text(f"alice:{hashed}\nbob:{hashed}\n")
+    mirror = make_mirror({**HOSTED, "auth": {"htpasswd": str(htpasswd), "acl": [
+        {"match": {"account": "alice"}, "actions": ["*"]},
+        {"match": {"account": "bob", "name": "other/*"}, "actions": ["pull"]}]}})
+    with httpx.Client(base_url=mirror.url, timeout=30, auth=("alice", "secret")) as alice:
+        image, digest = push_manifest(alice, [os.urandom(300)], ref="v1")
+        _, art = push_artifact(alice, (image, digest), SBOM, {})
+        assert [d["digest"] for d in listing(alice, digest).json()["manifests"]] == [art]
+    with httpx.Client(base_url=mirror.url, timeout=30, auth=("bob", "secret")) as bob:
+        r = bob.get(f"/v2/team/app/referrers/{digest}")
+        assert r.status_code in (401, 403) and errors(r) in (["DENIED"], ["UNAUTHORIZED"])
+    with httpx.Client(base_url=mirror.url, timeout=30) as anonymous:
+        r = anonymous.get(f"/v2/team/app/referrers/{digest}")
+        assert r.status_code == 401 and errors(r) == ["UNAUTHORIZED"]
+
+
+def test_mirrored_repository_answers_an_empty_index(make_mirror, upstream, image_set):
+    mirror = make_mirror({"upstreams": {"up": {"url": upstream.url}}, "default": "up",
+                          "hosted": {"repositories": ["myorg/*"]}})
+    oci = image_set.oci
+    with httpx.Client(base_url=mirror.url, timeout=30) as http:
+        r = http.get(f"/v2/{oci.repo}/referrers/{sha(oci.manifest)}")
+        assert r.status_code == 200 and r.headers["content-type"] == OCI_INDEX
+        assert r.json() == {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
