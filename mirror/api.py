@@ -38,8 +38,10 @@ from .hosted import routes
 from .hosted.routes import read_limited
 from .hosted.store import HostedStore
 from .models import (
+    OCI_INDEX,
     TAG_RE,
     is_digest,
+    referrers_index,
     sanitize_accept,
     validate_digest,
     validate_name,
@@ -400,7 +402,8 @@ async def dispatch(request: Request) -> Response:
         await _authorize(request, m.group(1))
         return await tags(request, m.group(1))
     if m := _REFERRERS.fullmatch(path):
-        return await routes.referrers(request, hosted, GATE, m.group(1), m.group(2))
+        await _authorize(request, m.group(1))
+        return await referrers(request, m.group(1), m.group(2))
     raise NotFound(f"no such endpoint: /v2/{path[:200]}")
 
 
@@ -490,6 +493,22 @@ async def tags(request: Request, name: str) -> Response:
         headers["Link"] = _link(f"/v2/{name}/tags/list", n, page[-1], extra)
     return Response(json.dumps({"name": name, "tags": page}), headers=headers,
                     media_type="application/json")
+
+
+async def referrers(request: Request, name: str, digest: str) -> Response:
+    """OCI v1.1 listing referrers: an image index of the manifests whose subject is
+    ``digest`` (unknown: an empty one); ``?artifactType=`` filters, and
+    ``OCI-Filters-Applied`` says so."""
+    validate_name(name)
+    validate_digest(digest)
+    route, source = _route(request, name)
+    found = await source.referrers(route.repository, digest)
+    headers = _common_headers(route)
+    wanted = request.query_params.getlist("artifactType")
+    if wanted:
+        found = [r for r in found if r.artifact_type in wanted]
+        headers["OCI-Filters-Applied"] = "artifactType"
+    return Response(json.dumps(referrers_index(found)), headers=headers, media_type=OCI_INDEX)
 
 
 # -- errors ------------------------------------------------------------------------------

@@ -36,8 +36,17 @@ from .cache_files import CachedBlob as CachedBlob
 from .cache_files import TempBlob as TempBlob
 from .cache_files import fsync_dir, make_dirs, remove_later, scan_blobs
 from .errors import DigestInvalid
-from .index import Index, Referrer, TagRow
-from .models import DIGEST_RE, HOSTED, Manifest, ManifestInfo, References
+from .index import Index, TagRow
+from .models import (
+    DIGEST_RE,
+    HOSTED,
+    Manifest,
+    ManifestInfo,
+    References,
+    Referrer,
+    referrers_index,
+    referrers_of_index,
+)
 
 log = logging.getLogger("mirror.cache")
 
@@ -469,6 +478,19 @@ class LocalCache:
     async def referrers_of(self, upstream: str, repository: str,
                            subject: str) -> list[Referrer]:
         return await self.index.referrers_of(upstream, repository, subject)
+
+    async def referrer_list(self, upstream: str, repository: str,
+                            subject: str) -> tuple[list[Referrer], float] | None:
+        """A mirrored repository's cached referrers of ``subject`` and when they expire."""
+        cached = await self.index.referrer_list(upstream, repository, subject)
+        return None if cached is None else (referrers_of_index(cached[0]), cached[1])
+
+    async def set_referrer_list(self, upstream: str, repository: str, subject: str,
+                                found: list[Referrer], ttl: float) -> None:
+        await self._persist(self.index.set_referrer_list(upstream, repository, subject,
+                                                         referrers_index(found),
+                                                         time.time() + ttl),
+                            f"referrers of {upstream}/{repository}@{subject}")
 
     async def set_tag(self, upstream: str, repository: str, tag: str, digest: str,
                       ttl: float) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import aiosqlite
 
-from .models import HOSTED, References
+from .models import HOSTED, References, Referrer
 
 log = logging.getLogger("mirror.index")
 
@@ -55,6 +55,10 @@ CREATE TABLE IF NOT EXISTS tag_lists (
     upstream TEXT NOT NULL, repository TEXT NOT NULL, tags TEXT NOT NULL,
     fetched_at REAL NOT NULL, expires_at REAL NOT NULL,
     PRIMARY KEY (upstream, repository));
+CREATE TABLE IF NOT EXISTS referrer_lists (
+    upstream TEXT NOT NULL, repository TEXT NOT NULL, subject TEXT NOT NULL,
+    manifests TEXT NOT NULL, fetched_at REAL NOT NULL, expires_at REAL NOT NULL,
+    PRIMARY KEY (upstream, repository, subject));
 CREATE TABLE IF NOT EXISTS referrers (
     upstream TEXT NOT NULL, repository TEXT NOT NULL, subject TEXT NOT NULL,
     digest TEXT NOT NULL, media_type TEXT NOT NULL, artifact_type TEXT, size INTEGER NOT NULL,
@@ -73,17 +77,6 @@ async def _abandon(db: aiosqlite.Connection, timeout: float = 5.0) -> None:
         await asyncio.wait_for(db.close(), timeout)
     except BaseException:
         db.stop()          # the thread ends once it has run what was queued before
-
-
-@dataclass(frozen=True)
-class Referrer:
-    """A manifest naming a subject: its descriptor in a referrers list (OCI v1.1)."""
-
-    digest: str
-    media_type: str
-    artifact_type: str | None
-    size: int
-    annotations: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -269,6 +262,22 @@ class Index:
             "WHERE r.upstream = ? AND r.repository = ? AND r.subject = ? ORDER BY r.digest",
             (upstream, repository, subject))
         return [Referrer(d, m, a, s, json.loads(n) if n else {}) for d, m, a, s, n in rows]
+
+    async def set_referrer_list(self, upstream: str, repository: str, subject: str,
+                                index: dict[str, Any], expires_at: float) -> None:
+        """Cache an upstream's referrers of ``subject`` (an image index) until ``expires_at``."""
+        await self._write((
+            "INSERT OR REPLACE INTO referrer_lists VALUES (?, ?, ?, ?, ?, ?)",
+            [(upstream, repository, subject, json.dumps(index), time.time(), expires_at)]))
+
+    async def referrer_list(self, upstream: str, repository: str,
+                            subject: str) -> tuple[dict[str, Any], float] | None:
+        rows = await self._db.execute_fetchall(
+            "SELECT manifests, expires_at FROM referrer_lists "
+            "WHERE upstream = ? AND repository = ? AND subject = ?",
+            (upstream, repository, subject))
+        row = next(iter(rows), None)
+        return None if row is None else (json.loads(row[0]), row[1])
 
     # -- eviction ------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import base64
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import DigestInvalid, ManifestInvalid, NameInvalid, TagInvalid
@@ -166,6 +166,53 @@ class ManifestInfo:
     digest: str
     media_type: str
     size: int
+
+
+@dataclass(frozen=True)
+class Referrer:
+    """A manifest naming a subject: its descriptor in a referrers list (OCI v1.1)."""
+
+    digest: str
+    media_type: str
+    artifact_type: str | None
+    size: int
+    annotations: dict[str, str] = field(default_factory=dict)
+
+
+def referrers_of_index(doc: Any) -> list[Referrer]:
+    """The descriptors of an image index (a referrers answer, or the index an upstream
+    without the referrers API keeps under the ``sha256-<hex>`` tag); ones that are not
+    a manifest descriptor with a valid digest are skipped."""
+    found: list[Referrer] = []
+    items = doc.get("manifests") if isinstance(doc, dict) else None
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, dict):
+            continue
+        digest, media_type, size = item.get("digest"), item.get("mediaType"), item.get("size")
+        if not (isinstance(digest, str) and DIGEST_RE.fullmatch(digest)
+                and isinstance(media_type, str) and isinstance(size, int)):
+            continue
+        artifact_type = item.get("artifactType")
+        annotations = item.get("annotations")
+        found.append(Referrer(
+            digest, media_type, artifact_type if isinstance(artifact_type, str) else None, size,
+            {str(k): str(v) for k, v in annotations.items()}
+            if isinstance(annotations, dict) else {}))
+    return found
+
+
+def referrers_index(found: list[Referrer]) -> dict[str, Any]:
+    """The OCI image index a referrers listing answers with."""
+    manifests: list[dict[str, Any]] = []
+    for r in found:
+        descriptor: dict[str, Any] = {"mediaType": r.media_type, "digest": r.digest,
+                                      "size": r.size}
+        if r.artifact_type:
+            descriptor["artifactType"] = r.artifact_type
+        if r.annotations:
+            descriptor["annotations"] = r.annotations
+        manifests.append(descriptor)
+    return {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from .models import (
     SCHEMA1_TYPES,
     Manifest,
     ManifestInfo,
+    Referrer,
     acceptable,
     accepted_types,
     is_digest,
@@ -268,6 +269,32 @@ class ProxyStore:
             return False
         await self.local.link(self.name, repository, [digest])
         return True
+
+    # -- referrers -----------------------------------------------------------------------
+
+    async def referrers(self, repository: str, subject: str) -> list[Referrer]:
+        """Upstream's referrers of ``subject``, cached for the tag TTL; stale (or, never
+        fetched, none) while upstream is unavailable or the upstream is offline."""
+        cached = await self.local.referrer_list(self.name, repository, subject)
+        if cached is not None and (cached[1] > time.time() or self.offline):
+            return cached[0]
+        if self.offline:
+            return []
+        try:
+            found = await self._flights.do(
+                ("referrers", repository, subject),
+                lambda: self.remote.referrers(repository, subject, fallback=cached is not None))
+        except UpstreamUnavailable as exc:
+            if cached is None:
+                raise
+            metrics.stale(self.name)
+            log.warning("serving stale referrers of %s/%s@%s: %s", self.name, repository,
+                        subject, exc.message)
+            return cached[0]
+        except NOT_THERE:
+            found = []
+        await self.local.set_referrer_list(self.name, repository, subject, found, self.tag_ttl)
+        return found
 
     # -- tags ----------------------------------------------------------------------------
 

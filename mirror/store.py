@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import Protocol
 
-from .models import Manifest, ManifestInfo
+from .models import Manifest, ManifestInfo, Referrer
 
 
 class BlobBody(Protocol):
@@ -58,6 +58,10 @@ class ManifestSource(Protocol):
                             accept: list[str]) -> ManifestInfo: ...
 
     async def tags(self, repository: str) -> list[str]: ...
+
+    async def referrers(self, repository: str, subject: str) -> list[Referrer]:
+        """Manifests of the repository whose subject is ``subject`` (OCI v1.1)."""
+        ...
 
 
 class BlobSource(Protocol):

@@ -41,19 +41,28 @@ import httpx
 
 from . import upstream_errors
 from .config import UpstreamConfig
-from .errors import RegistryError, UpstreamBadContent, UpstreamUnavailable
+from .errors import (
+    ManifestUnknown,
+    NameUnknown,
+    RegistryError,
+    UpstreamBadContent,
+    UpstreamUnavailable,
+)
 from .models import (
     DEFAULT_ACCEPT,
     DIGEST_RE,
     DOCKER_SCHEMA1_SIGNED,
     MANIFEST_MAX,
+    OCI_INDEX,
     SCHEMA1_TYPES,
     TAG_RE,
     Manifest,
     ManifestInfo,
     References,
+    Referrer,
     is_digest,
     parse_manifest,
+    referrers_of_index,
     schema1_digest,
 )
 from .upstream_auth import origin
@@ -187,6 +196,36 @@ class Upstream:
             if origin(url) != self._origin:
                 break
         return sorted(set(tags))
+
+    async def referrers(self, repository: str, digest: str,
+                        fallback: bool = False) -> list[Referrer]:
+        """Upstream's referrers of ``digest``: its referrers API, or, where it has none
+        (404), the index under the tag ``<alg>-<hex>`` (the OCI tag schema); none
+        when neither is there."""
+        return await self._health.bounded(fallback, f"referrers of {repository}@{digest}",
+                                          lambda: self._referrers(repository, digest))
+
+    async def _referrers(self, repository: str, digest: str) -> list[Referrer]:
+        resp = await self._http.request("GET", self._url(repository, "referrers", digest),
+                                        repository, [("Accept", OCI_INDEX)])
+        body = await read_limited(resp, MANIFEST_MAX)
+        if resp.status_code == 200:
+            try:
+                return referrers_of_index(json.loads(body))
+            except ValueError:
+                raise UpstreamBadContent(f"upstream {self.name}: referrers of {digest} "
+                                         "are not JSON") from None
+        if resp.status_code != 404:
+            raise upstream_errors.error(self.name, resp, body, "name", repository, digest)
+        try:
+            manifest, _ = await self._get_manifest(repository, digest.replace(":", "-"),
+                                                   [OCI_INDEX])
+        except (ManifestUnknown, NameUnknown):
+            return []
+        try:
+            return referrers_of_index(json.loads(manifest.data))
+        except ValueError:
+            return []
 
     # -- plumbing ------------------------------------------------------------------------
 

@@ -11,8 +11,10 @@ import os
 
 import httpx
 import pytest
+from starlette.responses import JSONResponse, Response
 
 from mirror.passwords import hash_password
+from tests.support.scripted import Scripted
 from tests.test_hosted_push import OCI_MANIFEST, errors, push_manifest, sha
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -189,11 +191,90 @@ def test_referrers_need_pull(make_mirror, tmp_path):
         assert r.status_code == 401 and errors(r) == ["UNAUTHORIZED"]
 
 
-def test_mirrored_repository_answers_an_empty_index(make_mirror, upstream, image_set):
+# -- mirrored repositories: upstream's referrers, cached with the tag TTL --------------------
+
+
+def upstream_push(client: httpx.Client, repo: str, ref: str, data: bytes, media_type: str) -> None:
+    r = client.put(f"/v2/{repo}/manifests/{ref}", content=data,
+                   headers={"Content-Type": media_type})
+    assert r.status_code == 201, r.text
+
+
+def test_mirrored_referrers_from_the_tag_schema_fallback(make_mirror, upstream):
+    """distribution 2.8 has no referrers API (404): the index under the tag
+    ``sha256-<hex>`` of the subject is the list, as the OCI spec's fallback has it."""
+    repo = f"refs/fallback{os.urandom(4).hex()}"
+    subject = sha(os.urandom(32))
+    payload = os.urandom(64)
+    with httpx.Client(base_url=upstream.url, timeout=30) as up:
+        for data in (EMPTY, payload):
+            r = up.post(f"/v2/{repo}/blobs/uploads/")
+            assert r.status_code == 202, r.text
+            location = r.headers["location"]
+            location += ("&" if "?" in location else "?") + f"digest={sha(data)}"
+            r = up.put(location, content=data)
+            assert r.status_code == 201, r.text
+        sig = json.dumps({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": SIGNATURE,
+            "config": {"mediaType": EMPTY_TYPE, "digest": sha(EMPTY), "size": len(EMPTY)},
+            "layers": [{"mediaType": "application/octet-stream", "digest": sha(payload),
+                        "size": len(payload)}],
+            "subject": {"mediaType": OCI_MANIFEST, "digest": subject, "size": 10}}).encode()
+        upstream_push(up, repo, sha(sig), sig, OCI_MANIFEST)
+        tagged = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+            {"mediaType": OCI_MANIFEST, "digest": sha(sig), "size": len(sig),
+             "artifactType": SIGNATURE, "annotations": {"org.example.signer": "ci"}}]}).encode()
+        upstream_push(up, repo, subject.replace(":", "-"), tagged, OCI_INDEX)
     mirror = make_mirror({"upstreams": {"up": {"url": upstream.url}}, "default": "up",
                           "hosted": {"repositories": ["myorg/*"]}})
-    oci = image_set.oci
     with httpx.Client(base_url=mirror.url, timeout=30) as http:
-        r = http.get(f"/v2/{oci.repo}/referrers/{sha(oci.manifest)}")
-        assert r.status_code == 200 and r.headers["content-type"] == OCI_INDEX
-        assert r.json() == {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+        mark = upstream.mark()
+        expected = [{"mediaType": OCI_MANIFEST, "digest": sha(sig), "size": len(sig),
+                     "artifactType": SIGNATURE, "annotations": {"org.example.signer": "ci"}}]
+        assert listing(http, subject, repo=repo).json()["manifests"] == expected
+        assert upstream.count(path_substring="/referrers/", since=mark) == 1
+        assert upstream.count(path_substring=f"/manifests/{subject.replace(':', '-')}",
+                              since=mark) == 1
+        # cached for the tag TTL: no second upstream request
+        assert listing(http, subject, repo=repo).json()["manifests"] == expected
+        assert upstream.count(path_substring="/referrers/", since=mark) == 1
+        r = listing(http, subject, repo=repo, artifactType=SBOM)
+        assert r.json()["manifests"] == [] and r.headers["oci-filters-applied"] == "artifactType"
+        # no tag either: an empty index
+        assert listing(http, sha(b"unsigned"), repo=repo).json()["manifests"] == []
+
+
+def test_mirrored_referrers_api_cached_and_served_stale(make_mirror):
+    subject = sha(b"the image")
+    sig = {"mediaType": OCI_MANIFEST, "digest": sha(b"sig"), "size": 321,
+           "artifactType": SIGNATURE, "annotations": {"a": "b"}}
+    state = {"down": False}
+
+    def answer(request):
+        if state["down"]:
+            return Response("down", status_code=503)
+        if request.url.path == f"/v2/app/referrers/{subject}":
+            return Response(json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                                        "manifests": [sig]}), media_type=OCI_INDEX)
+        if request.url.path == "/v2/":
+            return JSONResponse({})
+        return JSONResponse({"errors": [{"code": "MANIFEST_UNKNOWN", "message": "no"}]},
+                            status_code=404)
+
+    with Scripted(answer, name="api") as origin:
+        mirror = make_mirror({"upstreams": {"up": {"url": origin.url, "tag_ttl": "0s"}},
+                              "default": "up"})
+        with httpx.Client(base_url=mirror.url, timeout=30) as http:
+            assert listing(http, subject, repo="app").json()["manifests"] == [sig]
+            seen = [s for s in origin.requests if "/referrers/" in s.path]
+            assert len(seen) == 1 and seen[0].headers.get("accept") == OCI_INDEX
+            state["down"] = True
+            # expired (TTL 0s) and upstream answering 503: the cached list, stale
+            assert listing(http, subject, repo="app").json()["manifests"] == [sig]
+            # (asked again: the upstream client retries a 503 as it does for manifests)
+            assert len([s for s in origin.requests if "/referrers/" in s.path]) > 1
+            # never fetched and upstream down: an error, not a made-up empty list
+            r = http.get(f"/v2/app/referrers/{sha(b'other')}")
+            assert r.status_code == 503, r.text
+            state["down"] = False
+            assert listing(http, subject, repo="app").json()["manifests"] == [sig]

@@ -17,7 +17,6 @@ until garbage collection. ``hosted.delete: false`` (the default) answers
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -35,7 +34,6 @@ from ..errors import (
 )
 from ..models import (
     MANIFEST_MAX,
-    OCI_INDEX,
     is_digest,
     validate_digest,
     validate_name,
@@ -69,36 +67,6 @@ async def read_limited(request: Request, limit: int) -> bytes:
         if len(body) > limit:
             raise SizeInvalid(f"request body larger than {limit} bytes")
     return bytes(body)
-
-
-async def referrers(request: Request, hosted: HostedStore | None, gate: Gate, name: str,
-                    digest: str) -> Response:
-    """``GET /v2/<name>/referrers/<digest>`` (OCI distribution-spec v1.1): an image
-    index of the repository's manifests whose subject is ``digest``; an unknown digest
-    gives an empty one. ``?artifactType=`` filters, and ``OCI-Filters-Applied`` says so.
-    A mirrored repository answers an empty index for now."""
-    await gate.authorize(request, name, "pull")
-    validate_name(name)
-    validate_digest(digest)
-    route = gate.route(request, name)
-    found = await hosted.referrers(route.repository, digest) \
-        if hosted is not None and route.hosted else []
-    headers: dict[str, str] = {}
-    wanted = request.query_params.getlist("artifactType")
-    if wanted:
-        found = [r for r in found if r.artifact_type in wanted]
-        headers["OCI-Filters-Applied"] = "artifactType"
-    manifests: list[dict[str, object]] = []
-    for r in found:
-        descriptor: dict[str, object] = {"mediaType": r.media_type, "digest": r.digest,
-                                         "size": r.size}
-        if r.artifact_type:
-            descriptor["artifactType"] = r.artifact_type
-        if r.annotations:
-            descriptor["annotations"] = r.annotations
-        manifests.append(descriptor)
-    body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests})
-    return Response(body, headers=headers, media_type=OCI_INDEX)
 
 
 def is_upload(path: str) -> bool:

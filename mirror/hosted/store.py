@@ -28,12 +28,12 @@ from ..errors import (
     NameUnknown,
     Unsupported,
 )
-from ..index import Referrer
 from ..models import (
     DIGEST_RE,
     HOSTED,
     Manifest,
     ManifestInfo,
+    Referrer,
     digest_of,
     is_digest,
     parse_manifest,
