@@ -475,6 +475,11 @@ class LocalCache:
         await self._persist(self.index.add_referrer(upstream, repository, subject, referrer),
                             f"referrer {referrer.digest} of {subject}")
 
+    def manifests_of(self, upstream: str) -> list[tuple[str, str]]:
+        """(repository, digest) of every manifest linked under ``upstream``."""
+        return sorted((r, d) for (u, r, d) in self._links
+                      if u == upstream and d in self._manifests)
+
     async def referrers_of(self, upstream: str, repository: str,
                            subject: str) -> list[Referrer]:
         return await self.index.referrers_of(upstream, repository, subject)

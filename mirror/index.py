@@ -65,6 +65,7 @@ CREATE TABLE IF NOT EXISTS referrers (
     annotations TEXT, PRIMARY KEY (upstream, repository, subject, digest));
 """
 SCHEMA_VERSION = "1"
+REFERRERS_PENDING = "referrers_backfill"     # meta key: hosted referrers not recorded yet
 GENERATIONS = {"content": "generation", "pins": "pins_generation"}   # kind -> meta key
 VARIABLES = 500     # bound values per statement: far below SQLite's limit on any build
 
@@ -105,7 +106,12 @@ class Index:
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute("PRAGMA synchronous=NORMAL")
             await db.execute("PRAGMA busy_timeout=5000")
+            had_referrers = bool(await db.execute_fetchall(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'referrers'"))
             await db.executescript(SCHEMA)
+            if not had_referrers:     # new, or from before referrers: hosted manifests
+                await db.execute(      # pushed until now are recorded at the next start
+                    f"INSERT OR IGNORE INTO meta VALUES ('{REFERRERS_PENDING}', '1')")
             await db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                              (SCHEMA_VERSION,))
             columns = {row[1] for row in await db.execute_fetchall("PRAGMA table_info(tags)")}
@@ -250,6 +256,14 @@ class Index:
             [(upstream, repository, subject, referrer.digest, referrer.media_type,
               referrer.artifact_type, referrer.size,
               json.dumps(referrer.annotations) if referrer.annotations else None)]))
+
+    async def referrers_pending(self) -> bool:
+        rows = await self._db.execute_fetchall("SELECT 1 FROM meta WHERE key = ?",
+                                               (REFERRERS_PENDING,))
+        return bool(rows)
+
+    async def referrers_recorded(self) -> None:
+        await self._write(("DELETE FROM meta WHERE key = ?", [(REFERRERS_PENDING,)]))
 
     async def referrers_of(self, upstream: str, repository: str,
                            subject: str) -> list[Referrer]:

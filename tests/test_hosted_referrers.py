@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 
 import httpx
 import pytest
@@ -189,6 +190,26 @@ def test_referrers_need_pull(make_mirror, tmp_path):
     with httpx.Client(base_url=mirror.url, timeout=30) as anonymous:
         r = anonymous.get(f"/v2/team/app/referrers/{digest}")
         assert r.status_code == 401 and errors(r) == ["UNAUTHORIZED"]
+
+
+def test_referrers_pushed_before_the_upgrade_are_listed_after_it(make_mirror):
+    """An index.db from before referrers (no referrers table): the hosted manifests
+    already pushed are recorded once, at the next start."""
+    mirror = make_mirror(HOSTED)
+    with httpx.Client(base_url=mirror.url, timeout=30) as http:
+        image, digest = push_manifest(http, [os.urandom(300)], ref="v1")
+        _, art = push_artifact(http, (image, digest), SBOM, {"k": "v"})
+        _, gone = push_artifact(http, (image, digest), SIGNATURE, {})
+        assert http.delete(f"/v2/team/app/manifests/{gone}").status_code == 202
+    mirror.stop()
+    with sqlite3.connect(mirror.data_dir / "index.db") as db:   # as the old version left it
+        db.execute("DROP TABLE referrers")
+        db.execute("DELETE FROM meta WHERE key = 'referrers_backfill'")
+    mirror.start()
+    with httpx.Client(base_url=mirror.url, timeout=30) as http:
+        r = listing(http, digest)
+        assert [(d["digest"], d["artifactType"], d["annotations"])
+                for d in r.json()["manifests"]] == [(art, SBOM, {"k": "v"})]
 
 
 # -- mirrored repositories: upstream's referrers, cached with the tag TTL --------------------

@@ -91,10 +91,27 @@ class HostedStore:
 
     async def open(self) -> None:
         await self.uploads.open()
+        if await self.local.index.referrers_pending():
+            await self._record_referrers()
         if self.config.gc_interval is not None:
             self._gc = asyncio.create_task(
                 gc.schedule(self.local, self.config.gc_interval, self.config.gc_grace),
                 name="hosted-gc")
+
+    async def _record_referrers(self) -> None:
+        """Once, on an index.db from before referrers: record the subjects of the
+        hosted manifests pushed until now."""
+        for repository, digest in self.local.manifests_of(HOSTED):
+            manifest = await self.local.read_manifest(digest)
+            try:
+                doc = json.loads(manifest.data) if manifest is not None else None
+                subject = _subject(doc) if isinstance(doc, dict) else None
+            except (ValueError, ManifestInvalid):
+                continue
+            if doc is not None and manifest is not None and subject is not None:
+                await self.local.add_referrer(HOSTED, repository, subject, _descriptor(
+                    doc, digest, manifest.media_type, manifest.size))
+        await self.local.index.referrers_recorded()
 
     async def aclose(self) -> None:
         if self._gc is not None:
