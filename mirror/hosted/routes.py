@@ -32,13 +32,7 @@ from ..errors import (
     SizeInvalid,
     Unsupported,
 )
-from ..models import (
-    MANIFEST_MAX,
-    is_digest,
-    validate_digest,
-    validate_name,
-    validate_tag,
-)
+from ..models import MANIFEST_MAX, is_digest, validate_digest, validate_name, validate_tag
 from ..routing import Route
 from .store import HostedStore
 from .uploads import Session
