@@ -609,7 +609,13 @@ class Index:
                 await self._db.executemany(
                     "DELETE FROM repo_links WHERE upstream = ? AND repository = ? AND digest = ?",
                     [(HOSTED, r, d) for r, d in result.links])
-                digests = list({d for _, d in result.links})
+                # Manifests no repository links any more (a hosted DELETE unlinks them)
+                # are candidates too, once older than the grace: with them gone, the
+                # blobs only they referenced can go in the same sweep.
+                orphans = await self._db.execute_fetchall(
+                    "SELECT digest FROM manifests m WHERE first_seen < ? AND NOT EXISTS "
+                    "(SELECT 1 FROM repo_links l WHERE l.digest = m.digest)", (cutoff,))
+                digests = list({d for _, d in result.links} | {r[0] for r in orphans})
                 keep = await self.protected(time.time())
                 unlinked = "NOT EXISTS (SELECT 1 FROM repo_links l WHERE l.digest = {t}.digest)"
                 unused = "NOT EXISTS (SELECT 1 FROM manifest_refs r WHERE r.child = {t}.digest)"

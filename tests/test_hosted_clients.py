@@ -19,6 +19,7 @@ import shutil
 import ssl
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,6 +216,70 @@ def test_seeds_private_registry_over_tls_with_login(skopeo, seeds, upstream, ima
     none = run([which("skopeo"), "--insecure-policy", "copy", "--src-cert-dir", certs,
                 "--src-no-creds", dest, f"dir:{tmp_path / 'anon'}"], check=False)
     assert none.returncode != 0
+
+
+def test_seeds_flow_end_to_end_with_delete_and_gc(skopeo, upstream, image_set, tmp_path):
+    """The seeds' whole registry:2 life cycle with the mirror alone: certs, htpasswd,
+    TLS, login, push, catalog, tags, delete (skopeo delete), `mirror gc` beside the
+    running server, and the pull fails with 404 afterwards, the bytes gone."""
+    base = tmp_path
+    mirror_cli("certs", "127.0.0.1", "--out", str(base / "certs"))
+    mirror_cli("htpasswd", "add", "alice", "--file", str(base / "htpasswd"),
+               input=PASSWORD + "\n")
+    config = {"tls": {"cert": str(base / "certs" / "server.crt"),
+                      "key": str(base / "certs" / "server.key")},
+              "auth": {"htpasswd": str(base / "htpasswd")},
+              "upstreams": {},
+              "hosted": {"repositories": ["*"], "delete": True, "gc_grace": "0s",
+                         "gc_interval": "off"}}
+    mirror = MirrorProcess(base / "mirror", config).start()
+    try:
+        cert_dir = base / "client-certs"
+        cert_dir.mkdir()
+        shutil.copy(base / "certs" / "ca.crt", cert_dir / "ca.crt")
+        host, certs, auth_file = mirror.host, str(cert_dir), base / "auth.json"
+        run([which("skopeo"), "login", "--cert-dir", certs, "--authfile", auth_file,
+             "-u", "alice", "-p", PASSWORD, host])
+        image = image_set.oci
+        dest = f"docker://{host}/team/app:2.0"
+        skopeo("copy", "--preserve-digests", "--src-tls-verify=false", "--dest-cert-dir",
+               certs, "--dest-authfile", auth_file, f"docker://{upstream.host}/{image.ref}",
+               dest)
+        ca = ssl.create_default_context(cafile=str(base / "certs" / "ca.crt"))
+        with httpx.Client(base_url=mirror.url, verify=ca, auth=("alice", PASSWORD),
+                          timeout=30) as http:
+            assert "team/app" in http.get("/v2/_catalog").json()["repositories"]
+            assert http.get("/v2/team/app/tags/list").json()["tags"] == ["2.0"]
+            blobs = [b.digest for b in image.blobs]
+            assert all(mirror.cached_path(d).exists() for d in blobs)
+
+            # registry:2's `skopeo delete`: DELETE of the manifest by digest.
+            skopeo("delete", "--cert-dir", certs, "--authfile", auth_file, dest)
+            r = http.get(f"/v2/team/app/manifests/{image.digest}",
+                         headers={"Accept": image.media_type})
+            assert r.status_code == 404
+            r = http.get("/v2/team/app/tags/list")    # no tags left: empty, or 404 as registry:2
+            assert r.status_code == 404 or r.json()["tags"] == [], r.text
+
+            # Online gc (the server keeps running): the unreferenced blobs go.
+            gc = mirror_cli("gc", "--config", str(mirror.config_path))
+            assert "hosted: removed" in gc.stdout, gc.stdout
+            for digest in blobs:
+                assert not mirror.cached_path(digest).exists(), digest
+            # The server picks the change up within about a second (index generation).
+            deadline = time.monotonic() + 10
+            while http.get(f"/v2/team/app/blobs/{blobs[0]}").status_code != 404:
+                assert time.monotonic() < deadline, "the server still serves a swept blob"
+                time.sleep(0.2)
+            for digest in blobs:
+                assert http.get(f"/v2/team/app/blobs/{digest}").status_code == 404
+            assert http.get("/healthz").status_code == 200
+        pulled = run([which("skopeo"), "--insecure-policy", "copy", "--src-cert-dir", certs,
+                      "--src-authfile", auth_file, dest, f"dir:{base / 'gone'}"], check=False)
+        assert pulled.returncode != 0
+        assert "manifest unknown" in (pulled.stderr + pulled.stdout).lower()
+    finally:
+        mirror.stop()
 
 
 @needs("podman")
