@@ -256,18 +256,20 @@ class LocalCache:
     def in_use(self) -> set[str]:
         return set(self._readers)
 
-    async def remove(self, blobs: list[str], manifests: list[str]) -> None:
-        """Delete files and index rows (and tags pointing at removed manifests)."""
-        paths = [self.path_for(d) for d in (*blobs, *manifests)]
+    async def delete_files(self, digests: list[str]) -> None:
+        """Unlink the files of ``digests`` (those already gone are fine), off the loop;
+        finishes even if the caller is cancelled."""
+        paths = [self.path_for(d) for d in digests]
 
         def unlink() -> None:
             for path in paths:
-                try:
-                    path.unlink()
-                except FileNotFoundError:
-                    pass
+                path.unlink(missing_ok=True)
+        await fileio.run_to_end(unlink)
+
+    async def remove(self, blobs: list[str], manifests: list[str]) -> None:
+        """Delete files and index rows (and tags pointing at removed manifests)."""
         await self.index.forget(blobs, manifests)
-        await fileio.run(unlink)
+        await self.delete_files([*blobs, *manifests])
         for d in blobs:
             self._blobs.pop(d, None)
         gone = set(manifests)

@@ -124,11 +124,7 @@ def _upstream(name: str, raw: Any, offline: bool = False) -> UpstreamConfig:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{key}: expected a mapping with at least url")
-    unknown = set(map(str, raw)) - _UPSTREAM_KEYS
-    if unknown:
-        raise ConfigError(f"{key}.{sorted(unknown)[0]}: unknown key "
-                          f"(known: {', '.join(sorted(_UPSTREAM_KEYS))})")
-    values = dict(raw)
+    values = _mapping(key, raw, _UPSTREAM_KEYS)
     if "url" not in values:
         if name != DOCKER_HUB:
             raise ConfigError(f"{key}.url: missing (the upstream registry's URL, e.g. https://{name})")

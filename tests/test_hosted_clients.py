@@ -31,6 +31,7 @@ from tests.support.clients import (
     DockerdProcess,
     Podman,
     check_dir_image,
+    needs,
     registries_conf,
     run,
     which,
@@ -41,19 +42,6 @@ from tests.support.ports import free_port, stop_process, wait_http
 PRIVATE = {"upstreams": {}, "hosted": {"repositories": ["*"]}}
 PASSWORD = "s3cret-Pa55"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-
-
-def needs(*binaries):
-    missing = [b for b in binaries if which(b) is None]
-    return pytest.mark.skipif(bool(missing), reason=f"{', '.join(missing)} not installed "
-                              "(scripts/test apt-installs podman and docker.io)")
-
-
-@pytest.fixture
-def as_root():
-    if os.geteuid() != 0:
-        pytest.fail("podman and dockerd are run as root here (own storage, no systemd); "
-                    "run the test suite as root")
 
 
 @pytest.fixture(scope="module")
@@ -94,23 +82,28 @@ class Seeds:
                             timeout=30)
 
 
-@pytest.fixture(scope="module")
-def seeds(tmp_path_factory):
-    """The seeds' registry:2 set-up (TLS, htpasswd) made with the mirror's own commands."""
-    base = tmp_path_factory.mktemp("seeds")
+def start_seeds(base: Path, hosted: dict) -> Seeds:
+    """The seeds' registry:2 set-up (TLS, htpasswd) made with the mirror's own commands,
+    hosting ``hosted``, under ``base``; the caller stops ``.mirror``."""
     mirror_cli("certs", "127.0.0.1", "--out", str(base / "certs"))
     mirror_cli("htpasswd", "add", "alice", "--file", str(base / "htpasswd"),
                input=PASSWORD + "\n")
     config = {"tls": {"cert": str(base / "certs" / "server.crt"),
                       "key": str(base / "certs" / "server.key")},
               "auth": {"htpasswd": str(base / "htpasswd")},
-              **PRIVATE}
+              "upstreams": {}, "hosted": hosted}
     mirror = MirrorProcess(base / "mirror", config).start()
     cert_dir = base / "client-certs"
     cert_dir.mkdir()
     shutil.copy(base / "certs" / "ca.crt", cert_dir / "ca.crt")
-    yield Seeds(mirror, base / "certs", cert_dir)
-    mirror.stop()
+    return Seeds(mirror, base / "certs", cert_dir)
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory):
+    seeds = start_seeds(tmp_path_factory.mktemp("seeds"), PRIVATE["hosted"])
+    yield seeds
+    seeds.mirror.stop()
 
 
 def head_digest(http: httpx.Client, repo: str, ref: str, accept: str) -> str:
@@ -222,22 +215,11 @@ def test_seeds_flow_end_to_end_with_delete_and_gc(skopeo, upstream, image_set, t
     """The seeds' whole registry:2 life cycle with the mirror alone: certs, htpasswd,
     TLS, login, push, catalog, tags, delete (skopeo delete), `mirror gc` beside the
     running server, and the pull fails with 404 afterwards, the bytes gone."""
-    base = tmp_path
-    mirror_cli("certs", "127.0.0.1", "--out", str(base / "certs"))
-    mirror_cli("htpasswd", "add", "alice", "--file", str(base / "htpasswd"),
-               input=PASSWORD + "\n")
-    config = {"tls": {"cert": str(base / "certs" / "server.crt"),
-                      "key": str(base / "certs" / "server.key")},
-              "auth": {"htpasswd": str(base / "htpasswd")},
-              "upstreams": {},
-              "hosted": {"repositories": ["*"], "delete": True, "gc_grace": "0s",
-                         "gc_interval": "off"}}
-    mirror = MirrorProcess(base / "mirror", config).start()
+    seeds = start_seeds(tmp_path, {"repositories": ["*"], "delete": True, "gc_grace": "0s",
+                                   "gc_interval": "off"})
+    mirror = seeds.mirror
     try:
-        cert_dir = base / "client-certs"
-        cert_dir.mkdir()
-        shutil.copy(base / "certs" / "ca.crt", cert_dir / "ca.crt")
-        host, certs, auth_file = mirror.host, str(cert_dir), base / "auth.json"
+        host, certs, auth_file = mirror.host, str(seeds.cert_dir), tmp_path / "auth.json"
         run([which("skopeo"), "login", "--cert-dir", certs, "--authfile", auth_file,
              "-u", "alice", "-p", PASSWORD, host])
         image = image_set.oci
@@ -245,9 +227,7 @@ def test_seeds_flow_end_to_end_with_delete_and_gc(skopeo, upstream, image_set, t
         skopeo("copy", "--preserve-digests", "--src-tls-verify=false", "--dest-cert-dir",
                certs, "--dest-authfile", auth_file, f"docker://{upstream.host}/{image.ref}",
                dest)
-        ca = ssl.create_default_context(cafile=str(base / "certs" / "ca.crt"))
-        with httpx.Client(base_url=mirror.url, verify=ca, auth=("alice", PASSWORD),
-                          timeout=30) as http:
+        with seeds.http() as http:
             assert "team/app" in http.get("/v2/_catalog").json()["repositories"]
             assert http.get("/v2/team/app/tags/list").json()["tags"] == ["2.0"]
             blobs = [b.digest for b in image.blobs]
@@ -275,7 +255,7 @@ def test_seeds_flow_end_to_end_with_delete_and_gc(skopeo, upstream, image_set, t
                 assert http.get(f"/v2/team/app/blobs/{digest}").status_code == 404
             assert http.get("/healthz").status_code == 200
         pulled = run([which("skopeo"), "--insecure-policy", "copy", "--src-cert-dir", certs,
-                      "--src-authfile", auth_file, dest, f"dir:{base / 'gone'}"], check=False)
+                      "--src-authfile", auth_file, dest, f"dir:{tmp_path / 'gone'}"], check=False)
         assert pulled.returncode != 0
         assert "manifest unknown" in (pulled.stderr + pulled.stdout).lower()
     finally:

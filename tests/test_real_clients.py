@@ -14,7 +14,6 @@ installed (scripts/test installs them).
 from __future__ import annotations
 
 import json
-import os
 import platform
 import re
 
@@ -27,6 +26,7 @@ from tests.support.clients import (
     Podman,
     check_dir_image,
     hosts_dir,
+    needs,
     registries_conf,
     run,
     which,
@@ -45,17 +45,6 @@ def mirror(make_mirror, upstream, image_set):
     return make_mirror(mirror_config(upstream))
 
 
-def needs(*binaries):
-    missing = [b for b in binaries if which(b) is None]
-    return pytest.mark.skipif(bool(missing), reason=f"{', '.join(missing)} not installed "
-                              "(scripts/test apt-installs podman, containerd and docker.io)")
-
-
-@pytest.fixture
-def as_root():
-    if os.geteuid() != 0:
-        pytest.fail("podman, containerd and dockerd are run as root here (own storage, no "
-                    "systemd); run the test suite as root")
 
 
 def host_arch() -> str:

@@ -19,7 +19,6 @@ import asyncio
 import logging
 import time
 
-from .. import fileio
 from ..cache import LocalCache
 from ..index import HostedSweep
 
@@ -29,21 +28,9 @@ log = logging.getLogger("mirror.hosted")
 async def collect(cache: LocalCache, grace: float, delete_untagged: bool = False,
                   dry_run: bool = False) -> HostedSweep:
     """Sweep what is garbage now; what went (or, ``dry_run``, would go)."""
-
-    async def remove_files(digests: list[str]) -> None:
-        paths = [cache.path_for(d) for d in digests]
-
-        def unlink() -> None:
-            for path in paths:
-                try:
-                    path.unlink()
-                except FileNotFoundError:
-                    pass
-        await fileio.run_to_end(unlink)
-
     await cache.index.flush_usage()
     swept = await cache.index.sweep_hosted(time.time() - grace, delete_untagged,
-                                           remove_files, dry_run)
+                                           cache.delete_files, dry_run)
     if swept.links and not dry_run:
         await cache.index.bump_generation()     # a server beside us reloads its maps
         await cache.resync()

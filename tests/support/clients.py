@@ -430,3 +430,11 @@ class DockerdProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def needs(*binaries: str):
+    """Skip a test whose client binaries are not installed."""
+    import pytest
+    missing = [b for b in binaries if which(b) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"{', '.join(missing)} not installed "
+                              "(scripts/test apt-installs podman, containerd and docker.io)")

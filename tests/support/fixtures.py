@@ -14,6 +14,7 @@ from .token_server import TokenServer
 __all__ = [
     "USERS", "upstream", "htpasswd_upstream", "token_server", "token_upstream",
     "image_set", "upstream_client", "make_registry", "make_mirror", "faulty_upstream",
+    "as_root",
 ]
 
 USERS = {"alice": "secret"}
@@ -111,3 +112,11 @@ def faulty_upstream(upstream):
 
     with FaultyUpstream(upstream.url) as proxy:
         yield proxy
+
+
+@pytest.fixture
+def as_root():
+    """podman, containerd and dockerd run here as root (own storage, no systemd)."""
+    if os.geteuid() != 0:
+        pytest.fail("podman, containerd and dockerd are run as root here (own storage, no "
+                    "systemd); run the test suite as root")
