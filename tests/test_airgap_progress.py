@@ -412,3 +412,13 @@ def test_no_thread_left_behind() -> None:
             p.console.file = p.stream
         p.close()
     assert threading.active_count() == before
+
+
+def test_rich_is_loaded_only_for_bars() -> None:
+    # every `mirror` command (serve, healthcheck) imports this module through cli.py
+    code = ("import sys, io, mirror.airgap.progress as pg; assert 'rich' not in sys.modules; "
+            "pg.open_progress('plain', 'w').close(); assert 'rich' not in sys.modules; "
+            "pg.open_progress('bar', 'w').close(); assert 'rich' in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=clean_env(), timeout=30)
+    assert r.returncode == 0, r.stderr

@@ -52,20 +52,11 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    ProgressColumn,
-    TextColumn,
-    TimeRemainingColumn,
-)
-from rich.progress import Progress as Bars
-from rich.progress import Task as BarTask
-from rich.table import Column, Table
-from rich.text import Text
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import ProgressColumn
 
 MODES = ("auto", "bar", "plain", "none")
 PLAIN_EVERY = 5.0          # seconds between plain summary lines
@@ -309,13 +300,19 @@ class PlainProgress(Progress):
         return super().close(ok, **extra)
 
 
-class _Speed(ProgressColumn):
+def _speed_column(**kwargs: Any) -> ProgressColumn:
     """rich's TransferSpeedColumn in the units of the rest (KiB, MiB)."""
+    from rich.progress import ProgressColumn
+    from rich.progress import Task as BarTask
+    from rich.text import Text
 
-    def render(self, task: BarTask) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("" if speed is None else f"{human_size(speed)}/s",
-                    style="progress.data.speed")
+    class Speed(ProgressColumn):
+        def render(self, task: BarTask) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("" if speed is None else f"{human_size(speed)}/s",
+                        style="progress.data.speed")
+
+    return Speed(**kwargs)
 
 
 class BarProgress(Progress):
@@ -325,6 +322,18 @@ class BarProgress(Progress):
     def __init__(self, *args: Any, console: Console | None = None, max_bars: int = MAX_BARS,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # rich is imported here, not at the top: every `mirror` command (serve,
+        # healthcheck) imports this module through cli.py, and only bars need rich.
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+        from rich.progress import Progress as Bars
+        from rich.table import Column
+
         self.console: Console = console if console is not None else Console(file=self.stream)
         self.max_bars = max_bars
         # Sized to fit 80 columns: a longer label is cut with an ellipsis.
@@ -333,7 +342,7 @@ class BarProgress(Progress):
                 max_width=30, no_wrap=True, overflow="ellipsis")),
             BarColumn(bar_width=12),
             DownloadColumn(binary_units=True, table_column=Column(no_wrap=True)),
-            _Speed(table_column=Column(no_wrap=True)),
+            _speed_column(table_column=Column(no_wrap=True)),
             TimeRemainingColumn(compact=True, table_column=Column(no_wrap=True)),
             console=self.console, transient=True, refresh_per_second=8,
             redirect_stdout=False)   # stdout is the JSON's (or export -o -'s) alone
@@ -424,6 +433,8 @@ class BarProgress(Progress):
         if not self.console.is_terminal:
             super()._print_summary()
             return
+        from rich.table import Table
+
         s = self.summary
         table = Table(title=f"{self.action}: {'done' if s.ok else 'FAILED'}",
                       title_justify="left", show_header=False, box=None, padding=(0, 2))
