@@ -32,6 +32,11 @@ DRIVER = r"""
 import sys, time
 from mirror.airgap.progress import open_progress
 mode = sys.argv[1]
+if "bare" in sys.argv:          # a caller that neither closes nor uses `with`
+    p = open_progress(mode, "warm")
+    p.task("sha256:" + "b" * 64 + " layer", 100).advance(10)
+    time.sleep(0.3)
+    raise RuntimeError("bare")
 with open_progress(mode, "warm", json_output="json" in sys.argv) as p:
     p.plan(2 * 1048576, blobs=3)
     p.skipped("sha256:" + "a" * 64 + " config", 1024)
@@ -349,6 +354,12 @@ def test_bar_leaves_the_terminal_clean_when_the_command_raises() -> None:
     assert "warm: FAILED" in text and "RuntimeError: boom" in text
     # the traceback comes after the bars are gone, not under a live display
     assert text.index("RuntimeError: boom") > text.rindex("━")
+
+
+def test_bar_restores_the_cursor_at_exit_even_without_close() -> None:
+    rc, term, _ = run_on_pty("bar", "bare")
+    assert rc == 1 and "━" in term and "RuntimeError: bare" in term
+    assert "\x1b[?25h" in term[term.index("RuntimeError: bare"):]
 
 
 def test_bar_json_on_a_pty_puts_only_the_object_on_stdout() -> None:

@@ -44,6 +44,7 @@ timer only read counters and write to stderr under a lock).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import re
 import sys
@@ -350,6 +351,8 @@ class BarProgress(Progress):
         self._waiting: deque[Task] = deque()  # tasks in flight beyond max_bars
         self.overall = self.bars.add_task(self._overall_text(), total=None)
         self.bars.start()
+        # A caller that neither closes nor uses `with` still gets its cursor back.
+        atexit.register(self._stop)
 
     # -- what the caller reports
 
@@ -424,6 +427,7 @@ class BarProgress(Progress):
     def _stop(self) -> None:
         # rich's stop() only signals its refresh thread; wait for it, so nothing draws
         # after close() and no thread outlives the command.
+        atexit.unregister(self._stop)
         refresher = getattr(self.bars.live, "_refresh_thread", None)
         self.bars.stop()
         if isinstance(refresher, threading.Thread) and refresher.is_alive():
