@@ -28,8 +28,8 @@ from ..errors import (
     BlobUploadInvalid,
     Denied,
     DigestInvalid,
+    PayloadTooLarge,
     RangeNotSatisfiable,
-    SizeInvalid,
     Unsupported,
 )
 from ..models import MANIFEST_MAX, is_digest, validate_digest, validate_name, validate_tag
@@ -55,11 +55,13 @@ class Gate:
 
 
 async def read_limited(request: Request, limit: int) -> bytes:
+    """The whole body of a small request (a manifest, a token form); more than ``limit``
+    bytes is ``413 SIZE_INVALID``."""
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise SizeInvalid(f"request body larger than {limit} bytes")
+            raise PayloadTooLarge(f"request body larger than {limit} bytes")
     return bytes(body)
 
 
