@@ -228,15 +228,17 @@ def _registry(request: Request) -> Registry:
     return request.app.state.registry
 
 
-async def _authorize(request: Request, name: str, action: str = "pull") -> None:
+async def _authorize(request: Request, name: str, action: str = "pull",
+                     pull_also: tuple[str, ...] = ()) -> None:
     """Refuse the request unless the client may ``action`` ``name``; before anything
     else looks at it (the route too), so a refused client learns nothing about what is
-    cached or which upstreams are configured."""
+    cached or which upstreams are configured. ``pull_also``: repositories the request
+    would like to read too (a mount's ``from``), named in the challenge's scope."""
     guard = _registry(request).guard
     if guard is not None:
         realm = _realm(request)
         identity = await _known(request, guard)
-        guard.check(identity, name, realm, request.query_params.get("ns"), action)
+        guard.check(identity, name, realm, request.query_params.get("ns"), action, pull_also)
     request.scope["mirror.authorized"] = name
 
 
@@ -343,7 +345,9 @@ async def token(request: Request) -> Response:
             authorization = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
     else:
         service = request.query_params.get("service")
-        scopes = request.query_params.getlist("scope")
+        # One parameter may hold several scopes, space-separated, as a challenge
+        # names them (registry:2 and docker_auth read it so too).
+        scopes = [s for v in request.query_params.getlist("scope") for s in v.split(" ")]
         authorization = request.headers.get("authorization")
     value, expires_in = await guard.token_for(authorization, service, scopes, _client(request))
     return JSONResponse({"token": value, "access_token": value, "expires_in": expires_in,

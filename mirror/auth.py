@@ -133,12 +133,16 @@ class Guard:
         return ok
 
     def check(self, identity: Identity, name: str | None, realm: str, ns: str | None = None,
-              action: str = "pull") -> None:
+              action: str = "pull", pull_also: tuple[str, ...] = ()) -> None:
         """Raise unless ``identity`` may ``action`` on repository ``name``. None is the
         ``/v2/`` login probe: it passes a logged-in user or a token holder only, so
         clients learn the challenge and send their credentials (a wrong password then
         fails to log in); anonymous clients go on anonymously or with an anonymous
-        token, and keep exactly the rights the ACL gives anonymous requests."""
+        token, and keep exactly the rights the ACL gives anonymous requests.
+        ``pull_also`` (valid names: a mount's ``from``) joins a challenge's scope as
+        ``repository:<name>:pull``, so the token asked for can read the source too."""
+        scope = " ".join([f"repository:{name}:{action}"] +
+                         [f"repository:{other}:pull" for other in pull_also if other != name])
         if name is None:
             if identity.account or identity.token is not None:
                 return
@@ -151,7 +155,6 @@ class Guard:
             if granted is not None and action in granted and \
                     action in self.acl.allowed(identity.account, self.canonical(name, ns)):
                 return
-            scope = f"repository:{name}:{action}"
             if granted is not None and identity.account:
                 raise Denied(f"{identity.account} may not {action} {name}")
             raise self._challenge(realm, "insufficient scope", scope=scope,
@@ -160,7 +163,7 @@ class Guard:
             return
         if identity.account:
             raise Denied(f"{identity.account} may not {action} {name}")
-        raise self._challenge(realm, "authentication required", scope=f"repository:{name}:{action}")
+        raise self._challenge(realm, "authentication required", scope=scope)
 
     def check_catalog(self, identity: Identity, realm: str) -> None:
         if identity.token is not None:

@@ -84,6 +84,11 @@ class SizeInvalid(RegistryError, code="SIZE_INVALID", status=400,
                   message="provided length did not match content length"): ...
 
 
+class PayloadTooLarge(SizeInvalid, status=413):
+    """A request body over the mirror's limit (a manifest over 4 MiB): 413, as the spec
+    asks for manifests, with the table's SIZE_INVALID code."""
+
+
 class TagInvalid(RegistryError, code="TAG_INVALID", status=400,
                  message="manifest tag did not match URI"): ...
 

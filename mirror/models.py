@@ -47,6 +47,11 @@ def validate_digest(digest: str) -> str:
     return digest
 
 
+def is_name(name: str) -> bool:
+    """``name`` is a valid repository name (``validate_name`` would pass it)."""
+    return bool(name) and len(name) <= NAME_MAX and NAME_RE.fullmatch(name) is not None
+
+
 def is_digest(reference: str) -> bool:
     return ":" in reference
 

@@ -28,11 +28,18 @@ from ..errors import (
     BlobUploadInvalid,
     Denied,
     DigestInvalid,
+    PayloadTooLarge,
     RangeNotSatisfiable,
-    SizeInvalid,
     Unsupported,
 )
-from ..models import MANIFEST_MAX, is_digest, validate_digest, validate_name, validate_tag
+from ..models import (
+    MANIFEST_MAX,
+    is_digest,
+    is_name,
+    validate_digest,
+    validate_name,
+    validate_tag,
+)
 from ..routing import Route
 from .store import HostedStore
 from .uploads import Session
@@ -49,17 +56,20 @@ _BLOB = re.compile(r"(.+)/blobs/([^/]+)")
 class Gate:
     """What api.py lends the write routes: its auth check and router."""
 
-    authorize: Callable[[Request, str, str], Awaitable[None]]    # (request, name, action)
+    # (request, name, action, names to be read too: a mount's from)
+    authorize: Callable[[Request, str, str, tuple[str, ...]], Awaitable[None]]
     route: Callable[[Request, str], Route]                     # only after authorize
     mount_source: Callable[[Request, str], Awaitable[tuple[str, str] | None]]
 
 
 async def read_limited(request: Request, limit: int) -> bytes:
+    """The whole body of a small request (a manifest, a token form); more than ``limit``
+    bytes is ``413 SIZE_INVALID``."""
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise SizeInvalid(f"request body larger than {limit} bytes")
+            raise PayloadTooLarge(f"request body larger than {limit} bytes")
     return bytes(body)
 
 
@@ -75,7 +85,7 @@ async def delete(request: Request, hosted: HostedStore, gate: Gate, path: str) -
         name, reference, kind = m.group(1), m.group(2), "blob"
     else:
         raise Unsupported("DELETE is not supported here")
-    await gate.authorize(request, name, "delete")
+    await gate.authorize(request, name, "delete", ())
     validate_name(name)
     if kind == "blob" or is_digest(reference):
         validate_digest(reference)
@@ -108,7 +118,12 @@ async def write(request: Request, hosted: HostedStore, gate: Gate, path: str) ->
         name, reference = m.group(1), m.group(2)
     else:
         raise Unsupported(f"{method} is not supported here")
-    await gate.authorize(request, name, "pull" if method == "GET" else "push")
+    mount, source = request.query_params.get("mount"), request.query_params.get("from")
+    # A mount's challenge asks for pull on its source too, so the token a client gets
+    # by following it lets the mount happen (201) rather than fall back to an upload.
+    reads = (source,) if (source is not None and mount is not None and is_name(source)
+                          and upload is None and reference is None and method == "POST") else ()
+    await gate.authorize(request, name, "pull" if method == "GET" else "push", reads)
     validate_name(name)
     route = gate.route(request, name)
     if not route.hosted:
@@ -134,7 +149,6 @@ async def write(request: Request, hosted: HostedStore, gate: Gate, path: str) ->
     if upload is None:
         if method != "POST":
             raise Unsupported(f"{method} is not supported on an upload's start")
-        mount, source = request.query_params.get("mount"), request.query_params.get("from")
         if mount is not None and source is not None:
             validate_digest(mount)
             where = await gate.mount_source(request, source)
