@@ -255,3 +255,29 @@ def test_bad_input_is_refused_and_nothing_lands_outside(make_mirror, upstream, t
     assert not any(p.name == "x" for p in after)
     assert {p for p in after - before if "data" not in p.parts} == set()
     assert not os.path.exists("/abs/x")
+
+
+def test_hosted_images_travel_with_all_and_land_in_a_hosted_repository(make_mirror, upstream,
+                                                                        image_set, tmp_path):
+    from tests.test_hosted_push import push_manifest, sha
+    config = {**airgap_config(upstream), "hosted": {"repositories": ["myorg/*"]}}
+    source = make_mirror(config)
+    layer = os.urandom(70_000)
+    with httpx.Client(base_url=source.url, timeout=30) as http:
+        body, digest = push_manifest(http, [layer], repo="myorg/tool", ref="2.0")
+    bundle = export(source, tmp_path / "hosted.tar", "--all")
+    index = json.loads(tarfile.open(bundle).extractfile("index.json").read())
+    assert [e["annotations"]["io.containerd.image.name"] for e in index["manifests"]] == \
+        ["myorg/tool:2.0"]
+    target = make_mirror({**airgap_config(upstream, offline=True),
+                          "hosted": {"repositories": ["myorg/*"]}})
+    done = import_(target, bundle)
+    assert done.returncode == 0, done.stderr.decode()
+    with httpx.Client(base_url=target.url, timeout=30) as http:
+        deadline = time.monotonic() + 10
+        while (resp := http.get("/v2/myorg/tool/manifests/2.0")).status_code != 200:
+            assert time.monotonic() < deadline, resp.text
+            time.sleep(0.2)
+        assert resp.content == body
+        assert resp.headers["docker-content-digest"] == digest
+        assert http.get(f"/v2/myorg/tool/blobs/{sha(layer)}").content == layer
