@@ -281,3 +281,38 @@ def test_hosted_images_travel_with_all_and_land_in_a_hosted_repository(make_mirr
         assert resp.content == body
         assert resp.headers["docker-content-digest"] == digest
         assert http.get(f"/v2/myorg/tool/blobs/{sha(layer)}").content == layer
+
+
+def test_a_docker_save_style_tar_in_any_order_imports(make_mirror, upstream, image_set,
+                                                       tmp_path):
+    """Docker 25+ `docker save`: an OCI layout plus manifest.json and repositories, the
+    containerd name annotation and a bare tag as ref.name; here index.json comes last."""
+    source = filled_mirror(make_mirror, upstream, image_set, [image_set.oci])
+    bundle = export(source, tmp_path / "b.tar", "org/team/app:1.0")
+    with tarfile.open(bundle) as tar:
+        kept = [(m, tar.extractfile(m).read()) for m in tar.getmembers()
+                if m.name != "mirror-bundle.json"]
+    kept.sort(key=lambda pair: pair[0].name == "index.json")          # index.json last
+    index = json.loads(kept[-1][1])
+    for entry in index["manifests"]:
+        entry["annotations"]["org.opencontainers.image.ref.name"] = "1.0"
+    entries = [("manifest.json", b'[{"Config":"blobs/sha256/x","RepoTags":[],"Layers":[]}]'),
+               ("repositories", b"{}"), *((m.name, d) for m, d in kept[:-1]),
+               ("index.json", json.dumps(index).encode())]
+    saved = tmp_path / "saved.tar"
+    with tarfile.open(saved, "w") as tar:
+        tar.addfile(_dir("blobs"))
+        for name, data in entries:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    target = offline_mirror(make_mirror, upstream)
+    done = import_(target, saved)
+    assert done.returncode == 0, done.stderr.decode()
+    serves(target, [image_set.oci])
+
+
+def _dir(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
