@@ -19,6 +19,7 @@ upstreams:
   docker.io: {{url: "https://registry-1.docker.io"}}
   ghcr: {{url: "https://ghcr.io"}}
   local: {{url: "http://127.0.0.1:5001"}}
+  quay.example: {{url: "http://127.0.0.1:5002"}}
 default: docker.io
 hosted: {{repositories: ["myorg/*"]}}
 """)
@@ -60,6 +61,9 @@ def test_full_names_name_the_registry(config):
     assert full_name(config, "ghcr", "org/app") == "ghcr.io/org/app"
     assert full_name(config, "local", "org/app") == "127.0.0.1:5001/org/app"
     assert full_name(config, "", "myorg/app") == "myorg/app"
+    # An upstream named like a registry keeps its name whatever URL it is fetched from.
+    assert full_name(config, "quay.example", "org/app") == "quay.example/org/app"
+    assert parse("quay.example/org/app:1", config).upstream == "quay.example"
     for name in ("docker.io/library/alpine", "ghcr.io/org/app", "127.0.0.1:5001/org/app"):
         ref = parse(name + ":1", config)
         assert full_name(config, ref.upstream, ref.repository) == name

@@ -9,8 +9,11 @@ plus the tag and/or digest. A first component that looks like a registry host (h
 otherwise the router decides (upstream-name prefix, hosted glob, default upstream).
 
 ``full_name(config, upstream, repository)`` is the other direction: the reference a
-client anywhere would use (``docker.io/library/alpine``, ``127.0.0.1:5001/org/app``);
-a hosted repository is its own name.
+client anywhere would use. The registry part is the upstream's name when that looks
+like a host (``docker.io``, ``ghcr.io``: what users and containerd's ``ns`` call it,
+whatever URL it is fetched from, e.g. an accelerator), else its URL's ``host[:port]``
+(``docker.io`` for Docker Hub's URLs); a hosted repository is its own name. So a
+bundle's names route back to the same upstreams on a mirror configured alike.
 """
 
 from __future__ import annotations
@@ -49,9 +52,12 @@ class ImageRef:
 
 
 def registry_host(config: Config, upstream: str) -> str:
-    """``docker.io`` for Docker Hub, else the upstream URL's ``host[:port]``; "" for hosted."""
+    """The upstream's name if it looks like a host, else its URL's ``host[:port]``
+    (``docker.io`` for Docker Hub's); "" for hosted."""
     if upstream == HOSTED:
         return ""
+    if _looks_like_host(upstream):
+        return "docker.io" if upstream.lower() in DOCKER_HUB else upstream
     host = urlsplit(config.upstreams[upstream].url).netloc.rpartition("@")[2].lower()
     return "docker.io" if host in DOCKER_HUB else host
 
