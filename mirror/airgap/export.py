@@ -40,7 +40,7 @@ from ..index import TagRow
 from ..models import HOSTED, INDEX_TYPES, MANIFEST_MAX, parse_manifest
 from ..routing import Router
 from . import layout, references
-from .progress import MODES, Progress, open_progress
+from .progress import Progress, add_arguments, from_args
 
 REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
@@ -50,12 +50,6 @@ CONFIG_MAX = 1024 * 1024      # a config read for its platform
 
 class ExportError(Exception):
     """One line for stderr; exit status 1."""
-
-
-def add_progress_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--progress", choices=MODES, default="auto",
-                        help="bars on a terminal (auto), bar, plain lines, or none")
-    parser.add_argument("--json", action="store_true", help="a JSON summary on stdout")
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -74,7 +68,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--since", metavar="BUNDLE_OR_DATE", help="leave out blobs a previous "
                    "bundle carried, or that were cached before a date (2024-05-01, "
                    "2024-05-01T12:00)")
-    add_progress_flags(p)
+    add_arguments(p)
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
@@ -88,19 +82,18 @@ def run(args: argparse.Namespace, config: Config) -> int:
     except ValueError as exc:
         print(f"mirror: export: {exc}", file=sys.stderr)
         return 2
-    progress = open_progress(args.progress, "export", args.json)
-    if args.output == "-":
-        progress.out = sys.stderr             # stdout carries the bundle
-    try:
-        return asyncio.run(export(args, config, progress, platforms, since))
-    except (ExportError, layout.BadLayout, references.BadReference) as exc:
+    with from_args(args, "export") as progress:
+        if args.output == "-":
+            progress.out = sys.stderr         # stdout carries the bundle
+        try:
+            return asyncio.run(export(args, config, progress, platforms, since))
+        except (ExportError, layout.BadLayout, references.BadReference) as exc:
+            why = str(exc)
+        except sqlite3.Error as exc:
+            why = f"{Path(config.data_dir) / 'index.db'}: {exc}"
         progress.close(False)
-        print(f"mirror: export: {exc}", file=sys.stderr)
-        return 1
-    except sqlite3.Error as exc:
-        progress.close(False)
-        print(f"mirror: export: {Path(config.data_dir) / 'index.db'}: {exc}", file=sys.stderr)
-        return 1
+    print(f"mirror: export: {why}", file=sys.stderr)
+    return 1
 
 
 # -- platforms and --since ----------------------------------------------------------------

@@ -37,8 +37,8 @@ from ..errors import RegistryError
 from ..models import DIGEST_RE, HOSTED, INDEX_TYPES, MANIFEST_MAX, Manifest, parse_manifest
 from ..routing import Router
 from . import layout, references
-from .export import CONTAINERD_NAME, REF_NAME, add_progress_flags
-from .progress import Progress, open_progress
+from .export import CONTAINERD_NAME, REF_NAME
+from .progress import Progress, add_arguments, from_args
 
 HOSTED_TAG_TTL = 100 * 365 * 24 * 3600.0     # as hosted/store.py: hosted tags never expire
 
@@ -55,21 +55,20 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--as", dest="as_repo", metavar="REPO", help="register every image in "
                    "this repository (as clients pull it), tagged as in the layout")
     p.add_argument("--pin", action="store_true", help="pin what is imported (never evicted)")
-    add_progress_flags(p)
+    add_arguments(p)
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
-    progress = open_progress(args.progress, "import", args.json)
-    try:
-        return asyncio.run(import_(args, config, progress))
-    except (ImportError_, layout.BadLayout, references.BadReference) as exc:
+    with from_args(args, "import") as progress:
+        try:
+            return asyncio.run(import_(args, config, progress))
+        except (ImportError_, layout.BadLayout, references.BadReference) as exc:
+            why = str(exc)
+        except sqlite3.Error as exc:
+            why = f"{Path(config.data_dir) / 'index.db'}: {exc}"
         progress.close(False)
-        print(f"mirror: import: {exc}", file=sys.stderr)
-        return 1
-    except sqlite3.Error as exc:
-        progress.close(False)
-        print(f"mirror: import: {Path(config.data_dir) / 'index.db'}: {exc}", file=sys.stderr)
-        return 1
+    print(f"mirror: import: {why}", file=sys.stderr)
+    return 1
 
 
 def _is_full(name: str | None) -> bool:
@@ -324,6 +323,6 @@ async def import_(args: argparse.Namespace, config: Config, progress: Progress) 
     refused = [f"blob {d}: {why}" for d, why in state.bad.items()]
     ok = not state.failures and not refused
     progress.close(ok, refused=len(refused))
-    for line in [*refused, *state.failures]:
+    for line in state.failures:          # refused blobs were reported as they failed
         print(f"mirror: import: {line}", file=sys.stderr)
     return 0 if ok else 1
