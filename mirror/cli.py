@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         return healthcheck(config)
     if args.command == "config":
         return config_command(args, config)
+    if args.command in ("export", "import"):
+        from .airgap import export, imports
+        return (export if args.command == "export" else imports).run(args, config)
     if args.command != "serve":
         from .admin import run
         return run(args, config)
@@ -104,6 +107,9 @@ def _admin_commands(sub) -> None:
                                 "a tag ask upstream at once")
     invalidate.add_argument("refs", nargs="+", metavar="REF", help="NAME[:TAG] (NAME is "
                             "NAME:latest), NAME:GLOB or a name glob, as for rm")
+    from .airgap import export, imports
+    export.add_parser(sub, common)
+    imports.add_parser(sub, common)
     health = sub.add_parser("healthcheck", help="GET /healthz of the mirror the config "
                             "describes (listen, tls): exit 0 if it answers 200 within 3 s")
     health.add_argument("--config", default=os.environ.get("MIRROR_CONFIG"),

@@ -529,6 +529,12 @@ class Index:
             {"d": digest})
         return int(next(iter(rows))[0] or 0)
 
+    async def first_seen(self, digests: Iterable[str]) -> dict[str, float]:
+        """When each of ``digests`` (blobs) was first cached (`mirror export --since DATE`)."""
+        rows = await self._batched("SELECT digest, first_seen FROM blobs WHERE digest IN ({})",
+                                   digests)
+        return {d: t for d, t in rows}
+
     # -- hosted garbage collection (hosted/gc.py) -------------------------------------------------
 
     async def refresh_links(self, upstream: str, repository: str, digests: Iterable[str],
