@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 
-from . import metrics
+from . import fileio, local_access, metrics
 from .accesslog import AccessLog
 from .api import EXCEPTION_HANDLERS, ROUTES, APIVersionHeader, Registry
 from .auth import Guard
@@ -53,6 +53,12 @@ class Mirror:
         except CannotOpen as exc:
             raise StartupError(str(exc)) from None
         self.local = local
+        try:
+            local_token = await fileio.run(local_access.issue, local.data_dir)
+        except OSError as exc:
+            await local.close()
+            raise StartupError(f"{local.data_dir / local_access.NAME}: cannot write the local "
+                               f"token: {exc.strerror or exc}") from None
         evictor = Evictor(local, Budget.of(config))
         evictor.start()
         sources: dict[str, Source] = {name: ProxyStore(local, Upstream(up), up.tag_ttl, up.offline)
@@ -62,8 +68,8 @@ class Mirror:
             await hosted.open()
             sources[HOSTED] = hosted
         router = Router(config)
-        guard = self.guard = Guard(config.auth, router, local.data_dir, config.public_url) \
-            if config.auth else None
+        guard = self.guard = Guard(config.auth, router, local.data_dir, config.public_url,
+                                         local_token) if config.auth else None
         self.app.state.registry = Registry(router, sources, local.repositories,
                                            local.not_ready, guard, hosted)
         metrics.persist = local.index.count
