@@ -83,6 +83,7 @@ def test_warm_without_server_then_offline_mirror_serves_everything(
     assert by_ref["big/image:latest"]["name"] == f"{upstream.host}/big/image:latest"
     assert by_ref["big/image:latest"]["digest"] == image_set.big.digest
 
+    assert (tmp_path / "data" / "lock").read_text() == ""      # a clean stop
     # The warm's own server let go of the data directory: a server starts on it at once,
     # offline, with no upstream reachable, and serves every manifest and blob byte-exact.
     mirror = make_mirror({**hub(f"http://127.0.0.1:{free_port()}"), "offline": True,

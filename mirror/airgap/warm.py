@@ -24,7 +24,7 @@ from typing import Any
 from ..config import Config
 from ..errors import RegistryError
 from ..models import INDEX_TYPES, validate_digest
-from .progress import MODES, Progress, open_progress
+from .progress import MODES, Progress, human_size, open_progress
 from .references import BadReference, ImageRef, full_name, parse
 
 PARALLEL = 3          # blobs of one image fetched at once
@@ -175,6 +175,9 @@ async def warm(config: Config, refs: list[ImageRef], platforms: list[Platform], 
                         await pin_image(config, ref)
                         result.pinned = True
                     progress.image(ref.text)
+                    progress.log(f"warm: {result.name}: {result.blobs} fetched "
+                                 f"({human_size(result.bytes)}), {result.skipped} already "
+                                 f"cached{', pinned' if result.pinned else ''}")
                 results.append(result)
     finally:
         await index.close()
