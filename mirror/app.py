@@ -1,10 +1,11 @@
 """The ASGI application and what it runs on.
 
-``Mirror(config).running()`` builds the cache (files + index), one Upstream and one
-ProxyStore per configured upstream, and closes them in reverse order; server.py
-enters it before it accepts connections, so a data directory the mirror cannot use
-is one line (``StartupError``), not a traceback. ``create_app(config)`` is the same
-application with that as its ASGI lifespan, for running it under any ASGI server.
+``Mirror(config).running()`` builds the cache (files + index), writes the local token
+(local_access.py), makes one Upstream and one ProxyStore per configured upstream, and
+closes them in reverse order; server.py enters it before it accepts connections, so a
+data directory the mirror cannot use is one line (``StartupError``), not a traceback.
+``create_app(config)`` is the same application with that as its ASGI lifespan, for
+running it under any ASGI server.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class Mirror:
             sources[HOSTED] = hosted
         router = Router(config)
         guard = self.guard = Guard(config.auth, router, local.data_dir, config.public_url,
-                                         local_token) if config.auth else None
+                                   local_token) if config.auth else None
         self.app.state.registry = Registry(router, sources, local.repositories,
                                            local.not_ready, guard, hosted)
         metrics.persist = local.index.count

@@ -110,6 +110,9 @@ def run(args: argparse.Namespace, config: Config) -> int:
     progress = open_progress(args.progress, "warm", args.json)
     try:
         results = asyncio.run(warm(config, refs, platforms, args.pin, progress))
+    except KeyboardInterrupt:
+        print("mirror: warm: interrupted; run it again to resume", file=sys.stderr)
+        return 130
     except OSError as exc:       # the data directory (lock, token, index) cannot be used
         from ..cache import unusable
         print(f"mirror: warm: {unusable(config.data_dir.resolve(), exc)}", file=sys.stderr)
