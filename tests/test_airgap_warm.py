@@ -260,3 +260,29 @@ def test_bad_references_exit_2_before_anything_is_fetched(tmp_path, upstream, im
     assert status == 2 and "--platform" in err
     assert upstream.count(since=mark) == 0
     assert not (tmp_path / "data" / "index.db").exists()
+
+
+def test_a_server_started_during_a_warm_is_refused_naming_it(
+        tmp_path, upstream, faulty_upstream, image_set):
+    """With no server running, warm holds the data directory for the time of the warm."""
+    big = image_set.big.largest_blob
+    faulty_upstream.arm("drip", path_contains=big.digest, method="GET",
+                        chunk=max(big.size // 30, 1024), delay=0.1)
+    config = write_config(tmp_path, hub(faulty_upstream.url))
+    warming = subprocess.Popen([sys.executable, "-m", "mirror", "warm", "--config", str(config),
+                                "--progress", "none", "big/image:latest"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not faulty_upstream.count("GET", big.digest) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        serve = subprocess.run([sys.executable, "-m", "mirror", "serve", "--config", str(config)],
+                               capture_output=True, text=True, timeout=30)
+        assert serve.returncode == 1
+        assert f"pid {warming.pid}" in serve.stderr
+        assert warming.wait(60) == 0, warming.stderr.read()
+    finally:
+        if warming.poll() is None:
+            warming.kill()
+            warming.wait()
+        warming.stderr.close()
