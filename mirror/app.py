@@ -1,10 +1,11 @@
 """The ASGI application and what it runs on.
 
-``Mirror(config).running()`` builds the cache (files + index), one Upstream and one
-ProxyStore per configured upstream, and closes them in reverse order; server.py
-enters it before it accepts connections, so a data directory the mirror cannot use
-is one line (``StartupError``), not a traceback. ``create_app(config)`` is the same
-application with that as its ASGI lifespan, for running it under any ASGI server.
+``Mirror(config).running()`` builds the cache (files + index), writes the local token
+(local_access.py), makes one Upstream and one ProxyStore per configured upstream, and
+closes them in reverse order; server.py enters it before it accepts connections, so a
+data directory the mirror cannot use is one line (``StartupError``), not a traceback.
+``create_app(config)`` is the same application with that as its ASGI lifespan, for
+running it under any ASGI server.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 
-from . import metrics
+from . import fileio, local_access, metrics
 from .accesslog import AccessLog
 from .api import EXCEPTION_HANDLERS, ROUTES, APIVersionHeader, Registry
 from .auth import Guard
@@ -53,6 +54,12 @@ class Mirror:
         except CannotOpen as exc:
             raise StartupError(str(exc)) from None
         self.local = local
+        try:
+            local_token = await fileio.run(local_access.issue, local.data_dir)
+        except OSError as exc:
+            await local.close()
+            raise StartupError(f"{local.data_dir / local_access.NAME}: cannot write the local "
+                               f"token: {exc.strerror or exc}") from None
         evictor = Evictor(local, Budget.of(config))
         evictor.start()
         sources: dict[str, Source] = {name: ProxyStore(local, Upstream(up), up.tag_ttl, up.offline)
@@ -62,8 +69,8 @@ class Mirror:
             await hosted.open()
             sources[HOSTED] = hosted
         router = Router(config)
-        guard = self.guard = Guard(config.auth, router, local.data_dir, config.public_url) \
-            if config.auth else None
+        guard = self.guard = Guard(config.auth, router, local.data_dir, config.public_url,
+                                   local_token) if config.auth else None
         self.app.state.registry = Registry(router, sources, local.repositories,
                                            local.not_ready, guard, hosted)
         metrics.persist = local.index.count

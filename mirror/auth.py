@@ -7,7 +7,9 @@
 - ``Guard``: what api.py calls: authenticate a request and check one action, or
   answer the token endpoint. Failing checks raise ``Unauthorized`` (with the
   challenge a client needs) or ``Denied``. Passwords are checked by ``passwords``
-  (htpasswd, off the event loop, throttled), tokens by ``tokens``.
+  (htpasswd, off the event loop, throttled), tokens by ``tokens``. The server's
+  local token (``local_access``: ``Bearer`` + the secret in ``data_dir/local.token``)
+  is the local identity, which every check passes (``mirror warm``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import fnmatch
+import hmac
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,12 +68,14 @@ class Acl:
 class Identity:
     account: str                       # "" for anonymous
     token: dict[str, Any] | None = None   # claims, when a Bearer token was presented
+    local: bool = False                # the local token (local_access.py): passes every check
 
 
 class Guard:
     def __init__(self, config: AuthConfig, router: Router, data_dir: Path,
-                 public_url: str | None = None) -> None:
+                 public_url: str | None = None, local_token: str | None = None) -> None:
         self.config = config
+        self.local_token = local_token
         self.router = router
         self.public_url = public_url
         self.users = Htpasswd(config.htpasswd)
@@ -106,6 +111,9 @@ class Guard:
             return Identity("")
         scheme, _, value = authorization.partition(" ")
         scheme = scheme.lower()
+        if scheme == "bearer" and self.local_token and hmac.compare_digest(
+                value.strip().encode(), self.local_token.encode()):
+            return Identity("", local=True)
         if scheme == "basic" and self.tokens is None:
             user, password = self._basic(value)
             if not user and not password:
@@ -141,6 +149,8 @@ class Guard:
         token, and keep exactly the rights the ACL gives anonymous requests.
         ``pull_also`` (valid names: a mount's ``from``) joins a challenge's scope as
         ``repository:<name>:pull``, so the token asked for can read the source too."""
+        if identity.local:
+            return
         scope = " ".join([f"repository:{name}:{action}"] +
                          [f"repository:{other}:pull" for other in pull_also if other != name])
         if name is None:
@@ -166,6 +176,8 @@ class Guard:
         raise self._challenge(realm, "authentication required", scope=scope)
 
     def check_catalog(self, identity: Identity, realm: str) -> None:
+        if identity.local:
+            return
         if identity.token is not None:
             if "*" not in (_granted(identity.token, "registry", "catalog") or ()):
                 raise self._challenge(realm, "insufficient scope", scope="registry:catalog:*",
@@ -175,7 +187,8 @@ class Guard:
 
     def may_list(self, identity: Identity, upstream: str, repository: str) -> bool:
         """Catalog entries shown to ``identity``: only what it may pull."""
-        return "pull" in self.acl.allowed(identity.account, _acl_name(upstream, repository))
+        return identity.local or \
+            "pull" in self.acl.allowed(identity.account, _acl_name(upstream, repository))
 
     # -- the token endpoint
 

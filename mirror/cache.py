@@ -20,6 +20,7 @@ behind the durability rules are in ``cache_files``.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
@@ -98,6 +99,7 @@ class LocalCache:
         self._readers: Counter[str] = Counter()     # digest -> responses reading it now
         self.reserved = 0                           # bytes of fills not yet committed
         self._generations: dict[str, int] = {}      # index.generations() when last looked
+        self._resyncing = asyncio.Lock()
         self.largest: int | None = None             # a bigger blob is passed through uncached
         self.on_grow: Callable[[], None] | None = None   # the evictor's doorbell
         self.make_room: Callable[[], Awaitable[None]] | None = None
@@ -178,13 +180,20 @@ class LocalCache:
         """Pick up what another process changed in the index; the kinds of change seen.
         "content" (`mirror gc`, `verify`) reloads the maps; "pins" (`mirror pin`, `unpin`)
         reloads nothing (eviction reads pins from the index each time)."""
-        generations = await self.index.generations()
-        changed = {kind for kind, value in generations.items()
-                   if value != self._generations.get(kind)}
-        if "content" in changed:
-            await self.resync()
-        self._generations["pins"] = generations["pins"]
-        return changed
+        async with self._resyncing:
+            generations = await self.index.generations()
+            changed = {kind for kind, value in generations.items()
+                       if value != self._generations.get(kind)}
+            if "content" in changed:
+                await self.resync()
+            self._generations["pins"] = generations["pins"]
+            return changed
+
+    async def changed_elsewhere(self) -> bool:
+        """On a miss: whether another process (`mirror import`) added content since the
+        maps were loaded; if so they are reloaded now, and the lookup is worth a retry.
+        (The periodic resync would see it too, a second or two later.)"""
+        return "content" in await self.resync_if_changed()
 
     async def resync(self) -> None:
         """(Re)load the in-memory maps from the index, e.g. after `mirror gc` ran."""

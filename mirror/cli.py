@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         return healthcheck(config)
     if args.command == "config":
         return config_command(args, config)
-    if args.command in ("export", "import"):
-        from .airgap import export, imports
-        return (export if args.command == "export" else imports).run(args, config)
+    if args.command in ("warm", "export", "import"):
+        from .airgap import export, imports, warm
+        return {"warm": warm, "export": export, "import": imports}[args.command].run(args, config)
     if args.command != "serve":
         from .admin import run
         return run(args, config)
@@ -103,6 +103,8 @@ def _admin_commands(sub) -> None:
     rm.add_argument("--dry-run", action="store_true", help="list what would go; change nothing")
     rm.add_argument("--force", action="store_true", help="remove pinned images too, and "
                     "their pins")
+    from .airgap import warm
+    warm.add_parser(sub, common)
     invalidate = sub.add_parser("invalidate", parents=[common], help="make the next pull of "
                                 "a tag ask upstream at once")
     invalidate.add_argument("refs", nargs="+", metavar="REF", help="NAME[:TAG] (NAME is "

@@ -89,8 +89,19 @@ class ProxyStore:
 
     # -- manifests -----------------------------------------------------------------------
 
+    async def _offline_retry(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Offline, a miss may be content `mirror import` just added beside us: look
+        again once the maps are reloaded, rather than a second or two later."""
+        try:
+            return await call()
+        except (ManifestUnknown, BlobUnknown):
+            if not self.offline or not await self.local.changed_elsewhere():
+                raise
+        return await call()
+
     async def get_manifest(self, repository: str, reference: str, accept: list[str]) -> Manifest:
-        manifest = await self._get_manifest(repository, reference, accept)
+        manifest = await self._offline_retry(
+            lambda: self._get_manifest(repository, reference, accept))
         if not is_digest(reference):
             self.local.count_pull(self.name, repository, reference)   # for `mirror stats`
         return manifest
@@ -138,7 +149,8 @@ class ProxyStore:
                             accept: list[str]) -> ManifestInfo:
         """containerd resolves a tag with HEAD and then GETs by digest: a HEAD by tag
         counts as a pull as a GET by tag does."""
-        info = await self._head_manifest(repository, reference, accept)
+        info = await self._offline_retry(
+            lambda: self._head_manifest(repository, reference, accept))
         if not is_digest(reference):
             self.local.count_pull(self.name, repository, reference)
         return info
@@ -213,6 +225,9 @@ class ProxyStore:
     async def open_blob(self, repository: str, digest: str) -> CachedBlob | FillReader:
         """The cached blob, or a reader of its download (which the caller waits on
         with ``wait_started``; the fill starts or joins here)."""
+        return await self._offline_retry(lambda: self._open_blob(repository, digest))
+
+    async def _open_blob(self, repository: str, digest: str) -> CachedBlob | FillReader:
         size = self.local.blob_size(digest)
         fill = self._fills.get(digest)
         if size is not None or (fill is not None and fill.joinable):
@@ -239,6 +254,9 @@ class ProxyStore:
         return reader
 
     async def stat_blob(self, repository: str, digest: str) -> int:
+        return await self._offline_retry(lambda: self._stat_blob(repository, digest))
+
+    async def _stat_blob(self, repository: str, digest: str) -> int:
         size = self.local.blob_size(digest)
         if size is not None and await self._authorized(repository, digest, blob=True):
             return size

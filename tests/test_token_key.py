@@ -20,7 +20,8 @@ def test_a_new_key_is_32_random_bytes_private_to_the_owner(make_mirror, upstream
     key = m.data_dir / "token.key"
     assert len(key.read_bytes()) == 32
     assert key.stat().st_mode & 0o777 == 0o600
-    assert [p.name for p in m.data_dir.iterdir() if "token" in p.name] == ["token.key"]
+    assert sorted(p.name for p in m.data_dir.iterdir() if "token" in p.name) == \
+        ["local.token", "token.key"]          # the local token (local_access.py); no temp files
 
 
 def test_a_full_disk_during_the_first_write_leaves_no_short_key(tmp_path):

@@ -133,9 +133,19 @@ class HostedStore:
                                   detail={"reference": reference[:200]})
         return info
 
+    async def _resolve_fresh(self, repository: str, reference: str) -> ManifestInfo:
+        """As _resolve, looking again after a miss if another process (`mirror import`)
+        changed the index since the maps were loaded."""
+        try:
+            return self._resolve(repository, reference)
+        except ManifestUnknown:
+            if not await self.local.changed_elsewhere():
+                raise
+        return self._resolve(repository, reference)
+
     async def get_manifest(self, repository: str, reference: str,
                            accept: list[str]) -> Manifest:
-        info = self._resolve(repository, reference)
+        info = await self._resolve_fresh(repository, reference)
         manifest = await self.local.read_manifest(info.digest)
         if manifest is None:
             raise ManifestUnknown(f"manifest unknown: {repository[:200]}:{reference[:200]}")
@@ -143,7 +153,7 @@ class HostedStore:
 
     async def head_manifest(self, repository: str, reference: str,
                             accept: list[str]) -> ManifestInfo:
-        return self._resolve(repository, reference)
+        return await self._resolve_fresh(repository, reference)
 
     async def tags(self, repository: str) -> list[str]:
         tags = self.local.tags_of(HOSTED, repository)
