@@ -274,7 +274,9 @@ class ProxyStore:
 
     async def referrers(self, repository: str, subject: str) -> list[Referrer]:
         """Upstream's referrers of ``subject``, cached for the tag TTL; stale (or, never
-        fetched, none) while upstream is unavailable or the upstream is offline."""
+        fetched, none) while the upstream is offline; stale (or, never fetched, the error)
+        while it is unavailable or denies access. A denial is never cached: it says
+        nothing about what refers to ``subject``."""
         cached = await self.local.referrer_list(self.name, repository, subject)
         if cached is not None and (cached[1] > time.time() or self.offline):
             return cached[0]
@@ -284,7 +286,7 @@ class ProxyStore:
             found = await self._flights.do(
                 ("referrers", repository, subject),
                 lambda: self.remote.referrers(repository, subject, fallback=cached is not None))
-        except UpstreamUnavailable as exc:
+        except (UpstreamUnavailable, Denied) as exc:
             if cached is None:
                 raise
             metrics.stale(self.name)
