@@ -28,6 +28,7 @@ from .cache import CannotOpen, LocalCache
 from .config import Config
 from .errors import RegistryError
 from .hosted import gc as hosted_gc
+from .hosted.uploads import Uploads
 from .models import HASHES, validate_digest, validate_tag
 from .routing import Route, Router
 
@@ -341,6 +342,7 @@ async def gc(args, config: Config, router: Router) -> int:
         if config.hosted is not None:
             hosted = await hosted_gc.collect(cache, config.hosted.gc_grace,
                                              args.delete_untagged, args.dry_run)
+            expired = await Uploads(cache, config.hosted).sweep(args.dry_run)
             swept = {**{d: ("blob", s) for d, s in hosted.blobs.items()},
                      **{d: ("manifest", s) for d, s in hosted.manifests.items()}}
             if args.dry_run and swept:
@@ -355,7 +357,10 @@ async def gc(args, config: Config, router: Router) -> int:
                   f"{plural(len(hosted.links), 'repository link')} "
                   f"{'would go' if args.dry_run else 'dropped'} "
                   f"(grace {config.hosted.gc_grace:g}s"
-                  f"{', untagged manifests too' if args.delete_untagged else ''})")
+                  f"{', untagged manifests too' if args.delete_untagged else ''}); "
+                  f"{plural(expired, 'expired upload session')} "
+                  f"{'would go' if args.dry_run else 'dropped'} "
+                  f"(upload_ttl {config.hosted.upload_ttl:g}s)")
         elif args.delete_untagged:
             raise AdminError("--delete-untagged: no hosted repositories configured (hosted:)",
                              2)

@@ -59,11 +59,58 @@ class Uploads:
     async def open(self) -> None:
         """Create the uploads folder and drop sessions past ``upload_ttl``."""
         await fileio.run(self.root.mkdir, 0o755, False, True)
-        now = time.time()
-        for entry in await fileio.run(os.listdir, self.root):
+        await self.sweep()
+
+    async def sweep(self, dry_run: bool = False) -> int:
+        """Drop the sessions started longer than ``upload_ttl`` ago (and folders with no
+        readable state as old); how many (``dry_run``: would go). A session a request of
+        this process is writing right now is left to that request."""
+        cutoff = time.time() - self.config.upload_ttl
+        try:
+            entries = await fileio.run(os.listdir, self.root)
+        except FileNotFoundError:
+            return 0
+        for gone in set(self._open) - set(entries):     # swept by `mirror gc`
+            busy = self._locks.get(gone)
+            if not dry_run and not (busy is not None and busy.locked()):
+                await fileio.run(self._open.pop(gone).close)
+                self._locks.pop(gone, None)
+        dropped = 0
+        for entry in entries:
             state = await self._state(entry)
-            if state is None or state.started + self.config.upload_ttl < now:
+            if state is not None:
+                busy = self._locks.get(state.id)
+                if state.started >= cutoff or (busy is not None and busy.locked()):
+                    continue
+            elif not await self._older(self.root / entry, cutoff):
+                continue            # just created: its state is being written
+            dropped += 1
+            if dry_run:
+                continue
+            if state is not None:
+                await self.cancel(state)
+            else:
                 await fileio.run(shutil.rmtree, self.root / entry, True)
+        if dropped and not dry_run:
+            log.info("dropped %d upload session%s older than hosted.upload_ttl (%gs)",
+                     dropped, "" if dropped == 1 else "s", self.config.upload_ttl)
+        return dropped
+
+    async def schedule(self, interval: float) -> None:
+        """Sweep every ``interval`` seconds while the server runs."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.sweep()
+            except Exception:         # a failed sweep must never take the server down
+                log.exception("sweeping expired upload sessions failed")
+
+    @staticmethod
+    async def _older(path: Path, cutoff: float) -> bool:
+        try:
+            return (await fileio.run(os.stat, path)).st_mtime < cutoff
+        except OSError:
+            return False
 
     async def close(self) -> None:
         for temp in self._open.values():
