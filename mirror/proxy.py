@@ -37,6 +37,7 @@ from .models import (
     acceptable,
     accepted_types,
     is_digest,
+    require_acceptable,
     upstream_accept,
 )
 from .upstream import Upstream
@@ -109,7 +110,10 @@ class ProxyStore:
         cached = await self.local.read_manifest(row.digest) if row else None
         if cached is not None and not acceptable(cached.media_type, accepted):
             # The client asked for another form than the one the tag is cached as:
-            # pass its Accept upstream; do not repoint the tag at that form.
+            # pass its Accept upstream; do not repoint the tag at that form. Offline,
+            # the cached form is all there is (as for a hosted manifest).
+            if self.offline:
+                require_acceptable(cached.media_type, accept, f"{repository}:{reference}")
             return await self._fetch(repository, reference, ask, update_tag=False)
         if cached is not None and row is not None:
             if row.expires_at > time.time() or self.offline:

@@ -37,6 +37,7 @@ from ..models import (
     digest_of,
     is_digest,
     parse_manifest,
+    require_acceptable,
 )
 from . import gc
 from .uploads import Uploads
@@ -149,6 +150,7 @@ class HostedStore:
     async def get_manifest(self, repository: str, reference: str,
                            accept: list[str]) -> Manifest:
         info = self._resolve(repository, reference)
+        require_acceptable(info.media_type, accept, _named(repository, reference))
         manifest = await self.local.read_manifest(info.digest)
         if manifest is None:
             raise ManifestUnknown(f"manifest unknown: {repository[:200]}:{reference[:200]}")
@@ -156,7 +158,9 @@ class HostedStore:
 
     async def head_manifest(self, repository: str, reference: str,
                             accept: list[str]) -> ManifestInfo:
-        return self._resolve(repository, reference)
+        info = self._resolve(repository, reference)
+        require_acceptable(info.media_type, accept, _named(repository, reference))
+        return info
 
     async def tags(self, repository: str) -> list[str]:
         tags = self.local.tags_of(HOSTED, repository)
@@ -275,3 +279,7 @@ class HostedStore:
             raise BlobUnknown(f"blob unknown: {digest}", detail={"digest": digest})
         await self.local.unlink(HOSTED, repository, digests=[digest])
         metrics.deleted("blob")
+
+
+def _named(repository: str, reference: str) -> str:
+    return f"{repository[:200]}{'@' if is_digest(reference) else ':'}{reference[:200]}"
