@@ -82,6 +82,10 @@ def test_rm_on_hosted_is_refused_and_patterns_skip_hosted(both):
         assert out.returncode == 1, out.stdout
         assert out.stderr.strip() == (f"mirror: {ref} is hosted: remove it with DELETE "
                                       "(hosted.delete) and mirror gc")
+    out = cli(mirror, "invalidate", "myorg/app:1")
+    assert out.returncode == 1
+    assert out.stderr.strip() == ("mirror: myorg/app:1 is hosted: hosted tags never expire; "
+                                  "nothing to invalidate")
     # a pattern removes cached content only
     out = cli(mirror, "rm", "*")
     assert out.returncode == 0, out.stderr
