@@ -1,6 +1,7 @@
-"""Abandoned upload sessions (issue 11): sessions older than ``hosted.upload_ttl`` are
-swept while the server runs (not only at its start or when a client touches them), and
-by `mirror gc`, which counts them in its summary. Real mirror processes."""
+"""Abandoned upload sessions (issue 11): sessions no request wrote to for
+``hosted.upload_ttl`` are swept while the server runs (not only at its start or when a
+client touches them), and by `mirror gc`, which counts them in its summary; a session
+that keeps receiving chunks lives on. Real mirror processes."""
 
 from __future__ import annotations
 
@@ -37,12 +38,30 @@ def test_expired_session_is_swept_while_the_server_runs(make_mirror):
             time.sleep(0.2)
         # gone without a restart and without a request touching it
         assert not folder_of(upload_id).exists()
-        assert "dropped 1 upload session older than hosted.upload_ttl" in mirror.log_text()
+        assert "dropped 1 upload session untouched for hosted.upload_ttl" in mirror.log_text()
         r = http.patch(location, content=b"more",
                        headers={"Content-Type": "application/octet-stream"})
         assert r.status_code == 404 and errors(r) == ["BLOB_UPLOAD_UNKNOWN"], r.text
         # a new session works as before
         start_upload(http)
+
+
+def test_a_session_that_keeps_receiving_chunks_outlives_the_ttl(make_mirror):
+    mirror = make_mirror({"upstreams": {}, "hosted": {"repositories": ["*"],
+                                                      "upload_ttl": "2s"}})
+    with httpx.Client(base_url=mirror.url, timeout=30) as http:
+        location, upload_id = start_upload(http)
+        sent = 1000
+        started = time.monotonic()
+        while time.monotonic() - started < 4.5:         # more than twice the TTL
+            time.sleep(0.5)
+            r = http.patch(location, content=b"x" * 100,
+                           headers={"Content-Type": "application/octet-stream"})
+            assert r.status_code == 202, (time.monotonic() - started, r.text)
+            sent += 100
+            location = r.headers["location"]
+            assert r.headers["range"] == f"0-{sent - 1}"
+        assert (mirror.data_dir / "uploads" / upload_id / "data").stat().st_size == sent
 
 
 def test_mirror_gc_sweeps_expired_sessions_and_says_how_many(make_mirror):
