@@ -354,6 +354,34 @@ def test_mirrored_referrers_pages_are_followed_and_merged(make_mirror):
             assert len([s for s in origin.requests if elsewhere in s.path]) == 1
 
 
+def test_mirrored_referrers_pages_stop_at_the_size_bound(make_mirror):
+    """Pages of 3.9 MiB each (padded with a field the index may carry): the mirror reads
+    16 MiB of pages at most and lists what those held."""
+    subject = sha(b"big pages")
+    padding = "x" * (3900 * 1024)
+
+    def answer(request):
+        if request.url.path == f"/v2/app/referrers/{subject}":
+            page = int(request.query_params.get("page", "0"))
+            return Response(json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                                        "manifests": [referrer(page)], "padding": padding}),
+                            media_type=OCI_INDEX,
+                            headers={"Link": f'</v2/app/referrers/{subject}?page={page + 1}>; '
+                                             'rel="next"'})
+        if request.url.path == "/v2/":
+            return JSONResponse({})
+        return JSONResponse({"errors": [{"code": "MANIFEST_UNKNOWN", "message": "no"}]},
+                            status_code=404)
+
+    with Scripted(answer, name="big") as origin:
+        mirror = make_mirror({"upstreams": {"up": {"url": origin.url}}, "default": "up"})
+        with httpx.Client(base_url=mirror.url, timeout=30) as http:
+            listed = listing(http, subject, repo="app").json()["manifests"]
+        assert listed == [referrer(n) for n in range(4)]         # 4 x 3.9 MiB < 16 MiB
+        assert len([s for s in origin.requests if subject in s.path]) == 5
+        assert "the rest is not listed" in mirror.log_text()
+
+
 def test_mirrored_referrers_denied_upstream_is_an_error_never_a_cached_empty_list(make_mirror):
     """Upstream answering 401/403 to the referrers request says nothing about what refers
     to the subject: the client gets the denial (no empty list, nothing stored), or the
