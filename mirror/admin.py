@@ -28,7 +28,8 @@ from .cache import CannotOpen, LocalCache
 from .config import Config
 from .errors import RegistryError
 from .hosted import gc as hosted_gc
-from .models import HASHES, validate_digest, validate_tag
+from .hosted.uploads import Uploads
+from .models import HASHES, HOSTED, validate_digest, validate_tag
 from .routing import Route, Router
 
 COUNTERS = ("manifest_hits", "manifest_misses", "blob_hits", "blob_misses", "bytes_from_cache",
@@ -240,12 +241,16 @@ async def ls(args, config: Config, router: Router) -> int:
             repos = await repository_rows(cache, await cache.index.tag_report())
             for r in repos:
                 r["name"] = router.display_name(r["upstream"], r["repository"])
+                r["hosted"] = r["upstream"] == HOSTED
             if args.json:
                 print(json.dumps([r | {"last_pull": iso(r["last_pull"])} for r in repos],
                                  indent=2))
             elif repos:
+                # Pulls of hosted repositories are not counted: "-" rather than "never".
                 print(table(["REPOSITORY", "TAGS", "SIZE", "LAST PULLED"],
-                            [[r["name"], r["tags"], human_size(r["size"]), ago(r["last_pull"], now)]
+                            [[f"{r['name']} (hosted)" if r["hosted"] else r["name"], r["tags"],
+                              human_size(r["size"]),
+                              "-" if r["hosted"] else ago(r["last_pull"], now)]
                              for r in repos], right={1, 2}))
             else:
                 print("the cache is empty")
@@ -253,6 +258,8 @@ async def ls(args, config: Config, router: Router) -> int:
         tags = await cache.index.tag_report(route.upstream, route.repository)
         pins = await cache.index.pins(route.upstream, route.repository)
         linked = (await cache.index.linked_sizes()).get((route.upstream, route.repository))
+    if route.upstream == HOSTED:
+        return _ls_hosted(args, route.repository, tags, linked)
     where = f"{route.upstream}/{route.repository}"
     if not tags and not pins and not linked:
         raise AdminError(f"nothing cached for {where}")
@@ -274,6 +281,26 @@ async def ls(args, config: Config, router: Router) -> int:
                     right={2, 3}))
     if pins:
         print("pins: " + ", ".join(p[2] for p in pins))
+    return 0
+
+
+def _ls_hosted(args, repository: str, tags: list[dict], linked: int | None) -> int:
+    """A hosted repository's tags: pushed, never expiring, never evicted, not pinned."""
+    if not tags and not linked:
+        raise AdminError(f"nothing pushed to {repository} (hosted)")
+    rows = [{"tag": t["tag"], "digest": t["digest"], "media_type": t["media_type"],
+             "size": t["size"], "pushed_at": iso(t["fetched_at"])} for t in tags]
+    if args.json:
+        print(json.dumps({"upstream": HOSTED, "repository": repository, "hosted": True,
+                          "size": linked or 0, "tags": rows}, indent=2))
+        return 0
+    print(f"{repository} (hosted): {plural(len(tags), 'tag')}, {human_size(linked or 0)} "
+          "pushed (never evicted)")
+    if rows:
+        print(table(["TAG", "TYPE", "SIZE", "PUSHED", "DIGEST"],
+                    [[t["tag"], SHORT_TYPES.get(t["media_type"], t["media_type"] or "-"),
+                      human_size(t["size"]), t["pushed_at"] or "-", t["digest"]] for t in rows],
+                    right={2}))
     return 0
 
 
@@ -302,6 +329,9 @@ def parse_ref(router: Router, ref: str) -> tuple[Route, str, str]:
 
 async def pin(args, config: Config, router: Router) -> int:
     route, reference, text = parse_ref(router, args.ref)
+    if route.upstream == HOSTED:
+        raise AdminError(f"{args.ref} is hosted: hosted content is never evicted; "
+                         "nothing to pin")
     async with opened(config) as cache:
         known = {p[2] for p in await cache.index.pins(route.upstream, route.repository)}
         if reference in known:
@@ -341,6 +371,7 @@ async def gc(args, config: Config, router: Router) -> int:
         if config.hosted is not None:
             hosted = await hosted_gc.collect(cache, config.hosted.gc_grace,
                                              args.delete_untagged, args.dry_run)
+            expired = await Uploads(cache, config.hosted).sweep(args.dry_run)
             swept = {**{d: ("blob", s) for d, s in hosted.blobs.items()},
                      **{d: ("manifest", s) for d, s in hosted.manifests.items()}}
             if args.dry_run and swept:
@@ -355,7 +386,10 @@ async def gc(args, config: Config, router: Router) -> int:
                   f"{plural(len(hosted.links), 'repository link')} "
                   f"{'would go' if args.dry_run else 'dropped'} "
                   f"(grace {config.hosted.gc_grace:g}s"
-                  f"{', untagged manifests too' if args.delete_untagged else ''})")
+                  f"{', untagged manifests too' if args.delete_untagged else ''}); "
+                  f"{plural(expired, 'expired upload session')} "
+                  f"{'would go' if args.dry_run else 'dropped'} "
+                  f"(upload_ttl {config.hosted.upload_ttl:g}s)")
         elif args.delete_untagged:
             raise AdminError("--delete-untagged: no hosted repositories configured (hosted:)",
                              2)
@@ -410,8 +444,17 @@ def _specs(args, router: Router, digests: bool) -> None:
         raise AdminError(str(exc), 2) from None
 
 
+def _refuse_hosted(args, what_instead: str) -> None:
+    """A hosted name is not cache content (a pattern skips hosted repositories: see
+    remove.py)."""
+    for spec in args.specs:
+        if spec.name_glob is None and spec.upstream == HOSTED:
+            raise AdminError(f"{spec.text} is hosted: {what_instead}")
+
+
 async def rm(args, config: Config, router: Router) -> int:
     _specs(args, router, digests=True)
+    _refuse_hosted(args, "remove it with DELETE (hosted.delete) and mirror gc")
     async with opened(config) as cache:
         chosen = await _select(args, config, router, cache,
                                lambda spec: remove.targets(cache, config, router, spec))
@@ -453,6 +496,7 @@ async def rm(args, config: Config, router: Router) -> int:
 
 async def invalidate(args, config: Config, router: Router) -> int:
     _specs(args, router, digests=False)
+    _refuse_hosted(args, "hosted tags never expire; nothing to invalidate")
     async with opened(config) as cache:
         rows = await _select(args, config, router, cache,
                              lambda spec: remove.matching_tags(cache, config, router, spec))

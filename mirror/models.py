@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import DigestInvalid, ManifestInvalid, NameInvalid, TagInvalid
+from .errors import DigestInvalid, ManifestInvalid, ManifestUnknown, NameInvalid, TagInvalid
 
 # -- grammar (OCI distribution spec) -------------------------------------------------
 
@@ -146,6 +146,18 @@ def acceptable(media_type: str, accepted: list[str]) -> bool:
     if not accepted or "*/*" in accepted:
         return True
     return media_type in accepted
+
+
+def require_acceptable(media_type: str, accept: list[str], what: str) -> None:
+    """``ManifestUnknown`` naming the stored type, unless a client that sent the Accept
+    lines ``accept`` takes ``media_type`` (as registry:2 answers "OCI index found, but
+    accept header does not support OCI indexes"): the stored manifest, with no other
+    form to give instead."""
+    accepted = accepted_types(accept)
+    if not acceptable(media_type, accepted):
+        raise ManifestUnknown(f"{what} is stored as {media_type}, which the request's Accept "
+                              "does not include",
+                              detail={"mediaType": media_type, "accept": accepted[:16]})
 
 
 # -- manifests ---------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from .models import (
     acceptable,
     accepted_types,
     is_digest,
+    require_acceptable,
     upstream_accept,
 )
 from .upstream import Upstream
@@ -120,7 +121,10 @@ class ProxyStore:
         cached = await self.local.read_manifest(row.digest) if row else None
         if cached is not None and not acceptable(cached.media_type, accepted):
             # The client asked for another form than the one the tag is cached as:
-            # pass its Accept upstream; do not repoint the tag at that form.
+            # pass its Accept upstream; do not repoint the tag at that form. Offline,
+            # the cached form is all there is (as for a hosted manifest).
+            if self.offline:
+                require_acceptable(cached.media_type, accept, f"{repository}:{reference}")
             return await self._fetch(repository, reference, ask, update_tag=False)
         if cached is not None and row is not None:
             if row.expires_at > time.time() or self.offline:
@@ -292,7 +296,9 @@ class ProxyStore:
 
     async def referrers(self, repository: str, subject: str) -> list[Referrer]:
         """Upstream's referrers of ``subject``, cached for the tag TTL; stale (or, never
-        fetched, none) while upstream is unavailable or the upstream is offline."""
+        fetched, none) while the upstream is offline; stale (or, never fetched, the error)
+        while it is unavailable or denies access. A denial is never cached: it says
+        nothing about what refers to ``subject``."""
         cached = await self.local.referrer_list(self.name, repository, subject)
         if cached is not None and (cached[1] > time.time() or self.offline):
             return cached[0]
@@ -302,7 +308,7 @@ class ProxyStore:
             found = await self._flights.do(
                 ("referrers", repository, subject),
                 lambda: self.remote.referrers(repository, subject, fallback=cached is not None))
-        except UpstreamUnavailable as exc:
+        except (UpstreamUnavailable, Denied) as exc:
             if cached is None:
                 raise
             metrics.stale(self.name)

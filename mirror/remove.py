@@ -27,7 +27,7 @@ from .cache import LocalCache
 from .config import Config
 from .errors import RegistryError
 from .index import TagRow
-from .models import is_digest, validate_digest, validate_tag
+from .models import HOSTED, is_digest, validate_digest, validate_tag
 from .routing import Router
 
 GLOB = frozenset("*?[")
@@ -108,6 +108,8 @@ def _repo_matches(spec: Spec, config: Config, router: Router, upstream: str,
                   repository: str) -> bool:
     if spec.name_glob is None:
         return (upstream, repository) == (spec.upstream, spec.repository)
+    if upstream == HOSTED:          # a pattern names cached content only
+        return False
     return any(fnmatchcase(n, spec.name_glob) for n in names(config, router, upstream, repository))
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -69,6 +70,9 @@ from .upstream_auth import origin
 from .upstream_client import UpstreamClient, read_limited
 
 TAG_PAGES = 50          # tags/list pages followed before giving up on the rest
+log = logging.getLogger("mirror.upstream")
+REFERRER_PAGES = 20     # referrers pages followed (``Link: rel="next"``), at most
+REFERRERS_MAX = 4 * MANIFEST_MAX    # bytes of referrers pages read in all, at most
 
 
 class Upstream:
@@ -199,24 +203,52 @@ class Upstream:
 
     async def referrers(self, repository: str, digest: str,
                         fallback: bool = False) -> list[Referrer]:
-        """Upstream's referrers of ``digest``: its referrers API, or, where it has none
-        (404), the index under the tag ``<alg>-<hex>`` (the OCI tag schema); none
-        when neither is there."""
+        """Upstream's referrers of ``digest``: its referrers API (pages of ``Link:
+        rel="next"`` merged, on upstream's own origin, ``REFERRER_PAGES`` and
+        ``REFERRERS_MAX`` bytes at most), or, where it has none (404), the index under
+        the tag ``<alg>-<hex>`` (the OCI tag schema); none when neither is there."""
         return await self._health.bounded(fallback, f"referrers of {repository}@{digest}",
                                           lambda: self._referrers(repository, digest))
 
     async def _referrers(self, repository: str, digest: str) -> list[Referrer]:
-        resp = await self._http.request("GET", self._url(repository, "referrers", digest),
-                                        repository, [("Accept", OCI_INDEX)])
-        body = await read_limited(resp, MANIFEST_MAX)
-        if resp.status_code == 200:
+        url = self._url(repository, "referrers", digest)
+        found: dict[str, Referrer] = {}
+        budget = REFERRERS_MAX
+        for page in range(REFERRER_PAGES):
+            resp = await self._http.request("GET", url, repository, [("Accept", OCI_INDEX)])
+            body = await read_limited(resp, min(MANIFEST_MAX, budget) + 1)
+            if resp.status_code == 404 and page == 0:
+                return await self._tagged_referrers(repository, digest)
+            if resp.status_code != 200:
+                raise upstream_errors.error(self.name, resp, body, "name", repository, digest)
+            if len(body) > min(MANIFEST_MAX, budget):
+                if page == 0:
+                    raise UpstreamBadContent(f"upstream {self.name}: referrers of {digest} "
+                                             f"larger than {MANIFEST_MAX} bytes")
+                # The pages so far are the list; the rest is more than the mirror keeps.
+                log.warning("upstream %s: referrers of %s@%s larger than %d bytes: "
+                            "the rest is not listed", self.name, repository, digest,
+                            REFERRERS_MAX)
+                break
+            budget -= len(body)
             try:
-                return referrers_of_index(json.loads(body))
+                for referrer in referrers_of_index(json.loads(body)):
+                    found.setdefault(referrer.digest, referrer)
             except ValueError:
                 raise UpstreamBadContent(f"upstream {self.name}: referrers of {digest} "
                                          "are not JSON") from None
-        if resp.status_code != 404:
-            raise upstream_errors.error(self.name, resp, body, "name", repository, digest)
+            nxt = _next_link(resp.headers.get("link"))
+            if not nxt:
+                break
+            url = urljoin(url, nxt)
+            if origin(url) != self._origin:
+                log.warning("upstream %s: referrers of %s@%s continue on another origin: "
+                            "not followed", self.name, repository, digest)
+                break
+        return list(found.values())
+
+    async def _tagged_referrers(self, repository: str, digest: str) -> list[Referrer]:
+        """The OCI tag schema fallback: the index under the tag ``<alg>-<hex>``."""
         try:
             manifest, _ = await self._get_manifest(repository, digest.replace(":", "-"),
                                                    [OCI_INDEX])

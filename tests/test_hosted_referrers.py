@@ -299,3 +299,152 @@ def test_mirrored_referrers_api_cached_and_served_stale(make_mirror):
             assert r.status_code == 503, r.text
             state["down"] = False
             assert listing(http, subject, repo="app").json()["manifests"] == [sig]
+
+
+def referrer(n: int) -> dict[str, object]:
+    return {"mediaType": OCI_MANIFEST, "digest": sha(b"sig %d" % n), "size": 100 + n,
+            "artifactType": SIGNATURE, "annotations": {"n": str(n)}}
+
+
+def index_page(items: list[dict[str, object]], link: str | None = None) -> Response:
+    return Response(json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": items}),
+                    media_type=OCI_INDEX, headers={"Link": link} if link else None)
+
+
+def test_mirrored_referrers_pages_are_followed_and_merged(make_mirror):
+    """Upstream's referrers API paginated with ``Link: <...>; rel="next"``: the pages on
+    its own origin are merged into one list; a link to another origin is not followed,
+    and an endless chain stops after a bounded number of pages."""
+    paged, endless, elsewhere = sha(b"paged"), sha(b"endless"), sha(b"elsewhere")
+
+    def answer(request):
+        path, page = request.url.path, int(request.query_params.get("page", "0"))
+        if path == f"/v2/app/referrers/{paged}":
+            # three pages (one repeats a descriptor), the last with a relative link too
+            pages = {0: ([referrer(0), referrer(1)], f'</v2/app/referrers/{paged}?page=1>; '
+                                                     'rel="next"'),
+                     1: ([referrer(1), referrer(2)], f'<{origin.url}/v2/app/referrers/{paged}'
+                                                     '?page=2>; rel="next"'),
+                     2: ([referrer(3)], None)}
+            return index_page(*pages[page])
+        if path == f"/v2/app/referrers/{endless}":
+            return index_page([referrer(100 + page)],
+                              f'</v2/app/referrers/{endless}?page={page + 1}>; rel="next"')
+        if path == f"/v2/app/referrers/{elsewhere}":
+            return index_page([referrer(7)], '<http://127.0.0.2:9/v2/app/referrers/x?page=1>; '
+                                             'rel="next"')
+        if path == "/v2/":
+            return JSONResponse({})
+        return JSONResponse({"errors": [{"code": "MANIFEST_UNKNOWN", "message": "no"}]},
+                            status_code=404)
+
+    with Scripted(answer, name="paged") as origin:
+        mirror = make_mirror({"upstreams": {"up": {"url": origin.url}}, "default": "up"})
+        with httpx.Client(base_url=mirror.url, timeout=30) as http:
+            listed = listing(http, paged, repo="app").json()["manifests"]
+            assert sorted(listed, key=lambda d: d["annotations"]["n"]) == [
+                referrer(n) for n in range(4)]
+            assert len([s for s in origin.requests if paged in s.path]) == 3
+
+            listed = listing(http, endless, repo="app").json()["manifests"]
+            asked = [s for s in origin.requests if endless in s.path]
+            assert len(asked) == 20 and len(listed) == 20
+
+            assert listing(http, elsewhere, repo="app").json()["manifests"] == [referrer(7)]
+            assert len([s for s in origin.requests if elsewhere in s.path]) == 1
+
+
+def test_mirrored_referrers_pages_stop_at_the_size_bound(make_mirror):
+    """Pages of 3.9 MiB each (padded with a field the index may carry): the mirror reads
+    16 MiB of pages at most and lists what those held."""
+    subject = sha(b"big pages")
+    padding = "x" * (3900 * 1024)
+
+    def answer(request):
+        if request.url.path == f"/v2/app/referrers/{subject}":
+            page = int(request.query_params.get("page", "0"))
+            return Response(json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                                        "manifests": [referrer(page)], "padding": padding}),
+                            media_type=OCI_INDEX,
+                            headers={"Link": f'</v2/app/referrers/{subject}?page={page + 1}>; '
+                                             'rel="next"'})
+        if request.url.path == "/v2/":
+            return JSONResponse({})
+        return JSONResponse({"errors": [{"code": "MANIFEST_UNKNOWN", "message": "no"}]},
+                            status_code=404)
+
+    with Scripted(answer, name="big") as origin:
+        mirror = make_mirror({"upstreams": {"up": {"url": origin.url}}, "default": "up"})
+        with httpx.Client(base_url=mirror.url, timeout=30) as http:
+            listed = listing(http, subject, repo="app").json()["manifests"]
+        assert listed == [referrer(n) for n in range(4)]         # 4 x 3.9 MiB < 16 MiB
+        assert len([s for s in origin.requests if subject in s.path]) == 5
+        assert "the rest is not listed" in mirror.log_text()
+
+
+def test_mirrored_referrers_denied_upstream_is_an_error_never_a_cached_empty_list(make_mirror):
+    """Upstream answering 401/403 to the referrers request says nothing about what refers
+    to the subject: the client gets the denial (no empty list, nothing stored), or the
+    list cached before, stale."""
+    subject, other = sha(b"signed image"), sha(b"other image")
+    state = {"status": 403}
+
+    def answer(request):
+        path = request.url.path
+        if path == "/v2/":
+            return JSONResponse({})
+        if "/referrers/" in path and state["status"] != 200:
+            return JSONResponse({"errors": [{"code": "DENIED", "message": "not yours"}]},
+                                status_code=state["status"])
+        if path in (f"/v2/app/referrers/{subject}", f"/v2/app/referrers/{other}"):
+            return index_page([referrer(1)])
+        return JSONResponse({"errors": [{"code": "MANIFEST_UNKNOWN", "message": "no"}]},
+                            status_code=404)
+
+    with Scripted(answer, name="denying") as origin:
+        mirror = make_mirror({"upstreams": {"up": {"url": origin.url, "tag_ttl": "0s"}},
+                              "default": "up"})
+        with httpx.Client(base_url=mirror.url, timeout=30) as http:
+            for status in (403, 401):
+                state["status"] = status
+                r = http.get(f"/v2/app/referrers/{subject}")
+                assert r.status_code == 403 and errors(r) == ["DENIED"], r.text
+                assert "not yours" in r.json()["errors"][0]["message"]
+            state["status"] = 200           # not remembered as "no referrers"
+            assert listing(http, subject, repo="app").json()["manifests"] == [referrer(1)]
+            # cached (expired at once, TTL 0s), then denied: the cached list, stale
+            assert listing(http, other, repo="app").json()["manifests"] == [referrer(1)]
+            state["status"] = 403
+            assert listing(http, other, repo="app").json()["manifests"] == [referrer(1)]
+            asked = len([s for s in origin.requests if other in s.path])
+            assert asked >= 2
+            state["status"] = 200
+            assert listing(http, other, repo="app").json()["manifests"] == [referrer(1)]
+        assert "serving stale referrers" in mirror.log_text()
+
+
+def test_mirrored_referrers_offline_serve_the_cached_list_and_ask_nothing(make_mirror):
+    """``offline: true``: the cached list is served however old; a subject never asked
+    for is an empty index (as an unknown digest is), and upstream hears nothing."""
+    subject = sha(b"image")
+
+    def answer(request):
+        if request.url.path == f"/v2/app/referrers/{subject}":
+            return index_page([referrer(5)])
+        if request.url.path == "/v2/":
+            return JSONResponse({})
+        return JSONResponse({"errors": [{"code": "MANIFEST_UNKNOWN", "message": "no"}]},
+                            status_code=404)
+
+    with Scripted(answer, name="offline") as origin:
+        mirror = make_mirror({"upstreams": {"up": {"url": origin.url, "tag_ttl": "0s"}},
+                              "default": "up"})
+        with httpx.Client(base_url=mirror.url, timeout=30) as http:
+            assert listing(http, subject, repo="app").json()["manifests"] == [referrer(5)]
+        mirror.reconfigure(offline=True)
+        mirror.restart()
+        before = len(origin.requests)
+        with httpx.Client(base_url=mirror.url, timeout=30) as http:
+            assert listing(http, subject, repo="app").json()["manifests"] == [referrer(5)]
+            assert listing(http, sha(b"never asked"), repo="app").json()["manifests"] == []
+        assert origin.requests[before:] == []

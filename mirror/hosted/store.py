@@ -37,6 +37,7 @@ from ..models import (
     digest_of,
     is_digest,
     parse_manifest,
+    require_acceptable,
 )
 from . import gc
 from .uploads import Uploads
@@ -88,6 +89,7 @@ class HostedStore:
         self.config = config
         self.uploads = Uploads(local, config)
         self._gc: asyncio.Task[None] | None = None
+        self._sweep: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         await self.uploads.open()
@@ -97,6 +99,17 @@ class HostedStore:
             self._gc = asyncio.create_task(
                 gc.schedule(self.local, self.config.gc_interval, self.config.gc_grace),
                 name="hosted-gc")
+        self._sweep = asyncio.create_task(self.uploads.schedule(self.sweep_interval),
+                                          name="hosted-upload-sweep")
+
+    @property
+    def sweep_interval(self) -> float:
+        """How often expired upload sessions are swept: a quarter of ``upload_ttl``
+        (so one lives at most 1.25 times it), at most ``gc_interval``, at least 0.5 s."""
+        interval = self.config.upload_ttl / 4
+        if self.config.gc_interval is not None:
+            interval = min(interval, self.config.gc_interval)
+        return max(interval, 0.5)
 
     async def _record_referrers(self) -> None:
         """Once, on an index.db from before referrers: record the subjects of the
@@ -114,9 +127,10 @@ class HostedStore:
         await self.local.index.referrers_recorded()
 
     async def aclose(self) -> None:
-        if self._gc is not None:
-            self._gc.cancel()
-            await asyncio.gather(self._gc, return_exceptions=True)
+        for task in (self._gc, self._sweep):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self.uploads.close()
 
     # -- the read side (store.Source)
@@ -146,6 +160,7 @@ class HostedStore:
     async def get_manifest(self, repository: str, reference: str,
                            accept: list[str]) -> Manifest:
         info = await self._resolve_fresh(repository, reference)
+        require_acceptable(info.media_type, accept, _named(repository, reference))
         manifest = await self.local.read_manifest(info.digest)
         if manifest is None:
             raise ManifestUnknown(f"manifest unknown: {repository[:200]}:{reference[:200]}")
@@ -153,7 +168,9 @@ class HostedStore:
 
     async def head_manifest(self, repository: str, reference: str,
                             accept: list[str]) -> ManifestInfo:
-        return await self._resolve_fresh(repository, reference)
+        info = await self._resolve_fresh(repository, reference)
+        require_acceptable(info.media_type, accept, _named(repository, reference))
+        return info
 
     async def tags(self, repository: str) -> list[str]:
         tags = self.local.tags_of(HOSTED, repository)
@@ -272,3 +289,7 @@ class HostedStore:
             raise BlobUnknown(f"blob unknown: {digest}", detail={"digest": digest})
         await self.local.unlink(HOSTED, repository, digests=[digest])
         metrics.deleted("blob")
+
+
+def _named(repository: str, reference: str) -> str:
+    return f"{repository[:200]}{'@' if is_digest(reference) else ':'}{reference[:200]}"

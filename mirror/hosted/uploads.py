@@ -3,7 +3,7 @@
 Layout::
 
     data_dir/uploads/<uuid>/data        the bytes received so far
-    data_dir/uploads/<uuid>/state.json  {"repository", "offset", "started"}
+    data_dir/uploads/<uuid>/state.json  {"repository", "offset", "started", "touched"}
 
 Every byte is hashed as it is written. A process that did not write the bytes so far
 (after a restart, or another worker) re-hashes the data file before appending: hashlib
@@ -11,7 +11,9 @@ state cannot be persisted. The final ``PUT`` checks the digest, fsyncs and renam
 file into the content-addressed store through ``LocalCache.commit_blob``; a blob already
 there (cached or pushed before) is kept once and the upload is dropped. A request that
 fails part-way (too big, client gone, wrong length) leaves the session as it was before
-it. Sessions older than ``hosted.upload_ttl`` are gone.
+it. Sessions no request has written to for ``hosted.upload_ttl`` (abandoned) are
+gone: swept at start-up, every quarter of the TTL while the server runs, by `mirror
+gc`, and when a client touches one.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ class Session:
     repository: str
     offset: int
     started: float
+    touched: float = 0.0        # when a request last wrote to it (0: not yet saved)
+
+    def expired(self, ttl: float, now: float) -> bool:
+        return max(self.started, self.touched) + ttl < now
 
 
 class Uploads:
@@ -59,11 +65,60 @@ class Uploads:
     async def open(self) -> None:
         """Create the uploads folder and drop sessions past ``upload_ttl``."""
         await fileio.run(self.root.mkdir, 0o755, False, True)
+        await self.sweep()
+
+    async def sweep(self, dry_run: bool = False) -> int:
+        """Drop the sessions untouched for longer than ``upload_ttl`` (and folders with no
+        readable state as old); how many (``dry_run``: would go). A session a request of
+        this process is writing right now is left to that request."""
         now = time.time()
-        for entry in await fileio.run(os.listdir, self.root):
+        cutoff = now - self.config.upload_ttl
+        try:
+            entries = await fileio.run(os.listdir, self.root)
+        except FileNotFoundError:
+            return 0
+        for gone in set(self._open) - set(entries):     # swept by `mirror gc`
+            busy = self._locks.get(gone)
+            if not dry_run and not (busy is not None and busy.locked()):
+                await fileio.run(self._open.pop(gone).close)
+                self._locks.pop(gone, None)
+        dropped = 0
+        for entry in entries:
             state = await self._state(entry)
-            if state is None or state.started + self.config.upload_ttl < now:
+            if state is not None:
+                busy = self._locks.get(state.id)
+                if (not state.expired(self.config.upload_ttl, now)
+                        or (busy is not None and busy.locked())):
+                    continue
+            elif not await self._older(self.root / entry, cutoff):
+                continue            # just created: its state is being written
+            dropped += 1
+            if dry_run:
+                continue
+            if state is not None:
+                await self.cancel(state)
+            else:
                 await fileio.run(shutil.rmtree, self.root / entry, True)
+        if dropped and not dry_run:
+            log.info("dropped %d upload session%s untouched for hosted.upload_ttl (%gs)",
+                     dropped, "" if dropped == 1 else "s", self.config.upload_ttl)
+        return dropped
+
+    async def schedule(self, interval: float) -> None:
+        """Sweep every ``interval`` seconds while the server runs."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.sweep()
+            except Exception:         # a failed sweep must never take the server down
+                log.exception("sweeping expired upload sessions failed")
+
+    @staticmethod
+    async def _older(path: Path, cutoff: float) -> bool:
+        try:
+            return (await fileio.run(os.stat, path)).st_mtime < cutoff
+        except OSError:
+            return False
 
     async def close(self) -> None:
         for temp in self._open.values():
@@ -87,9 +142,10 @@ class Uploads:
         state = await self._state(upload_id) if UUID_RE.fullmatch(upload_id) else None
         if state is None or state.repository != repository:
             raise BlobUploadUnknown(f"no upload {upload_id[:64]!r} in {repository[:200]}")
-        if state.started + self.config.upload_ttl < time.time():
+        if state.expired(self.config.upload_ttl, time.time()):
             await self.cancel(state)
-            raise BlobUploadUnknown(f"upload {upload_id} expired (hosted.upload_ttl)")
+            raise BlobUploadUnknown(f"upload {upload_id} expired: untouched for longer "
+                                    "than hosted.upload_ttl")
         return state
 
     def lock(self, session: Session) -> asyncio.Lock:
@@ -220,8 +276,9 @@ class Uploads:
 
     async def _save(self, session: Session) -> None:
         folder = self.root / session.id
+        session.touched = time.time()
         text = json.dumps({"repository": session.repository, "offset": session.offset,
-                           "started": session.started})
+                           "started": session.started, "touched": session.touched})
 
         def write() -> None:
             tmp = folder / "state.json.tmp"
@@ -237,6 +294,6 @@ class Uploads:
         try:
             raw = json.loads(await fileio.run(path.read_text))
             return Session(upload_id, str(raw["repository"]), int(raw["offset"]),
-                           float(raw["started"]))
+                           float(raw["started"]), float(raw.get("touched", 0.0)))
         except (OSError, ValueError, KeyError, TypeError):
             return None
