@@ -27,7 +27,7 @@ from .hosted.store import HostedStore
 from .proxy import ProxyStore
 from .routing import HOSTED, Router
 from .store import Source
-from .upstream import Upstream
+from .upstream_group import UpstreamGroup
 
 log = logging.getLogger("mirror")
 
@@ -62,7 +62,8 @@ class Mirror:
                                f"token: {exc.strerror or exc}") from None
         evictor = Evictor(local, Budget.of(config))
         evictor.start()
-        sources: dict[str, Source] = {name: ProxyStore(local, Upstream(up), up.tag_ttl, up.offline)
+        sources: dict[str, Source] = {name: ProxyStore(local, UpstreamGroup(up), up.tag_ttl,
+                                                      up.offline)
                    for name, up in config.upstreams.items()}
         hosted = HostedStore(local, config.hosted) if config.hosted is not None else None
         if hosted is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,30 @@ class UpstreamConfig:
     max_fills: int = 32               # blob downloads from it at once; more wait for a slot
     revalidate_timeout: float = 5.0   # whole-request deadline when a cached copy can answer
     token_realms: tuple[str, ...] = ()  # extra token realms (hosts or URLs) given credentials
+    mirrors: tuple[MirrorConfig, ...] = ()   # other copies of it (accelerators), tried first
+    prefer: str = "order"             # how mirrors are ranked among the healthy: order|fastest
+    min_speed: int = 0                # bytes/s under which a download moves on (0: never)
+
+    def endpoint(self, mirror: MirrorConfig) -> UpstreamConfig:
+        """This upstream as fetched from ``mirror``: its URL, its own credentials and token
+        realms; everything else (name, timeouts, retries, max_fills) as the upstream's."""
+        return replace(self, url=mirror.url, username=mirror.username,
+                       password=mirror.password, token_realms=mirror.token_realms, mirrors=())
+
+
+CAPABILITIES = ("pull", "resolve")
+
+
+@dataclass(frozen=True)
+class MirrorConfig:
+    """One entry of ``upstreams.<name>.mirrors``: another registry serving the same
+    content. ``pull``: content by digest may come from it (always verified); ``resolve``:
+    it may also answer tags."""
+    url: str
+    capabilities: frozenset[str] = frozenset({"pull"})
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token_realms: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -97,7 +121,10 @@ class HostedConfig:
 
 
 _UPSTREAM_KEYS = {"url", "username", "password", "tag_ttl", "library_prefix", "timeout",
-                  "retries", "offline", "max_fills", "revalidate_timeout", "token_realms"}
+                  "retries", "offline", "max_fills", "revalidate_timeout", "token_realms",
+                  "mirrors", "prefer", "min_speed"}
+
+_MIRROR_KEYS = {"url", "capabilities", "username", "password", "token_realms"}
 
 
 _TLS_KEYS = {"cert", "key"}
@@ -131,13 +158,7 @@ def _upstream(name: str, raw: Any, offline: bool = False) -> UpstreamConfig:
         values["url"] = DOCKER_HUB_URL
     kwargs: dict[str, Any] = {"name": name, "url": _field(f"{key}.url", parse_url, values["url"]),
                               "library_prefix": name == DOCKER_HUB, "offline": offline}
-    for k in ("username", "password"):
-        if values.get(k) is not None:
-            if not isinstance(values[k], (str, int)):
-                raise ConfigError(f"{key}.{k}: expected a string")
-            kwargs[k] = str(values[k])
-    if ("username" in kwargs) != ("password" in kwargs):
-        raise ConfigError(f"{key}: username and password go together")
+    kwargs.update(_credentials(key, values))
     if "tag_ttl" in values:
         kwargs["tag_ttl"] = _field(f"{key}.tag_ttl", parse_duration, values["tag_ttl"])
     for k in ("timeout", "revalidate_timeout"):
@@ -146,9 +167,16 @@ def _upstream(name: str, raw: Any, offline: bool = False) -> UpstreamConfig:
             if kwargs[k] <= 0:
                 raise ConfigError(f"{key}.{k}: must be positive")
     if values.get("token_realms") is not None:
-        realms = _list(f"{key}.token_realms", values["token_realms"])
-        kwargs["token_realms"] = tuple(_token_realm(f"{key}.token_realms[{i}]", v)
-                                       for i, v in enumerate(realms))
+        kwargs["token_realms"] = _token_realms(f"{key}.token_realms", values["token_realms"])
+    if values.get("mirrors") is not None:
+        kwargs["mirrors"] = tuple(_mirror(f"{key}.mirrors[{i}]", v) for i, v in
+                                  enumerate(_list(f"{key}.mirrors", values["mirrors"])))
+    if "prefer" in values:
+        if values["prefer"] not in ("order", "fastest"):
+            raise ConfigError(f"{key}.prefer: expected order or fastest")
+        kwargs["prefer"] = values["prefer"]
+    if "min_speed" in values:
+        kwargs["min_speed"] = _field(f"{key}.min_speed", parse_size, values["min_speed"])
     for flag in ("library_prefix", "offline"):
         if flag in values:
             kwargs[flag] = _bool(f"{key}.{flag}", values[flag])
@@ -166,6 +194,40 @@ def _upstream(name: str, raw: Any, offline: bool = False) -> UpstreamConfig:
             raise ConfigError(f"{key}.max_fills: expected a whole number from 1 to 1000")
         kwargs["max_fills"] = max_fills
     return UpstreamConfig(**kwargs)
+
+
+def _credentials(key: str, values: dict[str, Any]) -> dict[str, str]:
+    found = {}
+    for k in ("username", "password"):
+        if values.get(k) is not None:
+            if not isinstance(values[k], (str, int)):
+                raise ConfigError(f"{key}.{k}: expected a string")
+            found[k] = str(values[k])
+    if ("username" in found) != ("password" in found):
+        raise ConfigError(f"{key}: username and password go together")
+    return found
+
+
+def _token_realms(key: str, value: Any) -> tuple[str, ...]:
+    return tuple(_token_realm(f"{key}[{i}]", v) for i, v in enumerate(_list(key, value)))
+
+
+def _mirror(key: str, raw: Any) -> MirrorConfig:
+    if isinstance(raw, str):
+        raw = {"url": raw}
+    values = _mapping(key, raw, _MIRROR_KEYS)
+    if "url" not in values:
+        raise ConfigError(f"{key}.url: missing (the mirror's URL, e.g. https://docker.m.daocloud.io)")
+    kwargs: dict[str, Any] = {"url": _field(f"{key}.url", parse_url, values["url"])}
+    kwargs.update(_credentials(key, values))
+    if values.get("capabilities") is not None:
+        caps = _list(f"{key}.capabilities", values["capabilities"])
+        if not caps or any(c not in CAPABILITIES for c in caps) or "pull" not in caps:
+            raise ConfigError(f"{key}.capabilities: expected [pull] or [pull, resolve]")
+        kwargs["capabilities"] = frozenset(caps)
+    if values.get("token_realms") is not None:
+        kwargs["token_realms"] = _token_realms(f"{key}.token_realms", values["token_realms"])
+    return MirrorConfig(**kwargs)
 
 
 def _token_realm(key: str, value: Any) -> str:

@@ -33,7 +33,7 @@ from .errors import (
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
-from .upstream import Upstream
+from .upstream_group import UpstreamGroup
 
 log = logging.getLogger("mirror.fill")
 
@@ -51,7 +51,7 @@ class FillFailed(Exception):
 class Fill:
     source = "upstream"     # where a reader's bytes come from, for the metrics
 
-    def __init__(self, cache: LocalCache, upstream: Upstream, repository: str, digest: str,
+    def __init__(self, cache: LocalCache, upstream: UpstreamGroup, repository: str, digest: str,
                  slots: asyncio.Semaphore | None = None, detached: bool = False) -> None:
         self.cache = cache
         self.upstream = upstream

@@ -40,7 +40,7 @@ from .models import (
     require_acceptable,
     upstream_accept,
 )
-from .upstream import Upstream
+from .upstream_group import UpstreamGroup
 
 log = logging.getLogger("mirror.proxy")
 
@@ -69,7 +69,7 @@ class SingleFlight:
 
 
 class ProxyStore:
-    def __init__(self, local: LocalCache, remote: Upstream, tag_ttl: float,
+    def __init__(self, local: LocalCache, remote: UpstreamGroup, tag_ttl: float,
                  offline: bool = False) -> None:
         self.local = local
         self.remote = remote

@@ -177,3 +177,53 @@ def test_watermark_error_names_the_keys_written_and_the_default(tmp_path, text, 
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, text))
     assert str(info.value) == f"{tmp_path / 'config.yml'}: {says}"
+
+
+def test_upstream_mirrors_parse_with_their_own_credentials_and_capabilities(tmp_path):
+    path = tmp_path / "config.yml"
+    path.write_text("""
+upstreams:
+  docker.io:
+    url: https://registry-1.docker.io
+    username: hub
+    password: hubpw
+    prefer: fastest
+    min_speed: 1MiB
+    mirrors:
+      - url: https://docker.m.daocloud.io
+        capabilities: [pull]
+      - url: https://mirror.example.internal
+        capabilities: [pull, resolve]
+        username: m
+        password: mpw
+      - https://plain.example
+""")
+    up = load_config(path, environ={}).upstreams["docker.io"]
+    assert up.prefer == "fastest" and up.min_speed == 1024 * 1024
+    assert [m.url for m in up.mirrors] == ["https://docker.m.daocloud.io",
+                                           "https://mirror.example.internal",
+                                           "https://plain.example"]
+    assert [sorted(m.capabilities) for m in up.mirrors] == [["pull"], ["pull", "resolve"],
+                                                            ["pull"]]
+    second = up.endpoint(up.mirrors[1])
+    assert (second.url, second.username, second.password) == (
+        "https://mirror.example.internal", "m", "mpw")
+    first = up.endpoint(up.mirrors[0])
+    assert first.username is None and first.name == "docker.io" and first.mirrors == ()
+
+
+@pytest.mark.parametrize("mirrors, message", [
+    ("[{capabilities: [pull]}]", "upstreams.docker.io.mirrors[0].url: missing"),
+    ("[{url: 'ftp://x'}]", "upstreams.docker.io.mirrors[0].url"),
+    ("[{url: 'https://x', capabilities: [resolve]}]", "mirrors[0].capabilities"),
+    ("[{url: 'https://x', capabilities: [push]}]", "mirrors[0].capabilities"),
+    ("[{url: 'https://x', username: a}]", "username and password go together"),
+    ("[{url: 'https://x', speed: 1}]", "mirrors[0]"),
+    ("{url: 'https://x'}", "upstreams.docker.io.mirrors: expected a list"),
+])
+def test_bad_upstream_mirrors_are_one_line_naming_the_key(tmp_path, mirrors, message):
+    path = tmp_path / "config.yml"
+    path.write_text(f"upstreams:\n  docker.io:\n    mirrors: {mirrors}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert message in str(info.value) and "\n" not in str(info.value)

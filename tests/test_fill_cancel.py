@@ -19,7 +19,7 @@ from mirror import fileio
 from mirror.cache import LocalCache
 from mirror.config import UpstreamConfig
 from mirror.fill import Fill
-from mirror.upstream import Upstream
+from mirror.upstream_group import UpstreamGroup
 
 
 def gated(real):
@@ -54,7 +54,7 @@ def test_a_cancelled_fill_waits_for_its_disk_call_before_closing_the_file(
 
     async def scenario() -> tuple[bool, bool]:
         cache = await LocalCache.open(tmp_path / "data")
-        remote = Upstream(UpstreamConfig("docker.io", upstream.url))
+        remote = UpstreamGroup(UpstreamConfig("docker.io", upstream.url))
         try:
             fill = Fill(cache, remote, image.repo, blob.digest).start()
             assert await asyncio.to_thread(entered.wait, 20), "the fill never reached the disk"
