@@ -14,7 +14,7 @@ from .token_server import TokenServer
 __all__ = [
     "USERS", "upstream", "htpasswd_upstream", "token_server", "token_upstream",
     "image_set", "upstream_client", "make_registry", "make_mirror", "faulty_upstream",
-    "as_root",
+    "as_root", "accelerator", "accelerator_images", "faulty_accelerator",
 ]
 
 USERS = {"alice": "secret"}
@@ -68,6 +68,33 @@ def image_set(tmp_path_factory, upstream, upstream_client) -> ImageSet:
     """
     return build_image_set(tmp_path_factory.mktemp("images"), upstream_client,
                            big_layer_size=big_layer_size())
+
+
+@pytest.fixture(scope="session")
+def accelerator(tmp_path_factory) -> RegistryProcess:
+    """A second open registry playing an accelerator (a daocloud-style copy of the
+    upstream); ``accelerator_images`` pushes the same images as ``image_set`` to it."""
+    with RegistryProcess(tmp_path_factory.mktemp("accelerator")) as registry:
+        yield registry
+
+
+@pytest.fixture(scope="session")
+def accelerator_images(tmp_path_factory, accelerator, image_set) -> ImageSet:
+    """``image_set`` again, byte for byte (same seed and sizes), in ``accelerator``."""
+    with RegistryClient(accelerator.url) as client:
+        copy = build_image_set(tmp_path_factory.mktemp("accelerator-images"), client,
+                               big_layer_size=big_layer_size())
+    assert [i.digest for i in copy.images] == [i.digest for i in image_set.images]
+    return copy
+
+
+@pytest.fixture
+def faulty_accelerator(accelerator, accelerator_images):
+    """``FaultyUpstream(accelerator.url)`` for one test (see ``tests.support.faulty``)."""
+    from .faulty import FaultyUpstream
+
+    with FaultyUpstream(accelerator.url) as proxy:
+        yield proxy
 
 
 @pytest.fixture
