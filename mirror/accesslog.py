@@ -8,7 +8,9 @@
 After the client's address comes the user the request logged in as (``-``:
 anonymous, or no logins configured); after the time, what the cache did: hit, miss
 (fetched upstream), stale (served while upstream failed), coalesced (joined a fetch
-already running) or - (no lookup); last, the client's User-Agent. With
+already running) or - (no lookup), with ``@source`` after a miss when it is known
+which of the upstream's sources (its url or a mirror, host[:port]) answered it
+(``miss@docker.m.daocloud.io``); last, the client's User-Agent. With
 ``log_format: json`` the same fields are keys of the line's object.
 """
 
@@ -89,9 +91,10 @@ class AccessLog:
                 fields = {"client": f"{client[0]}:{client[1]}", "user": user,
                           "method": scope["method"], "path": path, "status": status,
                           "bytes": sent, "seconds": round(elapsed, 3), "cache": note.cache,
-                          "user_agent": agent}
+                          "source": note.source, "user_agent": agent}
+                cache = note.cache if note.source == "-" else f"{note.cache}@{note.source}"
                 log.info('%s:%s %s "%s %s" %d %d %.3fs %s "%s"', client[0], client[1], user,
-                         scope["method"], path, status, sent, elapsed, note.cache,
+                         scope["method"], path, status, sent, elapsed, cache,
                          agent.replace('"', '\\"') or "-", extra={"fields": fields})
 
 

@@ -23,7 +23,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import evict, fileio, remove
+from . import evict, fileio, metrics, remove
 from .cache import CannotOpen, LocalCache
 from .config import Config
 from .errors import RegistryError
@@ -168,6 +168,7 @@ async def stats(args, config: Config, router: Router) -> int:
             "blobs": ratio(c["blob_hits"], c["blob_hits"] + c["blob_misses"]),
             "bytes": ratio(c["bytes_from_cache"], c["bytes_from_cache"] + c["bytes_from_upstream"]),
         },
+        "bytes_by_source": by_source(counters),
         "top_by_pulls": [entry(r) for r in by_pulls],
         "top_by_size": [entry(r) for r in by_size],
     }
@@ -194,6 +195,8 @@ async def stats(args, config: Config, router: Router) -> int:
         ("served", f"{human_size(c['bytes_from_cache'])} from cache, "
                    f"{human_size(c['bytes_from_upstream'])} from upstream "
                    f"({percent(hr['bytes'])} from cache)"),
+        *((f"from {up}", ", ".join(f"{human_size(n)} from {src}" for src, n in sources))
+          for up, sources in by_source(counters).items()),
         ("events", f"{plural(c['stale_serves'], 'stale serve')}, "
                   f"{plural(c['evictions'], 'eviction')} "
                   f"({human_size(c['evicted_bytes'])})"),
@@ -208,6 +211,16 @@ async def stats(args, config: Config, router: Router) -> int:
                 [[image_name(router, r), human_size(r["size"])] for r in by_size],
                 right={1}, indent="  ") if by_size else "  (no tags cached)")
     return 0
+
+
+def by_source(counters: dict[str, int]) -> dict[str, list[tuple[str, int]]]:
+    """Blob bytes downloaded per upstream and source (its url or a mirror), most first."""
+    found: dict[str, list[tuple[str, int]]] = {}
+    for name, n in counters.items():
+        if name.startswith(metrics.SOURCE_BYTES):
+            upstream, _, source = name.removeprefix(metrics.SOURCE_BYTES).partition(":")
+            found.setdefault(upstream, []).append((source, n))
+    return {up: sorted(rows, key=lambda r: -r[1]) for up, rows in sorted(found.items())}
 
 
 async def repository_rows(cache: LocalCache, tags: list[dict]) -> list[dict]:

@@ -381,7 +381,14 @@ def describe(config: Config, mask: bool = True) -> dict:
                 "timeout": format_duration(u.timeout), "retries": u.retries,
                 "offline": u.offline, "max_fills": u.max_fills,
                 "revalidate_timeout": format_duration(u.revalidate_timeout),
-                "token_realms": list(u.token_realms)}
+                "token_realms": list(u.token_realms),
+                "mirrors": [{"url": m.url, "capabilities": sorted(m.capabilities),
+                             "username": m.username,
+                             "password": SECRET if mask and m.password is not None
+                             else m.password, "token_realms": list(m.token_realms)}
+                            for m in u.mirrors],
+                "prefer": u.prefer, "min_speed": format_size(u.min_speed) if u.min_speed else 0,
+                "ratelimit_reserve": u.ratelimit_reserve}
 
     out: dict[str, Any] = {
         "listen": config.listen, "data_dir": path(config.data_dir),

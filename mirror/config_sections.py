@@ -46,6 +46,7 @@ class UpstreamConfig:
     mirrors: tuple[MirrorConfig, ...] = ()   # other copies of it (accelerators), tried first
     prefer: str = "order"             # how mirrors are ranked among the healthy: order|fastest
     min_speed: int = 0                # bytes/s under which a download moves on (0: never)
+    ratelimit_reserve: int = 0        # no tag GETs to a source with this few pulls left (0: off)
 
     def endpoint(self, mirror: MirrorConfig) -> UpstreamConfig:
         """This upstream as fetched from ``mirror``: its URL, its own credentials and token
@@ -122,7 +123,7 @@ class HostedConfig:
 
 _UPSTREAM_KEYS = {"url", "username", "password", "tag_ttl", "library_prefix", "timeout",
                   "retries", "offline", "max_fills", "revalidate_timeout", "token_realms",
-                  "mirrors", "prefer", "min_speed"}
+                  "mirrors", "prefer", "min_speed", "ratelimit_reserve"}
 
 _MIRROR_KEYS = {"url", "capabilities", "username", "password", "token_realms"}
 
@@ -177,6 +178,14 @@ def _upstream(name: str, raw: Any, offline: bool = False) -> UpstreamConfig:
         kwargs["prefer"] = values["prefer"]
     if "min_speed" in values:
         kwargs["min_speed"] = _field(f"{key}.min_speed", parse_size, values["min_speed"])
+    if "ratelimit_reserve" in values:
+        reserve = values["ratelimit_reserve"]
+        if isinstance(reserve, str) and reserve.isdigit():
+            reserve = int(reserve)            # from ${ENV}
+        if isinstance(reserve, bool) or not isinstance(reserve, int) or not 0 <= reserve <= 10**6:
+            raise ConfigError(f"{key}.ratelimit_reserve: expected a whole number from 0 to "
+                              "1000000 (pulls left under which tag GETs stop; 0: off)")
+        kwargs["ratelimit_reserve"] = reserve
     for flag in ("library_prefix", "offline"):
         if flag in values:
             kwargs[flag] = _bool(f"{key}.{flag}", values[flag])

@@ -51,12 +51,34 @@ upstream_seconds = Histogram("mirror_upstream_request_duration_seconds",
                              "Upstream time to response headers", ["upstream"], registry=REGISTRY)
 upstream_bytes = Counter("mirror_upstream_bytes", "Blob bytes downloaded from upstream",
                          ["upstream"], registry=REGISTRY)
-upstream_up = Gauge("mirror_upstream_up", "1 while the upstream answers, 0 from a transport "
-                    "failure (refused, unreachable, timed out) until a probe gets an answer",
+upstream_up = Gauge("mirror_upstream_up", "1 while the upstream can be reached through its url or "
+                    "one of its mirrors, 0 from a transport failure (refused, unreachable, timed "
+                    "out) of all of them until a probe gets an answer",
                     ["upstream"], registry=REGISTRY)
 upstream_ratelimit_remaining = Gauge("mirror_upstream_ratelimit_remaining", "The last "
                                      "ratelimit-remaining an upstream sent (Docker Hub's pulls "
                                      "left in its window)", ["upstream"], registry=REGISTRY)
+upstream_source_requests = Counter("mirror_upstream_source_requests", "Requests sent to each "
+                                   "source of an upstream (its url or one of its mirrors), by "
+                                   "kind: manifest, blob, tags, referrers, token, other",
+                                   ["upstream", "source", "kind"], registry=REGISTRY)
+upstream_source_errors = Counter("mirror_upstream_source_errors", "Failures of each source of an "
+                                 "upstream, by reason: unavailable, rate_limited, bad_content, "
+                                 "denied, slow", ["upstream", "source", "reason"],
+                                 registry=REGISTRY)
+upstream_source_up = Gauge("mirror_upstream_source_up", "1 while a source answers and sits out "
+                           "no backoff after a failure", ["upstream", "source"], registry=REGISTRY)
+upstream_source_speed = Gauge("mirror_upstream_source_speed_bytes_per_second", "Measured blob "
+                              "download speed of each source (moving average; 0 until measured)",
+                              ["upstream", "source"], registry=REGISTRY)
+upstream_source_ratelimit_remaining = Gauge(
+    "mirror_upstream_source_ratelimit_remaining", "The last ratelimit-remaining each source sent "
+    "(per credential: each source logs in with its own)", ["upstream", "source"],
+    registry=REGISTRY)
+upstream_ratelimit_reserve_hit = Gauge(
+    "mirror_upstream_ratelimit_reserve_hit", "1 while a source's ratelimit-remaining is at or "
+    "below the upstream's ratelimit_reserve: no GETs of tags go to it", ["upstream", "source"],
+    registry=REGISTRY)
 fills_in_progress = Gauge("mirror_fills_in_progress", "Blob downloads running now",
                           registry=REGISTRY)
 fills_queued = Gauge("mirror_fills_queued",
@@ -76,6 +98,11 @@ deletes = Counter("mirror_deletes", "DELETEs done in hosted repositories: manife
                   ["kind"], registry=REGISTRY)
 cache_budget = Gauge("mirror_cache_budget_bytes", "max_size (0 when unbounded)",
                      registry=REGISTRY)
+
+upstream_source_bytes = Counter("mirror_upstream_source_bytes", "Bytes of blobs and manifests "
+                                "downloaded from each source of an upstream",
+                                ["upstream", "source"], registry=REGISTRY)
+SOURCE_BYTES = "source_bytes:"     # persistent counter prefix: source_bytes:<upstream>:<source>
 
 # Set by app.py to the index's batched counter, so `mirror stats` sees the totals.
 persist: Callable[[str, int], None] | None = None
@@ -98,6 +125,7 @@ class RequestNote:
     """Filled in while a request is answered; the access log prints it."""
 
     cache: str = "-"
+    source: str = "-"        # the upstream source (host[:port]) that answered a miss
     user: str = "-"          # who the request came from, once auth.py knows; - anonymous
 
 
@@ -124,6 +152,26 @@ def lookup(kind: str, result: str) -> None:
     if note is not None:
         note.cache = result
     _persist(f"{kind}_{'hits' if result == 'hit' else 'misses' if result == 'miss' else result}")
+
+
+def sourced(source: str) -> None:
+    """The source (an upstream's url or mirror, host[:port]) a miss was fetched from, for
+    the access log. Call it in the request's context (a task started from it counts)."""
+    note = _note.get()
+    if note is not None:
+        note.source = source
+
+
+def source_error(upstream: str, source: str, reason: str) -> None:
+    """A source failed (reason: unavailable, rate_limited, bad_content, denied, slow)."""
+    upstream_source_errors.labels(upstream, source, reason).inc()
+
+
+def source_bytes(upstream: str, source: str, n: int) -> None:
+    """Bytes (blobs, manifests) downloaded from one source of an upstream (its url or a
+    mirror): for /metrics and `mirror stats`."""
+    upstream_source_bytes.labels(upstream, source).inc(n)
+    _persist(f"{SOURCE_BYTES}{upstream}:{source}", n)
 
 
 def served(source: str, n: int) -> None:

@@ -76,11 +76,12 @@ REFERRERS_MAX = 4 * MANIFEST_MAX    # bytes of referrers pages read in all, at m
 
 
 class Upstream:
-    def __init__(self, config: UpstreamConfig, client: httpx.AsyncClient | None = None) -> None:
+    def __init__(self, config: UpstreamConfig, client: httpx.AsyncClient | None = None,
+                 mirror: bool = False) -> None:
         self.config = config
         self.name = config.name
         self._origin = origin(config.url)
-        self._http = UpstreamClient(config, client)
+        self._http = UpstreamClient(config, client, mirror)
         self._health = self._http.health
 
     async def aclose(self) -> None:
@@ -90,6 +91,15 @@ class Upstream:
     def up(self) -> bool:
         """False after a transport failure until a probe (or any request) gets an answer."""
         return self._health.up
+
+    def mark_down(self, reason: str) -> None:
+        """A request had no answer in time: fallback requests skip it until a probe answers."""
+        self._health.mark_down(reason)
+
+    @property
+    def ratelimit_remaining(self) -> int | None:
+        """The last ``ratelimit-remaining`` this source sent (None: never)."""
+        return self._http.ratelimit_remaining
 
     # -- the read API --------------------------------------------------------------------
 

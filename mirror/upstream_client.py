@@ -67,10 +67,14 @@ _transfer_client: contextvars.ContextVar[httpx.AsyncClient | None] = contextvars
 
 
 class UpstreamClient:
-    def __init__(self, config: UpstreamConfig, client: httpx.AsyncClient | None = None) -> None:
+    def __init__(self, config: UpstreamConfig, client: httpx.AsyncClient | None = None,
+                 mirror: bool = False) -> None:
         self.config = config
         self.name = config.name
         self._origin = origin(config.url)
+        self.source = source_label(config.url)    # host[:port]: the per-source metrics label
+        self.mirror = mirror                      # one of the upstream's mirrors, not its url
+        self.ratelimit_remaining: int | None = None   # the last ratelimit-remaining seen
         self._client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(config.timeout),
             limits=httpx.Limits(max_connections=100, max_keepalive_connections=32),
@@ -167,7 +171,12 @@ class UpstreamClient:
                 log.debug("upstream %s ratelimit-remaining %s", self.name, remaining)
                 m = re.match(r"\s*([0-9]{1,12})\b", remaining)     # "100;w=21600"
                 if m:
-                    metrics.upstream_ratelimit_remaining.labels(self.name).set(int(m.group(1)))
+                    self.ratelimit_remaining = int(m.group(1))
+                    metrics.upstream_source_ratelimit_remaining.labels(
+                        self.name, self.source).set(self.ratelimit_remaining)
+                    if not self.mirror:
+                        metrics.upstream_ratelimit_remaining.labels(self.name).set(
+                            self.ratelimit_remaining)
             return resp
         raise UpstreamUnavailable(f"upstream {self.name}: too many redirects")
 
@@ -212,6 +221,8 @@ class UpstreamClient:
             return resp
         finally:
             metrics.upstream_requests.labels(self.name, request.method, status).inc()
+            metrics.upstream_source_requests.labels(self.name, self.source,
+                                                    _kind(request.url.path)).inc()
             metrics.upstream_seconds.labels(self.name).observe(time.monotonic() - started)
 
     # -- authentication ------------------------------------------------------------------
@@ -278,6 +289,19 @@ class UpstreamClient:
         if not isinstance(token, str) or not token:
             raise UpstreamUnavailable(f"upstream {self.name}: token service sent no token")
         return f"Bearer {token}", max(1.0, min(expires_in, 3600) - 15)
+
+
+def source_label(url: str) -> str:
+    """host[:port] of a source's URL: how logs and metrics name it."""
+    return urlsplit(url).netloc.rpartition("@")[2].lower()
+
+
+def _kind(path: str) -> str:
+    for part, kind in (("/manifests/", "manifest"), ("/blobs/", "blob"), ("/tags/", "tags"),
+                       ("/referrers/", "referrers")):
+        if part in path:
+            return kind
+    return "other"
 
 
 async def read_limited(resp: httpx.Response, limit: int) -> bytes:

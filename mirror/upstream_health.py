@@ -6,7 +6,8 @@ then on a background task probes ``/v2/`` (after ``PROBE_FIRST`` seconds, doubli
 request meanwhile (``mark_up``). ``bounded`` runs a request that has a fallback (tag
 revalidation: a cached copy can stand in) within ``revalidate_timeout``, and not at
 all while the upstream is down, so stale copies are served without waiting. The
-``mirror_upstream_up`` gauge follows the state.
+``mirror_upstream_up`` gauge follows the state of the whole group (upstream_group.py):
+any of the upstream's sources up.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TypeVar
 
 import httpx
 
-from . import metrics, upstream_errors
+from . import upstream_errors
 from .config import UpstreamConfig
 from .errors import UpstreamUnavailable
 
@@ -37,7 +38,6 @@ class Health:
         self._client = client                                # the probes go out on it
         self._down_since: float | None = None                # monotonic; None while up
         self._probe: asyncio.Task[None] | None = None
-        metrics.upstream_up.labels(self.name).set(1)
 
     async def aclose(self) -> None:
         if self._probe is not None:
@@ -72,7 +72,6 @@ class Health:
     def mark_down(self, reason: str) -> None:
         if self._down_since is None:
             self._down_since = time.monotonic()
-            metrics.upstream_up.labels(self.name).set(0)
             log.warning("upstream %s is down (%s): cached copies are served without asking it "
                         "until a probe of %s/v2/ answers", self.name, reason, self.config.url)
         if self._probe is None or self._probe.done():
@@ -83,7 +82,6 @@ class Health:
             log.warning("upstream %s is back after %.1fs", self.name,
                         time.monotonic() - self._down_since)
             self._down_since = None
-            metrics.upstream_up.labels(self.name).set(1)
 
     async def _probe_until_up(self) -> None:
         delay = PROBE_FIRST
