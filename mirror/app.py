@@ -102,7 +102,10 @@ class Mirror:
             offline_text = "on for " + ",".join(offline)
         logins = "off" if config.auth is None else \
             f"on ({'bearer tokens' if config.auth.token else 'basic'})"
-        upstreams = ", ".join(f"{n}={u.url}" for n, u in config.upstreams.items()) or "none"
+        upstreams = ", ".join(
+            f"{n}={u.url}" + "".join(f" +mirror {m.url} [{', '.join(sorted(m.capabilities))}]"
+                                     for m in u.mirrors)
+            for n, u in config.upstreams.items()) or "none"
         if config.hosted is not None:
             upstreams += f"; hosted {','.join(config.hosted.repositories) or 'nothing'}"
         data_dir = self.local.data_dir if self.local else config.data_dir

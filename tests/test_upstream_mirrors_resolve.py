@@ -51,6 +51,7 @@ def test_manifests_by_digest_come_from_the_accelerator_and_the_tag_is_headed_at_
     assert faulty_accelerator.count(None, tag_path) == 0               # never asked for a tag
     acc = host(faulty_accelerator.url)
     assert f"miss@{acc}" in mirror.log_text()
+    assert f"+mirror {faulty_accelerator.url} [pull]" in mirror.log_text()     # start-up line
     assert value(metrics, "mirror_upstream_source_requests_total", upstream="docker.io",
                  source=acc, kind="manifest") >= 1
     assert value(metrics, "mirror_upstream_source_up", upstream="docker.io", source=acc) == 1
@@ -188,3 +189,36 @@ def test_skopeo_copies_byte_exact_through_an_accelerator(make_mirror, upstream, 
                        check=True, capture_output=True, timeout=120)
         check_dir_image(dest, image)
     assert faulty_accelerator.count("GET", "/manifests/sha256:") >= 2
+
+
+def test_ratelimit_reserve_is_checked_and_config_check_shows_the_mirrors(tmp_path):
+    from mirror.config import ConfigError, describe, load_config
+
+    path = tmp_path / "config.yml"
+    base = {"upstreams": {"docker.io": {"url": "https://registry-1.docker.io",
+                                        "ratelimit_reserve": 10,
+                                        "mirrors": [{"url": "https://docker.m.daocloud.io",
+                                                     "capabilities": ["pull"]}]}}}
+    path.write_text(json.dumps(base))
+    config = load_config(path)
+    assert config.upstreams["docker.io"].ratelimit_reserve == 10
+    shown = describe(config)["upstreams"]["docker.io"]
+    assert shown["ratelimit_reserve"] == 10
+    assert shown["mirrors"][0]["url"] == "https://docker.m.daocloud.io"
+    assert shown["mirrors"][0]["capabilities"] == ["pull"]
+    for bad in (-1, "many", True, 1.5):
+        base["upstreams"]["docker.io"]["ratelimit_reserve"] = bad
+        path.write_text(json.dumps(base))
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        assert "upstreams.docker.io.ratelimit_reserve: expected a whole number" in str(info.value)
+        assert "\n" not in str(info.value)
+    (tmp_path / "ok.yml").write_text(json.dumps(
+        {**base, "upstreams": {"docker.io": {**base["upstreams"]["docker.io"],
+                                             "ratelimit_reserve": 3}}}))
+    checked = subprocess.run([sys.executable, "-m", "mirror", "config", "check", "--config",
+                              str(tmp_path / "ok.yml")], capture_output=True, text=True,
+                             timeout=60)
+    assert checked.returncode == 0, checked.stderr
+    assert "https://docker.m.daocloud.io" in checked.stdout
+    assert "ratelimit_reserve: 3" in checked.stdout
