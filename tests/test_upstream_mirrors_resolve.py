@@ -98,6 +98,10 @@ def test_a_pull_only_accelerator_is_never_asked_for_a_tag(make_mirror, upstream,
         check_manifest(got, truth)
         assert head.headers["docker-content-digest"] == truth.digest
         assert faulty_accelerator.count(None, f"{truth.repo}/manifests/1") == 0
+        # The bytes were asked of it by digest; it lacks them: no penalty, url answers.
+        assert faulty_accelerator.count("GET", f"/manifests/{truth.digest}", status=404) == 1
+        assert value(scrape(mirror), "mirror_upstream_source_up", upstream="docker.io",
+                     source=host(faulty_accelerator.url)) == 1
     else:
         check_manifest(got, stale)
 
@@ -135,6 +139,29 @@ def test_with_url_down_and_no_resolve_mirror_cached_tags_are_served_stale(
     assert faulty_accelerator.count(None, f"/manifests/{images[0].tags[0]}") == 0
     assert "serving stale" in mirror.log_text()
     assert value(scrape(mirror), "mirror_stale_serves_total", upstream="docker.io") >= 4
+
+
+def test_with_every_source_hung_stale_tags_cost_one_timeout_per_source(
+        make_mirror, faulty_upstream, image_set, faulty_accelerator):
+    """url and a resolve mirror both hang: the first revalidations give up after
+    revalidate_timeout (each marking the source it waited on down), the rest are
+    served stale at once."""
+    image = image_set.docker
+    mirror = make_mirror(config(faulty_upstream.url, (faulty_accelerator.url,
+                                                      ["pull", "resolve"])))
+    with httpx.Client(base_url=mirror.url, timeout=60) as client:
+        check_manifest(get_manifest(client, image.repo, image.tags[0]), image)
+        time.sleep(1.2)
+        faulty_upstream.arm("hang", times=None)
+        faulty_accelerator.arm("hang", times=None)
+        took = []
+        for _ in range(5):
+            started = time.monotonic()
+            check_manifest(get_manifest(client, image.repo, image.tags[0]), image)
+            took.append(time.monotonic() - started)
+    assert all(t < 3.5 for t in took), took     # revalidate_timeout (2 s), not 2 x 2 s or 10 s
+    assert sum(took[2:]) < 1.5, took                  # both known down: no waiting
+    assert value(scrape(mirror), "mirror_upstream_up", upstream="docker.io") == 0
 
 
 def test_corrupt_manifest_bytes_from_the_accelerator_are_fetched_from_url(
