@@ -164,6 +164,24 @@ def test_with_every_source_hung_stale_tags_cost_one_timeout_per_source(
     assert value(scrape(mirror), "mirror_upstream_up", upstream="docker.io") == 0
 
 
+def test_a_mirror_that_denies_access_is_passed_over_and_logged_once(make_mirror, upstream,
+                                                                     image_set,
+                                                                     htpasswd_upstream):
+    """A mirror asking for credentials it was not given (401): url answers, no penalty,
+    one warning however many requests it denied."""
+    mirror = make_mirror(config(upstream.url, (htpasswd_upstream.url, ["pull"])))
+    with httpx.Client(base_url=mirror.url, timeout=60) as client:
+        for image in (image_set.docker, image_set.oci, image_set.oci_index):
+            check_manifest(get_manifest(client, image.repo, image.tags[0]), image)
+        metrics = scrape(mirror)
+    log = mirror.log_text()
+    assert log.count(f"mirror {host(htpasswd_upstream.url)} denied access") == 1, log
+    assert value(metrics, "mirror_upstream_source_errors_total", upstream="docker.io",
+                 source=host(htpasswd_upstream.url), reason="denied") >= 3
+    assert value(metrics, "mirror_upstream_source_up", upstream="docker.io",
+                 source=host(htpasswd_upstream.url)) == 1
+
+
 def test_corrupt_manifest_bytes_from_the_accelerator_are_fetched_from_url(
         make_mirror, upstream, image_set, faulty_accelerator):
     image = image_set.oci_index
