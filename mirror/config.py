@@ -387,7 +387,7 @@ def describe(config: Config, mask: bool = True) -> dict:
                              "password": SECRET if mask and m.password is not None
                              else m.password, "token_realms": list(m.token_realms)}
                             for m in u.mirrors],
-                "prefer": u.prefer, "min_speed": format_size(u.min_speed) if u.min_speed else 0,
+                "prefer": u.prefer, "min_speed": format_size(u.min_speed) if u.min_speed else None,
                 "ratelimit_reserve": u.ratelimit_reserve}
 
     out: dict[str, Any] = {

@@ -176,7 +176,7 @@ def _upstream(name: str, raw: Any, offline: bool = False) -> UpstreamConfig:
         if values["prefer"] not in ("order", "fastest"):
             raise ConfigError(f"{key}.prefer: expected order or fastest")
         kwargs["prefer"] = values["prefer"]
-    if "min_speed" in values:
+    if values.get("min_speed") is not None:           # none: off
         kwargs["min_speed"] = _field(f"{key}.min_speed", parse_size, values["min_speed"])
     if "ratelimit_reserve" in values:
         reserve = values["ratelimit_reserve"]

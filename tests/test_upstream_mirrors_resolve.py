@@ -251,6 +251,9 @@ def test_ratelimit_reserve_is_checked_and_config_check_shows_the_mirrors(tmp_pat
     assert shown["ratelimit_reserve"] == 10
     assert shown["mirrors"][0]["url"] == "https://docker.m.daocloud.io"
     assert shown["mirrors"][0]["capabilities"] == ["pull"]
+    again = tmp_path / "again.yml"
+    again.write_text(json.dumps(describe(config, mask=False)))
+    assert load_config(again).upstreams == config.upstreams        # check's output loads back
     for bad in (-1, "many", True, 1.5):
         base["upstreams"]["docker.io"]["ratelimit_reserve"] = bad
         path.write_text(json.dumps(base))
