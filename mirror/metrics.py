@@ -161,3 +161,13 @@ def deleted(kind: str) -> None:
     """A hosted manifest, tag or blob was deleted (kind: manifest, tag, blob)."""
     deletes.labels(kind).inc()
     _persist(f"deleted_{kind}s")
+
+
+source_bytes_total = Counter("mirror_upstream_source_bytes", "Blob bytes downloaded, per "
+                             "upstream and source (its url or a mirror, by host[:port])",
+                             ["upstream", "source"], registry=REGISTRY)
+
+
+def source_bytes(upstream: str, source: str, n: int) -> None:
+    """Blob bytes a fill got from one source of an upstream (its url or a mirror)."""
+    source_bytes_total.labels(upstream, source).inc(n)

@@ -108,12 +108,6 @@ class UpstreamGroup:
     async def stat_blob(self, repository: str, digest: str) -> int:
         return await self.truth.upstream.stat_blob(repository, digest)
 
-    @asynccontextmanager
-    async def stream_blob(self, repository: str, digest: str,
-                          offset: int = 0) -> AsyncIterator[BlobStream]:
-        async with self.truth.upstream.stream_blob(repository, digest, offset) as stream:
-            yield stream
-
     async def tags(self, repository: str, fallback: bool = False) -> list[str]:
         return await self.truth.upstream.tags(repository, fallback)
 
@@ -121,5 +115,12 @@ class UpstreamGroup:
                         fallback: bool = False) -> list[Referrer]:
         return await self.truth.upstream.referrers(repository, digest, fallback)
 
+    # -- blob bodies: the fills walk ``endpoints("pull")`` themselves (fill.py)
 
-
+    @asynccontextmanager
+    async def stream_blob(self, repository: str, digest: str, offset: int = 0,
+                          endpoint: Endpoint | None = None) -> AsyncIterator[BlobStream]:
+        """A blob's body from ``endpoint`` (default: the best ``pull`` endpoint)."""
+        endpoint = endpoint or self.endpoints("pull")[0]
+        async with endpoint.upstream.stream_blob(repository, digest, offset) as stream:
+            yield stream
