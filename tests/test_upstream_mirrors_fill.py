@@ -161,3 +161,32 @@ def test_skopeo_copy_through_the_mirror_is_byte_exact_from_the_accelerator(
         check_dir_image(out, image)
     assert upstream.count("GET", "/blobs/", since=truth_mark) == 0
     assert faulty_accelerator.count("GET", "/blobs/") > 0
+
+
+def test_a_blob_missing_at_the_accelerator_comes_from_the_truth_without_penalty(
+        make_mirror, upstream, accelerator, faulty_accelerator, image_set, big):
+    first, second = image_set.docker.largest_blob, image_set.oci.largest_blob
+    mirror = make_mirror(config_for(upstream.url, faulty_accelerator.url))
+    faulty_accelerator.arm("status", path_contains=first.digest, method="GET", status=404,
+                           code="BLOB_UNKNOWN", message="blob unknown to registry")
+    truth_mark = upstream.mark()
+    assert read_blob(mirror, image_set.docker.repo, first) == (first.size, first.digest, None)
+    assert blob_gets(upstream, first.digest, truth_mark, status=200) == 1
+    # A 404 is no failure of the accelerator: the next blob still comes from it.
+    assert read_blob(mirror, image_set.oci.repo, second) == (second.size, second.digest, None)
+    assert faulty_accelerator.count("GET", f"/blobs/{second.digest}", status=200) == 1
+    assert blob_gets(upstream, second.digest, truth_mark) == 0
+
+
+def test_wrong_bytes_everywhere_fail_the_fill_once_and_cache_nothing(
+        make_mirror, faulty_upstream, faulty_accelerator, big):
+    image, blob = big
+    mirror = make_mirror(config_for(faulty_upstream.url, faulty_accelerator.url))
+    for proxy in (faulty_upstream, faulty_accelerator):
+        proxy.arm("corrupt", path_contains=blob.digest, method="GET", times=None, offset=7)
+    n, digest, error = read_blob(mirror, image.repo, blob)
+    assert error is not None and n < blob.size
+    assert not mirror.cached_path(blob.digest).exists()
+    # Each source was asked once: no loop between them.
+    assert faulty_accelerator.count("GET", f"/blobs/{blob.digest}") == 1
+    assert faulty_upstream.count("GET", f"/blobs/{blob.digest}") == 1
