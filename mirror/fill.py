@@ -244,7 +244,8 @@ class Fill:
                 for e in blame:
                     e.penalize("wrong bytes")
                     out.append(e)
-                last = UpstreamBadContent(f"upstream {group.name} ({_labels(blame)}): "
+                last = UpstreamBadContent(f"upstream {group.name}"
+                                          f"{f' ({_labels(blame)})' if blame else ''}: "
                                           f"{exc.message}")
                 if not [e for e in group.endpoints("pull") if not _among(e, out)]:
                     raise last from None
