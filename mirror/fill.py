@@ -14,6 +14,18 @@ the last one lets go, the fill goes on for ``GRACE`` seconds (a client's retry
 rejoins it) and is then cancelled unless it is ``FINISH_FROM`` of the way done
 (finishing then costs less than what was fetched, and the next pull is a hit).
 A ``detached`` fill (``mirror warm``) runs to the end with no reader at all.
+
+Where the bytes come from: the upstream's ``pull`` endpoints (its mirrors, then the
+source of truth; see upstream_group.py), best first. A download that breaks on one
+(transport error, 5xx, 429), or stays below ``min_speed`` for ``SPEED_WINDOW``
+seconds while another healthy endpoint exists, penalizes it and resumes on the next
+with ``Range`` (a 404 or a denial moves on without penalty); the last endpoint left
+is resumed ``RESUMES`` times with backoff, as a lone upstream always was. Wrong
+bytes (the file does not hash to the digest, a body longer than announced, or sizes
+that disagree) penalize the endpoints that wrote into the file, and the download
+starts again from byte 0 on the next endpoint that did not: readers that were
+following the discarded file end aborted (their client retries); readers joining
+later follow the new download. Only when no endpoint is left does the fill fail.
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncGenerator
 
 from . import fileio, metrics
@@ -33,7 +46,7 @@ from .errors import (
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
-from .upstream_group import UpstreamGroup
+from .upstream_group import Endpoint, UpstreamGroup
 
 log = logging.getLogger("mirror.fill")
 
@@ -42,10 +55,24 @@ RESUMES = 3                       # resumptions of a broken upstream stream per 
 RESUME_BACKOFF = 0.5              # seconds before the first resumption; doubles after
 GRACE = 2.0                       # seconds an unread fill goes on before it is let go...
 FINISH_FROM = 0.5                 # ...unless this share of the blob is in: then it finishes
+SPEED_WINDOW = 5.0                # seconds under min_speed before a download moves on
 
 
 class FillFailed(Exception):
     """Raised to readers when the download they follow failed after their headers went out."""
+
+
+class _TooSlow(Exception):
+    """A download stayed under ``min_speed`` for ``SPEED_WINDOW`` seconds."""
+
+
+class _WrongBytes(Exception):
+    """What is in the temp file cannot become the blob: start again from byte 0."""
+
+    def __init__(self, message: str, blame_current: bool) -> None:
+        super().__init__(message)
+        self.message = message
+        self.blame_current = blame_current      # the endpoint streaming now is at fault too
 
 
 class Fill:
@@ -68,6 +95,10 @@ class Fill:
         self._idle: asyncio.TimerHandle | None = None
         self._temp: TempBlob | None = None
         self._began = False              # upstream has answered with a body once
+        self._linked = False
+        self.generation = 0              # bumped when the download restarts from byte 0
+        self.source_label: str | None = None      # the endpoint downloading (last) from
+        self.sources: dict[str, int] = {}         # bytes of the kept file, per endpoint
         self._reserved = 0
         self.uncached = False            # too big for the cache's budget: streamed, not kept
         self._finished = asyncio.Event()
@@ -145,37 +176,12 @@ class Fill:
             metrics.fills_in_progress.inc()
             running = True
             self._temp = await self.cache.new_temp(self.digest.split(":", 1)[0])
-            resumes = 0
-            while True:
-                try:
-                    await self._download()
-                    break
-                except UpstreamUnavailable as exc:
-                    # A stream that broke after it started is resumed where it stopped;
-                    # failing to start at all was already retried by the upstream client.
-                    if (not self._began or resumes >= RESUMES
-                            or isinstance(exc, (UpstreamRateLimited, UpstreamBadContent))):
-                        raise
-                    resumes += 1
-                    log.warning("blob %s: %s after %d bytes; resuming (%d/%d)", self.digest,
-                                exc.message, self._temp.size, resumes, RESUMES)
-                    await asyncio.sleep(RESUME_BACKOFF * 2 ** (resumes - 1))
-            if self.size is not None and self._temp.size != self.size:
-                raise UpstreamUnavailable(f"upstream {self.upstream.name}: blob {self.digest} "
-                                          f"ended after {self._temp.size} of {self.size} bytes")
-            # Committing moves the bytes from "reserved" to "cached": never count both.
-            self.cache.reserved -= self._reserved
-            self._reserved = 0
-            try:
-                await (self.cache.pass_through(self._temp, self.digest, self) if self.uncached
-                       else self.cache.commit_blob(self._temp, self.digest))
-            except DigestInvalid as exc:
-                raise UpstreamBadContent(
-                    f"upstream {self.upstream.name}: blob {exc.message}") from None
+            await self._fetch()
             self.size = self._temp.size
-            log.info("%s blob %s (%d bytes) from %s/%s", "passed through (too big to cache)"
-                     if self.uncached else "cached", self.digest, self.size,
-                     self.upstream.name, self.repository)
+            log.info("%s blob %s (%d bytes) from %s/%s via %s", "passed through (too big to "
+                     "cache)" if self.uncached else "cached", self.digest, self.size,
+                     self.upstream.name, self.repository,
+                     ", ".join(f"{k} ({v} bytes)" for k, v in self.sources.items()))
         except BaseException as exc:
             self.error = _describe(exc, self.digest, self.abandoned)
             if isinstance(exc, RegistryError):
@@ -202,53 +208,215 @@ class Fill:
             self._finished.set()
             self._notify()
 
-    async def _download(self) -> None:
-        """Append upstream's bytes from where the temp file ends to the end of the blob."""
+    async def _fetch(self) -> None:
+        """Download the blob into the temp file and commit it, walking the endpoints
+        (see the module doc)."""
+        assert self._temp is not None
+        group = self.upstream
+        out: list[Endpoint] = []            # not to be asked again by this fill
+        contributors: list[Endpoint] = []   # wrote bytes into the current temp file
+        resumes = 0
+        last: RegistryError | None = None
+        while True:
+            candidates = [e for e in group.endpoints("pull") if not _among(e, out)]
+            if not candidates:
+                assert last is not None
+                raise last
+            endpoint, others = candidates[0], candidates[1:]
+            try:
+                try:
+                    await self._download(endpoint, contributors,
+                                         watch=any(e.healthy for e in others))
+                    if self.size is not None and self._temp.size != self.size:
+                        raise UpstreamUnavailable(
+                            f"upstream {group.name}: blob {self.digest} ended after "
+                            f"{self._temp.size} of {self.size} bytes")
+                    await self._commit()
+                except DigestInvalid as exc:
+                    raise _WrongBytes(f"blob {exc.message}", blame_current=True) from None
+                for e in contributors:
+                    e.succeeded()
+                return
+            except _WrongBytes as exc:
+                blame = [e for e in contributors if exc.blame_current or e is not endpoint]
+                if exc.blame_current and not _among(endpoint, blame):
+                    blame.append(endpoint)
+                for e in blame:
+                    e.penalize("wrong bytes")
+                    metrics.source_error(group.name, e.label, "bad_content")
+                    out.append(e)
+                last = UpstreamBadContent(f"upstream {group.name}"
+                                          f"{f' ({_labels(blame)})' if blame else ''}: "
+                                          f"{exc.message}")
+                if not [e for e in group.endpoints("pull") if not _among(e, out)]:
+                    raise last from None
+                log.warning("blob %s: %s; starting again from byte 0 from another source",
+                            self.digest, last.message)
+                await self._restart()
+                contributors, resumes = [], 0
+            except _TooSlow:
+                endpoint.penalize("too slow")
+                metrics.source_error(group.name, endpoint.label, "slow")
+                out.append(endpoint)
+                log.warning("blob %s: %s is slower than min_speed (%d bytes/s); resuming "
+                            "after %d bytes from another source", self.digest, endpoint.label,
+                            group.config.min_speed, self._temp.size)
+            except RegistryError as exc:
+                last = exc
+                transient = isinstance(exc, UpstreamUnavailable)
+                if transient:
+                    endpoint.penalize(exc.message)
+                    metrics.source_error(group.name, endpoint.label,
+                                         "rate_limited" if isinstance(exc, UpstreamRateLimited)
+                                         else "bad_content" if isinstance(exc, UpstreamBadContent)
+                                         else "unavailable")
+                if others:
+                    out.append(endpoint)
+                    log.warning("blob %s: %s after %d bytes from %s; %s from another source",
+                                self.digest, exc.message, self._temp.size, endpoint.label,
+                                "resuming" if self._temp.size else "trying")
+                    continue
+                # The last source left: a stream that broke after it started is resumed
+                # where it stopped; failing to start at all was already retried by the
+                # upstream client.
+                if (not transient or not self._began or resumes >= RESUMES
+                        or isinstance(exc, (UpstreamRateLimited, UpstreamBadContent))):
+                    raise
+                resumes += 1
+                log.warning("blob %s: %s after %d bytes; resuming (%d/%d)", self.digest,
+                            exc.message, self._temp.size, resumes, RESUMES)
+                await asyncio.sleep(RESUME_BACKOFF * 2 ** (resumes - 1))
+
+    async def _commit(self) -> None:
+        assert self._temp is not None
+        # Committing moves the bytes from "reserved" to "cached": never count both.
+        self.cache.reserved -= self._reserved
+        self._reserved = 0
+        await (self.cache.pass_through(self._temp, self.digest, self) if self.uncached
+               else self.cache.commit_blob(self._temp, self.digest))
+
+    async def _restart(self) -> None:
+        """Start over from byte 0 in a fresh temp file; readers of the old one end
+        aborted (they see ``generation`` change)."""
+        inflight, self._inflight = self._inflight, None
+        try:
+            if inflight is not None:
+                await fileio.finish(inflight)
+        except Exception:
+            pass                    # those bytes are being thrown away anyway
+        self._pending, self._pending_bytes = [], 0
+        old, self._temp = self._temp, await self.cache.new_temp(self.digest.split(":", 1)[0])
+        self.cache.reserved -= self._reserved
+        self._reserved = 0
+        self.generation += 1
+        self.written = 0
+        self.size = None
+        self._began = False
+        self.uncached = False
+        self.sources = {}
+        self._notify()
+        if old is not None:
+            await old.discard()
+
+    async def _download(self, endpoint: Endpoint, contributors: list[Endpoint],
+                        watch: bool) -> None:
+        """Append the endpoint's bytes from where the temp file ends to the end of the
+        blob. ``watch``: another healthy endpoint exists, so one below ``min_speed``
+        for ``SPEED_WINDOW`` seconds is abandoned (``_TooSlow``)."""
         assert self._temp is not None
         offset = self._temp.size
-        async with self.upstream.stream_blob(self.repository, self.digest, offset) as stream:
-            if not self._began:
-                self.size = stream.size
-                self._began = True
-                # Upstream serves it in this repository: remember that for the next pull.
-                await self.cache.link(self.upstream.name, self.repository, [self.digest])
-                if self.size and not self.cache.fits(self.size):
-                    self.uncached = True        # reserves nothing, so evicts nothing
-                elif self.size:
-                    self._reserved = self.size          # the evictor makes room ahead
-                    self.cache.reserved += self.size
-                    if self.cache.make_room is not None:
-                        await self.cache.make_room()
-                    # Claim the space up front: a full disk fails here, before the first
-                    # byte, and the file system lays the file out in one go (ext4 writes
-                    # it measurably faster).
-                    await fileio.preallocate(self._temp.fd, self.size)
-            skip = offset - stream.start        # upstream ignored Range: skip what we have
-            received = offset
-            try:
-                async for chunk in stream.chunks():
-                    if skip:
-                        if len(chunk) <= skip:
-                            skip -= len(chunk)
-                            continue
-                        chunk, skip = chunk[skip:], 0
-                    received += len(chunk)
-                    if self.size is not None and received > self.size:
-                        raise UpstreamBadContent(f"upstream {self.upstream.name}: blob "
-                                                 f"{self.digest} is longer than announced")
-                    self._pending.append(chunk)
-                    self._pending_bytes += len(chunk)
-                    # One writer at a time; what arrives meanwhile is gathered into its
-                    # next write, so readers see bytes soon and writes stay big.
-                    if self._inflight is not None and (self._inflight.done()
-                                                       or self._pending_bytes >= WRITE_BACKLOG):
-                        await self._settle()
-                    if self._inflight is None:
-                        self._inflight = asyncio.ensure_future(self._write_pending())
-            except UpstreamUnavailable:
-                await self._flush()     # keep every byte that did arrive, then resume
-                raise
-            await self._flush()
+        group = self.upstream
+        min_speed = group.config.min_speed if watch else 0
+        received = offset
+        began_at = time.monotonic()
+        try:
+            async with group.stream_blob(self.repository, self.digest, offset,
+                                         endpoint=endpoint) as stream:
+                self.source_label = endpoint.label
+                if group.mirrors:                   # the access log's miss@<source>
+                    metrics.sourced(endpoint.label)
+                if self._began and stream.size is not None and self.size is not None \
+                        and stream.size != self.size:
+                    raise _WrongBytes(f"blob {self.digest} is {stream.size} bytes at "
+                                      f"{endpoint.label} but {self.size} bytes where the "
+                                      "download began", blame_current=False)
+                if not self._began:
+                    await self._begin(stream.size)
+                skip = offset - stream.start        # upstream ignored Range: skip what we have
+                quota = min_speed * SPEED_WINDOW
+                deadline: float | None = None
+                window = 0
+                loop = asyncio.get_running_loop()
+                chunks = stream.chunks().__aiter__()
+                try:
+                    while True:
+                        try:
+                            if deadline is None:
+                                chunk = await anext(chunks)
+                            else:
+                                async with asyncio.timeout_at(deadline):
+                                    chunk = await anext(chunks)
+                        except StopAsyncIteration:
+                            break
+                        except TimeoutError:
+                            raise _TooSlow() from None
+                        if min_speed:
+                            # The window starts at the first bytes, and again each time
+                            # it has brought min_speed's worth.
+                            window += len(chunk)
+                            if deadline is None or window >= quota:
+                                deadline, window = loop.time() + SPEED_WINDOW, 0
+                        if skip:
+                            if len(chunk) <= skip:
+                                skip -= len(chunk)
+                                continue
+                            chunk, skip = chunk[skip:], 0
+                        received += len(chunk)
+                        if not _among(endpoint, contributors):
+                            contributors.append(endpoint)
+                        if self.size is not None and received > self.size:
+                            raise _WrongBytes(f"blob {self.digest} is longer than announced",
+                                              blame_current=True)
+                        self._pending.append(chunk)
+                        self._pending_bytes += len(chunk)
+                        # One writer at a time; what arrives meanwhile is gathered into its
+                        # next write, so readers see bytes soon and writes stay big.
+                        if self._inflight is not None and (
+                                self._inflight.done() or self._pending_bytes >= WRITE_BACKLOG):
+                            await self._settle()
+                        if self._inflight is None:
+                            self._inflight = asyncio.ensure_future(self._write_pending())
+                except (UpstreamUnavailable, _TooSlow):
+                    await self._flush()     # keep every byte that did arrive, then resume
+                    raise
+                await self._flush()
+        finally:
+            got = received - offset
+            if got > 0:
+                endpoint.measured(got, time.monotonic() - began_at)
+                metrics.source_bytes(group.name, endpoint.label, got)
+                self.sources[endpoint.label] = self.sources.get(endpoint.label, 0) + got
+
+    async def _begin(self, size: int | None) -> None:
+        """The first answer with a body (again after a restart): size and space."""
+        assert self._temp is not None
+        self.size = size
+        self._began = True
+        if not self._linked:
+            self._linked = True
+            # Upstream serves it in this repository: remember that for the next pull.
+            await self.cache.link(self.upstream.name, self.repository, [self.digest])
+        if self.size and not self.cache.fits(self.size):
+            self.uncached = True        # reserves nothing, so evicts nothing
+        elif self.size:
+            self._reserved = self.size          # the evictor makes room ahead
+            self.cache.reserved += self.size
+            if self.cache.make_room is not None:
+                await self.cache.make_room()
+            # Claim the space up front: a full disk fails here, before the first
+            # byte, and the file system lays the file out in one go (ext4 writes
+            # it measurably faster).
+            await fileio.preallocate(self._temp.fd, self.size)
 
     async def _write_pending(self) -> None:
         """Write what has arrived, batch after batch, until nothing is waiting: bytes
@@ -302,10 +470,13 @@ class Fill:
         cap = self.written - 1 if self.size is None else min(self.written, self.size - 1)
         return max(0, cap)
 
-    async def _open(self) -> int:
+    async def _open(self) -> tuple[int, int]:
+        """A descriptor on the blob's bytes, and the generation of the download it
+        belongs to (a finished blob belongs to the current one)."""
         if not self.done and self._temp is not None:
+            generation, path = self.generation, self._temp.path
             try:
-                return await fileio.open_read(self._temp.path)
+                return await fileio.open_read(path), generation
             except FileNotFoundError:
                 pass     # committed (or discarded) in between: wait for the outcome
         await self._finished.wait()
@@ -313,17 +484,22 @@ class Fill:
             raise FillFailed(str(self.error))
         if self.uncached:
             assert self._temp is not None       # streamed through from its temp file
-            return await fileio.open_read(self._temp.path)
-        return await fileio.open_read(self.cache.path_for(self.digest))
+            return await fileio.open_read(self._temp.path), self.generation
+        return await fileio.open_read(self.cache.path_for(self.digest)), self.generation
 
     async def chunks(self, start: int = 0,
                      end: int | None = None) -> AsyncGenerator[bytes | bytearray, None]:
-        fd = await self._open()
+        fd, generation = await self._open()
         try:
             pos = start
             while True:
                 if self.error is not None:
                     raise FillFailed(str(self.error))
+                if self.generation != generation:
+                    # The file this reader followed was thrown away (wrong bytes): what it
+                    # sent may be wrong, so its response ends broken and the client retries.
+                    raise FillFailed(f"download of blob {self.digest} started again from "
+                                     "another source")
                 target = end if end is not None else (self.written if self.done else None)
                 if target is not None and pos >= target:
                     return
@@ -370,6 +546,14 @@ class FillReader:
         if self._held:
             self._held = False
             self.fill._let_go()
+
+
+def _among(endpoint: Endpoint, endpoints: list[Endpoint]) -> bool:
+    return any(e is endpoint for e in endpoints)
+
+
+def _labels(endpoints: list[Endpoint]) -> str:
+    return ", ".join(e.label for e in endpoints)
 
 
 def _describe(exc: BaseException, digest: str, abandoned: bool = False) -> RegistryError:

@@ -209,3 +209,4 @@ def deleted(kind: str) -> None:
     """A hosted manifest, tag or blob was deleted (kind: manifest, tag, blob)."""
     deletes.labels(kind).inc()
     _persist(f"deleted_{kind}s")
+

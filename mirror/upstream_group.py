@@ -137,7 +137,9 @@ class UpstreamGroup:
         """Who may be asked, best first (see the module doc)."""
         able = [e for e in [*self.mirrors, self.truth] if capability in e.capabilities]
         if self.config.prefer == "fastest":
-            able.sort(key=lambda e: -(e.speed or 0.0))     # stable: configured order next
+            # Not measured yet ranks first, so each is measured once; then the fastest.
+            # The sort is stable: configured order among equals.
+            able.sort(key=lambda e: -(e.speed if e.speed is not None else float("inf")))
         return sorted(able, key=lambda e: not e.healthy)
 
     def reserved(self, e: Endpoint) -> bool:
@@ -209,12 +211,6 @@ class UpstreamGroup:
         _, size = await self._walk(self.endpoints("pull"), f"blob {repository}@{digest}",
                                    lambda e: e.upstream.stat_blob(repository, digest), False)
         return size
-
-    @asynccontextmanager
-    async def stream_blob(self, repository: str, digest: str,
-                          offset: int = 0) -> AsyncIterator[BlobStream]:
-        async with self.truth.upstream.stream_blob(repository, digest, offset) as stream:
-            yield stream
 
     def _url_first(self) -> list[Endpoint]:
         return [self.truth, *(m for m in self.mirrors if "resolve" in m.capabilities)]
@@ -298,6 +294,17 @@ class UpstreamGroup:
             raise UpstreamUnavailable(f"upstream {self.name}: no source may be asked for {what}",
                                       detail={"upstream": self.name, "reason": "down"})
         raise error
+
+
+    # -- blob bodies: the fills walk ``endpoints("pull")`` themselves (fill.py)
+
+    @asynccontextmanager
+    async def stream_blob(self, repository: str, digest: str, offset: int = 0,
+                          endpoint: Endpoint | None = None) -> AsyncIterator[BlobStream]:
+        """A blob's body from ``endpoint`` (default: the best ``pull`` endpoint)."""
+        endpoint = endpoint or self.endpoints("pull")[0]
+        async with endpoint.upstream.stream_blob(repository, digest, offset) as stream:
+            yield stream
 
 
 def _reason(exc: UpstreamUnavailable) -> str:
