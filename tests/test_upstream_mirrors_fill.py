@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from tests.support.clients import check_dir_image, run, which
+from tests.support.clients import check_dir_image, needs, run, which
 
 
 def config_for(truth_url: str, mirror_url: str, **upstream) -> dict:
@@ -208,3 +208,27 @@ def test_wrong_bytes_everywhere_fail_the_fill_once_and_cache_nothing(
     # Each source was asked once: no loop between them.
     assert faulty_accelerator.count("GET", f"/blobs/{blob.digest}") == 1
     assert faulty_upstream.count("GET", f"/blobs/{blob.digest}") == 1
+
+
+@needs("dockerd", "containerd")
+def test_dockerd_pulls_byte_exact_through_an_accelerator(as_root, make_mirror, upstream,
+                                                         accelerator, faulty_accelerator,
+                                                         image_set, tmp_path):
+    """dockerd's registry-mirrors -> the mirror -> the accelerator, with the accelerator
+    breaking mid-blob on the image's layer: the pull still completes byte-exact."""
+    from tests.support.clients import DockerdProcess
+
+    image = image_set.docker
+    layer = image.largest_blob
+    truth_mark, acc_mark = upstream.mark(), accelerator.mark()
+    mirror = make_mirror(config_for(upstream.url, faulty_accelerator.url))
+    faulty_accelerator.arm("reset", path_contains=layer.digest, method="GET")  # at half
+    with DockerdProcess(tmp_path / "dockerd", mirror.url) as dockerd:
+        dockerd.docker("pull", "alpinetest:v1")
+        info = dockerd.inspect("alpinetest:v1")
+        assert info["Id"] == image.blobs[0].digest           # the config: byte-exact
+        assert f"alpinetest@{image.digest}" in info["RepoDigests"]
+    # The config came from the accelerator; the broken layer was finished by url.
+    assert blob_gets(accelerator, image.blobs[0].digest, acc_mark) == 1
+    assert upstream.count("GET", f"/blobs/{layer.digest}", since=truth_mark) == 1
+    assert cached_digest(mirror, layer.digest) == layer.digest
