@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from . import evict, fileio, metrics, remove
-from .cache import CannotOpen, LocalCache
+from .cache import CannotOpen, LocalCache, existing
 from .config import Config
 from .errors import RegistryError
 from .hosted import gc as hosted_gc
@@ -66,17 +66,11 @@ def run(args, config: Config) -> int:
 
 @asynccontextmanager
 async def opened(config: Config):
-    if not (Path(config.data_dir) / "index.db").is_file():
-        raise AdminError(f"no cache in {config.data_dir} (no index.db there); "
-                         "check --data-dir or data_dir in the config")
     try:
-        cache = await LocalCache.open(config.data_dir, server=False)
+        async with existing(config.data_dir) as cache:
+            yield cache
     except CannotOpen as exc:
         raise AdminError(str(exc)) from None
-    try:
-        yield cache
-    finally:
-        await cache.close()
 
 
 # -- formatting ---------------------------------------------------------------------------

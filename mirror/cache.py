@@ -29,7 +29,8 @@ import sqlite3
 import time
 import weakref
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from . import fileio, lock
@@ -57,6 +58,20 @@ MANIFEST_MEMORY = 64 * 1024 * 1024   # bytes of hot manifests kept in memory
 class CannotOpen(Exception):
     """The data directory or its index cannot be used; the message is one line that
     names the path and says what to do."""
+
+
+@asynccontextmanager
+async def existing(data_dir: Path) -> AsyncIterator[LocalCache]:
+    """The cache in ``data_dir`` opened beside a running server (``server=False``), for
+    the maintenance, export and import commands; CannotOpen when there is none."""
+    if not (Path(data_dir) / "index.db").is_file():
+        raise CannotOpen(f"no cache in {data_dir} (no index.db there); "
+                         "check --data-dir or data_dir in the config")
+    cache = await LocalCache.open(data_dir, server=False)
+    try:
+        yield cache
+    finally:
+        await cache.close()
 
 
 def unusable(data_dir: Path, exc: BaseException, path: Path | None = None) -> str:

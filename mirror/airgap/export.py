@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .. import __version__, fileio
-from ..cache import CannotOpen, LocalCache
+from ..cache import CannotOpen, LocalCache, existing
 from ..config import Config
 from ..errors import RegistryError
 from ..fileio import CHUNK
@@ -420,19 +420,13 @@ def _finish_output(out: IO[bytes], temp: Path | None, output: str) -> None:
 async def export(args: argparse.Namespace, config: Config, progress: Progress,
                  platforms: list[Platform] | None, since: Since | None) -> int:
     router = Router(config)
-    if not (Path(config.data_dir) / "index.db").is_file():
-        raise ExportError(f"no cache in {config.data_dir} (no index.db there); check "
-                          "--data-dir or data_dir in the config")
     try:
-        cache = await LocalCache.open(config.data_dir, server=False)
+        async with existing(config.data_dir) as cache:
+            return await _export(args, config, progress, platforms, since, router, cache)
     except CannotOpen as exc:
         raise ExportError(str(exc)) from None
-    try:
-        return await _export(args, config, progress, platforms, since, router, cache)
     except RegistryError as exc:
         raise ExportError(exc.message) from None
-    finally:
-        await cache.close()
 
 
 async def _export(args: argparse.Namespace, config: Config, progress: Progress,
