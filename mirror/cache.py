@@ -108,6 +108,8 @@ class LocalCache:
         self._tags: dict[tuple[str, str, str], TagRow] = {}
         self._links: set[tuple[str, str, str]] = set()
         self._hosted: Counter[str] = Counter()      # digest -> hosted repositories linking it
+        self._bytes = 0            # what `size` says, kept in step by the map changes below
+        self._hosted_bytes = 0     # what `hosted_size` says, likewise
         self._hot: OrderedDict[str, bytes] = OrderedDict()
         self._hot_bytes = 0
         self._temp_seq = 0
@@ -220,6 +222,7 @@ class LocalCache:
         self._tags = {(t.upstream, t.repository, t.tag): t for t in await self.index.load_tags()}
         self._links = await self.index.load_links()
         self._hosted = Counter(d for u, _, d in self._links if u == HOSTED)
+        self._bytes, self._hosted_bytes = self.recount()
         for digest in [d for d in self._hot if d not in self._manifests]:
             self._hot_bytes -= len(self._hot.pop(digest))
 
@@ -253,14 +256,64 @@ class LocalCache:
     @property
     def size(self) -> int:
         """Bytes of blobs and manifests in the data directory, hosted and cached."""
-        return sum(self._blobs.values()) + sum(s for _, s in self._manifests.values())
+        return self._bytes
 
     @property
     def hosted_size(self) -> int:
         """Bytes of blobs and manifests linked to a hosted repository (stored once
         however many repositories, hosted or cached, link them)."""
-        return sum(self._blobs.get(d) or (self._manifests.get(d) or ("", 0))[1]
-                   for d in self._hosted)
+        return self._hosted_bytes
+
+    def recount(self) -> tuple[int, int]:
+        """(size, hosted_size) summed over the maps: O(n), so only at a (re)load. Every
+        other change goes through ``_set_blob``, ``_set_manifest``, ``_host`` and
+        ``_unhost``, which keep the two totals in step."""
+        return (sum(self._blobs.values()) + sum(s for _, s in self._manifests.values()),
+                sum(self._stored(d) for d in self._hosted))
+
+    def _stored(self, digest: str) -> int:
+        """What a hosted digest counts for: its blob's size, else its manifest's."""
+        return self._blobs.get(digest) or (self._manifests.get(digest) or ("", 0))[1]
+
+    def _set_blob(self, digest: str, size: int | None) -> None:
+        """Record (``size``) or drop (None) a blob in the map, and in the totals."""
+        hosted = digest in self._hosted
+        if hosted:
+            self._hosted_bytes -= self._stored(digest)
+        old = self._blobs.pop(digest, None)
+        if size is not None:
+            self._blobs[digest] = size
+        self._bytes += (size or 0) - (old or 0)
+        if hosted:
+            self._hosted_bytes += self._stored(digest)
+
+    def _set_manifest(self, digest: str, entry: tuple[str, int] | None) -> None:
+        """Record (media type, size) or drop (None) a manifest, in the map and totals."""
+        hosted = digest in self._hosted
+        if hosted:
+            self._hosted_bytes -= self._stored(digest)
+        old = self._manifests.pop(digest, None)
+        if entry is not None:
+            self._manifests[digest] = entry
+        self._bytes += (entry[1] if entry else 0) - (old[1] if old else 0)
+        if hosted:
+            self._hosted_bytes += self._stored(digest)
+
+    def _host(self, digests: Iterable[str]) -> None:
+        """One more hosted repository links each of ``digests``."""
+        for digest in digests:
+            if digest not in self._hosted:
+                self._hosted_bytes += self._stored(digest)
+            self._hosted[digest] += 1
+
+    def _unhost(self, digest: str) -> None:
+        """One hosted repository fewer links ``digest``."""
+        if digest not in self._hosted:
+            return
+        self._hosted[digest] -= 1
+        if self._hosted[digest] <= 0:
+            del self._hosted[digest]
+            self._hosted_bytes -= self._stored(digest)
 
     @property
     def cached_size(self) -> int:
@@ -295,10 +348,10 @@ class LocalCache:
         await self.index.forget(blobs, manifests)
         await self.delete_files([*blobs, *manifests])
         for d in blobs:
-            self._blobs.pop(d, None)
+            self._set_blob(d, None)
         gone = set(manifests)
         for d in gone:
-            self._manifests.pop(d, None)
+            self._set_manifest(d, None)
             if d in self._hot:
                 self._hot_bytes -= len(self._hot.pop(d))
         for key in [k for k, row in self._tags.items() if row.digest in gone]:
@@ -307,7 +360,7 @@ class LocalCache:
     def vanished(self, digest: str) -> None:
         """A file the maps listed is gone (removed by `mirror gc` beside the server)."""
         log.warning("blob %s vanished from the cache; it will be fetched again", digest)
-        self._blobs.pop(digest, None)
+        self._set_blob(digest, None)
 
     def _grew(self) -> None:
         if self.on_grow is not None:
@@ -341,7 +394,7 @@ class LocalCache:
             except FileNotFoundError:
                 log.warning("manifest %s vanished from the cache; it will be fetched again",
                             digest)
-                self._manifests.pop(digest, None)
+                self._set_manifest(digest, None)
                 return None
             self._remember(digest, data)
         else:
@@ -398,7 +451,7 @@ class LocalCache:
     async def commit_blob(self, temp: TempBlob, digest: str) -> int:
         """Make ``temp`` the blob ``digest`` if its bytes hash to it; else discard it."""
         await self._place(temp, digest)
-        self._blobs[digest] = temp.size
+        self._set_blob(digest, temp.size)
         await self._persist(self.index.add_blob(digest, temp.size), f"blob {digest}")
         self._grew()
         return temp.size
@@ -453,7 +506,7 @@ class LocalCache:
             await self._persist(self.index.add_manifest(manifest.digest, manifest.media_type,
                                                         manifest.size, refs),
                                 f"manifest {manifest.digest}")
-            self._manifests[manifest.digest] = (manifest.media_type, manifest.size)
+            self._set_manifest(manifest.digest, (manifest.media_type, manifest.size))
             self._remember(manifest.digest, manifest.data)
             self._grew()
         await self.link(upstream, repository, (manifest.digest, *refs.blobs, *refs.manifests))
@@ -465,7 +518,7 @@ class LocalCache:
                                 f"links of {upstream}/{repository}")
             self._links.update((upstream, repository, d) for d in new)
             if upstream == HOSTED:
-                self._hosted.update(set(new))
+                self._host(set(new))
 
     async def unlink(self, upstream: str, repository: str, tags: Iterable[str] = (),
                      digests: Iterable[str] = ()) -> None:
@@ -479,9 +532,7 @@ class LocalCache:
         for digest in digests:
             self._links.discard((upstream, repository, digest))
             if upstream == HOSTED:
-                self._hosted[digest] -= 1
-                if self._hosted[digest] <= 0:
-                    del self._hosted[digest]
+                self._unhost(digest)
 
     async def refresh_links(self, upstream: str, repository: str, digests: Iterable[str],
                             create: bool = False) -> set[str]:
@@ -493,7 +544,7 @@ class LocalCache:
             new = {d for d in wanted if (upstream, repository, d) not in self._links}
             self._links.update((upstream, repository, d) for d in new)
             if upstream == HOSTED:
-                self._hosted.update(new)        # hosted_size counts them, as link() does
+                self._host(new)                 # hosted_size counts them, as link() does
         return present
 
     async def add_referrer(self, upstream: str, repository: str, subject: str,
