@@ -156,8 +156,8 @@ class LocalCache:
                                 "files are checked against the index by size at start-up, "
                                 "run `mirror verify` to re-hash them", data_dir,
                                 held.previous_pid)
-                await cache._reconcile()
-                await cache.resync()
+                if await cache._reconcile():
+                    await cache.resync()
         except (sqlite3.Error, OSError) as exc:
             await index.close()
             raise CannotOpen(unusable(data_dir, exc, data_dir / "index.db")) from None
@@ -169,10 +169,12 @@ class LocalCache:
                  len(cache._blobs), len(cache._manifests), len(cache._tags))
         return cache
 
-    async def _reconcile(self) -> None:
+    async def _reconcile(self) -> bool:
         """Make the index and the files agree after a crash: rows whose file is gone or
         has the wrong size are dropped; files with no row (renamed in, then killed
         before the index write) and anything that is not a digest-named file are removed.
+        Whether rows were dropped (then the maps need a reload: loading a million rows
+        takes seconds, so a clean start loads them once).
 
         Sizes only, by choice: files are preallocated, so a size proves nothing about
         the bytes, but a row is committed only after its file's bytes were synced (see
@@ -192,6 +194,7 @@ class LocalCache:
             log.warning("reconciled cache with index: removed %d stray files, forgot %d blobs "
                         "and %d manifests whose files were missing", removed, len(gone_blobs),
                         len(gone_manifests))
+        return bool(gone_blobs or gone_manifests)
 
     async def resync_if_changed(self) -> set[str]:
         """Pick up what another process changed in the index; the kinds of change seen.
