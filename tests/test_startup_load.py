@@ -5,6 +5,7 @@ whose files were missing, so the maps never name what is gone."""
 from __future__ import annotations
 
 import asyncio
+import gc
 
 from mirror.cache import LocalCache
 from mirror.index import Index
@@ -44,6 +45,22 @@ def test_a_clean_start_loads_the_index_once_and_a_reconciled_one_again(tmp_path,
             assert loads == [2, 1]                   # reloaded after the row was dropped
             assert cache.blob_size(lost) is None and cache.size == 40
             assert cache.recount() == (40, 0)
+        finally:
+            await cache.close()
+    asyncio.run(scenario())
+
+
+def test_the_loaded_maps_are_kept_out_of_the_cyclic_collectors_walks(tmp_path):
+    """A full collection walks every object it tracks (120 ms of stalled event loop with
+    a million blobs): the maps are frozen out of it once loaded, and again on a reload."""
+    async def scenario():
+        cache = await LocalCache.open(tmp_path, server=True)
+        try:
+            await add_blob(cache, b"x" * 10)
+            for _ in range(2):
+                tracked = {id(o) for o in gc.get_objects()}
+                assert id(cache._links) not in tracked and id(cache._tags) not in tracked
+                await cache.resync()
         finally:
             await cache.close()
     asyncio.run(scenario())
