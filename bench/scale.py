@@ -18,9 +18,11 @@ closed port, so nothing below can reach upstream) and the script measures:
   blob GET      a warm blob, median of 200
   /metrics      one scrape, median of 20
   stats / ls    ``mirror stats`` / ``mirror ls`` wall time (own processes, beside it)
-  gc plan       ``mirror gc --dry-run`` with max_size at 90% of the cache: an eviction
-                plan for ~10%
+  gc plan       ``mirror gc --dry-run`` with max_size the size of the cache and
+                low_watermark 90%: an eviction plan for 10% of it
   idle          5 s of nothing (the periodic work)
+  reload        the index's content generation bumped, as `mirror gc` or `import` do
+                after a change: the server reloads its maps (5 s)
 
 and, during every step, the longest event-loop stall seen from outside: a thread GETs
 ``/healthz`` (answered by the loop alone) every 10 ms and the step's longest gap
@@ -198,6 +200,20 @@ def cli(config: Path, *args: str) -> float:
     return time.perf_counter() - t
 
 
+def changed_elsewhere(data_dir: Path) -> float:
+    """Bump the index's content generation as `mirror gc` or `import` do after a change
+    (the server reloads its maps within a second or two), then wait 5 s."""
+    from mirror.index import GENERATIONS
+
+    db = sqlite3.connect(data_dir / "index.db", timeout=30)
+    with db:
+        db.execute("INSERT INTO meta VALUES (?, '1') ON CONFLICT (key) "
+                   "DO UPDATE SET value = CAST(value AS INTEGER) + 1", (GENERATIONS["content"],))
+    db.close()
+    time.sleep(5)
+    return 5.0
+
+
 def measure(work: Path, data_dir: Path, target: dict) -> dict[str, tuple[float, float]]:
     """step -> (value, longest stall s)."""
     port = free_port()
@@ -206,7 +222,10 @@ def measure(work: Path, data_dir: Path, target: dict) -> dict[str, tuple[float, 
     config_path = work / f"{data_dir.name}.yml"
     config_path.write_text(yaml.safe_dump(config))
     gc_path = work / f"{data_dir.name}-gc.yml"
-    gc_path.write_text(yaml.safe_dump({**config, "max_size": int(target["bytes"] * 0.9)}))
+    # gc evicts down to the low watermark: at 90% of a max_size the size of the cache,
+    # that is a plan for 10% of it.
+    gc_path.write_text(yaml.safe_dump({**config, "max_size": target["bytes"],
+                                       "high_watermark": "95%", "low_watermark": "90%"}))
     log = open(work / f"{data_dir.name}.log", "ab")
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "mirror", "serve", "--config",
@@ -242,6 +261,7 @@ def measure(work: Path, data_dir: Path, target: dict) -> dict[str, tuple[float, 
             "mirror ls s": lambda: cli(config_path, "ls"),
             "gc --dry-run (10%) s": lambda: cli(gc_path, "gc", "--dry-run"),
             "idle 5 s": lambda: time.sleep(5) or 5.0,
+            "reload after a change elsewhere, 5 s": lambda: changed_elsewhere(data_dir),
         }
         for name, step in steps.items():
             t = time.perf_counter()
