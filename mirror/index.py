@@ -67,6 +67,7 @@ CREATE TABLE IF NOT EXISTS referrers (
 SCHEMA_VERSION = "1"
 REFERRERS_PENDING = "referrers_backfill"     # meta key: hosted referrers not recorded yet
 GENERATIONS = {"content": "generation", "pins": "pins_generation"}   # kind -> meta key
+LOAD_BATCH = 10_000  # rows read at a time when loading the maps
 VARIABLES = 500     # bound values per statement: far below SQLite's limit on any build
 
 
@@ -78,6 +79,13 @@ async def _abandon(db: aiosqlite.Connection, timeout: float = 5.0) -> None:
         await asyncio.wait_for(db.close(), timeout)
     except BaseException:
         db.stop()          # the thread ends once it has run what was queued before
+
+
+def _shared() -> Callable[[str], str]:
+    """One string object for each distinct value passed: SQLite hands out a new string
+    per row, and a million links name a few thousand upstreams and repositories."""
+    seen: dict[str, str] = {}
+    return lambda text: seen.setdefault(text, text)
 
 
 @dataclass(frozen=True)
@@ -162,12 +170,18 @@ class Index:
     async def load_tags(self) -> list[TagRow]:
         rows = await self._db.execute_fetchall(
             "SELECT upstream, repository, tag, digest, fetched_at, expires_at FROM tags")
-        return [TagRow(*r) for r in rows]
+        name = _shared()
+        return [TagRow(name(u), name(r), *rest) for u, r, *rest in rows]
 
     async def load_links(self) -> set[tuple[str, str, str]]:
-        rows = await self._db.execute_fetchall(
-            "SELECT upstream, repository, digest FROM repo_links")
-        return {tuple(r) for r in rows}
+        """Read in batches, so the memory of each batch's row strings (most of them
+        dropped for shared ones) is reused by the next instead of all being held at once."""
+        name = _shared()
+        links: set[tuple[str, str, str]] = set()
+        async with self._db.execute("SELECT upstream, repository, digest FROM repo_links") as cur:
+            while rows := await cur.fetchmany(LOAD_BATCH):
+                links.update((name(u), name(r), d) for u, r, d in rows)
+        return links
 
     # -- writes (cache misses: not on the hot path) -----------------------------------------
 
