@@ -37,11 +37,10 @@ from pathlib import Path
 from . import fileio, lock
 from .cache_files import CachedBlob as CachedBlob
 from .cache_files import TempBlob as TempBlob
-from .cache_files import fsync_dir, make_dirs, remove_later, scan_blobs
+from .cache_files import blob_path, fsync_dir, make_dirs, remove_later, scan_blobs
 from .errors import DigestInvalid
 from .index import Index, TagRow
 from .models import (
-    DIGEST_RE,
     HOSTED,
     Manifest,
     ManifestInfo,
@@ -378,10 +377,7 @@ class LocalCache:
     # -- paths -----------------------------------------------------------------------------
 
     def path_for(self, digest: str) -> Path:
-        if not DIGEST_RE.fullmatch(digest):          # defence in depth: callers validated
-            raise DigestInvalid(f"invalid digest {digest[:200]!r}")
-        algorithm, hexpart = digest.split(":", 1)
-        return self.data_dir / "blobs" / algorithm / hexpart[:2] / hexpart
+        return blob_path(self.data_dir, digest)
 
     # -- read side -------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from . import fileio
-from .errors import CacheUnavailable
+from .errors import CacheUnavailable, DigestInvalid
 from .models import DIGEST_RE, HASHES
 
 
@@ -81,6 +81,14 @@ class TempBlob:
             pass                # that write's error was reported to whoever awaited it
         finally:
             await fileio.run_to_end(rm)
+
+
+def blob_path(data_dir: Path, digest: str) -> Path:
+    """Where the cache keeps a verified blob or manifest: ``blobs/<alg>/<2 hex>/<hex>``."""
+    if not DIGEST_RE.fullmatch(digest):          # defence in depth: callers validated
+        raise DigestInvalid(f"invalid digest {digest[:200]!r}")
+    algorithm, hexpart = digest.split(":", 1)
+    return Path(data_dir) / "blobs" / algorithm / hexpart[:2] / hexpart
 
 
 def fdatasync(fd: int) -> None:

@@ -46,7 +46,7 @@ from .errors import (
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
-from .upstream_group import Endpoint, UpstreamGroup
+from .upstream_group import Endpoint, UpstreamGroup, error_reason
 
 log = logging.getLogger("mirror.fill")
 
@@ -218,7 +218,7 @@ class Fill:
         resumes = 0
         last: RegistryError | None = None
         while True:
-            candidates = [e for e in group.endpoints("pull") if not _among(e, out)]
+            candidates = [e for e in group.endpoints("pull") if e not in out]
             if not candidates:
                 assert last is not None
                 raise last
@@ -239,7 +239,7 @@ class Fill:
                 return
             except _WrongBytes as exc:
                 blame = [e for e in contributors if exc.blame_current or e is not endpoint]
-                if exc.blame_current and not _among(endpoint, blame):
+                if exc.blame_current and endpoint not in blame:
                     blame.append(endpoint)
                 for e in blame:
                     e.penalize("wrong bytes")
@@ -248,7 +248,7 @@ class Fill:
                 last = UpstreamBadContent(f"upstream {group.name}"
                                           f"{f' ({_labels(blame)})' if blame else ''}: "
                                           f"{exc.message}")
-                if not [e for e in group.endpoints("pull") if not _among(e, out)]:
+                if not [e for e in group.endpoints("pull") if e not in out]:
                     raise last from None
                 log.warning("blob %s: %s; starting again from byte 0 from another source",
                             self.digest, last.message)
@@ -264,12 +264,9 @@ class Fill:
             except RegistryError as exc:
                 last = exc
                 transient = isinstance(exc, UpstreamUnavailable)
-                if transient:
+                if isinstance(exc, UpstreamUnavailable):
                     endpoint.penalize(exc.message)
-                    metrics.source_error(group.name, endpoint.label,
-                                         "rate_limited" if isinstance(exc, UpstreamRateLimited)
-                                         else "bad_content" if isinstance(exc, UpstreamBadContent)
-                                         else "unavailable")
+                    metrics.source_error(group.name, endpoint.label, error_reason(exc))
                 if others:
                     out.append(endpoint)
                     log.warning("blob %s: %s after %d bytes from %s; %s from another source",
@@ -333,8 +330,7 @@ class Fill:
             async with group.stream_blob(self.repository, self.digest, offset,
                                          endpoint=endpoint) as stream:
                 self.source_label = endpoint.label
-                if group.mirrors:                   # the access log's miss@<source>
-                    metrics.sourced(endpoint.label)
+                group.note_source(endpoint)
                 if self._began and stream.size is not None and self.size is not None \
                         and stream.size != self.size:
                     raise _WrongBytes(f"blob {self.digest} is {stream.size} bytes at "
@@ -372,7 +368,7 @@ class Fill:
                                 continue
                             chunk, skip = chunk[skip:], 0
                         received += len(chunk)
-                        if not _among(endpoint, contributors):
+                        if endpoint not in contributors:
                             contributors.append(endpoint)
                         if self.size is not None and received > self.size:
                             raise _WrongBytes(f"blob {self.digest} is longer than announced",
@@ -546,10 +542,6 @@ class FillReader:
         if self._held:
             self._held = False
             self.fill._let_go()
-
-
-def _among(endpoint: Endpoint, endpoints: list[Endpoint]) -> bool:
-    return any(e is endpoint for e in endpoints)
 
 
 def _labels(endpoints: list[Endpoint]) -> str:

@@ -40,7 +40,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 import httpx
@@ -70,7 +70,7 @@ PENALTY_FIRST = 30.0     # seconds an endpoint sits out after a failure; doubles
 PENALTY_MAX = 600.0      # ... up to this
 
 
-@dataclass
+@dataclass(eq=False)      # an endpoint is itself: compared by identity
 class Endpoint:
     upstream: Upstream
     label: str                          # host[:port] of its URL, for logs and metrics
@@ -79,7 +79,6 @@ class Endpoint:
     penalized_until: float = 0.0        # monotonic
     penalty: float = 0.0                # the last backoff, doubled at the next failure
     speed: float | None = None          # bytes/s, moving average of blob downloads
-    reasons: list[str] = field(default_factory=list)
 
     @property
     def healthy(self) -> bool:
@@ -89,7 +88,8 @@ class Endpoint:
         """Sit out a backoff (``PENALTY_FIRST``, doubling to ``PENALTY_MAX``)."""
         self.penalty = min(PENALTY_MAX, self.penalty * 2 if self.penalty else PENALTY_FIRST)
         self.penalized_until = time.monotonic() + self.penalty
-        self.reasons = (self.reasons + [reason])[-5:]
+        log.debug("upstream %s: %s sits out %gs: %s", self.upstream.name, self.label,
+                  self.penalty, reason)
 
     def succeeded(self) -> None:
         self.penalty = 0.0
@@ -184,9 +184,15 @@ class UpstreamGroup:
             return await self._manifest_by_digest(repository, found.digest, accept, fallback)
         return self._got(e, found)
 
+    def note_source(self, e: Endpoint) -> None:
+        """The access log's ``miss@<source>`` for what ``e`` served: said only when the
+        upstream has mirrors (with ``url`` alone there is no choice to tell)."""
+        if self.mirrors:
+            metrics.sourced(e.label)
+
     def _got(self, e: Endpoint, found: tuple[Manifest, References]) -> tuple[Manifest, References]:
         """A manifest fetched from ``e``: the access log and the per-source bytes say so."""
-        metrics.sourced(e.label)
+        self.note_source(e)
         metrics.source_bytes(self.name, e.label, found[0].size)
         return found
 
@@ -274,7 +280,7 @@ class UpstreamGroup:
                 reason = (exc.detail or {}).get("reason")
                 if reason not in NOT_PENALIZED:
                     e.penalize(exc.message)
-                    metrics.source_error(self.name, e.label, _reason(exc))
+                    metrics.source_error(self.name, e.label, error_reason(exc))
                 if len(able) > 1:
                     log.info("upstream %s: %s failed for %s (%s); trying the next source",
                              self.name, e.label, what, exc.message)
@@ -307,7 +313,8 @@ class UpstreamGroup:
             yield stream
 
 
-def _reason(exc: UpstreamUnavailable) -> str:
+def error_reason(exc: UpstreamUnavailable) -> str:
+    """The ``reason`` label of ``mirror_upstream_source_errors_total`` for ``exc``."""
     if isinstance(exc, UpstreamBadContent):
         return "bad_content"
     if isinstance(exc, UpstreamRateLimited):

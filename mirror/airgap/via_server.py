@@ -31,6 +31,7 @@ import aiosqlite
 import httpx
 
 from .. import local_access, lock
+from ..cache_files import blob_path
 from ..config import Config
 from ..healthcheck import target
 from ..models import MANIFEST_TYPES
@@ -162,9 +163,7 @@ class Index:
             return False
         if not rows:
             return False
-        algorithm, hexpart = digest.split(":", 1)
-        path = self.path.parent / "blobs" / algorithm / hexpart[:2] / hexpart
-        return await asyncio.to_thread(os.path.exists, path)
+        return await asyncio.to_thread(os.path.exists, blob_path(self.path.parent, digest))
 
     async def close(self) -> None:
         if self.db is not None:
