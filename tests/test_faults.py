@@ -11,6 +11,7 @@ import time
 import httpx
 import pytest
 
+from tests.support.client import read_blob
 from tests.support.fixtures import USERS
 from tests.test_pull_through import check_manifest, fetch_blob, get_manifest, pull
 
@@ -23,22 +24,6 @@ def config_for(url: str, **upstream) -> dict:
 def big(image_set):
     image = image_set.big
     return image, image.largest_blob
-
-
-def read_blob(mirror, repo, blob, headers=None):
-    """(bytes received, sha256 digest, error or None) of one GET through the mirror."""
-    h, n = hashlib.sha256(), 0
-    try:
-        with httpx.stream("GET", f"{mirror.url}/v2/{repo}/blobs/{blob.digest}", timeout=60,
-                          headers=headers) as resp:
-            if resp.status_code >= 400:
-                return 0, None, resp.read()
-            for chunk in resp.iter_raw():
-                h.update(chunk)
-                n += len(chunk)
-    except httpx.HTTPError as exc:
-        return n, f"sha256:{h.hexdigest()}", exc
-    return n, f"sha256:{h.hexdigest()}", None
 
 
 def test_reset_mid_body_is_resumed_with_range(make_mirror, faulty_upstream, big):

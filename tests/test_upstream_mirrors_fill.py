@@ -13,6 +13,7 @@ import time
 import httpx
 import pytest
 
+from tests.support.client import read_blob
 from tests.support.clients import check_dir_image, needs, run, which
 
 
@@ -21,22 +22,6 @@ def config_for(truth_url: str, mirror_url: str, **upstream) -> dict:
         "url": truth_url,
         "mirrors": [{"url": mirror_url, "capabilities": ["pull"]}],
         **upstream}}, "default": "docker.io"}
-
-
-def read_blob(mirror, repo, blob):
-    """(bytes received, sha256 digest, error or None) of one GET through the mirror."""
-    h, n = hashlib.sha256(), 0
-    try:
-        with httpx.stream("GET", f"{mirror.url}/v2/{repo}/blobs/{blob.digest}",
-                          timeout=60) as resp:
-            if resp.status_code >= 400:
-                return 0, None, resp.read()
-            for chunk in resp.iter_raw():
-                h.update(chunk)
-                n += len(chunk)
-    except httpx.HTTPError as exc:
-        return n, f"sha256:{h.hexdigest()}", exc
-    return n, f"sha256:{h.hexdigest()}", None
 
 
 def cached_digest(mirror, digest: str) -> str:

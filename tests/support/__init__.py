@@ -32,6 +32,8 @@ client
     accept=MANIFEST_ACCEPT)``, ``.get_blob(repo, digest)``,
     ``.registry_auth.token_fetches``.  Media type constants ``MANIFEST_V2``,
     ``MANIFEST_LIST_V2``, ``OCI_MANIFEST``, ``OCI_INDEX``, ``MANIFEST_ACCEPT``.
+    ``read_blob(mirror, repo, blob, headers=None) -> (bytes received, sha256,
+    error or None)``: one streamed blob GET whose breakage is reported, not raised.
 
 images
     ``Blob(path, digest, size, media_type, diff_id=None)``;

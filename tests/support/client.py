@@ -16,6 +16,7 @@ and POST) and the streamed one will carry the cached credentials.
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 
 import httpx
@@ -115,3 +116,20 @@ class RegistryClient(httpx.Client):
     def get_blob(self, repo: str, digest: str) -> httpx.Response:
         """GET a blob, following redirects; the whole body is read (small blobs)."""
         return self.get(f"/v2/{repo}/blobs/{digest}", follow_redirects=True)
+
+
+def read_blob(mirror, repo, blob, headers=None):
+    """(bytes received, sha256 digest, error or None) of one GET of ``blob`` through
+    ``mirror`` (anything with ``.url``): a broken response is reported, not raised."""
+    h, n = hashlib.sha256(), 0
+    try:
+        with httpx.stream("GET", f"{mirror.url}/v2/{repo}/blobs/{blob.digest}", timeout=60,
+                          headers=headers) as resp:
+            if resp.status_code >= 400:
+                return 0, None, resp.read()
+            for chunk in resp.iter_raw():
+                h.update(chunk)
+                n += len(chunk)
+    except httpx.HTTPError as exc:
+        return n, f"sha256:{h.hexdigest()}", exc
+    return n, f"sha256:{h.hexdigest()}", None
