@@ -355,7 +355,7 @@ async def token(request: Request) -> Response:
 
 
 async def metrics_endpoint(request: Request) -> Response:
-    return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE_LATEST)
+    return Response(await metrics.scrape(), media_type=metrics.CONTENT_TYPE_LATEST)
 
 
 async def healthz(request: Request) -> Response:

@@ -1,0 +1,214 @@
+"""/metrics across worker processes: each worker is a real Python process importing
+mirror.metrics with PROMETHEUS_MULTIPROC_DIR set (as the supervisor starts them), and the
+exposition one process produces covers them all: counters and histograms summed (a worker
+that ended keeps its counts), live gauges dropping a worker once ``worker_exited(pid)``,
+function gauges written by each worker, the answering worker's own cache size and
+build info once. Without the variable a process exposes its own values, as always."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from mirror import metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SCRAPE = """
+import asyncio, sys
+from mirror import metrics as m
+m.cache_size.set_function(lambda: 4242)
+sys.stdout.buffer.write(asyncio.run(m.scrape()))
+"""
+
+# A worker that stays up, its event loop running: upstream_up is what the control file says.
+LIVE_WORKER = """
+import asyncio, pathlib, sys
+from mirror import metrics as m
+control = pathlib.Path(sys.argv[1])
+
+async def main():
+    m.upstream_up.labels("hub").set_function(lambda: float(control.read_text()))
+    m.fills_in_progress.inc()
+    print("ready", flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+def env(shared: Path | None) -> dict[str, str]:
+    out = {k: v for k, v in os.environ.items()
+           if k not in ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")}
+    out["PYTHONPATH"] = str(ROOT)
+    if shared is not None:
+        out["PROMETHEUS_MULTIPROC_DIR"] = str(shared)
+    return out
+
+
+def run_worker(shared: Path | None, code: str) -> int:
+    """A worker process that counts what ``code`` says (``m`` is mirror.metrics) and
+    ends; its pid."""
+    done = subprocess.run([sys.executable, "-c", "from mirror import metrics as m\n" + code],
+                          env=env(shared), capture_output=True, timeout=30)
+    assert done.returncode == 0, done.stderr.decode()
+    return int(done.stdout.split()[-1])
+
+
+def scrape(shared: Path | None) -> list[tuple[str, tuple, float]]:
+    """What a fresh process (another worker) answers /metrics with."""
+    done = subprocess.run([sys.executable, "-c", SCRAPE], env=env(shared),
+                          capture_output=True, timeout=30)
+    assert done.returncode == 0, done.stderr.decode()
+    return [(s.name, tuple(sorted(s.labels.items())), s.value)
+            for family in text_string_to_metric_families(done.stdout.decode())
+            for s in family.samples]
+
+
+def value(samples, name, **labels) -> float | None:
+    found = [v for n, ls, v in samples if n == name and ls == tuple(sorted(labels.items()))]
+    assert len(found) <= 1, f"{name}{labels} appears {len(found)} times"
+    return found[0] if found else None
+
+
+WORKER_A = """
+import os
+for _ in range(3):
+    m.lookup("blob", "hit")
+m.served("cache", 100)
+m.http_seconds.labels("blob").observe(0.3)
+m.fills_in_progress.inc()
+m.fills_queued.inc(2)
+m.cache_budget.set(1000)
+m.upstream_up.labels("hub").set_function(lambda: 0.0)         # A finds hub down
+m.upstream_source_speed.labels("hub", "a.example").set_function(lambda: 5.0)
+m.upstream_ratelimit_remaining.labels("hub").set(90)
+print(os.getpid())
+"""
+
+WORKER_B = """
+import os
+for _ in range(5):
+    m.lookup("blob", "hit")
+m.served("cache", 50)
+m.http_seconds.labels("blob").observe(2.0)
+m.fills_in_progress.inc()
+m.cache_budget.set(1000)
+m.upstream_up.labels("hub").set_function(lambda: 1.0)
+m.upstream_source_speed.labels("hub", "a.example").set_function(lambda: 9.0)
+m.upstream_ratelimit_remaining.labels("hub").set(80)          # the later answer
+print(os.getpid())
+"""
+
+
+def test_a_scrape_sums_the_workers_and_a_dead_worker_keeps_its_counts(tmp_path):
+    shared = tmp_path / "metrics"
+    shared.mkdir()
+    a = run_worker(shared, WORKER_A)
+    run_worker(shared, WORKER_B)
+    samples = scrape(shared)
+    assert value(samples, "mirror_cache_lookups_total", kind="blob", result="hit") == 8
+    assert value(samples, "mirror_bytes_served_total", source="cache") == 150
+    assert value(samples, "mirror_http_request_duration_seconds_count", route="blob") == 2
+    assert value(samples, "mirror_http_request_duration_seconds_bucket", route="blob",
+                 le="0.5") == 1
+    assert value(samples, "mirror_http_request_duration_seconds_sum", route="blob") == 2.3
+    assert value(samples, "mirror_fills_in_progress") == 2            # livesum
+    assert value(samples, "mirror_fills_queued") == 2
+    assert value(samples, "mirror_cache_budget_bytes") == 1000        # the same in all
+    assert value(samples, "mirror_upstream_up", upstream="hub") == 0  # down in one: down
+    assert value(samples, "mirror_upstream_source_speed_bytes_per_second", upstream="hub",
+                 source="a.example") == 9
+    assert value(samples, "mirror_upstream_ratelimit_remaining", upstream="hub") == 80
+    # What the answering process says itself, once, and no per-process series.
+    assert value(samples, "mirror_cache_size_bytes") == 4242
+    assert value(samples, "mirror_hosted_size_bytes") == 0
+    assert [n for n, _, _ in samples].count("mirror_build_info") == 1
+    assert not [s for s in samples if "pid" in dict(s[1])]
+    assert not [k for k, n in Counter((n, ls) for n, ls, _ in samples).items() if n > 1]
+
+    # A ended (the supervisor says so): its live gauges drop out, its counts stay.
+    metrics.worker_exited(a, shared)
+    samples = scrape(shared)
+    assert value(samples, "mirror_fills_in_progress") == 1
+    assert value(samples, "mirror_fills_queued") == 0
+    assert value(samples, "mirror_upstream_up", upstream="hub") == 1
+    assert value(samples, "mirror_cache_lookups_total", kind="blob", result="hit") == 8
+    assert value(samples, "mirror_http_request_duration_seconds_count", route="blob") == 2
+    assert value(samples, "mirror_cache_budget_bytes") == 1000
+
+    # Its replacement counts on from there: nothing goes backwards.
+    run_worker(shared, 'import os\nm.lookup("blob", "hit")\nprint(os.getpid())')
+    samples = scrape(shared)
+    assert value(samples, "mirror_cache_lookups_total", kind="blob", result="hit") == 9
+
+
+def test_a_running_worker_keeps_writing_its_function_gauges(tmp_path):
+    shared = tmp_path / "metrics"
+    shared.mkdir()
+    control = tmp_path / "up"
+    control.write_text("1")
+    worker = subprocess.Popen([sys.executable, "-c", LIVE_WORKER, str(control)],
+                              env=env(shared), stdout=subprocess.PIPE)
+    try:
+        assert worker.stdout is not None
+        assert worker.stdout.readline() == b"ready\n"
+        assert value(scrape(shared), "mirror_upstream_up", upstream="hub") == 1
+        control.write_text("0")            # the worker finds hub down: others see it
+        deadline = time.monotonic() + 10
+        while (seen := value(scrape(shared), "mirror_upstream_up", upstream="hub")) != 0:
+            assert time.monotonic() < deadline, f"still {seen}"
+        assert value(scrape(shared), "mirror_fills_in_progress") == 1
+    finally:
+        worker.kill()
+        worker.wait(timeout=10)
+    metrics.worker_exited(worker.pid, shared)
+    samples = scrape(shared)
+    assert value(samples, "mirror_upstream_up", upstream="hub") is None
+    assert value(samples, "mirror_fills_in_progress") == 0
+
+
+def test_the_supervisor_prepares_the_directory_and_marks_workers_dead(tmp_path,
+                                                                        monkeypatch):
+    monkeypatch.setattr(metrics, "_workers_dir", None)
+    shared = tmp_path / "run" / "metrics"
+    shared.mkdir(parents=True)
+    old = run_worker(shared, 'import os\nm.lookup("blob", "hit")\nprint(os.getpid())')
+    assert list(shared.iterdir())
+    # A new server's start: the last run's files go, the variable to give each worker.
+    assert metrics.workers_environment(shared) == {"PROMETHEUS_MULTIPROC_DIR": str(shared)}
+    assert list(shared.iterdir()) == []
+    assert metrics.workers_environment(tmp_path / "fresh")["PROMETHEUS_MULTIPROC_DIR"] == str(
+        tmp_path / "fresh")
+    assert (tmp_path / "fresh").is_dir()
+    assert old
+    metrics.workers_environment(shared)
+    pid = run_worker(shared, "import os\nm.fills_in_progress.inc()\nprint(os.getpid())")
+    assert value(scrape(shared), "mirror_fills_in_progress") == 1
+    metrics.worker_exited(pid)       # no directory given: the one prepared
+    assert value(scrape(shared), "mirror_fills_in_progress") == 0
+
+
+def test_without_the_variable_a_process_exposes_its_own_values(monkeypatch):
+    run_worker(None, 'import os\nm.lookup("blob", "hit")\nprint(os.getpid())')
+    samples = scrape(None)
+    # Nothing of the other process, everything of this one.
+    assert value(samples, "mirror_cache_lookups_total", kind="blob", result="hit") is None
+    assert value(samples, "mirror_cache_size_bytes") == 4242
+    assert value(samples, "mirror_fills_in_progress") == 0
+    assert [n for n, _, _ in samples].count("mirror_build_info") == 1
+    # Every family described, used or not (with workers, only those some worker used).
+    done = subprocess.run([sys.executable, "-c", "import sys\nfrom mirror import metrics as m\n"
+                           "sys.stdout.buffer.write(m.exposition())"], env=env(None),
+                          capture_output=True, timeout=30, check=True)
+    families = {f.name for f in text_string_to_metric_families(done.stdout.decode())}
+    assert {"mirror_http_requests", "mirror_upstream_source_errors", "mirror_pushes"} <= families
+    monkeypatch.setattr(metrics, "_workers_dir", None)
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    metrics.worker_exited(os.getpid())     # one process, no directory: nothing to do
