@@ -192,15 +192,18 @@ def _persist(name: str, n: int = 1) -> None:
 
 
 class _Files:
-    """Every worker's files merged, less what the answering worker says itself."""
+    """Every worker's files merged, less what the answering worker says itself; a family
+    no worker has used yet is described without samples, as in one process."""
 
     def __init__(self, path: str, own: Iterable[str]) -> None:
         self._merged = multiprocess.MultiProcessCollector(None, path)
         self._own = set(own)
 
     def collect(self) -> Iterable[Metric]:
-        return sorted((m for m in self._merged.collect() if m.name not in self._own),
-                      key=lambda m: m.name)
+        found = {m.name: m for m in self._merged.collect() if m.name not in self._own}
+        for m in _OWN.collect():
+            found.setdefault(m.name, Metric(m.name, m.documentation, m.type))
+        return sorted(found.values(), key=lambda m: m.name)
 
 
 if SHARED_DIR is not None:

@@ -71,6 +71,12 @@ def scrape(shared: Path | None) -> list[tuple[str, tuple, float]]:
             for s in family.samples]
 
 
+def families(shared: Path | None) -> set[str]:
+    done = subprocess.run([sys.executable, "-c", SCRAPE], env=env(shared),
+                          capture_output=True, timeout=30, check=True)
+    return {f.name for f in text_string_to_metric_families(done.stdout.decode())}
+
+
 def value(samples, name, **labels) -> float | None:
     found = [v for n, ls, v in samples if n == name and ls == tuple(sorted(labels.items()))]
     assert len(found) <= 1, f"{name}{labels} appears {len(found)} times"
@@ -132,6 +138,9 @@ def test_a_scrape_sums_the_workers_and_a_dead_worker_keeps_its_counts(tmp_path):
     assert [n for n, _, _ in samples].count("mirror_build_info") == 1
     assert not [s for s in samples if "pid" in dict(s[1])]
     assert not [k for k, n in Counter((n, ls) for n, ls, _ in samples).items() if n > 1]
+    # Families no worker used yet are described, as in one process.
+    assert {"mirror_http_requests", "mirror_upstream_source_errors", "mirror_pushes"} <= families(
+        shared)
 
     # A ended (the supervisor says so): its live gauges drop out, its counts stay.
     metrics.worker_exited(a, shared)
@@ -203,12 +212,9 @@ def test_without_the_variable_a_process_exposes_its_own_values(monkeypatch):
     assert value(samples, "mirror_cache_size_bytes") == 4242
     assert value(samples, "mirror_fills_in_progress") == 0
     assert [n for n, _, _ in samples].count("mirror_build_info") == 1
-    # Every family described, used or not (with workers, only those some worker used).
-    done = subprocess.run([sys.executable, "-c", "import sys\nfrom mirror import metrics as m\n"
-                           "sys.stdout.buffer.write(m.exposition())"], env=env(None),
-                          capture_output=True, timeout=30, check=True)
-    families = {f.name for f in text_string_to_metric_families(done.stdout.decode())}
-    assert {"mirror_http_requests", "mirror_upstream_source_errors", "mirror_pushes"} <= families
+    # Every family described, used or not.
+    assert {"mirror_http_requests", "mirror_upstream_source_errors", "mirror_pushes"} <= families(
+        None)
     monkeypatch.setattr(metrics, "_workers_dir", None)
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     metrics.worker_exited(os.getpid())     # one process, no directory: nothing to do
