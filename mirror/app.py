@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from starlette.applications import Starlette
 
@@ -37,9 +38,23 @@ class StartupError(Exception):
     to do."""
 
 
+@dataclass(frozen=True)
+class Role:
+    """This process's part in the server (workers.py). ``prepare``: clear ``tmp/``,
+    reconcile the index with the files and write a new local token at start-up (one
+    process, or the first start of worker 0). ``leader``: run the chores that must run
+    once per data directory: eviction, hosted gc, the upload sweep, index checkpoints.
+    ``worker``: the worker's number, None when the server is one process."""
+
+    prepare: bool = True
+    leader: bool = True
+    worker: int | None = None
+
+
 class Mirror:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, role: Role = Role()) -> None:
         self.config = config
+        self.role = role
         self.app = Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS,
                              lifespan=lambda app: self.running())
         self.asgi = AccessLog(APIVersionHeader(self.app), enabled=config.access_log)
@@ -49,25 +64,27 @@ class Mirror:
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         config = self.config
+        role = self.role
         try:
-            local = await LocalCache.open(config.data_dir)
+            local = await LocalCache.open(config.data_dir, prepare=role.prepare,
+                                          own_lock=role.worker is None, leader=role.leader)
         except CannotOpen as exc:
             raise StartupError(str(exc)) from None
         self.local = local
         try:
-            local_token = await fileio.run(local_access.issue, local.data_dir)
+            local_token = await fileio.run(_local_token, local.data_dir, role.prepare)
         except OSError as exc:
             await local.close()
             raise StartupError(f"{local.data_dir / local_access.NAME}: cannot write the local "
                                f"token: {exc.strerror or exc}") from None
-        evictor = Evictor(local, Budget.of(config))
+        evictor = Evictor(local, Budget.of(config), enforce=role.leader)
         evictor.start()
         sources: dict[str, Source] = {name: ProxyStore(local, UpstreamGroup(up), up.tag_ttl,
                                                       up.offline)
                    for name, up in config.upstreams.items()}
         hosted = HostedStore(local, config.hosted) if config.hosted is not None else None
         if hosted is not None:
-            await hosted.open()
+            await hosted.open(leader=role.leader)
             sources[HOSTED] = hosted
         router = Router(config)
         guard = self.guard = Guard(config.auth, router, local.data_dir, config.public_url,
@@ -111,6 +128,15 @@ class Mirror:
         data_dir = self.local.data_dir if self.local else config.data_dir
         return (f"TLS {'on' if config.tls else 'off'}, logins {logins}, offline {offline_text}; "
                 f"upstreams {upstreams} (default {config.default}); data in {data_dir}")
+
+
+def _local_token(data_dir, new: bool) -> str:
+    """A new local token (at a server's start), or the one the first worker wrote."""
+    if not new:
+        token = local_access.read(data_dir)
+        if token is not None:
+            return token
+    return local_access.issue(data_dir)
 
 
 def create_app(config: Config) -> AccessLog:

@@ -123,34 +123,41 @@ class LocalCache:
         self._lock: lock.DataDirLock | None = None
 
     @classmethod
-    async def open(cls, data_dir: Path, server: bool = True) -> LocalCache:
+    async def open(cls, data_dir: Path, server: bool = True, prepare: bool = True,
+                   own_lock: bool = True, leader: bool = True) -> LocalCache:
         """Open the cache. The server (``server=True``) owns the data directory: it
         clears leftover temp files and reconciles files with the index. The CLI opens
-        with ``server=False`` and touches neither, so it is safe beside a running server."""
+        with ``server=False`` and touches neither, so it is safe beside a running server.
+        A server of several workers (workers.py) prepares once, in its first worker
+        (``prepare``), holds the data directory's lock in the supervisor (``own_lock``
+        False in the workers), and checkpoints the index in its ``leader`` only."""
         data_dir = Path(data_dir).resolve()
         held = None
+        prepare = prepare and server
 
-        def prepare() -> None:
+        def make_ready() -> None:
             nonlocal held
-            if server:           # before tmp/ is cleared: it may hold another server's fills
+            if server and own_lock:   # before tmp/ is cleared: it may hold another server's fills
                 held = lock.hold(data_dir)
             (data_dir / "blobs").mkdir(parents=True, exist_ok=True)
             tmp = data_dir / "tmp"
-            if tmp.exists() and server:
+            if tmp.exists() and prepare:
                 shutil.rmtree(tmp)       # partial fills of an earlier run
             tmp.mkdir(exist_ok=True)
         try:
-            await fileio.run(prepare)
+            await fileio.run(make_ready)
         except OSError as exc:
             raise CannotOpen(unusable(data_dir, exc)) from None
         try:
-            index = await Index.open(data_dir / "index.db", flush=server)
+            index = await Index.open(data_dir / "index.db", flush=server,
+                                     checkpoint=leader)
         except (sqlite3.Error, OSError) as exc:
             raise CannotOpen(unusable(data_dir, exc, data_dir / "index.db")) from None
         cache = cls(data_dir, index)
         try:
             await cache.resync()
-            if server:
+            if prepare:
+                held = held or lock.held(data_dir)
                 if held is not None and held.previous_pid is not None:
                     log.warning("the previous mirror on %s (pid %d) did not stop cleanly; "
                                 "files are checked against the index by size at start-up, "
@@ -364,6 +371,33 @@ class LocalCache:
                 self._hot_bytes -= len(self._hot.pop(d))
         for key in [k for k, row in self._tags.items() if row.digest in gone]:
             del self._tags[key]
+
+    async def learn_blob(self, digest: str) -> bool:
+        """Whether the index has blob ``digest`` and its file is there, learning it into
+        the maps if so: another worker process (or `mirror import`) may have added it
+        since they were loaded. Asked on a miss, before going upstream."""
+        if digest in self._blobs:
+            return True
+        size = await self.index.blob_size(digest)
+        if size is None or not await fileio.run(self.path_for(digest).is_file):
+            return False
+        if digest not in self._blobs:
+            self._set_blob(digest, size)
+            self._grew()
+        return True
+
+    async def learn_link(self, upstream: str, repository: str, digest: str) -> bool:
+        """Whether the index links ``digest`` to the repository (another worker may have
+        linked it), learning the link if so."""
+        if (upstream, repository, digest) in self._links:
+            return True
+        if not await self.index.is_linked(upstream, repository, digest):
+            return False
+        if (upstream, repository, digest) not in self._links:
+            self._links.add((upstream, repository, digest))
+            if upstream == HOSTED:
+                self._host([digest])
+        return True
 
     def vanished(self, digest: str) -> None:
         """A file the maps listed is gone (removed by `mirror gc` beside the server)."""

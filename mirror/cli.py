@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
                             "a Docker Hub mirror on 0.0.0.0:5000 caching under ./data)")
     serve.add_argument("--listen", help="HOST:PORT to listen on (overrides the config)")
     serve.add_argument("--data-dir", help="cache directory (overrides the config)")
+    serve.add_argument("--worker", help=argparse.SUPPRESS)   # set by the supervisor (workers.py)
     _admin_commands(sub)
     args = parser.parse_args(argv)
 
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "serve":
         from .admin import run
         return run(args, config)
+    if args.worker:
+        return _worker(args.worker, config)
     from .lock import DataDirInUse, hold
     try:
         lock = hold(config.data_dir)     # before anything touches the data directory
@@ -63,9 +66,21 @@ def main(argv: list[str] | None = None) -> int:
         from .cache import unusable
         print(f"mirror: {unusable(config.data_dir.resolve(), exc)}", file=sys.stderr)
         return 1
-    status = serve_forever(config)
+    status = serve_forever(config, lock, sys.argv[1:] if argv is None else argv)
     lock.release()                       # a clean stop
     return status
+
+
+def _worker(spec: str, config) -> int:
+    """One of the supervisor's workers (workers.py): serve on the inherited socket."""
+    import socket
+
+    from .server import run
+    from .workers import WorkerArgs
+    worker = WorkerArgs.decode(spec)
+    sock = socket.socket(fileno=worker.sock)
+    logging.getLogger("uvicorn.error").addFilter(_QuietAborts())
+    return run(config, sock, worker)
 
 
 def _admin_commands(sub) -> None:
@@ -236,9 +251,10 @@ class _QuietAborts(logging.Filter):
                                                    (AbortResponse, asyncio.CancelledError)))
 
 
-def serve_forever(config) -> int:
+def serve_forever(config, lock, argv: list[str]) -> int:
     """Bind the socket (a port in use: one line, exit 1, before anything else), then
-    run the server until SIGTERM or SIGINT (server.py)."""
+    run the server until SIGTERM or SIGINT (server.py), in ``workers`` processes when
+    that is more than 1 (workers.py; ``argv`` is how they are started)."""
     from .server import ListenError, listen, run
 
     try:
@@ -257,6 +273,9 @@ def serve_forever(config) -> int:
             print(f"mirror: {config.data_dir / 'token.key'}: cannot make the token signing "
                   f"key: {exc.strerror}", file=sys.stderr)
             return 2
+    if config.workers > 1:
+        from .workers import supervise
+        return supervise(config, sock, lock, argv)
     logging.getLogger("uvicorn.error").addFilter(_QuietAborts())
     return run(config, sock)
 

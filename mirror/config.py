@@ -47,6 +47,7 @@ from .config_values import (
     ConfigError,
     _bool,
     _field,
+    _whole,
     expand_env,
     format_duration,
     format_size,
@@ -81,6 +82,7 @@ class Config:
     log_format: str = "text"          # text | json (one object per line)
     access_log: bool = True           # one line per request on the log
     shutdown_grace: float = 30.0      # seconds running responses get to finish at SIGTERM
+    workers: int = field(default_factory=lambda: default_workers())   # server processes
     tls: TlsConfig | None = None
     auth: AuthConfig | None = None
     public_url: str | None = None     # how clients reach the mirror (challenges name it)
@@ -92,11 +94,22 @@ class Config:
         return f"{self.host}:{self.port}"
 
 
+MAX_WORKERS = 64
+
+
+def default_workers() -> int:
+    """One server process per CPU this process may run on."""
+    try:
+        return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+    except (AttributeError, OSError):
+        return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+
+
 # -- loading --------------------------------------------------------------------------------
 
 _TOP_KEYS = {"listen", "data_dir", "max_size", "default", "upstreams", "log_level", "offline",
              "high_watermark", "low_watermark", "expire_unused", "access_log", "tls", "auth",
-             "public_url", "limits", "log_format", "shutdown_grace", "hosted"}
+             "public_url", "limits", "log_format", "shutdown_grace", "hosted", "workers"}
 
 
 _LOG_LEVELS = {"critical", "error", "warning", "info", "debug"}
@@ -317,6 +330,8 @@ def _build(raw: dict, resolve: Callable[[str, str], Path]) -> Config:
         kwargs["log_format"] = log_format
     if raw.get("shutdown_grace") is not None:
         kwargs["shutdown_grace"] = _field("shutdown_grace", parse_duration, raw["shutdown_grace"])
+    if raw.get("workers") is not None:
+        kwargs["workers"] = _whole("workers", raw["workers"], 1, MAX_WORKERS)
     offline = _bool("offline", raw["offline"]) if "offline" in raw else False
     if "upstreams" in raw:
         ups = raw["upstreams"]

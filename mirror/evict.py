@@ -128,9 +128,11 @@ class Evictor:
     """The server's background eviction: rung by the cache when it grows, and every
     ``interval`` seconds for unused expiry."""
 
-    def __init__(self, cache: LocalCache, budget: Budget, interval: float = 60.0) -> None:
+    def __init__(self, cache: LocalCache, budget: Budget, interval: float = 60.0,
+                 enforce: bool = True) -> None:
         self.cache = cache
         self.budget = budget
+        self.enforce = enforce          # False: a worker that is not the leader only resyncs
         self.interval = interval
         self.evicted = 0
         self.evicted_bytes = 0
@@ -139,9 +141,10 @@ class Evictor:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self.cache.on_grow = self.poke
-        self.cache.make_room = self.make_room
         self.cache.largest = self.budget.largest
+        if self.enforce:
+            self.cache.on_grow = self.poke
+            self.cache.make_room = self.make_room
         self._task = asyncio.create_task(self._loop(), name="evictor")
         self._wake.set()                              # a first look at start-up
 
@@ -202,7 +205,8 @@ class Evictor:
             try:
                 if "pins" in await self.cache.resync_if_changed():
                     woken = True          # an unpin may have made something evictable
-                if self.budget.active and (woken or time.monotonic() - last_run >= self.interval):
+                due = woken or time.monotonic() - last_run >= self.interval
+                if self.enforce and self.budget.active and due:
                     last_run = time.monotonic()
                     await self.run_once()
             except Exception:        # eviction must never take the server down

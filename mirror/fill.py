@@ -46,6 +46,7 @@ from .errors import (
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
+from .fill_shared import COMMITTED, FAILED, PASSED, Claim
 from .upstream_group import Endpoint, UpstreamGroup, error_reason
 
 log = logging.getLogger("mirror.fill")
@@ -75,42 +76,28 @@ class _WrongBytes(Exception):
         self.blame_current = blame_current      # the endpoint streaming now is at fault too
 
 
-class Fill:
+class Download:
+    """What readers follow: a download of a blob into a growing file, run here
+    (``Fill``) or by another worker process (``ForeignFill``). Subclasses say where the
+    bytes are (``_open``) and move ``written``, ``size``, ``done``, ``error`` and
+    ``generation``, calling ``_notify`` after each change."""
+
     source = "upstream"     # where a reader's bytes come from, for the metrics
 
-    def __init__(self, cache: LocalCache, upstream: UpstreamGroup, repository: str, digest: str,
-                 slots: asyncio.Semaphore | None = None, detached: bool = False) -> None:
+    def __init__(self, cache: LocalCache, digest: str) -> None:
         self.cache = cache
-        self.upstream = upstream
-        self.repository = repository
         self.digest = digest
         self.size: int | None = None
         self.written = 0
         self.error: BaseException | None = None
         self.done = False
-        self.detached = detached         # runs to the end with no reader (mirror warm)
-        self.abandoned = False           # cancelled because no one was reading it
+        self.abandoned = False           # stopped because no one was reading it
         self.readers = 0
-        self._slots = slots              # the upstream's max_fills
-        self._idle: asyncio.TimerHandle | None = None
-        self._temp: TempBlob | None = None
-        self._began = False              # upstream has answered with a body once
-        self._linked = False
         self.generation = 0              # bumped when the download restarts from byte 0
-        self.source_label: str | None = None      # the endpoint downloading (last) from
-        self.sources: dict[str, int] = {}         # bytes of the kept file, per endpoint
-        self._reserved = 0
         self.uncached = False            # too big for the cache's budget: streamed, not kept
         self._finished = asyncio.Event()
         self._progress = asyncio.Event()
-        self._inflight: asyncio.Future[None] | None = None  # the task writing _pending
-        self._pending: list[bytes] = []                       # received, not yet written
-        self._pending_bytes = 0
         self.task: asyncio.Task[None] | None = None
-
-    def start(self) -> Fill:
-        self.task = asyncio.create_task(self._run(), name=f"fill {self.digest}")
-        return self
 
     @property
     def joinable(self) -> bool:
@@ -133,6 +120,82 @@ class Fill:
         await self._finished.wait()
         if self.error is not None:
             raise self.error
+
+    def _hold(self) -> None:
+        self.readers += 1
+
+    def _let_go(self) -> None:
+        self.readers -= 1
+
+    def _notify(self) -> None:
+        event, self._progress = self._progress, asyncio.Event()
+        event.set()
+
+    def _readable(self) -> int:
+        """Bytes a reader may have now: all when verified, else all but the last."""
+        if self.done and self.error is None:
+            return self.written
+        cap = self.written - 1 if self.size is None else min(self.written, self.size - 1)
+        return max(0, cap)
+
+    async def _open(self) -> tuple[int, int]:
+        """A descriptor on the blob's bytes, and the generation of the download it
+        belongs to (a finished blob belongs to the current one)."""
+        raise NotImplementedError
+
+    async def chunks(self, start: int = 0,
+                     end: int | None = None) -> AsyncGenerator[bytes | bytearray, None]:
+        fd, generation = await self._open()
+        try:
+            pos = start
+            while True:
+                if self.error is not None:
+                    raise FillFailed(str(self.error))
+                if self.generation != generation:
+                    # The file this reader followed was thrown away (wrong bytes): what it
+                    # sent may be wrong, so its response ends broken and the client retries.
+                    raise FillFailed(f"download of blob {self.digest} started again from "
+                                     "another source")
+                target = end if end is not None else (self.written if self.done else None)
+                if target is not None and pos >= target:
+                    return
+                limit = self._readable() if target is None else min(self._readable(), target)
+                if pos < limit:
+                    async for chunk in fileio.read_range(fd, pos, limit):
+                        pos += len(chunk)
+                        yield chunk
+                    continue
+                if self.done:
+                    raise FillFailed(f"range beyond the end of blob {self.digest}")
+                await self._progress.wait()
+        finally:
+            os.close(fd)
+
+
+class Fill(Download):
+    def __init__(self, cache: LocalCache, upstream: UpstreamGroup, repository: str, digest: str,
+                 slots: asyncio.Semaphore | None = None, detached: bool = False,
+                 claim: Claim | None = None) -> None:
+        super().__init__(cache, digest)
+        self.upstream = upstream
+        self.repository = repository
+        self.detached = detached         # runs to the end with no reader (mirror warm)
+        self.claim = claim               # the claim file other workers follow (fill_shared)
+        self._slots = slots              # the upstream's max_fills
+        self._idle: asyncio.TimerHandle | None = None
+        self._temp: TempBlob | None = None
+        self._began = False              # upstream has answered with a body once
+        self._linked = False
+        self.source_label: str | None = None      # the endpoint downloading (last) from
+        self.sources: dict[str, int] = {}         # bytes of the kept file, per endpoint
+        self._reserved = 0
+        self._inflight: asyncio.Future[None] | None = None  # the task writing _pending
+        self._pending: list[bytes] = []                       # received, not yet written
+        self._pending_bytes = 0
+
+    def start(self) -> Fill:
+        self.task = asyncio.create_task(self._run(), name=f"fill {self.digest}")
+        return self
 
     # -- readers coming and going ------------------------------------------------------------
 
@@ -166,6 +229,10 @@ class Fill:
         slot: asyncio.Semaphore | None = None
         running = False
         try:
+            if self.claim is not None and await self.cache.learn_blob(self.digest):
+                # Another worker committed it after this one looked: nothing to fetch.
+                self.size = self.written = self.cache.blob_size(self.digest) or 0
+                return
             if self._slots is not None:
                 metrics.fills_queued.inc()
                 try:
@@ -176,6 +243,8 @@ class Fill:
             metrics.fills_in_progress.inc()
             running = True
             self._temp = await self.cache.new_temp(self.digest.split(":", 1)[0])
+            if self.claim is not None:
+                self.claim.begin(self._temp.path, self.generation)
             await self._fetch()
             self.size = self._temp.size
             log.info("%s blob %s (%d bytes) from %s/%s via %s", "passed through (too big to "
@@ -205,6 +274,9 @@ class Fill:
             self.cache.reserved -= self._reserved
             self._reserved = 0
             self.done = True
+            if self.claim is not None:
+                self.claim.finish(FAILED if self.error is not None else
+                                  PASSED if self.uncached else COMMITTED)
             self._finished.set()
             self._notify()
 
@@ -311,6 +383,8 @@ class Fill:
         self._began = False
         self.uncached = False
         self.sources = {}
+        if self.claim is not None:
+            self.claim.begin(self._temp.path, self.generation)
         self._notify()
         if old is not None:
             await old.discard()
@@ -398,6 +472,8 @@ class Fill:
         assert self._temp is not None
         self.size = size
         self._began = True
+        if self.claim is not None:
+            self.claim.sized(size)
         if not self._linked:
             self._linked = True
             # Upstream serves it in this repository: remember that for the next pull.
@@ -451,24 +527,13 @@ class Fill:
         assert self._temp is not None
         metrics.fetched(self.upstream.name, self._temp.size - self.written)
         self.written = self._temp.size
+        if self.claim is not None:
+            self.claim.progress(self.written)
         self._notify()
-
-    def _notify(self) -> None:
-        event, self._progress = self._progress, asyncio.Event()
-        event.set()
 
     # -- readers -----------------------------------------------------------------------------
 
-    def _readable(self) -> int:
-        """Bytes a reader may have now: all when verified, else all but the last."""
-        if self.done and self.error is None:
-            return self.written
-        cap = self.written - 1 if self.size is None else min(self.written, self.size - 1)
-        return max(0, cap)
-
     async def _open(self) -> tuple[int, int]:
-        """A descriptor on the blob's bytes, and the generation of the download it
-        belongs to (a finished blob belongs to the current one)."""
         if not self.done and self._temp is not None:
             generation, path = self.generation, self._temp.path
             try:
@@ -483,42 +548,14 @@ class Fill:
             return await fileio.open_read(self._temp.path), self.generation
         return await fileio.open_read(self.cache.path_for(self.digest)), self.generation
 
-    async def chunks(self, start: int = 0,
-                     end: int | None = None) -> AsyncGenerator[bytes | bytearray, None]:
-        fd, generation = await self._open()
-        try:
-            pos = start
-            while True:
-                if self.error is not None:
-                    raise FillFailed(str(self.error))
-                if self.generation != generation:
-                    # The file this reader followed was thrown away (wrong bytes): what it
-                    # sent may be wrong, so its response ends broken and the client retries.
-                    raise FillFailed(f"download of blob {self.digest} started again from "
-                                     "another source")
-                target = end if end is not None else (self.written if self.done else None)
-                if target is not None and pos >= target:
-                    return
-                limit = self._readable() if target is None else min(self._readable(), target)
-                if pos < limit:
-                    async for chunk in fileio.read_range(fd, pos, limit):
-                        pos += len(chunk)
-                        yield chunk
-                    continue
-                if self.done:
-                    raise FillFailed(f"range beyond the end of blob {self.digest}")
-                await self._progress.wait()
-        finally:
-            os.close(fd)
-
 
 class FillReader:
     """One client's hold on a fill, served as a ``BlobBody``: the fill counts its
     readers, and ``aclose`` lets go (idempotent)."""
 
-    source = Fill.source
+    source = Download.source
 
-    def __init__(self, fill: Fill) -> None:
+    def __init__(self, fill: Download) -> None:
         self.fill = fill
         self.digest = fill.digest
         self._held = True

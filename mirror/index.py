@@ -108,7 +108,8 @@ class Index:
         self._flusher: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, path: Path, flush_interval: float = 1.0, flush: bool = True) -> Index:
+    async def open(cls, path: Path, flush_interval: float = 1.0, flush: bool = True,
+                   checkpoint: bool = True) -> Index:
         db = await aiosqlite.connect(str(path))
         try:
             await db.execute("PRAGMA journal_mode=WAL")
@@ -138,7 +139,7 @@ class Index:
             raise
         index = cls(db)
         if flush:
-            index._flusher = asyncio.create_task(index._flush_loop(flush_interval))
+            index._flusher = asyncio.create_task(index._flush_loop(flush_interval, checkpoint))
         return index
 
     async def ping(self) -> None:
@@ -182,6 +183,18 @@ class Index:
             while rows := await cur.fetchmany(LOAD_BATCH):
                 links.update((name(u), name(r), d) for u, r, d in rows)
         return links
+
+    # -- single rows, for what another worker process may have added --------------------------
+
+    async def blob_size(self, digest: str) -> int | None:
+        rows = list(await self._db.execute_fetchall("SELECT size FROM blobs WHERE digest = ?",
+                                                    (digest,)))
+        return int(rows[0][0]) if rows else None
+
+    async def is_linked(self, upstream: str, repository: str, digest: str) -> bool:
+        return bool(await self._db.execute_fetchall(
+            "SELECT 1 FROM repo_links WHERE upstream = ? AND repository = ? AND digest = ?",
+            (upstream, repository, digest)))
 
     # -- writes (cache misses: not on the hot path) -----------------------------------------
 
@@ -426,15 +439,15 @@ class Index:
              "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
              list(counters.items())))
 
-    async def _flush_loop(self, interval: float) -> None:
-        checkpoint_every = max(1, int(60 / interval))
+    async def _flush_loop(self, interval: float, checkpoint: bool = True) -> None:
+        checkpoint_every = max(1, int(60 / interval)) if checkpoint else 0
         n = 0
         while True:
             await asyncio.sleep(interval)
             try:
                 await self.flush_usage()
                 n += 1
-                if n % checkpoint_every == 0:
+                if checkpoint_every and n % checkpoint_every == 0:
                     await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except Exception:  # keep flushing; a failed flush only loses usage counts
                 log.exception("index usage flush failed")

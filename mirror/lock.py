@@ -43,6 +43,11 @@ class DataDirLock:
 _held: dict[Path, DataDirLock] = {}
 
 
+def held(data_dir: str | os.PathLike[str]) -> DataDirLock | None:
+    """The lock this process holds on ``data_dir``, if it holds one."""
+    return _held.get(Path(data_dir).resolve() / NAME)
+
+
 def _pid_in(fd: int) -> int | None:
     text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
     return int(text) if text.isdigit() else None

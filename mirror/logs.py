@@ -5,6 +5,9 @@ mirror's, uvicorn's and the libraries'), on stderr.
 
     2024-05-01T12:00:00.123Z INFO mirror: mirror ready on http://0.0.0.0:5000 (...)
 
+With ``workers`` above 1, each worker's lines name it after the level (``INFO [w1]
+mirror.access: ...``; in JSON a ``worker`` key).
+
 ``log_format: json``: one JSON object per line with ``time``, ``level``, ``logger``
 and ``message``; lines that carry structured fields (the access log's, passed as
 ``extra={"fields": {...}}``) have them as keys of their own, and a traceback is
@@ -31,8 +34,12 @@ def _timestamp(record: logging.LogRecord) -> str:
 
 
 class TextFormatter(logging.Formatter):
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = "" if worker is None else f"[w{worker}] "
+
     def format(self, record: logging.LogRecord) -> str:
-        line = (f"{_timestamp(record)} {record.levelname} "
+        line = (f"{_timestamp(record)} {record.levelname} {self.worker}"
                 f"{_NAMES.get(record.name, record.name)}: {record.getMessage()}")
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
@@ -40,10 +47,17 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
+
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": _timestamp(record), "level": record.levelname.lower(),
-                 "logger": _NAMES.get(record.name, record.name),
-                 "message": record.getMessage()}
+        entry: dict[str, object] = {"time": _timestamp(record),
+                                    "level": record.levelname.lower(),
+                                    "logger": _NAMES.get(record.name, record.name),
+                                    "message": record.getMessage()}
+        if self.worker is not None:
+            entry["worker"] = self.worker
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             entry.update({k: v for k, v in fields.items() if k not in entry})
@@ -52,10 +66,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
-def setup(level: str = "info", fmt: str = "text") -> None:
-    """Send every logger's records through one handler on stderr, in ``fmt``."""
+def setup(level: str = "info", fmt: str = "text", worker: int | None = None) -> None:
+    """Send every logger's records through one handler on stderr, in ``fmt``; a
+    ``worker``'s lines say which one it is."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter(worker) if fmt == "json" else TextFormatter(worker))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -24,10 +24,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from . import metrics
+from . import fill_shared, metrics
 from .cache import CachedBlob, LocalCache
 from .errors import BlobUnknown, Denied, ManifestUnknown, NameUnknown, UpstreamUnavailable
-from .fill import Fill, FillReader
+from .fill import Download, Fill, FillReader
+from .fill_follow import ForeignFill
 from .models import (
     INDEX_TYPES,
     SCHEMA1_TYPES,
@@ -77,7 +78,7 @@ class ProxyStore:
         self.tag_ttl = tag_ttl
         self.offline = offline      # never contact upstream: serve what is cached, as it is
         self._flights = SingleFlight()
-        self._fills: dict[str, Fill] = {}
+        self._fills: dict[str, Download] = {}   # running here, or followed (another worker's)
         self._fill_slots = asyncio.Semaphore(remote.config.max_fills)
 
     async def aclose(self) -> None:
@@ -231,7 +232,8 @@ class ProxyStore:
         with ``wait_started``; the fill starts or joins here)."""
         return await self._offline_retry(lambda: self._open_blob(repository, digest))
 
-    async def _open_blob(self, repository: str, digest: str) -> CachedBlob | FillReader:
+    async def _open_blob(self, repository: str, digest: str,
+                         learned: bool = False) -> CachedBlob | FillReader:
         size = self.local.blob_size(digest)
         fill = self._fills.get(digest)
         if size is not None or (fill is not None and fill.joinable):
@@ -247,14 +249,33 @@ class ProxyStore:
             # Evicted (or removed by `mirror gc`) since we looked: fetch it again.
         if self.offline:
             raise self._offline_blob(digest)
-        metrics.lookup("blob", "miss")
-        fill = Fill(self.local, self.remote, repository, digest, self._fill_slots)
+        # One download per blob for the whole server: another worker process may have
+        # cached it, or be downloading it (then this one follows; fill_shared.py).
+        if not learned and await self.local.learn_blob(digest):
+            return await self._open_blob(repository, digest, learned=True)
+        if (fill := self._fills.get(digest)) is not None and fill.joinable:
+            metrics.lookup("blob", "coalesced")      # one of ours started meanwhile
+            return fill.reader()
+        # No await from here until the fill is in _fills: this process's other requests
+        # for the blob join it rather than claim it again. (Claiming is a few small
+        # syscalls on a file in tmp/.)
+        claim = fill_shared.claim(self.local.data_dir, digest)
+        if claim.owner:
+            metrics.lookup("blob", "miss")
+            fill = Fill(self.local, self.remote, repository, digest, self._fill_slots,
+                        claim=claim)
+        else:
+            metrics.lookup("blob", "coalesced")
+            fill = ForeignFill(self.local, digest, claim)
         reader = fill.reader()
         task = fill.start().task
         assert task is not None
         self._fills[digest] = fill
         task.add_done_callback(
             lambda _: self._fills.pop(digest, None) if self._fills.get(digest) is fill else None)
+        if not claim.owner and not await self._authorized(repository, digest, blob=True):
+            await reader.aclose()
+            raise BlobUnknown(f"blob {digest} is not known in {repository}")
         return reader
 
     async def stat_blob(self, repository: str, digest: str) -> int:
@@ -279,6 +300,8 @@ class ProxyStore:
     async def _authorized(self, repository: str, digest: str, blob: bool) -> bool:
         """Whether this repository may be served cached content ``digest``."""
         if self.local.linked(self.name, repository, digest):
+            return True
+        if await self.local.learn_link(self.name, repository, digest):
             return True
         if self.offline:
             return False

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -35,8 +36,9 @@ import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from . import __version__
-from .app import Mirror, StartupError
+from .app import Mirror, Role, StartupError
 from .config import Config, LimitsConfig, TlsConfig
+from .workers import WorkerArgs
 
 log = logging.getLogger("mirror")
 
@@ -195,16 +197,26 @@ def uvicorn_options(limits: LimitsConfig) -> dict[str, Any]:
 class _Server(uvicorn.Server):
     """uvicorn's server, saying when it is ready and when it starts to drain."""
 
-    def __init__(self, config: uvicorn.Config, ready_line: str, grace: float) -> None:
+    def __init__(self, config: uvicorn.Config, ready_line: str, grace: float,
+                 worker: WorkerArgs | None = None) -> None:
         super().__init__(config)
         self.ready_line = ready_line
         self.grace = grace
+        self.worker = worker
         self.stop_signal: int | None = None
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets=sockets)
         if self.started and not self.should_exit:
-            log.info("%s", self.ready_line)
+            if self.worker is None:
+                log.info("%s", self.ready_line)
+                return
+            # The supervisor says "ready" once every worker has said so here.
+            log.debug("worker %d (pid %d) ready", self.worker.index, os.getpid())
+            try:
+                os.write(self.worker.ready, b"ready\n")
+            finally:
+                os.close(self.worker.ready)
 
     def handle_exit(self, sig: int, frame) -> None:
         first = self.stop_signal is None
@@ -218,25 +230,30 @@ class _Server(uvicorn.Server):
                 pass
 
     def _say_stopping(self, sig: int) -> None:
+        if self.worker is not None:     # the supervisor says it, once
+            return
         log.info("%s: stopping: no new connections; running responses get up to %gs",
                  signal.Signals(sig).name, self.grace)
 
 
-def run(config: Config, sock: socket.socket) -> int:
-    """Serve on ``sock`` until SIGTERM or SIGINT; the exit status."""
+def run(config: Config, sock: socket.socket, worker: WorkerArgs | None = None) -> int:
+    """Serve on ``sock`` until SIGTERM or SIGINT (or, for a ``worker``, until its
+    supervisor is gone); the exit status."""
     from .logs import setup
-    setup(config.log_level, config.log_format)
+    setup(config.log_level, config.log_format, None if worker is None else worker.index)
     try:
         context = tls_context(config.tls) if config.tls else None
-        return asyncio.run(_serve(config, sock, context))
+        return asyncio.run(_serve(config, sock, context, worker))
     except StartupError as exc:
         log.debug("start-up failed", exc_info=True)
         print(f"mirror: {exc}", file=sys.stderr)
         return 1
 
 
-async def _serve(config: Config, sock: socket.socket, context: ssl.SSLContext | None) -> int:
-    mirror = Mirror(config)
+async def _serve(config: Config, sock: socket.socket, context: ssl.SSLContext | None,
+                 worker: WorkerArgs | None = None) -> int:
+    mirror = Mirror(config, Role() if worker is None else
+                    Role(prepare=worker.prepare, leader=worker.index == 0, worker=worker.index))
     host, port = sock.getsockname()[:2]
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     uv_config = uvicorn.Config(mirror.asgi, log_config=None, log_level=config.log_level,
@@ -247,7 +264,7 @@ async def _serve(config: Config, sock: socket.socket, context: ssl.SSLContext | 
                                server_header=False, **uvicorn_options(config.limits))
     uv_config.load()
     uv_config.ssl = context                  # kept: SIGHUP loads new files into it
-    server = _Server(uv_config, "", config.shutdown_grace)
+    server = _Server(uv_config, "", config.shutdown_grace, worker)
     loop = asyncio.get_running_loop()
 
     def early_stop(sig: int, frame) -> None:   # until uvicorn's own handlers are in
@@ -255,6 +272,18 @@ async def _serve(config: Config, sock: socket.socket, context: ssl.SSLContext | 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, early_stop)
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload(mirror, context)))
+    if worker is not None:
+        def orphaned() -> None:             # the lifeline's far end closed: supervisor gone
+            try:
+                if os.read(worker.lifeline, 1):
+                    return
+            except BlockingIOError:
+                return
+            loop.remove_reader(worker.lifeline)
+            log.warning("worker %d: the supervisor is gone; stopping", worker.index)
+            server.should_exit = True
+        os.set_blocking(worker.lifeline, False)
+        loop.add_reader(worker.lifeline, orphaned)
     try:
         async with mirror.running():
             server.ready_line = (f"mirror {__version__} ready on "
@@ -263,7 +292,8 @@ async def _serve(config: Config, sock: socket.socket, context: ssl.SSLContext | 
             await server.serve(sockets=[sock])
     finally:
         loop.remove_signal_handler(signal.SIGHUP)
-    log.info("mirror stopped")
+    if worker is None:
+        log.info("mirror stopped")
     return 0
 
 

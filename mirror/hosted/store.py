@@ -91,7 +91,11 @@ class HostedStore:
         self._gc: asyncio.Task[None] | None = None
         self._sweep: asyncio.Task[None] | None = None
 
-    async def open(self) -> None:
+    async def open(self, leader: bool = True) -> None:
+        """Start serving; the ``leader`` (the only process, or worker 0 of several) also
+        sweeps and collects in the background."""
+        if not leader:
+            return
         await self.uploads.open()
         if await self.local.index.referrers_pending():
             await self._record_referrers()

@@ -26,7 +26,10 @@ class MirrorProcess:
         self.host = f"127.0.0.1:{self.port}"
         self.url = f"{'https' if config.get('tls') else 'http'}://{self.host}"
         self.data_dir = self.dir / "data"
-        self.config = {"listen": self.host, "data_dir": str(self.data_dir), **config}
+        # One process unless a test asks for more (the default is one per CPU): most
+        # tests read one process's log and metrics.
+        self.config = {"listen": self.host, "data_dir": str(self.data_dir), "workers": 1,
+                       **config}
         self.config_path = self.dir / "config.yml"
         self.config_path.write_text(yaml.safe_dump(self.config))
         self.log_path = self.dir / "mirror.log"
