@@ -70,6 +70,7 @@ class AccessLog:
             nonlocal status, sent
             if message["type"] == "http.response.start":
                 status = message["status"]
+                metrics.answering()      # other workers' scrapes see what this one learnt
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
             await send(message)

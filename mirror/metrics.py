@@ -6,7 +6,7 @@ nothing of the mirror's (but the version, for ``mirror_build_info``). Counters t
 must outlive the process go through ``persist`` (the index's batched counter, wired up by app.py).
 
 Several worker processes (``workers: N``): the supervisor starts each worker with
-``PROMETHEUS_MULTIPROC_DIR`` set to an emptied directory (``workers_environment``), so
+``PROMETHEUS_MULTIPROC_DIR`` set to an emptied directory (``data_dir/run/metrics``), so
 prometheus_client writes every worker's values to that worker's own files there, and a
 scrape, answered by whichever worker, merges all of them: counters and histograms summed
 over every worker that ever ran (a replaced worker's counts stay: nothing goes backwards),
@@ -14,10 +14,11 @@ each gauge by its ``multiprocess_mode``: in-progress counts summed over the live
 the budget the same in all, the last ratelimit-remaining any worker saw. Gauges a function
 gives (``set_function``) have no file of their own: those about upstreams (up, source up,
 speed, reserve hit), which each worker learns from its own requests, are written to the
-worker's file each second and when it answers a scrape (``_PublishedGauge``), merged with
-``livemin``/``livemax``; those every worker knows alike from the shared index (cache and
-hosted size) and ``mirror_build_info`` are given by the worker that answers. The
-supervisor calls ``worker_exited(pid)`` when a worker ends, so its live gauges drop out.
+worker's file when they change, checked as each response starts and each second
+(``_PublishedGauge``), merged with ``livemin``/``livemax``; those every worker knows
+alike from the shared index (cache and hosted size) and ``mirror_build_info`` are given
+by the worker that answers. The supervisor calls ``worker_exited(pid)`` when a worker
+ends, so its live gauges drop out.
 Without the variable (one process) everything is as it always was: one registry.
 """
 
@@ -58,30 +59,43 @@ SHARED_DIR: str | None = os.environ.get(MULTIPROC_ENV) or None
 REGISTRY = CollectorRegistry(auto_describe=True)
 _OWN = REGISTRY if SHARED_DIR is None else CollectorRegistry(auto_describe=True)
 _WORKERS = CollectorRegistry(auto_describe=False)
-_functions: dict[Gauge, Callable[[], float]] = {}
+_functions: dict[Gauge, tuple[Callable[[], float], float]] = {}    # the last value written
 _loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 PUBLISH_EVERY = 1.0      # seconds between a worker's writes of its function gauges
 
 
 class _PublishedGauge(Gauge):
     """With workers: a gauge a function gives. The function's value is written to this
-    worker's file each ``PUBLISH_EVERY`` seconds (on the event loop it was set on, where
-    its state lives) and when this worker answers a scrape, so every worker's scrape sees
-    it, merged by the gauge's multiprocess_mode."""
+    worker's file when it changed, checked as this worker starts each response (so what a
+    request taught it is there before the client can ask another worker), each
+    ``PUBLISH_EVERY`` seconds (a backoff runs out without a request: on the event loop it
+    was set on, where its state lives) and when it answers a scrape, so every worker's
+    scrape sees it, merged by the gauge's multiprocess_mode."""
 
     def set_function(self, f: Callable[[], float]) -> None:
         self._raise_if_not_observable()
-        _functions[self] = f
-        self.set(float(f()))
+        value = float(f())
+        _functions[self] = (f, value)
+        self.set(value)
         _keep_publishing()
 
 
 def _publish() -> None:
-    for gauge, f in list(_functions.items()):
+    for gauge, (f, last) in list(_functions.items()):
         try:
-            gauge.set(float(f()))
+            value = float(f())
         except Exception:       # noqa: BLE001 (a closed owner: keep its last value)
             continue
+        if value != last:
+            _functions[gauge] = (f, value)
+            gauge.set(value)
+
+
+def answering() -> None:
+    """A response is about to start (the access log calls this): with workers, write
+    what changed in this worker's function gauges. Nothing to do in one process."""
+    if _functions:
+        _publish()
 
 
 def _keep_publishing() -> None:
@@ -227,27 +241,12 @@ async def scrape() -> bytes:
     return own + await asyncio.to_thread(generate_latest, _WORKERS)
 
 
-def workers_environment(directory: Path) -> dict[str, str]:
-    """For the supervisor of several workers: create or empty ``directory`` for their
-    metric files; the environment entry each worker must start with. ``worker_exited``
-    uses the directory after (in this process; it need not set the variable itself)."""
-    global _workers_dir
-    directory.mkdir(parents=True, exist_ok=True)
-    for entry in directory.iterdir():
-        entry.unlink()
-    _workers_dir = str(directory)
-    return {MULTIPROC_ENV: str(directory)}
-
-
-_workers_dir: str | None = None
-
-
 def worker_exited(pid: int, directory: str | Path | None = None) -> None:
-    """A worker process ended (the supervisor calls this): its live gauges (fills in
-    progress, upstream health, ...) drop out of the merge; its counters and histograms
-    stay. The directory: as given, else as ``workers_environment`` prepared it, else the
-    variable's; none: nothing to do (one process)."""
-    path = directory or _workers_dir or os.environ.get(MULTIPROC_ENV)
+    """A worker process ended (the supervisor calls this, with the workers' directory: it
+    need not have the variable set itself): its live gauges (fills in progress, upstream
+    health, ...) drop out of the merge; its counters and histograms stay. No directory
+    given nor in the variable: nothing to do (one process)."""
+    path = directory or os.environ.get(MULTIPROC_ENV)
     if path:
         multiprocess.mark_process_dead(pid, str(path))
 

@@ -224,9 +224,7 @@ class Supervisor:
         except OSError as exc:
             log.warning("could not remove the temp files of worker pid %d: %s", pid, exc)
         from . import metrics
-        exited = getattr(metrics, "worker_exited", None)
-        if exited is not None:
-            exited(pid)
+        metrics.worker_exited(pid, self.config.data_dir.resolve() / "run" / "metrics")
 
     def _stop(self, sig: int) -> None:
         if self.stopping is None:

@@ -8,15 +8,23 @@ build info once. Without the variable a process exposes its own values, as alway
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
 
+import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mirror import metrics
+from tests.support.client import read_blob
+from tests.test_pull_through import get_manifest, hub_config
+from tests.test_workers import REPO, _children, _wait_for_owner, all_ready, fresh_blob
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,6 +83,10 @@ def families(shared: Path | None) -> set[str]:
     done = subprocess.run([sys.executable, "-c", SCRAPE], env=env(shared),
                           capture_output=True, timeout=30, check=True)
     return {f.name for f in text_string_to_metric_families(done.stdout.decode())}
+
+
+def value_of(values: dict[tuple, float], name: str, **labels) -> float:
+    return values.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def value(samples, name, **labels) -> float | None:
@@ -183,24 +195,13 @@ def test_a_running_worker_keeps_writing_its_function_gauges(tmp_path):
     assert value(samples, "mirror_fills_in_progress") == 0
 
 
-def test_the_supervisor_prepares_the_directory_and_marks_workers_dead(tmp_path,
-                                                                        monkeypatch):
-    monkeypatch.setattr(metrics, "_workers_dir", None)
-    shared = tmp_path / "run" / "metrics"
-    shared.mkdir(parents=True)
-    old = run_worker(shared, 'import os\nm.lookup("blob", "hit")\nprint(os.getpid())')
-    assert list(shared.iterdir())
-    # A new server's start: the last run's files go, the variable to give each worker.
-    assert metrics.workers_environment(shared) == {"PROMETHEUS_MULTIPROC_DIR": str(shared)}
-    assert list(shared.iterdir()) == []
-    assert metrics.workers_environment(tmp_path / "fresh")["PROMETHEUS_MULTIPROC_DIR"] == str(
-        tmp_path / "fresh")
-    assert (tmp_path / "fresh").is_dir()
-    assert old
-    metrics.workers_environment(shared)
+def test_worker_exited_takes_the_directory_from_the_variable_too(tmp_path, monkeypatch):
+    shared = tmp_path / "metrics"
+    shared.mkdir()
     pid = run_worker(shared, "import os\nm.fills_in_progress.inc()\nprint(os.getpid())")
     assert value(scrape(shared), "mirror_fills_in_progress") == 1
-    metrics.worker_exited(pid)       # no directory given: the one prepared
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(shared))
+    metrics.worker_exited(pid)
     assert value(scrape(shared), "mirror_fills_in_progress") == 0
 
 
@@ -215,6 +216,108 @@ def test_without_the_variable_a_process_exposes_its_own_values(monkeypatch):
     # Every family described, used or not.
     assert {"mirror_http_requests", "mirror_upstream_source_errors", "mirror_pushes"} <= families(
         None)
-    monkeypatch.setattr(metrics, "_workers_dir", None)
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     metrics.worker_exited(os.getpid())     # one process, no directory: nothing to do
+
+
+# -- a real mirror with workers: 2 --------------------------------------------------------------
+
+
+def scrape_mirror(mirror) -> dict[tuple, float]:
+    """One /metrics answer, on a connection of its own (so from either worker)."""
+    resp = httpx.get(f"{mirror.url}/metrics", timeout=10)
+    assert resp.status_code == 200
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(resp.text) for s in family.samples}
+
+
+def served_by(mirror, request: str) -> set[str]:
+    """The workers ([w0], [w1]) the access log says answered ``request`` with a 200."""
+    return set(re.findall(rf"\[(w\d+)\] mirror\.access: .*\"{re.escape(request)}\" 200",
+                          mirror.log_text()))
+
+
+def manifest_burst(mirror, image, clients: int) -> None:
+    """``clients`` GETs of the image's tag at once, each on its own connection."""
+    start = threading.Barrier(clients)
+    statuses: list[int] = []
+
+    def one() -> None:
+        start.wait()
+        with httpx.Client(base_url=mirror.url, timeout=30) as client:
+            statuses.append(get_manifest(client, image.repo, image.tags[0]).status_code)
+    threads = [threading.Thread(target=one) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert statuses == [200] * clients
+
+
+def test_every_scrape_of_a_two_worker_mirror_counts_every_pull(make_mirror, upstream,
+                                                                image_set):
+    image = image_set.docker
+    mirror = all_ready(make_mirror(hub_config(upstream, workers=2)))
+    manifest_burst(mirror, image, 1)                  # the miss: cached from here on
+    before = scrape_mirror(mirror)
+    pulls = 0
+    request = f"GET /v2/{image.repo}/manifests/{image.tags[0]}"
+    for _ in range(4):               # until both workers answered some (the kernel decides)
+        manifest_burst(mirror, image, 16)
+        pulls += 16
+        if served_by(mirror, request) == {"w0", "w1"}:
+            break
+    else:
+        pytest.fail("16 clients never reached both workers in 4 tries")
+
+    def counted(values) -> tuple[float, float]:
+        return (value_of(values, "mirror_http_requests_total", route="manifest",
+                         method="GET", status="200")
+                - value_of(before, "mirror_http_requests_total", route="manifest",
+                           method="GET", status="200"),
+                sum(value_of(values, "mirror_cache_lookups_total", kind="manifest", result=r)
+                    - value_of(before, "mirror_cache_lookups_total", kind="manifest", result=r)
+                    for r in ("hit", "miss", "stale", "coalesced")))
+
+    for _ in range(40):              # until both workers answered a scrape, each one counts all
+        assert counted(scrape_mirror(mirror)) == (pulls, pulls)
+        if served_by(mirror, "GET /metrics") == {"w0", "w1"}:
+            break
+    else:
+        pytest.fail("40 scrapes never reached both workers")
+
+    # A worker killed and replaced: its counts stay in every answer.
+    victim = _children(mirror.proc.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while victim in (children := _children(mirror.proc.pid)) or len(children) < 2:
+        assert time.monotonic() < deadline, "no replacement worker"
+        time.sleep(0.1)
+    for _ in range(6):
+        values = scrape_mirror(mirror)
+        assert counted(values) == (pulls, pulls)
+        assert value_of(values, "mirror_fills_in_progress") == 0
+
+
+def test_a_worker_killed_mid_download_drops_out_of_fills_in_progress(
+        make_mirror, faulty_upstream, upstream, tmp_path):
+    mirror = all_ready(make_mirror(hub_config(faulty_upstream, workers=2)))
+    blob = fresh_blob(tmp_path, upstream, 4 * 1024 * 1024, "metrics")
+    faulty_upstream.arm("drip", f"/blobs/{blob.digest}", method="GET", times=1,
+                        chunk=64 * 1024, delay=0.1)            # ~6 s for the whole blob
+    reader = threading.Thread(target=read_blob, args=(mirror, REPO, blob))
+    reader.start()
+    try:
+        claim = mirror.data_dir / "tmp" / f"sha256-{blob.digest.split(':')[1]}.fill"
+        owner = _wait_for_owner(claim)
+        for _ in range(6):           # whichever worker answers
+            assert value_of(scrape_mirror(mirror), "mirror_fills_in_progress") == 1
+        os.kill(owner, signal.SIGKILL)
+    finally:
+        reader.join(60)
+    deadline = time.monotonic() + 20
+    while owner in (children := _children(mirror.proc.pid)) or len(children) < 2:
+        assert time.monotonic() < deadline, "no replacement worker"
+        time.sleep(0.1)
+    for _ in range(6):
+        assert value_of(scrape_mirror(mirror), "mirror_fills_in_progress") == 0
