@@ -23,7 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mirror import metrics
 from tests.support.client import read_blob
-from tests.test_pull_through import get_manifest, hub_config
+from tests.test_pull_through import check_manifest, get_manifest, hub_config
+from tests.test_upstream_outage import outage_config
 from tests.test_workers import REPO, _children, _wait_for_owner, all_ready, fresh_blob
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -321,3 +322,22 @@ def test_a_worker_killed_mid_download_drops_out_of_fills_in_progress(
         time.sleep(0.1)
     for _ in range(6):
         assert value_of(scrape_mirror(mirror), "mirror_fills_in_progress") == 0
+
+
+def test_an_upstream_one_worker_found_down_is_down_in_every_scrape(make_mirror, faulty_upstream,
+                                                                   image_set):
+    """The worker that served the stale copy writes what it learnt before it answers, so
+    a scrape right after, from either worker, already says down."""
+    image = image_set.docker
+    mirror = all_ready(make_mirror({**outage_config(faulty_upstream, retries=0), "workers": 2}))
+    with httpx.Client(base_url=mirror.url, timeout=60) as client:
+        check_manifest(get_manifest(client, image.repo, "v1"), image)
+        time.sleep(1.1)                                  # tag_ttl: the next one revalidates
+        faulty_upstream.server.stop()
+        check_manifest(get_manifest(client, image.repo, "v1"), image)           # stale
+    for _ in range(40):
+        assert value_of(scrape_mirror(mirror), "mirror_upstream_up", upstream="docker.io") == 0
+        if served_by(mirror, "GET /metrics") == {"w0", "w1"}:
+            break
+    else:
+        pytest.fail("40 scrapes never reached both workers")
