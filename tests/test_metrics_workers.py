@@ -150,6 +150,7 @@ def test_a_scrape_sums_the_workers_and_a_dead_worker_keeps_its_counts(tmp_path):
     assert value(samples, "mirror_hosted_size_bytes") == 0
     assert [n for n, _, _ in samples].count("mirror_build_info") == 1
     assert not [s for s in samples if "pid" in dict(s[1])]
+    assert not [n for n, _, _ in samples if n.endswith("_created")]
     assert not [k for k, n in Counter((n, ls) for n, ls, _ in samples).items() if n > 1]
     # Families no worker used yet are described, as in one process.
     assert {"mirror_http_requests", "mirror_upstream_source_errors", "mirror_pushes"} <= families(
