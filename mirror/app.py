@@ -77,7 +77,8 @@ class Mirror:
             await local.close()
             raise StartupError(f"{local.data_dir / local_access.NAME}: cannot write the local "
                                f"token: {exc.strerror or exc}") from None
-        evictor = Evictor(local, Budget.of(config), enforce=role.leader)
+        evictor = Evictor(local, Budget.of(config), enforce=role.leader,
+                          follow=role.worker is not None)
         evictor.start()
         sources: dict[str, Source] = {name: ProxyStore(local, UpstreamGroup(up), up.tag_ttl,
                                                       up.offline)

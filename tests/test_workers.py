@@ -292,3 +292,26 @@ def _alive(pid: int) -> bool:
     except (FileNotFoundError, IndexError):
         return False
 
+
+
+def test_the_budget_holds_whichever_worker_cached_the_content(make_mirror, upstream, tmp_path):
+    """Eviction runs in worker 0 only; it learns what worker 1 cached from the index's
+    change log, so the data directory stays inside max_size whoever cached what."""
+    mirror = all_ready(make_mirror({"workers": 2, "max_size": "4MiB",
+                                    "upstreams": {"docker.io": {"url": upstream.url}}}))
+    blobs = [fresh_blob(tmp_path, upstream, 1024 * 1024, f"e{i}") for i in range(10)]
+    for blob in blobs:
+        for _ in range(2):                # new connections: both workers cache some
+            n, digest, error = read_blob(mirror, REPO, blob)
+            assert error is None and digest == blob.digest
+    served = set(re.findall(r"\[(w\d)\] mirror\.access: .*/blobs/\S+\" 200 \S+ \S+ miss",
+                            mirror.log_text()))
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        on_disk = sum(p.stat().st_size for p in (mirror.data_dir / "blobs").rglob("*")
+                      if p.is_file())
+        if on_disk <= 4 * 1024 * 1024 * 0.9:
+            break
+        time.sleep(0.2)
+    assert on_disk <= 4 * 1024 * 1024 * 0.9, (on_disk, served)
+    assert served == {"w0", "w1"}, "one worker cached everything: nothing shown"
