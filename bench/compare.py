@@ -23,7 +23,7 @@ A and B interleaved round by round, on:
 
 Server CPU is utime+stime of the server's whole process tree (parent, workers and
 exited children's cutime+cstime) from /proc, sampled before and after each row, once
-the server is idle again (bench/proctree.py). Every row with blobs also prints both
+the server is idle (bench/proctree.py). Every row with blobs also prints both
 servers' CPU-s/GB. --workers N writes `workers: N` into the mirror's config (not set
 otherwise: the mirror's default).
 
@@ -113,8 +113,9 @@ def wrk(url: str, seconds: int) -> float:
 
 
 def settled_cpu(pid: int, timeout: float = 5.0) -> float:
-    """The tree's CPU seconds once it has gone idle (under 5% of a core over 0.2 s), so
-    work a server finishes after the response (a background fill) is counted too."""
+    """The tree's CPU seconds once it has gone idle (under 5% of a core over 0.2 s): taken
+    before a row, so workers still starting are not counted, and after, so work a server
+    finishes after the response (a background fill) is."""
     last, deadline = tree_cpu_seconds(pid), time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(0.2)
@@ -179,7 +180,7 @@ class Bench:
         server = self.make(name, f"{name}-cold-{r}")
         try:
             pid = server.proc.pid
-            cpu0 = tree_cpu_seconds(pid)
+            cpu0 = settled_cpu(pid)
             size, t = curl(server.url + self.path)
             self.add_cpu("cold1", name, settled_cpu(pid) - cpu0, size)
             self.add("cold1", name, size / t / 1e6)
@@ -194,7 +195,7 @@ class Bench:
             with PeakRss(pid) as small_rss:     # the small blob first: row 7's baseline
                 parallel(16, lambda: curl(server.url + self.small_path))
             mark = self.upstream.mark()
-            cpu0 = tree_cpu_seconds(pid)
+            cpu0 = settled_cpu(pid)
             with PeakRss(pid) as rss:
                 wall, sizes = parallel(16, lambda: curl(server.url + self.path))
             self.add_cpu("cold16", name, settled_cpu(pid) - cpu0, sum(n for n, _ in sizes))
@@ -228,7 +229,7 @@ class Bench:
             for _ in range(a.rounds):
                 for name, server in servers.items():
                     pid, url = server.proc.pid, server.url + self.path
-                    cpu0 = tree_cpu_seconds(pid)
+                    cpu0 = settled_cpu(pid)
                     size, t = curl(url)
                     cpu1 = settled_cpu(pid)
                     self.add_cpu("warm1", name, cpu1 - cpu0, size)
