@@ -126,7 +126,7 @@ class Mirror:
             for n, u in config.upstreams.items()) or "none"
         if config.hosted is not None:
             upstreams += f"; hosted {','.join(config.hosted.repositories) or 'nothing'}"
-        data_dir = self.local.data_dir if self.local else config.data_dir
+        data_dir = self.local.data_dir if self.local else config.data_dir.resolve()
         return (f"TLS {'on' if config.tls else 'off'}, logins {logins}, offline {offline_text}; "
                 f"upstreams {upstreams} (default {config.default}); data in {data_dir}")
 
