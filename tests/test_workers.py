@@ -315,3 +315,15 @@ def test_the_budget_holds_whichever_worker_cached_the_content(make_mirror, upstr
         time.sleep(0.2)
     assert on_disk <= 4 * 1024 * 1024 * 0.9, (on_disk, served)
     assert served == {"w0", "w1"}, "one worker cached everything: nothing shown"
+
+
+def test_sighup_reaches_every_worker(two_workers):
+    os.kill(two_workers.proc.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    said: set[str] = set()
+    while time.monotonic() < deadline and len(said) < 2:
+        said = set(re.findall(r"\[(w\d)\] mirror: SIGHUP: nothing to reload",
+                              two_workers.log_text()))
+        time.sleep(0.1)
+    assert said == {"w0", "w1"}
+    assert httpx.get(f"{two_workers.url}/v2/", timeout=10).status_code == 200
