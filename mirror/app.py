@@ -77,7 +77,8 @@ class Mirror:
             await local.close()
             raise StartupError(f"{local.data_dir / local_access.NAME}: cannot write the local "
                                f"token: {exc.strerror or exc}") from None
-        evictor = Evictor(local, Budget.of(config), enforce=role.leader)
+        evictor = Evictor(local, Budget.of(config), enforce=role.leader,
+                          follow=role.worker is not None)
         evictor.start()
         sources: dict[str, Source] = {name: ProxyStore(local, UpstreamGroup(up), up.tag_ttl,
                                                       up.offline)
@@ -125,7 +126,7 @@ class Mirror:
             for n, u in config.upstreams.items()) or "none"
         if config.hosted is not None:
             upstreams += f"; hosted {','.join(config.hosted.repositories) or 'nothing'}"
-        data_dir = self.local.data_dir if self.local else config.data_dir
+        data_dir = self.local.data_dir if self.local else config.data_dir.resolve()
         return (f"TLS {'on' if config.tls else 'off'}, logins {logins}, offline {offline_text}; "
                 f"upstreams {upstreams} (default {config.default}); data in {data_dir}")
 

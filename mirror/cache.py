@@ -39,7 +39,7 @@ from .cache_files import CachedBlob as CachedBlob
 from .cache_files import TempBlob as TempBlob
 from .cache_files import blob_path, fsync_dir, make_dirs, remove_later, scan_blobs
 from .errors import DigestInvalid
-from .index import Index, TagRow
+from .index import LOAD_BATCH, Change, Index, TagRow
 from .models import (
     HOSTED,
     Manifest,
@@ -117,6 +117,7 @@ class LocalCache:
         self.reserved = 0                           # bytes of fills not yet committed
         self._generations: dict[str, int] = {}      # index.generations() when last looked
         self._resyncing = asyncio.Lock()
+        self._change_seq = 0                        # the index's change log, read up to here
         self.largest: int | None = None             # a bigger blob is passed through uncached
         self.on_grow: Callable[[], None] | None = None   # the evictor's doorbell
         self.make_room: Callable[[], Awaitable[None]] | None = None
@@ -222,8 +223,65 @@ class LocalCache:
         (The periodic resync would see it too, a second or two later.)"""
         return "content" in await self.resync_if_changed()
 
+    async def follow_changes(self) -> int:
+        """Apply what other processes (the other workers of this server) changed in
+        the index since the last look, from its change log; how many changes. When
+        the log was pruned past the last look, everything is reloaded instead."""
+        applied = 0
+        async with self._resyncing:
+            while True:
+                changes = await self.index.changes_since(self._change_seq)
+                if changes is None:
+                    log.warning("the index's change log was pruned past this process's last "
+                                "look; reloading the cache's maps")
+                    await self.resync()
+                    return applied
+                for change in changes:
+                    self._apply(change)
+                applied += len(changes)
+                if changes:
+                    self._change_seq = changes[-1].seq
+                if len(changes) < LOAD_BATCH:
+                    return applied
+
+    def _apply(self, change: Change) -> None:
+        """One change from the log, made to the maps (the same change made here
+        already, or again, changes nothing)."""
+        kind, a, b, c = change.kind, change.a or "", change.b or "", change.c or ""
+        if kind == "blob":
+            new = a not in self._blobs
+            self._set_blob(a, change.n or 0)
+            if new:
+                self._grew()
+        elif kind == "blob-":
+            self._set_blob(a, None)
+        elif kind == "manifest":
+            if a not in self._manifests:
+                self._set_manifest(a, (b, change.n or 0))
+                self._grew()
+        elif kind == "manifest-":
+            self._set_manifest(a, None)
+            if a in self._hot:
+                self._hot_bytes -= len(self._hot.pop(a))
+        elif kind == "tag":
+            self._tags[(a, b, c)] = TagRow(a, b, c, change.d or "", change.x or 0.0,
+                                           change.y or 0.0)
+        elif kind == "tag-":
+            self._tags.pop((a, b, c), None)
+        elif kind == "link":
+            if (a, b, c) not in self._links:
+                self._links.add((a, b, c))
+                if a == HOSTED:
+                    self._host([c])
+        elif kind == "link-":
+            if (a, b, c) in self._links:
+                self._links.discard((a, b, c))
+                if a == HOSTED:
+                    self._unhost(c)
+
     async def resync(self) -> None:
         """(Re)load the in-memory maps from the index, e.g. after `mirror gc` ran."""
+        self._change_seq = await self.index.last_change()   # first: replaying is harmless
         generations = await self.index.generations()
         self._generations.setdefault("pins", generations["pins"])
         self._generations["content"] = generations["content"]

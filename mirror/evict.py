@@ -28,6 +28,7 @@ from .config import Config
 log = logging.getLogger("mirror.evict")
 
 RESYNC_INTERVAL = 1.0        # seconds between looks for out-of-process index changes
+CHANGES_KEPT = 600.0         # seconds the index's change log keeps a change (for other workers)
 ORPHAN_GRACE = 3600.0        # gc leaves unreferenced blobs younger than this (pulls in flight)
 
 
@@ -129,10 +130,12 @@ class Evictor:
     ``interval`` seconds for unused expiry."""
 
     def __init__(self, cache: LocalCache, budget: Budget, interval: float = 60.0,
-                 enforce: bool = True) -> None:
+                 enforce: bool = True, follow: bool = False) -> None:
         self.cache = cache
         self.budget = budget
         self.enforce = enforce          # False: a worker that is not the leader only resyncs
+        self.follow = follow            # one of several workers: apply the others' changes
+        self._pruned = 0.0
         self.interval = interval
         self.evicted = 0
         self.evicted_bytes = 0
@@ -203,6 +206,11 @@ class Evictor:
             woken = self._wake.is_set()
             self._wake.clear()
             try:
+                if self.follow:
+                    await self.cache.follow_changes()
+                if self.enforce and time.monotonic() - self._pruned >= CHANGES_KEPT / 10:
+                    self._pruned = time.monotonic()
+                    await self.cache.index.prune_changes(time.time() - CHANGES_KEPT)
                 if "pins" in await self.cache.resync_if_changed():
                     woken = True          # an unpin may have made something evictable
                 due = woken or time.monotonic() - last_run >= self.interval

@@ -63,6 +63,37 @@ CREATE TABLE IF NOT EXISTS referrers (
     upstream TEXT NOT NULL, repository TEXT NOT NULL, subject TEXT NOT NULL,
     digest TEXT NOT NULL, media_type TEXT NOT NULL, artifact_type TEXT, size INTEGER NOT NULL,
     annotations TEXT, PRIMARY KEY (upstream, repository, subject, digest));
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0),
+    kind TEXT NOT NULL, a TEXT, b TEXT, c TEXT, d TEXT, n INTEGER, x REAL, y REAL);
+CREATE TRIGGER IF NOT EXISTS blob_added AFTER INSERT ON blobs BEGIN
+    INSERT INTO changes (kind, a, n) VALUES ('blob', NEW.digest, NEW.size); END;
+CREATE TRIGGER IF NOT EXISTS blob_resized AFTER UPDATE OF size ON blobs BEGIN
+    INSERT INTO changes (kind, a, n) VALUES ('blob', NEW.digest, NEW.size); END;
+CREATE TRIGGER IF NOT EXISTS blob_gone AFTER DELETE ON blobs BEGIN
+    INSERT INTO changes (kind, a) VALUES ('blob-', OLD.digest); END;
+CREATE TRIGGER IF NOT EXISTS manifest_added AFTER INSERT ON manifests BEGIN
+    INSERT INTO changes (kind, a, b, n) VALUES ('manifest', NEW.digest, NEW.media_type,
+                                                NEW.size); END;
+CREATE TRIGGER IF NOT EXISTS manifest_gone AFTER DELETE ON manifests BEGIN
+    INSERT INTO changes (kind, a) VALUES ('manifest-', OLD.digest); END;
+CREATE TRIGGER IF NOT EXISTS tag_added AFTER INSERT ON tags BEGIN
+    INSERT INTO changes (kind, a, b, c, d, x, y) VALUES ('tag', NEW.upstream, NEW.repository,
+        NEW.tag, NEW.digest, NEW.fetched_at, NEW.expires_at); END;
+CREATE TRIGGER IF NOT EXISTS tag_moved AFTER UPDATE OF digest, fetched_at, expires_at ON tags
+BEGIN
+    INSERT INTO changes (kind, a, b, c, d, x, y) VALUES ('tag', NEW.upstream, NEW.repository,
+        NEW.tag, NEW.digest, NEW.fetched_at, NEW.expires_at); END;
+CREATE TRIGGER IF NOT EXISTS tag_gone AFTER DELETE ON tags BEGIN
+    INSERT INTO changes (kind, a, b, c) VALUES ('tag-', OLD.upstream, OLD.repository,
+                                                OLD.tag); END;
+CREATE TRIGGER IF NOT EXISTS link_added AFTER INSERT ON repo_links BEGIN
+    INSERT INTO changes (kind, a, b, c) VALUES ('link', NEW.upstream, NEW.repository,
+                                                NEW.digest); END;
+CREATE TRIGGER IF NOT EXISTS link_gone AFTER DELETE ON repo_links BEGIN
+    INSERT INTO changes (kind, a, b, c) VALUES ('link-', OLD.upstream, OLD.repository,
+                                                OLD.digest); END;
 """
 SCHEMA_VERSION = "1"
 REFERRERS_PENDING = "referrers_backfill"     # meta key: hosted referrers not recorded yet
@@ -96,6 +127,23 @@ class TagRow:
     digest: str
     fetched_at: float
     expires_at: float
+
+
+@dataclass(frozen=True)
+class Change:
+    """One row of the change log (see ``Index.changes_since``): ``kind`` is blob,
+    manifest, tag or link (added or changed) or the same with ``-`` (removed); the
+    other fields are the row's columns, in the order of the trigger that wrote it."""
+
+    seq: int
+    kind: str
+    a: str | None
+    b: str | None
+    c: str | None
+    d: str | None
+    n: int | None
+    x: float | None
+    y: float | None
 
 
 class Index:
@@ -183,6 +231,33 @@ class Index:
             while rows := await cur.fetchmany(LOAD_BATCH):
                 links.update((name(u), name(r), d) for u, r, d in rows)
         return links
+
+    # -- the change log: what every write did, for the other worker processes ----------------
+    # Triggers (SCHEMA) append a row to `changes` for each blob, manifest, tag and link
+    # added, changed or removed, by any process; each worker reads on from where it was
+    # (``changes_since``) and applies them to its maps. The leader prunes old rows.
+
+    async def last_change(self) -> int:
+        """The number of the last change made (pruned or not)."""
+        rows = list(await self._db.execute_fetchall(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'changes'"))
+        return int(rows[0][0]) if rows else 0
+
+    async def changes_since(self, seq: int, limit: int = LOAD_BATCH) -> list[Change] | None:
+        """The changes after ``seq``, oldest first, at most ``limit``; None when some of
+        them were pruned already (the caller reloads everything)."""
+        rows = await self._db.execute_fetchall(
+            "SELECT seq, kind, a, b, c, d, n, x, y FROM changes WHERE seq > ? ORDER BY seq "
+            "LIMIT ?", (seq, limit))
+        changes = [Change(*row) for row in rows]
+        # Numbers are consecutive (one writer at a time, AUTOINCREMENT): a hole after
+        # ``seq`` means the rows were pruned before the caller read them.
+        if changes:
+            return None if changes[0].seq != seq + 1 else changes
+        return None if await self.last_change() > seq else []
+
+    async def prune_changes(self, before: float) -> None:
+        await self._write(("DELETE FROM changes WHERE at < ?", [(before,)]))
 
     # -- single rows, for what another worker process may have added --------------------------
 

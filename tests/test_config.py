@@ -74,6 +74,9 @@ default: docker.io
      "upstreams.ghcr.io.max_fills"),
     ("default: quay.io", "default"),
     ("listen: [1, 2", "line"),
+    ("workers: 0", "workers"),
+    ("workers: two", "workers"),
+    ("workers: 65", "workers"),
 ])
 def test_bad_config_is_one_line_naming_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError) as info:
@@ -227,3 +230,11 @@ def test_bad_upstream_mirrors_are_one_line_naming_the_key(tmp_path, mirrors, mes
     with pytest.raises(ConfigError) as info:
         load_config(path, environ={})
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_workers_default_to_the_cpus_this_process_may_use(tmp_path, monkeypatch):
+    import os
+    assert load_config(None).workers == len(os.sched_getaffinity(0))
+    assert load_config(write(tmp_path, "workers: 3")).workers == 3
+    monkeypatch.setenv("MIRROR_WORKERS", "1")
+    assert load_config(write(tmp_path, "workers: 3")).workers == 1

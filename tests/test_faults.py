@@ -17,7 +17,10 @@ from tests.test_pull_through import check_manifest, fetch_blob, get_manifest, pu
 
 
 def config_for(url: str, **upstream) -> dict:
-    return {"upstreams": {"docker.io": {"url": url, **upstream}}, "default": "docker.io"}
+    # Two worker processes, as a site runs it on two cores: every fault must be
+    # survived whichever worker a request reaches.
+    return {"upstreams": {"docker.io": {"url": url, **upstream}}, "default": "docker.io",
+            "workers": 2}
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ def mirror_config(upstream, ttl="5m"):
     """The test upstream as the default 'docker.io' (library/ prefix) and as 'local.test'."""
     return {"upstreams": {"docker.io": {"url": upstream.url, "tag_ttl": ttl},
                           "local.test": {"url": upstream.url, "tag_ttl": ttl}},
-            "default": "docker.io"}
+            "default": "docker.io", "workers": 2}     # as on a 2-core site: two processes
 
 
 @pytest.fixture

@@ -292,3 +292,38 @@ def _alive(pid: int) -> bool:
     except (FileNotFoundError, IndexError):
         return False
 
+
+
+def test_the_budget_holds_whichever_worker_cached_the_content(make_mirror, upstream, tmp_path):
+    """Eviction runs in worker 0 only; it learns what worker 1 cached from the index's
+    change log, so the data directory stays inside max_size whoever cached what."""
+    mirror = all_ready(make_mirror({"workers": 2, "max_size": "4MiB",
+                                    "upstreams": {"docker.io": {"url": upstream.url}}}))
+    blobs = [fresh_blob(tmp_path, upstream, 1024 * 1024, f"e{i}") for i in range(10)]
+    for blob in blobs:
+        for _ in range(2):                # new connections: both workers cache some
+            n, digest, error = read_blob(mirror, REPO, blob)
+            assert error is None and digest == blob.digest
+    served = set(re.findall(r"\[(w\d)\] mirror\.access: .*/blobs/\S+\" 200 \S+ \S+ miss",
+                            mirror.log_text()))
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        on_disk = sum(p.stat().st_size for p in (mirror.data_dir / "blobs").rglob("*")
+                      if p.is_file())
+        if on_disk <= 4 * 1024 * 1024 * 0.9:
+            break
+        time.sleep(0.2)
+    assert on_disk <= 4 * 1024 * 1024 * 0.9, (on_disk, served)
+    assert served == {"w0", "w1"}, "one worker cached everything: nothing shown"
+
+
+def test_sighup_reaches_every_worker(two_workers):
+    os.kill(two_workers.proc.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    said: set[str] = set()
+    while time.monotonic() < deadline and len(said) < 2:
+        said = set(re.findall(r"\[(w\d)\] mirror: SIGHUP: nothing to reload",
+                              two_workers.log_text()))
+        time.sleep(0.1)
+    assert said == {"w0", "w1"}
+    assert httpx.get(f"{two_workers.url}/v2/", timeout=10).status_code == 200

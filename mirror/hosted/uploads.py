@@ -7,18 +7,20 @@ Layout::
 
 Every byte is hashed as it is written. A process that did not write the bytes so far
 (after a restart, or another worker) re-hashes the data file before appending: hashlib
-state cannot be persisted. The final ``PUT`` checks the digest, fsyncs and renames the
-file into the content-addressed store through ``LocalCache.commit_blob``; a blob already
-there (cached or pushed before) is kept once and the upload is dropped. A request that
-fails part-way (too big, client gone, wrong length) leaves the session as it was before
-it. Sessions no request has written to for ``hosted.upload_ttl`` (abandoned) are
-gone: swept at start-up, every quarter of the TTL while the server runs, by `mirror
-gc`, and when a client touches one.
+state cannot be persisted. One request at a time writes to a session, whichever worker
+process it reaches (``lock``: a ``flock`` on ``uploads/<uuid>/lock``). The final
+``PUT`` checks the digest, fsyncs and renames the file into the content-addressed store
+through ``LocalCache.commit_blob``; a blob already there (cached or pushed before) is
+kept once and the upload is dropped. A request that fails part-way (too big, client
+gone, wrong length) leaves the session as it was before it. Sessions no request has
+written to for ``hosted.upload_ttl`` (abandoned) are gone: swept at start-up, every
+quarter of the TTL while the server runs, by `mirror gc`, and when a client touches one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -27,6 +29,7 @@ import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +43,7 @@ log = logging.getLogger("mirror.hosted")
 
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 BATCH = 1024 * 1024          # bytes gathered from the request before one write
+LOCK_POLL = 0.01             # seconds between tries of a session another worker is writing
 
 
 @dataclass
@@ -148,8 +152,28 @@ class Uploads:
                                     "than hosted.upload_ttl")
         return state
 
-    def lock(self, session: Session) -> asyncio.Lock:
-        return self._locks.setdefault(session.id, asyncio.Lock())
+    @asynccontextmanager
+    async def lock(self, session: Session) -> AsyncIterator[None]:
+        """One request at a time writes to a session, in this process (an asyncio
+        lock) and across the server's worker processes (a ``flock`` on its folder's
+        ``lock`` file, polled without blocking so no thread waits on it)."""
+        async with self._locks.setdefault(session.id, asyncio.Lock()):
+            path = self.root / session.id / "lock"
+            try:
+                fd = await fileio.run(os.open, path, os.O_RDWR | os.O_CREAT
+                                      | getattr(os, "O_CLOEXEC", 0), 0o644)
+            except FileNotFoundError:
+                raise BlobUploadUnknown(f"upload {session.id} is gone") from None
+            try:
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        await asyncio.sleep(LOCK_POLL)
+                yield
+            finally:
+                os.close(fd)            # drops the flock
 
     async def cancel(self, session: Session) -> None:
         temp = self._open.pop(session.id, None)
