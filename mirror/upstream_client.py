@@ -30,7 +30,7 @@ from urllib.parse import urljoin, urlsplit
 import httpcore
 import httpx
 
-from . import __version__, metrics, upstream_errors
+from . import __version__, metrics, upstream_errors, upstream_transport
 from .config import UpstreamConfig
 from .errors import Denied, UpstreamRateLimited, UpstreamUnavailable
 from .upstream_auth import (
@@ -82,12 +82,15 @@ class UpstreamClient:
             follow_redirects=False,
         )
         # One connection per fill slot (proxy.py holds at most max_fills downloads).
+        # Their bodies are read with aiohttp (upstream_transport), unless a proxy is set.
         self._blob_client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(config.timeout),
             limits=httpx.Limits(max_connections=config.max_fills,
                                 max_keepalive_connections=config.max_fills),
             headers={"User-Agent": f"mirror/{__version__}"},
             follow_redirects=False,
+            transport=(upstream_transport.AiohttpTransport(config.max_fills)
+                       if upstream_transport.usable() else None),
         )
         self._challenge: Challenge | None = None
         self.tokens = TokenCache(TOKEN_SCOPES_MAX)
