@@ -3,7 +3,9 @@
 Two ``httpx.AsyncClient``s per upstream: blob bodies (``stream_blob``, with its
 redirects and retries) go through one sized to ``max_fills``, everything else
 (manifests, HEADs, tags, tokens) through the other, so downloads can never take
-the connections a manifest needs. Requests go out anonymously until the upstream
+the connections a manifest needs; the blob client's transport is aiohttp's
+(``upstream_transport``: httpx's own reads bodies at three times the CPU), unless
+a proxy is configured. Requests go out anonymously until the upstream
 answers 401 with a challenge; then Basic credentials or a Bearer token (fetched
 from the challenge's realm, cached per scope until shortly before it expires) are
 added and the request is retried once. Redirects are followed by hand so
