@@ -71,6 +71,7 @@ class Mirror:
         except CannotOpen as exc:
             raise StartupError(str(exc)) from None
         self.local = local
+        local.follow = role.worker is not None
         try:
             local_token = await fileio.run(_local_token, local.data_dir, role.prepare)
         except OSError as exc:

@@ -118,6 +118,7 @@ class LocalCache:
         self._generations: dict[str, int] = {}      # index.generations() when last looked
         self._resyncing = asyncio.Lock()
         self._change_seq = 0                        # the index's change log, read up to here
+        self.follow = False                         # other workers write the index too
         self.largest: int | None = None             # a bigger blob is passed through uncached
         self.on_grow: Callable[[], None] | None = None   # the evictor's doorbell
         self.make_room: Callable[[], Awaitable[None]] | None = None
@@ -218,10 +219,16 @@ class LocalCache:
             return changed
 
     async def changed_elsewhere(self) -> bool:
-        """On a miss: whether another process (`mirror import`) added content since the
-        maps were loaded; if so they are reloaded now, and the lookup is worth a retry.
-        (The periodic resync would see it too, a second or two later.)"""
-        return "content" in await self.resync_if_changed()
+        """On a miss: whether another process (`mirror import`, another worker) added
+        content since the maps were loaded; if so they are brought up to date now, and
+        the lookup is worth a retry. (The periodic look would see it too, a second or
+        so later: too late for a client that pushed to one worker and pulls from another.)"""
+        applied = await self.catch_up()
+        return "content" in await self.resync_if_changed() or applied > 0
+
+    async def catch_up(self) -> int:
+        """One of several workers (``follow``): apply the others' changes now; how many."""
+        return await self.follow_changes() if self.follow else 0
 
     async def follow_changes(self) -> int:
         """Apply what other processes (the other workers of this server) changed in

@@ -34,6 +34,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import AsyncGenerator
 
 from . import fileio, metrics
@@ -52,6 +53,7 @@ from .upstream_group import Endpoint, UpstreamGroup, error_reason
 log = logging.getLogger("mirror.fill")
 
 WRITE_BACKLOG = 4 * 1024 * 1024   # bytes received but not yet written before we wait
+RECENT = 4 * 1024 * 1024          # bytes kept in memory behind the written end, for readers
 RESUMES = 3                       # resumptions of a broken upstream stream per fill
 RESUME_BACKOFF = 0.5              # seconds before the first resumption; doubles after
 GRACE = 2.0                       # seconds an unread fill goes on before it is let go...
@@ -143,6 +145,11 @@ class Download:
         belongs to (a finished blob belongs to the current one)."""
         raise NotImplementedError
 
+    def _recent_at(self, pos: int, limit: int) -> bytes | None:
+        """The bytes from ``pos`` (to the end of their chunk, at most to ``limit``) if
+        they are still in memory (a download run here keeps its newest ones)."""
+        return None
+
     async def chunks(self, start: int = 0,
                      end: int | None = None) -> AsyncGenerator[bytes | bytearray, None]:
         fd, generation = await self._open()
@@ -160,6 +167,11 @@ class Download:
                 if target is not None and pos >= target:
                     return
                 limit = self._readable() if target is None else min(self._readable(), target)
+                recent = self._recent_at(pos, limit) if pos < limit else None
+                if recent is not None:
+                    pos += len(recent)
+                    yield recent
+                    continue
                 if pos < limit:
                     async for chunk in fileio.read_range(fd, pos, limit):
                         pos += len(chunk)
@@ -192,6 +204,7 @@ class Fill(Download):
         self._inflight: asyncio.Future[None] | None = None  # the task writing _pending
         self._pending: list[bytes] = []                       # received, not yet written
         self._pending_bytes = 0
+        self._recent: deque[tuple[int, bytes]] = deque()    # (offset, chunk), newest last
 
     def start(self) -> Fill:
         self.task = asyncio.create_task(self._run(), name=f"fill {self.digest}")
@@ -273,6 +286,7 @@ class Fill(Download):
                 self._idle = None
             self.cache.reserved -= self._reserved
             self._reserved = 0
+            self._forget_recent()
             self.done = True
             if self.claim is not None:
                 self.claim.finish(FAILED if self.error is not None else
@@ -374,6 +388,7 @@ class Fill(Download):
         except Exception:
             pass                    # those bytes are being thrown away anyway
         self._pending, self._pending_bytes = [], 0
+        self._forget_recent()
         old, self._temp = self._temp, await self.cache.new_temp(self.digest.split(":", 1)[0])
         self.cache.reserved -= self._reserved
         self._reserved = 0
@@ -449,6 +464,7 @@ class Fill(Download):
                                               blame_current=True)
                         self._pending.append(chunk)
                         self._pending_bytes += len(chunk)
+                        self._remember(received - len(chunk), chunk)
                         # One writer at a time; what arrives meanwhile is gathered into its
                         # next write, so readers see bytes soon and writes stay big.
                         if self._inflight is not None and (
@@ -529,7 +545,39 @@ class Fill(Download):
         self.written = self._temp.size
         if self.claim is not None:
             self.claim.progress(self.written)
+        self._drop_recent()
         self._notify()
+
+    # -- the newest bytes, in memory ---------------------------------------------------------
+
+    def _remember(self, offset: int, chunk: bytes) -> None:
+        """Keep a chunk just received (bound for the temp file at ``offset``) for the
+        readers close behind the download: they take it from here, from the moment it
+        is written until ``RECENT`` bytes more are, instead of reading it back from
+        the file (a copy into a fresh buffer: the costliest copy on these machines).
+        What readers may have is still what ``_readable`` says."""
+        self._recent.append((offset, chunk))
+
+    def _drop_recent(self) -> None:
+        """Let go of the chunks more than ``RECENT`` bytes behind the written end."""
+        while self._recent:
+            offset, chunk = self._recent[0]
+            if offset + len(chunk) > self.written - RECENT:
+                break
+            self._recent.popleft()
+
+    def _forget_recent(self) -> None:
+        self._recent.clear()
+
+    def _recent_at(self, pos: int, limit: int) -> bytes | None:
+        for offset, chunk in reversed(self._recent):
+            if offset <= pos:
+                if pos >= offset + len(chunk):
+                    return None
+                end = min(len(chunk), limit - offset)
+                start = pos - offset
+                return chunk if (start, end) == (0, len(chunk)) else chunk[start:end]
+        return None
 
     # -- readers -----------------------------------------------------------------------------
 

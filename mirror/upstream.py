@@ -10,7 +10,8 @@ digest asked for and the one upstream says; HEAD), blob sizes and bodies
   downloads never take the connections a manifest needs), logging in on a 401
   challenge (Basic, or a Bearer token from the challenge's realm), redirects
   followed by hand so ``Authorization`` only goes to the upstream's own origin,
-  retries with backoff.
+  retries with backoff. The blob client's bodies are read by aiohttp under httpx
+  (``upstream_transport``: the same requests and errors at a third of the CPU).
 - ``upstream_auth``: credentials stay on the upstream's own site. Only a 401 from
   the upstream's own origin sets the challenge (a CDN's 401 is just an error), and a
   token realm gets the username and password only when its host is the upstream's

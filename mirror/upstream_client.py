@@ -3,7 +3,9 @@
 Two ``httpx.AsyncClient``s per upstream: blob bodies (``stream_blob``, with its
 redirects and retries) go through one sized to ``max_fills``, everything else
 (manifests, HEADs, tags, tokens) through the other, so downloads can never take
-the connections a manifest needs. Requests go out anonymously until the upstream
+the connections a manifest needs; the blob client's transport is aiohttp's
+(``upstream_transport``: httpx's own reads bodies at three times the CPU), unless
+a proxy is configured. Requests go out anonymously until the upstream
 answers 401 with a challenge; then Basic credentials or a Bearer token (fetched
 from the challenge's realm, cached per scope until shortly before it expires) are
 added and the request is retried once. Redirects are followed by hand so
@@ -30,7 +32,7 @@ from urllib.parse import urljoin, urlsplit
 import httpcore
 import httpx
 
-from . import __version__, metrics, upstream_errors
+from . import __version__, metrics, upstream_errors, upstream_transport
 from .config import UpstreamConfig
 from .errors import Denied, UpstreamRateLimited, UpstreamUnavailable
 from .upstream_auth import (
@@ -82,12 +84,15 @@ class UpstreamClient:
             follow_redirects=False,
         )
         # One connection per fill slot (proxy.py holds at most max_fills downloads).
+        # Their bodies are read with aiohttp (upstream_transport), unless a proxy is set.
         self._blob_client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(config.timeout),
             limits=httpx.Limits(max_connections=config.max_fills,
                                 max_keepalive_connections=config.max_fills),
             headers={"User-Agent": f"mirror/{__version__}"},
             follow_redirects=False,
+            transport=(upstream_transport.AiohttpTransport(config.max_fills)
+                       if upstream_transport.usable() else None),
         )
         self._challenge: Challenge | None = None
         self.tokens = TokenCache(TOKEN_SCOPES_MAX)

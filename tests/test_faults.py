@@ -17,10 +17,13 @@ from tests.test_pull_through import check_manifest, fetch_blob, get_manifest, pu
 
 
 def config_for(url: str, **upstream) -> dict:
-    # Two worker processes, as a site runs it on two cores: every fault must be
-    # survived whichever worker a request reaches.
-    return {"upstreams": {"docker.io": {"url": url, **upstream}}, "default": "docker.io",
-            "workers": 2}
+    return {"upstreams": {"docker.io": {"url": url, **upstream}}, "default": "docker.io"}
+
+
+def two_workers(url: str, **upstream) -> dict:
+    """This file's faults hit a mirror of two worker processes, as a site runs it on two
+    cores: every fault must be survived whichever worker a request reaches."""
+    return {**config_for(url, **upstream), "workers": 2}
 
 
 @pytest.fixture
@@ -31,7 +34,7 @@ def big(image_set):
 
 def test_reset_mid_body_is_resumed_with_range(make_mirror, faulty_upstream, big):
     image, blob = big
-    mirror = make_mirror(config_for(faulty_upstream.url))
+    mirror = make_mirror(two_workers(faulty_upstream.url))
     fault = faulty_upstream.arm("reset", path_contains=blob.digest, method="GET", times=2)
     n, digest, error = read_blob(mirror, image.repo, blob)
     assert (n, digest, error) == (blob.size, blob.digest, None)
@@ -42,7 +45,7 @@ def test_reset_mid_body_is_resumed_with_range(make_mirror, faulty_upstream, big)
 
 def test_reset_without_range_support_restarts_and_skips(make_mirror, faulty_upstream, big):
     image, blob = big
-    mirror = make_mirror(config_for(faulty_upstream.url))
+    mirror = make_mirror(two_workers(faulty_upstream.url))
     faulty_upstream.arm("reset", path_contains=blob.digest, method="GET", times=1)
     faulty_upstream.arm("range_ignored", path_contains=blob.digest, times=None)
     assert read_blob(mirror, image.repo, blob) == (blob.size, blob.digest, None)
@@ -51,7 +54,7 @@ def test_reset_without_range_support_restarts_and_skips(make_mirror, faulty_upst
 def test_a_stream_that_keeps_breaking_aborts_clients_and_caches_nothing(make_mirror,
                                                                        faulty_upstream, big):
     image, blob = big
-    mirror = make_mirror(config_for(faulty_upstream.url))
+    mirror = make_mirror(two_workers(faulty_upstream.url))
     faulty_upstream.arm("reset", path_contains=blob.digest, method="GET", times=None,
                         after=blob.size // 10)      # 4 tries x 1/10: never complete
     n, _, error = read_blob(mirror, image.repo, blob)
@@ -64,7 +67,7 @@ def test_a_stream_that_keeps_breaking_aborts_clients_and_caches_nothing(make_mir
 
 def test_wrong_bytes_are_never_served_complete_nor_cached(make_mirror, faulty_upstream, big):
     image, blob = big
-    mirror = make_mirror(config_for(faulty_upstream.url))
+    mirror = make_mirror(two_workers(faulty_upstream.url))
     faulty_upstream.arm("corrupt", path_contains=blob.digest, method="GET", offset=1000)
     n, _, error = read_blob(mirror, image.repo, blob)
     assert error is not None and n < blob.size          # the last byte was held back
@@ -75,7 +78,7 @@ def test_wrong_bytes_are_never_served_complete_nor_cached(make_mirror, faulty_up
 
 def test_corrupt_manifest_is_refused(make_mirror, faulty_upstream, image_set):
     image = image_set.oci
-    mirror = make_mirror(config_for(faulty_upstream.url))
+    mirror = make_mirror(two_workers(faulty_upstream.url))
     faulty_upstream.arm("corrupt", path_contains=f"/manifests/{image.digest}", offset=5)
     with httpx.Client(base_url=mirror.url, timeout=30) as client:
         resp = get_manifest(client, image.repo, image.digest)
@@ -85,7 +88,7 @@ def test_corrupt_manifest_is_refused(make_mirror, faulty_upstream, image_set):
 
 def test_5xx_is_retried_then_reported(make_mirror, faulty_upstream, image_set):
     image = image_set.docker
-    mirror = make_mirror(config_for(faulty_upstream.url))
+    mirror = make_mirror(two_workers(faulty_upstream.url))
     with httpx.Client(base_url=mirror.url, timeout=30) as client:
         faulty_upstream.arm("status", path_contains="/manifests/v1", status=503, times=1)
         check_manifest(get_manifest(client, image.repo, "v1"), image)   # retried: fine
@@ -102,7 +105,7 @@ def test_5xx_is_retried_then_reported(make_mirror, faulty_upstream, image_set):
 
 def test_429_passes_retry_after_and_stale_is_served(make_mirror, faulty_upstream, image_set):
     image = image_set.docker
-    mirror = make_mirror(config_for(faulty_upstream.url, tag_ttl="1s"))
+    mirror = make_mirror(two_workers(faulty_upstream.url, tag_ttl="1s"))
     with httpx.Client(base_url=mirror.url, timeout=30) as client:
         check_manifest(get_manifest(client, image.repo, "v1"), image)
         faulty_upstream.arm("status", path_contains="/manifests/", status=429, times=None,
@@ -120,7 +123,7 @@ def test_429_passes_retry_after_and_stale_is_served(make_mirror, faulty_upstream
 def test_hung_upstream_times_out_to_an_error_or_a_stale_copy(make_mirror, faulty_upstream,
                                                              image_set):
     image = image_set.docker
-    mirror = make_mirror(config_for(faulty_upstream.url, tag_ttl="1s", timeout="1s"))
+    mirror = make_mirror(two_workers(faulty_upstream.url, tag_ttl="1s", timeout="1s"))
     with httpx.Client(base_url=mirror.url, timeout=30) as client:
         check_manifest(get_manifest(client, image.repo, "v1"), image)
         faulty_upstream.arm("hang", path_contains="/manifests/", times=None)
@@ -134,7 +137,7 @@ def test_hung_upstream_times_out_to_an_error_or_a_stale_copy(make_mirror, faulty
 
 def test_stalled_body_is_resumed(make_mirror, faulty_upstream, big):
     image, blob = big
-    mirror = make_mirror(config_for(faulty_upstream.url, timeout="1s"))
+    mirror = make_mirror(two_workers(faulty_upstream.url, timeout="1s"))
     faulty_upstream.arm("hang_body", path_contains=blob.digest, method="GET", after=100_000)
     assert read_blob(mirror, image.repo, blob) == (blob.size, blob.digest, None)
     assert faulty_upstream.count("GET", f"/blobs/{blob.digest}") == 2
@@ -144,7 +147,7 @@ def test_slow_upstream_streams_to_every_client_at_once_with_one_fetch(make_mirro
                                                                       faulty_upstream, image_set):
     image = image_set.docker
     blob = image.largest_blob
-    mirror = make_mirror(config_for(faulty_upstream.url))
+    mirror = make_mirror(two_workers(faulty_upstream.url))
     with httpx.Client(base_url=mirror.url, timeout=30) as client:
         check_manifest(get_manifest(client, image.repo, "v1"), image)
     # ~2 s of drip for the whole blob.
@@ -191,7 +194,7 @@ def test_redirect_to_another_host_never_carries_credentials(make_mirror, htpassw
         image = push_image(tmp_path / "img", client, "redir/app", ["1"], [70000, 3000], seed=9000)
     with FaultyUpstream(htpasswd_upstream.url) as proxy:
         proxy.arm("redirect", path_contains="/blobs/", method="GET", times=None)
-        mirror = make_mirror(config_for(proxy.url, username="alice", password=USERS["alice"]))
+        mirror = make_mirror(two_workers(proxy.url, username="alice", password=USERS["alice"]))
         with httpx.Client(base_url=mirror.url, timeout=30) as client:
             pull(client, image)
         assert len(proxy.cdn_log) == len(image.blobs)
@@ -200,7 +203,7 @@ def test_redirect_to_another_host_never_carries_credentials(make_mirror, htpassw
 
 def test_after_every_fault_the_next_pull_works(make_mirror, faulty_upstream, image_set):
     image = image_set.oci_index
-    mirror = make_mirror(config_for(faulty_upstream.url))
+    mirror = make_mirror(two_workers(faulty_upstream.url))
     with httpx.Client(base_url=mirror.url, timeout=30) as client:
         for kind, params in [("drop", {}), ("status", {"status": 502}), ("reset", {}),
                              ("corrupt", {})]:

@@ -5,6 +5,7 @@ writing one session at once, in two workers, never both write."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import threading
@@ -17,6 +18,7 @@ from tests.test_workers import all_ready
 
 PRIVATE = {"upstreams": {}, "hosted": {"repositories": ["*"]}, "workers": 2}
 CLOSE = {"Connection": "close"}       # each request on a new connection: any worker
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
 @pytest.fixture
@@ -30,8 +32,8 @@ def start_upload(mirror, repo: str) -> str:
     return r.headers["Location"]
 
 
-def workers_of(mirror, method: str, since: int) -> set[str]:
-    return set(re.findall(rf"\[(w\d)\] mirror\.access: .*\"{method} /v2/\S+/blobs/uploads/",
+def workers_of(mirror, method: str, since: int, what: str = "blobs/uploads") -> set[str]:
+    return set(re.findall(rf"\[(w\d)\] mirror\.access: .*\"{method} /v2/\S+/{what}/",
                           mirror.log_text()[since:]))
 
 
@@ -53,11 +55,31 @@ def test_a_chunked_upload_whose_requests_reach_both_workers_succeeds(private):
         r = httpx.put(f"{private.url}{location}", params={"digest": digest}, headers=CLOSE,
                       timeout=30)
         assert r.status_code == 201, r.text
-        got = httpx.get(f"{private.url}/v2/team/app/blobs/{digest}", timeout=30)
-        assert got.status_code == 200 and got.content == data
-        if len(workers_of(private, "PATCH", seen)) == 2:
+        # Read-your-writes whichever worker answers: at once, on new connections.
+        for _ in range(6):
+            got = httpx.get(f"{private.url}/v2/team/app/blobs/{digest}", headers=CLOSE,
+                            timeout=30)
+            assert got.status_code == 200 and got.content == data
+        manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": digest,
+                       "size": len(data)},
+            "layers": []}).encode()
+        tag = f"v{_attempt}"
+        r = httpx.put(f"{private.url}/v2/team/app/manifests/{tag}", content=manifest,
+                      headers={**CLOSE, "Content-Type": OCI_MANIFEST}, timeout=30)
+        assert r.status_code == 201, r.text
+        for _ in range(6):
+            got = httpx.get(f"{private.url}/v2/team/app/manifests/{tag}", timeout=30,
+                            headers={**CLOSE, "Accept": OCI_MANIFEST})
+            assert got.status_code == 200 and got.content == manifest
+            listed = httpx.get(f"{private.url}/v2/team/app/tags/list", headers=CLOSE,
+                               timeout=30)
+            assert tag in listed.json()["tags"]
+        if len(workers_of(private, "PATCH", seen)) == 2 and \
+                len(workers_of(private, "GET", seen, "manifests")) == 2:
             return
-    pytest.fail("the PATCHes never reached both workers in 5 uploads")
+    pytest.fail("the requests never reached both workers in 5 uploads")
 
 
 def slowly(body: bytes):

@@ -94,9 +94,9 @@ class HostedStore:
     async def open(self, leader: bool = True) -> None:
         """Start serving; the ``leader`` (the only process, or worker 0 of several) also
         sweeps and collects in the background."""
+        await self.uploads.open(sweep=leader)
         if not leader:
             return
-        await self.uploads.open()
         if await self.local.index.referrers_pending():
             await self._record_referrers()
         if self.config.gc_interval is not None:
@@ -177,6 +177,7 @@ class HostedStore:
         return info
 
     async def tags(self, repository: str) -> list[str]:
+        await self.local.catch_up()            # tags another worker was just pushed
         tags = self.local.tags_of(HOSTED, repository)
         if not tags and not await self._exists(repository):
             raise NameUnknown(f"repository {repository[:200]!r} not known to this registry",
@@ -187,13 +188,18 @@ class HostedStore:
         return (HOSTED, repository) in set(await self.local.repositories())
 
     async def open_blob(self, repository: str, digest: str) -> CachedBlob:
-        body = await self.local.open_blob(digest) \
-            if self.local.linked(HOSTED, repository, digest) else None
-        if body is None:
-            raise BlobUnknown(f"blob unknown: {digest}", detail={"digest": digest})
-        return body
+        for last in (False, True):
+            body = await self.local.open_blob(digest) \
+                if self.local.linked(HOSTED, repository, digest) else None
+            if body is not None:
+                return body
+            if last or not await self.local.changed_elsewhere():
+                break
+        raise BlobUnknown(f"blob unknown: {digest}", detail={"digest": digest})
 
     async def stat_blob(self, repository: str, digest: str) -> int:
+        if not self.has_blob(repository, digest):
+            await self.local.changed_elsewhere()       # pushed through another worker?
         size = self.local.blob_size(digest) \
             if self.local.linked(HOSTED, repository, digest) else None
         if size is None:
@@ -209,6 +215,9 @@ class HostedStore:
     async def mount(self, repository: str, digest: str, source: tuple[str, str]) -> int | None:
         """Link a blob that ``source`` (upstream, repository) has into ``repository``;
         its size, or None when the source does not have it."""
+        if self.local.blob_size(digest) is None or \
+                not self.local.linked(source[0], source[1], digest):
+            await self.local.catch_up()               # another worker's, a moment ago?
         size = self.local.blob_size(digest)
         if size is None or not self.local.linked(source[0], source[1], digest):
             return None
@@ -233,6 +242,7 @@ class HostedStore:
                                     detail={"digest": reference})
         else:
             digest = digest_of(data)
+        await self.local.catch_up()     # blobs and children pushed through other workers
         # Stamp the links of what the manifest references, and read from the index
         # which are there: a hosted gc sweep before this lost them (and the push fails
         # here), one after sees fresh links inside its grace and keeps them.
@@ -272,6 +282,7 @@ class HostedStore:
         """By digest: the manifest leaves the repository with every tag pointing at it.
         By tag: only the tag goes (untag)."""
         self._deletable()
+        await self.local.catch_up()     # what other workers pushed or deleted
         if is_digest(reference):
             info = self._resolve(repository, reference)
             tags = [t for t in self.local.tags_of(HOSTED, repository)
@@ -289,6 +300,7 @@ class HostedStore:
         """Unlink a blob from the repository (a manifest still referencing it is not
         checked, as registry:2 does not)."""
         self._deletable()
+        await self.local.catch_up()
         if not self.has_blob(repository, digest):
             raise BlobUnknown(f"blob unknown: {digest}", detail={"digest": digest})
         await self.local.unlink(HOSTED, repository, digests=[digest])

@@ -66,10 +66,11 @@ class Uploads:
         self._locks: dict[str, asyncio.Lock] = {}
         self._open: dict[str, TempBlob] = {}    # sessions this process is writing
 
-    async def open(self) -> None:
-        """Create the uploads folder and drop sessions past ``upload_ttl``."""
+    async def open(self, sweep: bool = True) -> None:
+        """Create the uploads folder and (``sweep``) drop sessions past ``upload_ttl``."""
         await fileio.run(self.root.mkdir, 0o755, False, True)
-        await self.sweep()
+        if sweep:
+            await self.sweep()
 
     async def sweep(self, dry_run: bool = False) -> int:
         """Drop the sessions untouched for longer than ``upload_ttl`` (and folders with no

@@ -3,7 +3,8 @@
 ``FaultyUpstream(target_url)`` forwards every request (method, raw path and
 query, headers except Host and hop-by-hop ones, streamed body) to
 ``target_url`` and streams the answer back (status, headers, raw body bytes)
-unless a fault armed with ``arm()`` matches the request::
+unless a fault armed with ``arm()`` matches the request (extra keyword arguments
+go to the proxy's uvicorn: ``ssl_certfile``/``ssl_keyfile`` make it https)::
 
     with FaultyUpstream(upstream.url) as proxy:
         fault = proxy.arm("status", path_contains="/manifests/", status=503,
@@ -285,7 +286,8 @@ async def _rechunk(pieces: AsyncIterator[bytes], size: int) -> AsyncIterator[byt
 class FaultyUpstream:
     """Reverse proxy to ``target_url`` with armable faults (see module doc)."""
 
-    def __init__(self, target_url: str, name: str = "faulty-upstream") -> None:
+    def __init__(self, target_url: str, name: str = "faulty-upstream",
+                 **uvicorn_options) -> None:
         self.target_url = target_url.rstrip("/")
         self._lock = threading.Lock()
         self._faults: list[Fault] = []
@@ -296,7 +298,8 @@ class FaultyUpstream:
         self._stopping = threading.Event()
         self._cdn_started = False
         self._clients = _Clients()
-        self.server = ServerThread(_asgi3(self._proxy_app), name)
+        # uvicorn_options (ssl_certfile/ssl_keyfile: https) apply to the proxy, not the CDN.
+        self.server = ServerThread(_asgi3(self._proxy_app), name, **uvicorn_options)
         self.cdn = ServerThread(_asgi3(self._cdn_app), f"{name}-cdn")
 
     # -- lifecycle -----------------------------------------------------------

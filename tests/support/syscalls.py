@@ -69,7 +69,9 @@ def _unhex(text: str) -> str:
 
 
 class SyscallTrace:
-    def __init__(self, pid: int, out_path, cwd: str | os.PathLike, trace: str = "%file") -> None:
+    def __init__(self, pid: int, out_path, cwd: str | os.PathLike, trace: str = "%file",
+                 string_limit: int = 65536) -> None:
+        self.string_limit = string_limit   # bytes of a string strace prints (0: reads' data)
         self.pid = pid
         self.trace = trace             # strace's -e trace=: "%file,fsync,fdatasync" adds those
         self.out_path = Path(out_path)
@@ -80,7 +82,8 @@ class SyscallTrace:
 
     def start(self, timeout: float = 10) -> SyscallTrace:
         self.proc = subprocess.Popen(
-            [STRACE, "-f", "-y", "-xx", "-s", "65536", "-e", f"trace={self.trace}",
+            [STRACE, "-f", "-y", "-xx", "-s", str(self.string_limit),
+             "-e", f"trace={self.trace}",
              "-e", "signal=none", "-o", str(self.out_path), "-p", str(self.pid)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             text=True, errors="replace")
