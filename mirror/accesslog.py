@@ -72,6 +72,8 @@ class AccessLog:
                 status = message["status"]
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
+            elif message["type"] == "http.response.zerocopysend":
+                sent += message["count"]
             await send(message)
 
         try:

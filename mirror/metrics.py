@@ -45,6 +45,9 @@ cache_lookups = Counter("mirror_cache_lookups", "Manifest and blob lookups by ou
                         "(joined a fetch already running)", ["kind", "result"], registry=REGISTRY)
 bytes_served = Counter("mirror_bytes_served", "Bytes of blobs and manifests sent to clients, by "
                        "where they came from", ["source"], registry=REGISTRY)
+sendfile_bytes = Counter("mirror_sendfile_bytes", "Of mirror_bytes_served, those the kernel sent "
+                         "straight from the cached file (zero copy, plain HTTP)",
+                         registry=REGISTRY)
 upstream_requests = Counter("mirror_upstream_requests", "Requests sent upstream",
                             ["upstream", "method", "status"], registry=REGISTRY)
 upstream_seconds = Histogram("mirror_upstream_request_duration_seconds",

@@ -1,0 +1,214 @@
+"""Zero-copy response bodies: the ASGI "http.response.zerocopysend" extension, offered
+by our uvicorn protocol on plain-HTTP httptools connections.
+
+A cached blob served through uvicorn is read into Python and written back out, and
+most of a warm serve's CPU went to that copy and uvicorn's socket send. With the
+extension the app sends ``{"type": "http.response.zerocopysend", "file": f,
+"offset": o, "count": n, "more_body": True}`` after ``http.response.start`` (as the
+ASGI spec's "Zero Copy Send" extension describes), and the protocol moves the bytes
+from the file to the socket with ``os.sendfile``: the kernel copies page cache to
+socket, Python only loops over readiness.
+
+How (``ZeroCopySend``, mixed into the protocol class in server.py):
+
+- advertised only where it can work: plain-HTTP (not TLS: the kernel would send
+  plaintext) httptools connections whose transport has a socket. The app stays a
+  plain ASGI callable: without the extension it streams as before;
+- the headers (and anything an earlier response left queued) are flushed through the
+  transport first, so bytes never overtake each other on the wire;
+- the socket is written through a duplicate of its descriptor, closed at the end of
+  every message: the transport may close its own descriptor under us (the client
+  left) and the number be reused by another connection, the duplicate never is;
+- the socket is non-blocking: when it is full the send waits on the loop for it to
+  be writable, so a client that stops reading holds only its own response;
+- file bytes in the page cache are sent on the loop; a window that would have to be
+  read from the disk (``mincore`` says which) is sent from a worker thread, so the
+  loop never waits on the disk (fileio's rule);
+- uvicorn's own bookkeeping (Content-Length accounting, response completion,
+  keep-alive, pipelining) is kept: the count is taken off the expected length, and
+  the final ``http.response.body`` message goes through uvicorn as usual;
+- the client leaving (reset, broken pipe) ends the send quietly: the connection is
+  aborted and the cycle marked disconnected, as uvicorn does for a lost connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import logging
+import mmap
+import os
+from typing import Any
+
+from . import fileio, metrics
+
+log = logging.getLogger("mirror")
+
+EXTENSION = "http.response.zerocopysend"
+WINDOW = 8 * 1024 * 1024        # bytes checked for page-cache residency at once
+_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN, errno.EBADF)
+
+
+class ZeroCopySend:
+    """Mixin for uvicorn's httptools protocol: offers ``EXTENSION`` in the scope of
+    every request on a plain-HTTP connection and serves its messages."""
+
+    transport: asyncio.Transport
+    loop: asyncio.AbstractEventLoop
+    cycle: Any
+
+    def on_headers_complete(self) -> None:
+        before = self.cycle
+        super().on_headers_complete()  # type: ignore[misc]
+        cycle = self.cycle
+        if cycle is before or cycle is None or not able(self.transport):
+            return
+        cycle.scope.setdefault("extensions", {})[EXTENSION] = {}
+        plain_send = cycle.send
+        transport = self.transport
+
+        async def send(message: Any) -> None:
+            if message["type"] == EXTENSION:
+                await send_file(cycle, transport, message)
+                if not message.get("more_body", False):
+                    await plain_send({"type": "http.response.body", "body": b""})
+            else:
+                await plain_send(message)
+        cycle.send = send
+
+
+def mixins(base: type) -> tuple[type, ...]:
+    """``(ZeroCopySend,)`` when ``base`` is uvicorn's httptools protocol (the one this
+    was written against), else nothing: h11 connections stream as before."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return ()
+    return (ZeroCopySend,) if issubclass(base, HttpToolsProtocol) and _MINCORE else ()
+
+
+def able(transport: asyncio.Transport) -> bool:
+    """Whether bytes may go straight to this transport's socket: plain TCP only."""
+    if transport.get_extra_info("sslcontext") is not None:
+        return False
+    sock = transport.get_extra_info("socket")
+    return sock is not None and _MINCORE is not None
+
+
+async def send_file(cycle: Any, transport: asyncio.Transport, message: Any) -> None:
+    """One ``EXTENSION`` message on ``cycle`` (a uvicorn httptools request cycle)."""
+    if cycle.disconnected:
+        return                             # as uvicorn's send: the client is gone
+    if not cycle.response_started or cycle.response_complete:
+        raise RuntimeError(f"Unexpected ASGI message {EXTENSION!r} outside a response body")
+    if cycle.chunked_encoding:
+        raise RuntimeError(f"{EXTENSION!r} needs a response with a Content-Length")
+    file = message["file"]
+    fd = file if isinstance(file, int) else file.fileno()
+    offset = message.get("offset")
+    if offset is None:
+        offset = os.lseek(fd, 0, os.SEEK_CUR)
+    count = message.get("count")
+    if count is None:
+        count = os.fstat(fd).st_size - offset
+    if cycle.scope["method"] == "HEAD":
+        return
+    if count > cycle.expected_content_length:
+        raise RuntimeError("Response content longer than Content-Length")
+    if count <= 0:
+        return
+    if cycle.flow.write_paused:
+        await cycle.flow.drain()
+    loop = asyncio.get_running_loop()
+    while transport.get_write_buffer_size() and not transport.is_closing():
+        await asyncio.sleep(0.001)          # the headers first (nearly always written)
+    if transport.is_closing():
+        return
+    out = os.dup(transport.get_extra_info("socket").fileno())
+    try:
+        await _sendfile(loop, out, fd, offset, count)
+    except OSError as exc:
+        if exc.errno not in _GONE:
+            raise
+        log.debug("client left during a zero-copy send: %s", exc)
+        cycle.disconnected = True
+        transport.abort()
+        return
+    finally:
+        os.close(out)
+    cycle.expected_content_length -= count
+    metrics.sendfile_bytes.inc(count)
+
+
+async def _sendfile(loop: asyncio.AbstractEventLoop, out: int, fd: int,
+                    offset: int, count: int) -> None:
+    pos, end = offset, offset + count
+    resident_to = pos
+    while pos < end:
+        if pos >= resident_to:
+            window = min(WINDOW, end - pos)
+            resident_to = pos + window if _resident(fd, pos, window) else pos
+        try:
+            if pos < resident_to:
+                n = os.sendfile(out, fd, pos, resident_to - pos)
+            else:                       # from the disk: a thread waits for it
+                n = await fileio.run_to_end(os.sendfile, out, fd, pos, min(WINDOW, end - pos))
+        except BlockingIOError:
+            await _writable(loop, out)
+            continue
+        if n == 0:
+            raise OSError(errno.EIO, f"file ended at byte {pos}, before byte {end} "
+                                     "the response promised")
+        pos += n
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, out: int) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+    loop.add_writer(out, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(out)
+
+
+# -- page-cache residency -----------------------------------------------------------------
+
+def _load_mincore() -> Any:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_MINCORE: Any = _load_mincore() if hasattr(os, "sendfile") else None
+_PAGE = mmap.PAGESIZE
+_FAILED = ctypes.c_void_p(-1).value
+
+
+def _resident(fd: int, offset: int, n: int) -> bool:
+    """Whether bytes [offset, offset + n) of the file are all in the page cache (so a
+    sendfile of them cannot wait for the disk). False when it cannot tell."""
+    libc = _MINCORE
+    start = offset - offset % _PAGE
+    length = offset + n - start
+    addr = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+    if addr is None or addr == _FAILED:
+        return False
+    try:
+        vec = ctypes.create_string_buffer((length + _PAGE - 1) // _PAGE)
+        if libc.mincore(addr, length, vec) != 0:
+            return False
+        return b"\0" not in vec.raw
+    finally:
+        libc.munmap(addr, length)
