@@ -85,7 +85,7 @@ def mixins(base: type) -> tuple[type, ...]:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
         return ()
-    return (ZeroCopySend,) if issubclass(base, HttpToolsProtocol) and _MINCORE else ()
+    return (ZeroCopySend,) if issubclass(base, HttpToolsProtocol) and _LIBC else ()
 
 
 def able(transport: asyncio.Transport) -> bool:
@@ -93,7 +93,7 @@ def able(transport: asyncio.Transport) -> bool:
     if transport.get_extra_info("sslcontext") is not None:
         return False
     sock = transport.get_extra_info("socket")
-    return sock is not None and _MINCORE is not None
+    return sock is not None and _LIBC is not None
 
 
 async def send_file(cycle: Any, transport: asyncio.Transport, message: Any) -> None:
@@ -177,8 +177,20 @@ async def _writable(loop: asyncio.AbstractEventLoop, out: int) -> None:
 
 
 # -- page-cache residency -----------------------------------------------------------------
+#
+# cachestat(2) (Linux 6.5) counts a range's cached pages in ~10 us per 8 MiB; mincore(2)
+# on a fresh mapping of the range (older kernels) looks each page up, ~170 us per 8 MiB.
 
-def _load_mincore() -> Any:
+class _Range(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Stat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in
+                ("cache", "dirty", "writeback", "evicted", "recently_evicted")]
+
+
+def _load_libc() -> Any:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.mmap.restype = ctypes.c_void_p
@@ -186,29 +198,38 @@ def _load_mincore() -> Any:
                               ctypes.c_int, ctypes.c_long]
         libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
         libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+        libc.syscall.restype = ctypes.c_long
         return libc
     except (OSError, AttributeError):
         return None
 
 
-_MINCORE: Any = _load_mincore() if hasattr(os, "sendfile") else None
-_PAGE = mmap.PAGESIZE
+_LIBC: Any = _load_libc() if hasattr(os, "sendfile") else None
+_CACHESTAT: int | None = 451 if os.uname().sysname == "Linux" else None   # one number
+_PAGE = mmap.PAGESIZE                                   # on every architecture
 _FAILED = ctypes.c_void_p(-1).value
 
 
 def _resident(fd: int, offset: int, n: int) -> bool:
     """Whether bytes [offset, offset + n) of the file are all in the page cache (so a
     sendfile of them cannot wait for the disk). False when it cannot tell."""
-    libc = _MINCORE
+    global _CACHESTAT
+    if _CACHESTAT is not None:
+        stat = _Stat()
+        if _LIBC.syscall(ctypes.c_long(_CACHESTAT), ctypes.c_long(fd),
+                         ctypes.byref(_Range(offset, n)), ctypes.byref(stat),
+                         ctypes.c_long(0)) == 0:
+            return stat.cache >= (offset + n - 1) // _PAGE - offset // _PAGE + 1
+        _CACHESTAT = None                   # ENOSYS (older kernel), EPERM (seccomp): mincore
     start = offset - offset % _PAGE
     length = offset + n - start
-    addr = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+    addr = _LIBC.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
     if addr is None or addr == _FAILED:
         return False
     try:
         vec = ctypes.create_string_buffer((length + _PAGE - 1) // _PAGE)
-        if libc.mincore(addr, length, vec) != 0:
+        if _LIBC.mincore(addr, length, vec) != 0:
             return False
         return b"\0" not in vec.raw
     finally:
-        libc.munmap(addr, length)
+        _LIBC.munmap(addr, length)

@@ -236,3 +236,40 @@ def test_tls_still_streams_byte_exact(make_mirror, upstream, image_set, certs): 
         metrics = client.get("/metrics").text
     assert f"{SENT} 0.0" in metrics             # offered only on plain HTTP
     no_tracebacks(mirror)
+
+
+def test_a_blob_not_in_the_page_cache_is_read_off_the_loop(warm):
+    mirror, repo, blob = warm
+    cached = mirror.cached_path(blob.digest)
+    fd = os.open(cached, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)     # out of the page cache
+    finally:
+        os.close(fd)
+    before = sendfile_bytes(mirror)
+    with httpx.Client(base_url=mirror.url, timeout=60) as client:
+        assert client.get(blob_path(repo, blob)).content == file_bytes(blob)
+    assert sendfile_bytes(mirror) - before == blob.size
+    no_tracebacks(mirror)
+
+
+@pytest.mark.parametrize("how", ["cachestat", "mincore"])
+def test_page_cache_residency(tmp_path, monkeypatch, how):
+    from mirror import zerocopy
+    if how == "mincore":
+        monkeypatch.setattr(zerocopy, "_CACHESTAT", None)
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(3 << 20))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        assert zerocopy._resident(fd, 0, 3 << 20)
+        assert not zerocopy._resident(fd, 100, 3 << 20)        # past the end of the file
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert not zerocopy._resident(fd, 0, 3 << 20)
+        assert not zerocopy._resident(fd, 5000, 10)
+        os.pread(fd, 1 << 20, 1 << 20)
+        assert zerocopy._resident(fd, 1 << 20, 1 << 20)
+        assert not zerocopy._resident(fd, 0, 3 << 20)
+    finally:
+        os.close(fd)
