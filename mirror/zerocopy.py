@@ -118,15 +118,16 @@ async def send_file(cycle: Any, transport: asyncio.Transport, message: Any) -> N
         raise RuntimeError("Response content longer than Content-Length")
     if count <= 0:
         return
-    if cycle.flow.write_paused:
-        await cycle.flow.drain()
     loop = asyncio.get_running_loop()
-    while transport.get_write_buffer_size() and not transport.is_closing():
-        await asyncio.sleep(0.001)          # the headers first (nearly always written)
-    if transport.is_closing():
-        return
     out = os.dup(transport.get_extra_info("socket").fileno())
     try:
+        # What the transport still holds (these headers; the end of an earlier
+        # response to a client that reads slowly) goes first, as the socket drains.
+        while transport.get_write_buffer_size() and not transport.is_closing():
+            await _writable(loop, out)
+            await asyncio.sleep(0)          # the transport's own writer goes first
+        if transport.is_closing():
+            return                          # the client left: uvicorn says so too
         await _sendfile(loop, out, fd, offset, count)
     except OSError as exc:
         if exc.errno not in _GONE:

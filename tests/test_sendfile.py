@@ -81,8 +81,7 @@ class Reader:
 
 
 def connect(mirror) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", mirror.port), timeout=30)
-    return sock
+    return socket.create_connection(("127.0.0.1", mirror.port), timeout=30)
 
 
 def open_fds(mirror, path) -> int:
@@ -161,6 +160,45 @@ def test_keepalive_and_pipelined_requests_after_a_zero_copy_body(warm):
         assert status == 200 and body.startswith(b"{")
         request(sock, "GET", "/healthz")
         assert reader.response()[0] == 200
+    no_tracebacks(mirror)
+
+
+def test_offered_on_httptools_only():
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from mirror.server import protocol_class
+    from mirror.zerocopy import ZeroCopySend
+    assert ZeroCopySend in protocol_class(10, HttpToolsProtocol).__mro__
+    assert ZeroCopySend not in protocol_class(10, H11Protocol).__mro__
+
+
+def test_streamed_and_zero_copy_bodies_pipelined_keep_their_order(warm, image_set):
+    """A slow reader's pipelined requests: a download streamed through uvicorn, then a
+    cached blob's zero-copy body, then a streamed manifest, then zero-copy again."""
+    mirror, repo, big = warm
+    cold = max(image_set.oci.blobs, key=lambda b: b.size)
+    manifest = f"/v2/{repo}/manifests/{image_set.big.digest}"
+    before = sendfile_bytes(mirror)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.connect(("127.0.0.1", mirror.port))
+    with sock:
+        sock.settimeout(30)
+        sock.sendall("".join(f"GET {path} HTTP/1.1\r\nHost: m\r\nAccept: */*\r\n\r\n" for path in
+                             (blob_path(image_set.oci.repo, cold), blob_path(repo, big), manifest,
+                              blob_path(repo, big))).encode())
+        time.sleep(0.3)
+        reader = Reader(sock)
+        status, _, body = reader.response()
+        assert status == 200 and body == file_bytes(cold)
+        status, _, body = reader.response()
+        assert status == 200 and body == file_bytes(big)
+        status, _, body = reader.response()
+        assert status == 200 and body == image_set.big.manifest
+        status, _, body = reader.response()
+        assert status == 200 and body == file_bytes(big)
+    assert sendfile_bytes(mirror) - before == 2 * big.size
     no_tracebacks(mirror)
 
 
