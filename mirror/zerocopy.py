@@ -47,7 +47,7 @@ log = logging.getLogger("mirror")
 
 EXTENSION = "http.response.zerocopysend"
 WINDOW = 8 * 1024 * 1024        # bytes checked for page-cache residency at once
-_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN, errno.EBADF)
+_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN)
 
 
 class ZeroCopySend:
@@ -126,8 +126,9 @@ async def send_file(cycle: Any, transport: asyncio.Transport, message: Any) -> N
         while transport.get_write_buffer_size() and not transport.is_closing():
             await _writable(loop, out)
             await asyncio.sleep(0)          # the transport's own writer goes first
-        if transport.is_closing():
-            return                          # the client left: uvicorn says so too
+        if transport.is_closing():          # the client left (uvicorn will say so): the
+            cycle.disconnected = True       # rest of the response is dropped, as uvicorn
+            return                          # drops what is sent to a lost connection
         await _sendfile(loop, out, fd, offset, count)
     except OSError as exc:
         if exc.errno not in _GONE:
@@ -156,7 +157,10 @@ async def _sendfile(loop: asyncio.AbstractEventLoop, out: int, fd: int,
             else:                       # from the disk: a thread waits for it
                 n = await fileio.run_to_end(os.sendfile, out, fd, pos, min(WINDOW, end - pos))
         except BlockingIOError:
+            waited = loop.time()
             await _writable(loop, out)
+            if loop.time() - waited > 1:    # a slow reader: the pages may have gone
+                resident_to = pos
             continue
         if n == 0:
             raise OSError(errno.EIO, f"file ended at byte {pos}, before byte {end} "

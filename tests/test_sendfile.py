@@ -58,7 +58,7 @@ class Reader:
     """Responses read off one raw connection (Content-Length bodies only)."""
 
     def __init__(self, sock: socket.socket) -> None:
-        self.sock, self.buf = sock, b""
+        self.sock, self.buf = sock, bytearray()
 
     def _more(self) -> None:
         data = self.sock.recv(1 << 20)
@@ -69,14 +69,16 @@ class Reader:
     def response(self, head_only: bool = False) -> tuple[int, dict[str, str], bytes]:
         while b"\r\n\r\n" not in self.buf:
             self._more()
-        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
-        lines = head.decode("latin-1").split("\r\n")
+        end = self.buf.index(b"\r\n\r\n")
+        lines = self.buf[:end].decode("latin-1").split("\r\n")
+        del self.buf[:end + 4]
         status = int(lines[0].split()[1])
         headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
         n = 0 if head_only else int(headers.get("content-length", "0"))
         while len(self.buf) < n:
             self._more()
-        body, self.buf = self.buf[:n], self.buf[n:]
+        body = bytes(self.buf[:n])
+        del self.buf[:n]
         return status, headers, body
 
 
@@ -202,7 +204,7 @@ def test_streamed_and_zero_copy_bodies_pipelined_keep_their_order(warm, image_se
     no_tracebacks(mirror)
 
 
-@pytest.mark.parametrize("how", ["close", "reset"])
+@pytest.mark.parametrize("how", ["close", "reset", "at once"])
 def test_client_leaving_mid_body(warm, how):
     mirror, repo, blob = warm
     cached = mirror.cached_path(blob.digest)
@@ -211,7 +213,8 @@ def test_client_leaving_mid_body(warm, how):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)   # it cannot take it all
         sock.connect(("127.0.0.1", mirror.port))
         request(sock, "GET", blob_path(repo, blob))
-        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        if how != "at once":
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
         if how == "reset":
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
         sock.close()
