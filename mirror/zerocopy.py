@@ -39,6 +39,7 @@ import errno
 import logging
 import mmap
 import os
+import socket
 from typing import Any
 
 from . import fileio, metrics
@@ -47,6 +48,7 @@ log = logging.getLogger("mirror")
 
 EXTENSION = "http.response.zerocopysend"
 WINDOW = 8 * 1024 * 1024        # bytes checked for page-cache residency at once
+SNDBUF = 4 * 1024 * 1024        # the socket's send buffer while sending (Linux doubles it)
 _GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN)
 
 
@@ -121,6 +123,7 @@ async def send_file(cycle: Any, transport: asyncio.Transport, message: Any) -> N
     loop = asyncio.get_running_loop()
     out = os.dup(transport.get_extra_info("socket").fileno())
     try:
+        _widen(out)
         # What the transport still holds (these headers; the end of an earlier
         # response to a client that reads slowly) goes first, as the socket drains.
         while transport.get_write_buffer_size() and not transport.is_closing():
@@ -166,6 +169,18 @@ async def _sendfile(loop: asyncio.AbstractEventLoop, out: int, fd: int,
             raise OSError(errno.EIO, f"file ended at byte {pos}, before byte {end} "
                                      "the response promised")
         pos += n
+
+
+def _widen(out: int) -> None:
+    """A send buffer of at least SNDBUF: more queued per wake-up, so a busy machine's
+    late wake-ups starve the client less (the queue holds page references, not
+    copies). It stays for the connection's later responses."""
+    sock = socket.socket(fileno=out)
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < SNDBUF:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+    finally:
+        sock.detach()
 
 
 async def _writable(loop: asyncio.AbstractEventLoop, out: int) -> None:
