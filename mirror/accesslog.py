@@ -73,6 +73,8 @@ class AccessLog:
                 metrics.answering()      # other workers' scrapes see what this one learnt
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
+            elif message["type"] == "http.response.zerocopysend":
+                sent += message["count"]
             await send(message)
 
         try:

@@ -151,6 +151,13 @@ class CachedBlob:
     async def wait_verified(self) -> None:
         """Cached blobs were verified before they were placed."""
 
+    def fileno(self) -> int:
+        """The open file, for a zero-copy send (api.py); it stays open, and the blob
+        held, until ``aclose``."""
+        if self._fd is None:
+            raise CacheUnavailable(f"cached blob {self.digest} was already let go of")
+        return self._fd
+
     async def chunks(self, start: int = 0,
                      end: int | None = None) -> AsyncGenerator[bytes | bytearray, None]:
         end = self.size if end is None else end

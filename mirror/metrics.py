@@ -131,6 +131,9 @@ cache_lookups = Counter("mirror_cache_lookups", "Manifest and blob lookups by ou
                         "(joined a fetch already running)", ["kind", "result"], registry=_OWN)
 bytes_served = Counter("mirror_bytes_served", "Bytes of blobs and manifests sent to clients, by "
                        "where they came from", ["source"], registry=_OWN)
+sendfile_bytes = Counter("mirror_sendfile_bytes", "Of mirror_bytes_served, those the kernel sent "
+                         "straight from the cached file (zero copy, plain HTTP)",
+                         registry=_OWN)
 upstream_requests = Counter("mirror_upstream_requests", "Requests sent upstream",
                             ["upstream", "method", "status"], registry=_OWN)
 upstream_seconds = Histogram("mirror_upstream_request_duration_seconds",

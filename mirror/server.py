@@ -39,6 +39,7 @@ from . import __version__
 from .app import Mirror, Role, StartupError
 from .config import Config, LimitsConfig, TlsConfig
 from .workers import WorkerArgs
+from .zerocopy import mixins
 
 log = logging.getLogger("mirror")
 
@@ -179,8 +180,9 @@ class HeaderTimeout:
 
 
 def protocol_class(header_timeout: float, base: type = AutoHTTPProtocol) -> type:
-    """uvicorn's protocol (httptools when installed, else h11) with the header timeout."""
-    return type(f"HeaderTimeout{base.__name__}", (HeaderTimeout, base),
+    """uvicorn's protocol (httptools when installed, else h11) with the header timeout,
+    and zero-copy sends where it can (zerocopy.py)."""
+    return type(f"HeaderTimeout{base.__name__}", (HeaderTimeout, *mixins(base), base),
                 {"header_timeout": header_timeout})
 
 
