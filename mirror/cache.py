@@ -32,9 +32,10 @@ import weakref
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import fileio, lock
+from . import cache_maps, fileio, lock
 from .cache_files import CachedBlob as CachedBlob
 from .cache_files import TempBlob as TempBlob
 from .cache_files import blob_path, fsync_dir, make_dirs, remove_later, scan_blobs
@@ -99,17 +100,25 @@ def unusable(data_dir: Path, exc: BaseException, path: Path | None = None) -> st
     return f"{where}: {reason}"
 
 
+@dataclass
+class _Touched:
+    """What the maps were changed at while new ones were being loaded (``resync``)."""
+
+    blobs: set[str] = field(default_factory=set)
+    manifests: set[str] = field(default_factory=set)
+    tags: set[tuple[str, str, str]] = field(default_factory=set)
+    links: set[tuple[str, str, str]] = field(default_factory=set)
+
+
 class LocalCache:
     def __init__(self, data_dir: Path, index: Index) -> None:
         self.data_dir = data_dir
         self.index = index
-        self._blobs: dict[str, int] = {}
-        self._manifests: dict[str, tuple[str, int]] = {}
-        self._tags: dict[tuple[str, str, str], TagRow] = {}
-        self._links: set[tuple[str, str, str]] = set()
-        self._hosted: Counter[str] = Counter()      # digest -> hosted repositories linking it
-        self._bytes = 0            # what `size` says, kept in step by the map changes below
-        self._hosted_bytes = 0     # what `hosted_size` says, likewise
+        # The maps (packed: cache_maps), and the totals the map changes below keep in step:
+        # _bytes is what `size` says, _hosted_bytes what `hosted_size` says.
+        self._install(cache_maps.Maps())
+        self._touched: _Touched | None = None       # recording, while a resync loads
+        self._loading = asyncio.Lock()
         self._hot: OrderedDict[str, bytes] = OrderedDict()
         self._hot_bytes = 0
         self._temp_seq = 0
@@ -150,12 +159,15 @@ class LocalCache:
         cache = cls(data_dir, index)
         try:
             await cache.resync()
-            if server:
-                if held is not None and held.previous_pid is not None:
-                    log.warning("the previous mirror on %s (pid %d) did not stop cleanly; "
-                                "files are checked against the index by size at start-up, "
-                                "run `mirror verify` to re-hash them", data_dir,
-                                held.previous_pid)
+            # After a clean stop the files and the index agree: a row is written only
+            # once its file's bytes are on disk, and what a crash would leave (a file
+            # renamed in but never indexed, a row whose file went) needs a crash. So
+            # only an unclean stop costs the walk of every file (seconds at a million).
+            if server and held is not None and held.previous_pid is not None:
+                log.warning("the previous mirror on %s (pid %d) did not stop cleanly; "
+                            "files are checked against the index by size at start-up, "
+                            "run `mirror verify` to re-hash them", data_dir,
+                            held.previous_pid)
                 if await cache._reconcile():
                     await cache.resync()
         except (sqlite3.Error, OSError) as exc:
@@ -181,8 +193,9 @@ class LocalCache:
         ``_place``), so a row never outlives its bytes. Re-hashing everything on every
         unclean start would hold start-up for as long as the cache is big; deep checking
         is ``mirror verify``, which the start-up log suggests after an unclean stop."""
-        expected = dict(self._blobs)
-        expected.update({d: s for d, (_, s) in self._manifests.items()})
+        def expected(digest: str) -> int | None:
+            size = self._blobs.get(digest)
+            return size if size is not None else (self._manifests.get(digest) or ("", None))[1]
 
         present, removed = await fileio.run(scan_blobs, self.data_dir / "blobs", expected)
         present_set = set(present)
@@ -216,23 +229,60 @@ class LocalCache:
         return "content" in await self.resync_if_changed()
 
     async def resync(self) -> None:
-        """(Re)load the in-memory maps from the index, e.g. after `mirror gc` ran."""
-        generations = await self.index.generations()
-        self._generations.setdefault("pins", generations["pins"])
-        self._generations["content"] = generations["content"]
-        self._blobs = await self.index.load_blobs()
-        self._manifests = await self.index.load_manifests()
-        self._tags = {(t.upstream, t.repository, t.tag): t for t in await self.index.load_tags()}
-        self._links = await self.index.load_links()
-        self._hosted = Counter(d for u, _, d in self._links if u == HOSTED)
-        self._bytes, self._hosted_bytes = self.recount()
+        """(Re)load the in-memory maps from the index, e.g. after `mirror gc` ran.
+
+        New maps are built on a worker thread (seconds at a million rows; the event
+        loop serves meanwhile from the old ones) and swapped in. What this process
+        changed in the old maps while they loaded is then carried over to the new ones,
+        so a blob committed or a tag set meanwhile is not forgotten."""
+        async with self._loading:
+            generations = await self.index.generations()
+            self._generations.setdefault("pins", generations["pins"])
+            self._generations["content"] = generations["content"]
+            self._touched = _Touched()
+            try:
+                maps = await fileio.run(cache_maps.load, self.data_dir / "index.db")
+            finally:
+                touched, self._touched = self._touched, None
+            old = self._maps
+            self._install(maps)
+            self._carry_over(old, touched)
         for digest in [d for d in self._hot if d not in self._manifests]:
             self._hot_bytes -= len(self._hot.pop(digest))
-        # The maps hold millions of objects in a big cache, and each of Python's full
-        # cyclic collections walked them all: a 120 ms stall of the event loop at a
-        # million blobs. They form no cycles (refcounting frees what a reload drops), so
-        # they are moved out of the collector's sight.
+        # The tags map holds objects by the ten thousand, and each of Python's full
+        # cyclic collections walked them all (a 120 ms stall of the event loop at a
+        # million blobs when every map held objects). They form no cycles (refcounting
+        # frees what a reload drops), so they are moved out of the collector's sight.
         gc.freeze()
+
+    def _install(self, maps: cache_maps.Maps) -> None:
+        self._maps = maps
+        self._blobs, self._manifests, self._tags = maps.blobs, maps.manifests, maps.tags
+        self._links, self._hosted = maps.links, maps.hosted
+        self._bytes, self._hosted_bytes = maps.size, maps.hosted_size
+
+    def _carry_over(self, old: cache_maps.Maps, touched: _Touched) -> None:
+        """Make the new maps say what the old ones say about what ``touched`` names."""
+        for digest in touched.blobs:
+            self._set_blob(digest, old.blobs.get(digest))
+        for digest in touched.manifests:
+            self._set_manifest(digest, old.manifests.get(digest))
+        for key in touched.tags:
+            row = old.tags.get(key)
+            if row is None:
+                self._tags.pop(key, None)
+            else:
+                self._tags[key] = row
+        for link in touched.links:
+            was, now = link in old.links, link in self._links
+            if was and not now:
+                self._links.add(link)
+                if link[0] == HOSTED:
+                    self._host([link[2]])
+            elif now and not was:
+                self._links.discard(link)
+                if link[0] == HOSTED:
+                    self._unhost(link[2])
 
     async def close(self) -> None:
         await self.index.close()
@@ -285,6 +335,8 @@ class LocalCache:
 
     def _set_blob(self, digest: str, size: int | None) -> None:
         """Record (``size``) or drop (None) a blob in the map, and in the totals."""
+        if self._touched is not None:
+            self._touched.blobs.add(digest)
         hosted = digest in self._hosted
         if hosted:
             self._hosted_bytes -= self._stored(digest)
@@ -297,6 +349,8 @@ class LocalCache:
 
     def _set_manifest(self, digest: str, entry: tuple[str, int] | None) -> None:
         """Record (media type, size) or drop (None) a manifest, in the map and totals."""
+        if self._touched is not None:
+            self._touched.manifests.add(digest)
         hosted = digest in self._hosted
         if hosted:
             self._hosted_bytes -= self._stored(digest)
@@ -313,6 +367,14 @@ class LocalCache:
             if digest not in self._hosted:
                 self._hosted_bytes += self._stored(digest)
             self._hosted[digest] += 1
+
+    def _touch(self, tags: Iterable[tuple[str, str, str]] = (),
+               links: Iterable[tuple[str, str, str]] = ()) -> None:
+        """Note tags and links changed while a resync loads (``_set_blob`` and
+        ``_set_manifest`` note theirs)."""
+        if self._touched is not None:
+            self._touched.tags.update(tags)
+            self._touched.links.update(links)
 
     def _unhost(self, digest: str) -> None:
         """One hosted repository fewer links ``digest``."""
@@ -364,6 +426,7 @@ class LocalCache:
                 self._hot_bytes -= len(self._hot.pop(d))
         for key in [k for k, row in self._tags.items() if row.digest in gone]:
             del self._tags[key]
+            self._touch(tags=[key])
 
     def vanished(self, digest: str) -> None:
         """A file the maps listed is gone (removed by `mirror gc` beside the server)."""
@@ -522,6 +585,7 @@ class LocalCache:
             await self._persist(self.index.link(upstream, repository, new),
                                 f"links of {upstream}/{repository}")
             self._links.update((upstream, repository, d) for d in new)
+            self._touch(links=((upstream, repository, d) for d in new))
             if upstream == HOSTED:
                 self._host(set(new))
 
@@ -538,6 +602,8 @@ class LocalCache:
             self._links.discard((upstream, repository, digest))
             if upstream == HOSTED:
                 self._unhost(digest)
+        self._touch(tags=((upstream, repository, t) for t in tags),
+                    links=((upstream, repository, d) for d in digests))
 
     async def refresh_links(self, upstream: str, repository: str, digests: Iterable[str],
                             create: bool = False) -> set[str]:
@@ -548,6 +614,7 @@ class LocalCache:
         if create:
             new = {d for d in wanted if (upstream, repository, d) not in self._links}
             self._links.update((upstream, repository, d) for d in new)
+            self._touch(links=((upstream, repository, d) for d in new))
             if upstream == HOSTED:
                 self._host(new)                 # hosted_size counts them, as link() does
         return present
@@ -585,6 +652,7 @@ class LocalCache:
         row = TagRow(upstream, repository, tag, digest, now, now + ttl)
         await self._persist(self.index.set_tag(row), f"tag {upstream}/{repository}:{tag}")
         self._tags[(upstream, repository, tag)] = row
+        self._touch(tags=[(upstream, repository, tag)])
 
     async def tag_list(self, upstream: str,
                        repository: str) -> tuple[list[str], float] | None:
