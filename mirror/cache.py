@@ -158,6 +158,8 @@ class LocalCache:
             raise CannotOpen(unusable(data_dir, exc, data_dir / "index.db")) from None
         cache = cls(data_dir, index)
         try:
+            if not server:
+                await index.for_reports()
             await cache.resync()
             # After a clean stop the files and the index agree: a row is written only
             # once its file's bytes are on disk, and what a crash would leave (a file
