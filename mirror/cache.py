@@ -249,6 +249,8 @@ class LocalCache:
             old = self._maps
             self._install(maps)
             self._carry_over(old, touched)
+            del old, maps
+            await fileio.run(cache_maps.give_back_memory)
         for digest in [d for d in self._hot if d not in self._manifests]:
             self._hot_bytes -= len(self._hot.pop(digest))
         # The tags map holds objects by the ten thousand, and each of Python's full

@@ -15,6 +15,8 @@ the cache's code reads the same. Nothing here touches the event loop.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import sqlite3
 from array import array
 from bisect import bisect_left
@@ -305,14 +307,21 @@ def _table(batches: Iterable[list[tuple]], codec: Codec[V],
     """A table of rows (digest first) sorted by digest."""
     keys, numbers, extra = bytearray(), array("q"), {}
     for rows in batches:
-        encoded = [codec.encode(value(r)) for r in rows]
+        if isinstance(codec, Sizes):      # blobs, by the million: no call per row
+            sizes = [r[1] for r in rows]
+            try:
+                encoded = sizes if min(sizes) >= 0 and max(sizes) < 1 << 62 else [None]
+            except TypeError:             # not all integers
+                encoded = [None]
+        else:
+            encoded = [codec.encode(value(r)) for r in rows]
         packed = _sha256([r[0] for r in rows]) if None not in encoded else None
         if packed is not None:
             keys += packed
             numbers.extend(encoded)       # type: ignore[arg-type]
             continue
-        for row, number in zip(rows, encoded, strict=True):     # the odd one out
-            key = raw(row[0])
+        for row in rows:                  # the odd one out, somewhere in the batch
+            key, number = raw(row[0]), codec.encode(value(row))
             if key is None or number is None:
                 extra[row[0]] = value(row)
             else:
@@ -323,33 +332,29 @@ def _table(batches: Iterable[list[tuple]], codec: Codec[V],
     return table
 
 
-def _links(batches: Iterable[list[tuple]], hosted: Counter[str]) -> LinkSet:
-    """The link set of rows sorted by (upstream, repository, digest); counts the hosted
-    repositories linking each digest into ``hosted``."""
+def _links(db: sqlite3.Connection, hosted: Counter[str]) -> LinkSet:
+    """The link set, read as each repository's link count and then the digests alone
+    in the same order (a third of the strings to make of reading every column of every
+    row); counts the hosted repositories linking each digest into ``hosted``."""
+    groups = db.execute("SELECT upstream, repository, count(*) FROM repo_links "
+                        "GROUP BY upstream, repository ORDER BY upstream, repository").fetchall()
+    cur = db.execute("SELECT digest FROM repo_links ORDER BY upstream, repository, digest")
     names: list[tuple[str, str]] = []
     records, extra = bytearray(), []
-    last_upstream = last_repository = None
-    prefix = ""
-    for rows in batches:
-        hexes = []
-        for upstream, repository, digest in rows:
-            if repository != last_repository or upstream != last_upstream:
-                last_upstream, last_repository = upstream, repository
-                prefix = len(names).to_bytes(REPO, "big").hex()
-                names.append((upstream, repository))
-            if upstream == HOSTED:
-                hosted[digest] += 1
-            hexes.append(prefix + digest[7:])
-        packed = _sha256([r[2] for r in rows])
-        if packed is not None:
-            records += bytes.fromhex("".join(hexes))
+    for upstream, repository, count in groups:
+        prefix = len(names).to_bytes(REPO, "big").hex()
+        names.append((upstream, repository))
+        digests = [r[0] for r in cur.fetchmany(count)]
+        if upstream == HOSTED:
+            hosted.update(digests)
+        if _sha256(digests) is not None:
+            records += bytes.fromhex("".join([prefix + d[7:] for d in digests]))
             continue
-        for (upstream, repository, digest), text in zip(rows, hexes, strict=True):
-            key = raw(digest)
-            if key is None:
+        for digest in digests:            # the odd one out
+            if raw(digest) is None:
                 extra.append((upstream, repository, digest))
             else:
-                records += bytes.fromhex(text)
+                records += bytes.fromhex(prefix + digest[7:])
     links = LinkSet(bytes(records), names)
     links._extra.update(extra)
     return links
@@ -367,8 +372,7 @@ def load(path: Path) -> Maps:
         maps.manifests = _table(
             _fetch(db, "SELECT digest, media_type, size FROM manifests ORDER BY digest"),
             MediaSizes(), lambda r: (r[1], r[2]))
-        maps.links = _links(_fetch(db, "SELECT upstream, repository, digest FROM repo_links "
-                                       "ORDER BY upstream, repository, digest"), maps.hosted)
+        maps.links = _links(db, maps.hosted)
         shared = {name: name for name in maps.links._names}
         for rows in _fetch(db, "SELECT upstream, repository, tag, digest, fetched_at, "
                                "expires_at FROM tags"):
@@ -385,3 +389,22 @@ def load(path: Path) -> Maps:
                  + sum(s for _, s in manifests._extra.values()))
     maps.hosted_size = sum(maps.stored(d) for d in maps.hosted)
     return maps
+
+
+def _libc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):      # not glibc: nothing to do
+        return None
+
+
+_trim = _libc_trim()
+
+
+def give_back_memory() -> None:
+    """Return the memory freed by dropping old maps to the system: glibc keeps freed
+    heap memory otherwise (at a million rows the server grew from 193 to 315 MB
+    resident over three reloads; 185 to 255 MB with this). Blocks for milliseconds:
+    call it on a worker thread."""
+    if _trim is not None:
+        _trim(0)
