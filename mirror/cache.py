@@ -13,7 +13,8 @@ hash matched, and the index names it only once its bytes, the rename and any new
 directory are on disk (fdatasync/fsync), so a power loss never leaves a row naming
 wrong bytes. Paths are built from validated digests only, never request text.
 Hot lookups (blob present, tag -> digest, repository links) are answered from
-in-memory maps loaded at start-up and kept in step with the index. The file
+in-memory maps (packed: ``cache_maps``) loaded at start-up and kept in step with the
+index; a reload builds new ones on a worker thread. The file
 objects (``TempBlob`` being written, ``CachedBlob`` being read) and the disk calls
 behind the durability rules are in ``cache_files``.
 """
@@ -134,8 +135,9 @@ class LocalCache:
     @classmethod
     async def open(cls, data_dir: Path, server: bool = True) -> LocalCache:
         """Open the cache. The server (``server=True``) owns the data directory: it
-        clears leftover temp files and reconciles files with the index. The CLI opens
-        with ``server=False`` and touches neither, so it is safe beside a running server."""
+        clears leftover temp files and, after an unclean stop, reconciles files with the
+        index. The CLI opens with ``server=False`` and touches neither, so it is safe
+        beside a running server."""
         data_dir = Path(data_dir).resolve()
         held = None
 
@@ -630,8 +632,8 @@ class LocalCache:
 
     def manifests_of(self, upstream: str) -> list[tuple[str, str]]:
         """(repository, digest) of every manifest linked under ``upstream``."""
-        return sorted((r, d) for (u, r, d) in self._links
-                      if u == upstream and d in self._manifests)
+        return sorted((r, d) for (_, r, d) in self._links.of(upstream)
+                      if d in self._manifests)
 
     async def referrers_of(self, upstream: str, repository: str,
                            subject: str) -> list[Referrer]:
