@@ -49,6 +49,7 @@ class Role:
     prepare: bool = True
     leader: bool = True
     worker: int | None = None
+    previous_pid: int | None = None   # a worker that prepares: the server before crashed
 
 
 class Mirror:
@@ -67,7 +68,8 @@ class Mirror:
         role = self.role
         try:
             local = await LocalCache.open(config.data_dir, prepare=role.prepare,
-                                          own_lock=role.worker is None, leader=role.leader)
+                                          own_lock=role.worker is None, leader=role.leader,
+                                          previous_pid=role.previous_pid)
         except CannotOpen as exc:
             raise StartupError(str(exc)) from None
         self.local = local

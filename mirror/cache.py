@@ -13,7 +13,8 @@ hash matched, and the index names it only once its bytes, the rename and any new
 directory are on disk (fdatasync/fsync), so a power loss never leaves a row naming
 wrong bytes. Paths are built from validated digests only, never request text.
 Hot lookups (blob present, tag -> digest, repository links) are answered from
-in-memory maps loaded at start-up and kept in step with the index. The file
+in-memory maps (packed: ``cache_maps``) loaded at start-up and kept in step with the
+index; a reload builds new ones on a worker thread. The file
 objects (``TempBlob`` being written, ``CachedBlob`` being read) and the disk calls
 behind the durability rules are in ``cache_files``.
 """
@@ -32,9 +33,10 @@ import weakref
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import fileio, lock
+from . import cache_maps, fileio, lock
 from .cache_files import CachedBlob as CachedBlob
 from .cache_files import TempBlob as TempBlob
 from .cache_files import blob_path, fsync_dir, make_dirs, remove_later, scan_blobs
@@ -99,17 +101,25 @@ def unusable(data_dir: Path, exc: BaseException, path: Path | None = None) -> st
     return f"{where}: {reason}"
 
 
+@dataclass
+class _Touched:
+    """What the maps were changed at while new ones were being loaded (``resync``)."""
+
+    blobs: set[str] = field(default_factory=set)
+    manifests: set[str] = field(default_factory=set)
+    tags: set[tuple[str, str, str]] = field(default_factory=set)
+    links: set[tuple[str, str, str]] = field(default_factory=set)
+
+
 class LocalCache:
     def __init__(self, data_dir: Path, index: Index) -> None:
         self.data_dir = data_dir
         self.index = index
-        self._blobs: dict[str, int] = {}
-        self._manifests: dict[str, tuple[str, int]] = {}
-        self._tags: dict[tuple[str, str, str], TagRow] = {}
-        self._links: set[tuple[str, str, str]] = set()
-        self._hosted: Counter[str] = Counter()      # digest -> hosted repositories linking it
-        self._bytes = 0            # what `size` says, kept in step by the map changes below
-        self._hosted_bytes = 0     # what `hosted_size` says, likewise
+        # The maps (packed: cache_maps), and the totals the map changes below keep in step:
+        # _bytes is what `size` says, _hosted_bytes what `hosted_size` says.
+        self._install(cache_maps.Maps())
+        self._touched: _Touched | None = None       # recording, while a resync loads
+        self._loading = asyncio.Lock()
         self._hot: OrderedDict[str, bytes] = OrderedDict()
         self._hot_bytes = 0
         self._temp_seq = 0
@@ -126,13 +136,16 @@ class LocalCache:
 
     @classmethod
     async def open(cls, data_dir: Path, server: bool = True, prepare: bool = True,
-                   own_lock: bool = True, leader: bool = True) -> LocalCache:
+                   own_lock: bool = True, leader: bool = True,
+                   previous_pid: int | None = None) -> LocalCache:
         """Open the cache. The server (``server=True``) owns the data directory: it
-        clears leftover temp files and reconciles files with the index. The CLI opens
-        with ``server=False`` and touches neither, so it is safe beside a running server.
-        A server of several workers (workers.py) prepares once, in its first worker
-        (``prepare``), holds the data directory's lock in the supervisor (``own_lock``
-        False in the workers), and checkpoints the index in its ``leader`` only."""
+        clears leftover temp files and, after an unclean stop, reconciles files with the
+        index. The CLI opens with ``server=False`` and touches neither, so it is safe
+        beside a running server. A server of several workers (workers.py) prepares once,
+        in its first worker (``prepare``), holds the data directory's lock in the
+        supervisor (``own_lock`` False in the workers: the supervisor then says whether
+        the previous server stopped cleanly, ``previous_pid``), and checkpoints the index
+        in its ``leader`` only."""
         data_dir = Path(data_dir).resolve()
         held = None
         prepare = prepare and server
@@ -157,14 +170,20 @@ class LocalCache:
             raise CannotOpen(unusable(data_dir, exc, data_dir / "index.db")) from None
         cache = cls(data_dir, index)
         try:
+            if not server:
+                await index.for_reports()
             await cache.resync()
-            if prepare:
+            # After a clean stop the files and the index agree: a row is written only
+            # once its file's bytes are on disk, and what a crash would leave (a file
+            # renamed in but never indexed, a row whose file went) needs a crash. So
+            # only an unclean stop costs the walk of every file (seconds at a million).
+            if prepare and own_lock:
                 held = held or lock.held(data_dir)
-                if held is not None and held.previous_pid is not None:
-                    log.warning("the previous mirror on %s (pid %d) did not stop cleanly; "
-                                "files are checked against the index by size at start-up, "
-                                "run `mirror verify` to re-hash them", data_dir,
-                                held.previous_pid)
+                previous_pid = held.previous_pid if held is not None else None
+            if prepare and previous_pid is not None:
+                log.warning("the previous mirror on %s (pid %d) did not stop cleanly; "
+                            "files are checked against the index by size at start-up, "
+                            "run `mirror verify` to re-hash them", data_dir, previous_pid)
                 if await cache._reconcile():
                     await cache.resync()
         except (sqlite3.Error, OSError) as exc:
@@ -190,8 +209,9 @@ class LocalCache:
         ``_place``), so a row never outlives its bytes. Re-hashing everything on every
         unclean start would hold start-up for as long as the cache is big; deep checking
         is ``mirror verify``, which the start-up log suggests after an unclean stop."""
-        expected = dict(self._blobs)
-        expected.update({d: s for d, (_, s) in self._manifests.items()})
+        def expected(digest: str) -> int | None:
+            size = self._blobs.get(digest)
+            return size if size is not None else (self._manifests.get(digest) or ("", None))[1]
 
         present, removed = await fileio.run(scan_blobs, self.data_dir / "blobs", expected)
         present_set = set(present)
@@ -273,38 +293,81 @@ class LocalCache:
         elif kind == "tag":
             self._tags[(a, b, c)] = TagRow(a, b, c, change.d or "", change.x or 0.0,
                                            change.y or 0.0)
+            self._touch(tags=[(a, b, c)])
         elif kind == "tag-":
             self._tags.pop((a, b, c), None)
+            self._touch(tags=[(a, b, c)])
         elif kind == "link":
             if (a, b, c) not in self._links:
                 self._links.add((a, b, c))
+                self._touch(links=[(a, b, c)])
                 if a == HOSTED:
                     self._host([c])
         elif kind == "link-":
             if (a, b, c) in self._links:
                 self._links.discard((a, b, c))
+                self._touch(links=[(a, b, c)])
                 if a == HOSTED:
                     self._unhost(c)
 
     async def resync(self) -> None:
-        """(Re)load the in-memory maps from the index, e.g. after `mirror gc` ran."""
-        self._change_seq = await self.index.last_change()   # first: replaying is harmless
-        generations = await self.index.generations()
-        self._generations.setdefault("pins", generations["pins"])
-        self._generations["content"] = generations["content"]
-        self._blobs = await self.index.load_blobs()
-        self._manifests = await self.index.load_manifests()
-        self._tags = {(t.upstream, t.repository, t.tag): t for t in await self.index.load_tags()}
-        self._links = await self.index.load_links()
-        self._hosted = Counter(d for u, _, d in self._links if u == HOSTED)
-        self._bytes, self._hosted_bytes = self.recount()
+        """(Re)load the in-memory maps from the index, e.g. after `mirror gc` ran.
+
+        New maps are built on a worker thread (seconds at a million rows; the event
+        loop serves meanwhile from the old ones) and swapped in. What this process
+        changed in the old maps while they loaded is then carried over to the new ones,
+        so a blob committed or a tag set meanwhile is not forgotten."""
+        async with self._loading:
+            self._change_seq = await self.index.last_change()   # first: replaying is harmless
+            generations = await self.index.generations()
+            self._generations.setdefault("pins", generations["pins"])
+            self._generations["content"] = generations["content"]
+            self._touched = _Touched()
+            try:
+                maps = await fileio.run(cache_maps.load, self.data_dir / "index.db")
+            finally:
+                touched, self._touched = self._touched, None
+            old = self._maps
+            self._install(maps)
+            self._carry_over(old, touched)
+            del old, maps
+            await fileio.run(cache_maps.give_back_memory)
         for digest in [d for d in self._hot if d not in self._manifests]:
             self._hot_bytes -= len(self._hot.pop(digest))
-        # The maps hold millions of objects in a big cache, and each of Python's full
-        # cyclic collections walked them all: a 120 ms stall of the event loop at a
-        # million blobs. They form no cycles (refcounting frees what a reload drops), so
-        # they are moved out of the collector's sight.
+        # The tags map holds objects by the ten thousand, and each of Python's full
+        # cyclic collections walked them all (a 120 ms stall of the event loop at a
+        # million blobs when every map held objects). They form no cycles (refcounting
+        # frees what a reload drops), so they are moved out of the collector's sight.
         gc.freeze()
+
+    def _install(self, maps: cache_maps.Maps) -> None:
+        self._maps = maps
+        self._blobs, self._manifests, self._tags = maps.blobs, maps.manifests, maps.tags
+        self._links, self._hosted = maps.links, maps.hosted
+        self._bytes, self._hosted_bytes = maps.size, maps.hosted_size
+
+    def _carry_over(self, old: cache_maps.Maps, touched: _Touched) -> None:
+        """Make the new maps say what the old ones say about what ``touched`` names."""
+        for digest in touched.blobs:
+            self._set_blob(digest, old.blobs.get(digest))
+        for digest in touched.manifests:
+            self._set_manifest(digest, old.manifests.get(digest))
+        for key in touched.tags:
+            row = old.tags.get(key)
+            if row is None:
+                self._tags.pop(key, None)
+            else:
+                self._tags[key] = row
+        for link in touched.links:
+            was, now = link in old.links, link in self._links
+            if was and not now:
+                self._links.add(link)
+                if link[0] == HOSTED:
+                    self._host([link[2]])
+            elif now and not was:
+                self._links.discard(link)
+                if link[0] == HOSTED:
+                    self._unhost(link[2])
 
     async def close(self) -> None:
         await self.index.close()
@@ -357,6 +420,8 @@ class LocalCache:
 
     def _set_blob(self, digest: str, size: int | None) -> None:
         """Record (``size``) or drop (None) a blob in the map, and in the totals."""
+        if self._touched is not None:
+            self._touched.blobs.add(digest)
         hosted = digest in self._hosted
         if hosted:
             self._hosted_bytes -= self._stored(digest)
@@ -369,6 +434,8 @@ class LocalCache:
 
     def _set_manifest(self, digest: str, entry: tuple[str, int] | None) -> None:
         """Record (media type, size) or drop (None) a manifest, in the map and totals."""
+        if self._touched is not None:
+            self._touched.manifests.add(digest)
         hosted = digest in self._hosted
         if hosted:
             self._hosted_bytes -= self._stored(digest)
@@ -385,6 +452,14 @@ class LocalCache:
             if digest not in self._hosted:
                 self._hosted_bytes += self._stored(digest)
             self._hosted[digest] += 1
+
+    def _touch(self, tags: Iterable[tuple[str, str, str]] = (),
+               links: Iterable[tuple[str, str, str]] = ()) -> None:
+        """Note tags and links changed while a resync loads (``_set_blob`` and
+        ``_set_manifest`` note theirs)."""
+        if self._touched is not None:
+            self._touched.tags.update(tags)
+            self._touched.links.update(links)
 
     def _unhost(self, digest: str) -> None:
         """One hosted repository fewer links ``digest``."""
@@ -436,6 +511,7 @@ class LocalCache:
                 self._hot_bytes -= len(self._hot.pop(d))
         for key in [k for k, row in self._tags.items() if row.digest in gone]:
             del self._tags[key]
+            self._touch(tags=[key])
 
     async def learn_blob(self, digest: str) -> bool:
         """Whether the index has blob ``digest`` and its file is there, learning it into
@@ -460,6 +536,7 @@ class LocalCache:
             return False
         if (upstream, repository, digest) not in self._links:
             self._links.add((upstream, repository, digest))
+            self._touch(links=[(upstream, repository, digest)])
             if upstream == HOSTED:
                 self._host([digest])
         return True
@@ -621,6 +698,7 @@ class LocalCache:
             await self._persist(self.index.link(upstream, repository, new),
                                 f"links of {upstream}/{repository}")
             self._links.update((upstream, repository, d) for d in new)
+            self._touch(links=((upstream, repository, d) for d in new))
             if upstream == HOSTED:
                 self._host(set(new))
 
@@ -637,6 +715,8 @@ class LocalCache:
             self._links.discard((upstream, repository, digest))
             if upstream == HOSTED:
                 self._unhost(digest)
+        self._touch(tags=((upstream, repository, t) for t in tags),
+                    links=((upstream, repository, d) for d in digests))
 
     async def refresh_links(self, upstream: str, repository: str, digests: Iterable[str],
                             create: bool = False) -> set[str]:
@@ -647,6 +727,7 @@ class LocalCache:
         if create:
             new = {d for d in wanted if (upstream, repository, d) not in self._links}
             self._links.update((upstream, repository, d) for d in new)
+            self._touch(links=((upstream, repository, d) for d in new))
             if upstream == HOSTED:
                 self._host(new)                 # hosted_size counts them, as link() does
         return present
@@ -658,8 +739,8 @@ class LocalCache:
 
     def manifests_of(self, upstream: str) -> list[tuple[str, str]]:
         """(repository, digest) of every manifest linked under ``upstream``."""
-        return sorted((r, d) for (u, r, d) in self._links
-                      if u == upstream and d in self._manifests)
+        return sorted((r, d) for (_, r, d) in self._links.of(upstream)
+                      if d in self._manifests)
 
     async def referrers_of(self, upstream: str, repository: str,
                            subject: str) -> list[Referrer]:
@@ -684,6 +765,7 @@ class LocalCache:
         row = TagRow(upstream, repository, tag, digest, now, now + ttl)
         await self._persist(self.index.set_tag(row), f"tag {upstream}/{repository}:{tag}")
         self._tags[(upstream, repository, tag)] = row
+        self._touch(tags=[(upstream, repository, tag)])
 
     async def tag_list(self, upstream: str,
                        repository: str) -> tuple[list[str], float] | None:

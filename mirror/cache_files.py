@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -181,9 +181,9 @@ class CachedBlob:
             self._cache.release(self.digest)
 
 
-def scan_blobs(root: Path, expected: dict[str, int]) -> tuple[list[str], int]:
+def scan_blobs(root: Path, expected: Callable[[str], int | None]) -> tuple[list[str], int]:
     """Start-up reconciliation's walk of ``blobs/`` (blocks: run it on a worker thread):
-    the digests whose file is there with the size ``expected`` says; every other file
+    the digests whose file is there with the size ``expected(digest)`` says; every other file
     (wrong size, no row, not named by a digest) is removed. (kept, number removed)."""
     present: list[str] = []
     removed = 0
@@ -193,7 +193,7 @@ def scan_blobs(root: Path, expected: dict[str, int]) -> tuple[list[str], int]:
                 digest = f"{algo_dir.name}:{entry.name}"
                 ok = (DIGEST_RE.fullmatch(digest) and entry.name[:2] == prefix_dir.name
                       and entry.is_file(follow_symlinks=False)
-                      and expected.get(digest) == entry.stat().st_size)
+                      and expected(digest) == entry.stat().st_size)
                 if ok:
                     present.append(digest)
                 else:

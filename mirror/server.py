@@ -255,7 +255,8 @@ def run(config: Config, sock: socket.socket, worker: WorkerArgs | None = None) -
 async def _serve(config: Config, sock: socket.socket, context: ssl.SSLContext | None,
                  worker: WorkerArgs | None = None) -> int:
     mirror = Mirror(config, Role() if worker is None else
-                    Role(prepare=worker.prepare, leader=worker.index == 0, worker=worker.index))
+                    Role(prepare=worker.prepare, leader=worker.index == 0, worker=worker.index,
+                         previous_pid=worker.previous_pid))
     host, port = sock.getsockname()[:2]
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     uv_config = uvicorn.Config(mirror.asgi, log_config=None, log_level=config.log_level,

@@ -59,15 +59,18 @@ class WorkerArgs:
     ready: int
     lifeline: int
     prepare: bool
+    previous_pid: int | None = None     # the server before did not stop cleanly
 
     def encode(self) -> str:
         return ",".join(str(v) for v in (self.index, self.count, self.sock, self.lock,
-                                         self.ready, self.lifeline, int(self.prepare)))
+                                         self.ready, self.lifeline, int(self.prepare),
+                                         self.previous_pid or 0))
 
     @classmethod
     def decode(cls, text: str) -> WorkerArgs:
-        index, count, sock, lock, ready, lifeline, prepare = (int(v) for v in text.split(","))
-        return cls(index, count, sock, lock, ready, lifeline, bool(prepare))
+        index, count, sock, lock, ready, lifeline, prepare, previous = \
+            (int(v) for v in text.split(","))
+        return cls(index, count, sock, lock, ready, lifeline, bool(prepare), previous or None)
 
 
 def worker_command(argv: list[str], spec: WorkerArgs) -> list[str]:
@@ -103,7 +106,8 @@ class Supervisor:
         ready_r, ready_w = os.pipe()
         os.set_blocking(ready_r, False)
         spec = WorkerArgs(worker.index, len(self.workers), self.sock.fileno(), self.lock.fd,
-                          ready_w, self._life_r, prepare)
+                          ready_w, self._life_r, prepare,
+                          self.lock.previous_pid if prepare else None)
         env = dict(os.environ)
         metrics_dir = self.config.data_dir.resolve() / "run" / "metrics"
         env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
@@ -289,10 +293,6 @@ def supervise(config: Config, sock: socket.socket, lock: DataDirLock, argv: list
     """Run ``config.workers`` workers until SIGTERM or SIGINT; the exit status."""
     from .logs import setup
     setup(config.log_level, config.log_format)
-    if lock.previous_pid is not None:
-        log.warning("the previous mirror on %s (pid %d) did not stop cleanly; files are "
-                    "checked against the index by size at start-up, run `mirror verify` to "
-                    "re-hash them", config.data_dir.resolve(), lock.previous_pid)
     os.set_inheritable(sock.fileno(), True)
     os.set_inheritable(lock.fd, True)
     try:

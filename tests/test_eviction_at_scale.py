@@ -13,7 +13,7 @@ import time
 
 import httpx
 
-from mirror import evict
+from mirror import cache_maps, evict
 from mirror.cache import LocalCache
 from tests.test_cli import on_disk
 from tests.test_pull_through import hub_config, pull
@@ -100,26 +100,36 @@ def admin(*args, data_dir) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60, env=env, cwd=data_dir)
 
 
-def test_a_pin_reloads_nothing_in_the_server_and_verify_reloads_the_content(tmp_path):
+def test_a_pin_reloads_nothing_in_the_server_and_verify_reloads_the_content(tmp_path,
+                                                                           monkeypatch):
+    loads: list[object] = []
+    real = cache_maps.load
+
+    def counted(path):
+        loads.append(path)
+        return real(path)
+    monkeypatch.setattr(cache_maps, "load", counted)
+
     async def scenario():
         cache = await LocalCache.open(tmp_path, server=False)   # stands in for the server
         try:
             await fill_index(cache, 10)
             statements: list[str] = []
             await cache.index._db.set_trace_callback(statements.append)
+            loads.clear()
 
             for command in ("pin", "unpin"):
                 done = admin(command, "alpine:3.19", data_dir=tmp_path)
                 assert done.returncode == 0, done.stderr
                 assert await cache.resync_if_changed() == {"pins"}
-            assert index_reads(statements) == []
+            assert index_reads(statements) == [] and loads == []
             assert cache.blob_size(digest(0)) == 10
 
             # The rows have no files: verify forgets them all, and that the server reloads.
             found = admin("verify", data_dir=tmp_path)
             assert found.returncode == 1 and found.stdout.endswith(": 0 corrupt, 31 missing\n")
             assert await cache.resync_if_changed() == {"content"}
-            assert index_reads(statements) != []
+            assert len(loads) == 1              # the maps were loaded again (cache_maps.load)
             assert cache.blob_size(digest(0)) is None and cache.size == 0
         finally:
             await cache.close()

@@ -1,26 +1,28 @@
 """Start-up loads the index into memory once when the files and the index agree (a
-million rows take seconds to load), and again only when reconciliation dropped rows
-whose files were missing, so the maps never name what is gone."""
+million rows take seconds to load), and again only when reconciliation after an
+unclean stop dropped rows whose files were missing, so the maps never name what is gone."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 
+from mirror import cache_maps
 from mirror.cache import LocalCache
-from mirror.index import Index
-from tests.test_cache_totals import add_blob
+from mirror.models import HOSTED
+from tests.test_cache_totals import add_blob, image
 
 
 def test_a_clean_start_loads_the_index_once_and_a_reconciled_one_again(tmp_path, monkeypatch):
     loads: list[int] = []
-    real = Index.load_blobs
+    real = cache_maps.load
 
-    async def counted(self):
-        blobs = await real(self)
-        loads.append(len(blobs))
-        return blobs
-    monkeypatch.setattr(Index, "load_blobs", counted)
+    def counted(path):
+        maps = real(path)
+        loads.append(len(maps.blobs))
+        return maps
+    monkeypatch.setattr(cache_maps, "load", counted)
 
     async def scenario():
         cache = await LocalCache.open(tmp_path, server=True)
@@ -38,6 +40,8 @@ def test_a_clean_start_loads_the_index_once_and_a_reconciled_one_again(tmp_path,
         finally:
             await cache.close()
 
+        # A crash: the lock still names the server, and a file went with it.
+        (tmp_path / "lock").write_text("999999999\n")
         cache.path_for(lost).unlink()
         loads.clear()
         cache = await LocalCache.open(tmp_path, server=True)      # a row without its file
@@ -62,5 +66,60 @@ def test_the_loaded_maps_are_kept_out_of_the_cyclic_collectors_walks(tmp_path):
                 assert id(cache._links) not in tracked and id(cache._tags) not in tracked
                 await cache.resync()
         finally:
+            await cache.close()
+    asyncio.run(scenario())
+
+
+def test_a_reload_is_built_off_the_event_loop_and_keeps_what_changed_meanwhile(tmp_path,
+                                                                              monkeypatch):
+    """A reload (after `mirror gc` beside the server) builds the new maps on a worker
+    thread (0.5 s at a million rows, which stalled the event loop when done on it) and
+    swaps them in; what this process changed while they loaded is carried over, so
+    the result is what a reload from the index gives afterwards."""
+    snapshot_taken, go_on = threading.Event(), threading.Event()
+    real = cache_maps.load
+
+    def held_back(path):
+        maps = real(path)                   # the index as it was before the changes below
+        snapshot_taken.set()
+        assert go_on.wait(10)
+        return maps
+
+    def state(cache):
+        return (dict(cache._blobs.items()), dict(cache._manifests.items()), dict(cache._tags),
+                set(cache._links), dict(cache._hosted), cache.size, cache.hosted_size)
+
+    async def scenario():
+        cache = await LocalCache.open(tmp_path, server=True)
+        try:
+            a = await add_blob(cache, b"a" * 10)
+            c = await add_blob(cache, b"c" * 3)
+            await cache.link(HOSTED, "team/old", [c])
+            pushed, refs = image([(a, 10)])
+            monkeypatch.setattr(cache_maps, "load", held_back)
+            reload = asyncio.create_task(cache.resync())
+            while not snapshot_taken.is_set():
+                await asyncio.sleep(0.01)   # the event loop runs on meanwhile
+            b = await add_blob(cache, b"b" * 7)
+            await cache.put_manifest(HOSTED, "team/app", pushed, refs)
+            await cache.set_tag("docker.io", "library/x", "1", pushed.digest, 60)
+            await cache.unlink(HOSTED, "team/old", digests=[c])
+            await cache.remove([c], [])
+            go_on.set()
+            await reload
+
+            assert cache.blob_size(b) == 7 and cache.blob_size(c) is None
+            assert cache.manifest_info(pushed.digest) is not None
+            assert cache.tag("docker.io", "library/x", "1").digest == pushed.digest
+            assert cache.linked(HOSTED, "team/app", a)
+            assert not cache.linked(HOSTED, "team/old", c)
+            assert (cache.size, cache.hosted_size) == (17 + pushed.size, 10 + pushed.size)
+            assert cache.recount() == (cache.size, cache.hosted_size)
+            carried = state(cache)
+            monkeypatch.setattr(cache_maps, "load", real)
+            await cache.resync()
+            assert state(cache) == carried
+        finally:
+            go_on.set()
             await cache.close()
     asyncio.run(scenario())
