@@ -327,3 +327,24 @@ def test_sighup_reaches_every_worker(two_workers):
         time.sleep(0.1)
     assert said == {"w0", "w1"}
     assert httpx.get(f"{two_workers.url}/v2/", timeout=10).status_code == 200
+
+
+def test_after_an_unclean_stop_worker_0_reconciles_the_files(two_workers):
+    """The supervisor killed: the lock file still names it, so the next start (worker 0,
+    told by the new supervisor) walks the files and drops a stray one."""
+    old = two_workers.proc.pid
+    children = _children(old)
+    os.kill(old, signal.SIGKILL)
+    two_workers.proc.wait(10)
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    two_workers.proc = None
+    stray = two_workers.data_dir / "blobs" / "sha256" / "ab" / ("ab" * 32)
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_bytes(b"not indexed")
+    all_ready(two_workers.start())
+    log = two_workers.log_text()
+    assert re.search(rf"\[w0\] mirror\.cache: the previous mirror on .* \(pid {old}\) did not "
+                     "stop cleanly", log), log[-2000:]
+    assert not stray.exists()
