@@ -140,10 +140,29 @@ class Download:
         cap = self.written - 1 if self.size is None else min(self.written, self.size - 1)
         return max(0, cap)
 
+    def _temp_path(self) -> str | None:
+        """The file the download is writing (None before it has one)."""
+        raise NotImplementedError
+
     async def _open(self) -> tuple[int, int]:
         """A descriptor on the blob's bytes, and the generation of the download it
         belongs to (a finished blob belongs to the current one)."""
-        raise NotImplementedError
+        path = self._temp_path()
+        if not self.done and path:
+            generation = self.generation
+            try:
+                return await fileio.open_read(path), generation
+            except FileNotFoundError:
+                pass     # committed (or discarded) in between: wait for the outcome
+        await self._finished.wait()
+        if self.error is not None:
+            raise FillFailed(str(self.error))
+        # Too big to cache: streamed through from its temp file; else the cached file.
+        final = self._temp_path() if self.uncached else self.cache.path_for(self.digest)
+        try:
+            return await fileio.open_read(final or ""), self.generation
+        except FileNotFoundError:
+            raise FillFailed(f"blob {self.digest} is gone from the cache already") from None
 
     def _recent_at(self, pos: int, limit: int) -> bytes | None:
         """The bytes from ``pos`` (to the end of their chunk, at most to ``limit``) if
@@ -581,20 +600,8 @@ class Fill(Download):
 
     # -- readers -----------------------------------------------------------------------------
 
-    async def _open(self) -> tuple[int, int]:
-        if not self.done and self._temp is not None:
-            generation, path = self.generation, self._temp.path
-            try:
-                return await fileio.open_read(path), generation
-            except FileNotFoundError:
-                pass     # committed (or discarded) in between: wait for the outcome
-        await self._finished.wait()
-        if self.error is not None:
-            raise FillFailed(str(self.error))
-        if self.uncached:
-            assert self._temp is not None       # streamed through from its temp file
-            return await fileio.open_read(self._temp.path), self.generation
-        return await fileio.open_read(self.cache.path_for(self.digest)), self.generation
+    def _temp_path(self) -> str | None:
+        return str(self._temp.path) if self._temp is not None else None
 
 
 class FillReader:

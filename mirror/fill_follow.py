@@ -15,10 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from . import fileio
 from .cache import LocalCache
 from .errors import CacheUnavailable
-from .fill import GRACE, Download, FillFailed
+from .fill import GRACE, Download
 from .fill_shared import ALIVE_EVERY, COMMITTED, DOWNLOADING, FAILED, PASSED, POLL, Claim
 
 log = logging.getLogger("mirror.fill")
@@ -103,20 +102,9 @@ class ForeignFill(Download):
             self._finished.set()
             self._notify()
 
+    def _temp_path(self) -> str | None:
+        return self._temp or None
+
     async def _open(self) -> tuple[int, int]:
-        await self._known.wait()
-        if not self.done and self._temp:
-            generation, path = self.generation, self._temp
-            try:
-                return await fileio.open_read(path), generation
-            except FileNotFoundError:
-                pass     # committed (or discarded) in between: wait for the outcome
-        await self._finished.wait()
-        if self.error is not None:
-            raise FillFailed(str(self.error))
-        try:
-            if self.uncached:        # streamed through the owner's temp file
-                return await fileio.open_read(self._temp), self.generation
-            return await fileio.open_read(self.cache.path_for(self.digest)), self.generation
-        except FileNotFoundError:
-            raise FillFailed(f"blob {self.digest} is gone from the cache already") from None
+        await self._known.wait()        # the owner's temp file is named in its header
+        return await super()._open()
