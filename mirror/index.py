@@ -525,7 +525,7 @@ class Index:
         by_table: dict[str, list[tuple[float, float, str]]] = {"blobs": [], "manifests": []}
         for (table, digest), (last, hits) in usage.items():
             by_table[table].append((last, hits, digest))
-        await self._write(
+        write = asyncio.ensure_future(self._write(
             *((f"UPDATE {table} SET last_access = max(last_access, ?), hits = hits + ? "
                "WHERE digest = ?", rows) for table, rows in by_table.items()),
             ("UPDATE tags SET last_pull = ?, pulls = pulls + ? "
@@ -533,7 +533,37 @@ class Index:
              [(last, n, *key) for key, (last, n) in pulls.items()]),
             ("INSERT INTO counters VALUES (?, ?) "
              "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
-             list(counters.items())))
+             list(counters.items()))))
+        # The write runs to its end even if this flush is cancelled (the server stopping
+        # cancels the periodic flush, then flushes once more): cancelled half-way it
+        # would roll back, and the counts it held would be lost (with several workers
+        # writing, a flush often waits for the database's lock). If it failed, its
+        # counts go back to be written by the next flush.
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            try:
+                await write
+            except Exception:
+                self._take_back(usage, pulls, counters)
+            raise
+        except Exception:
+            self._take_back(usage, pulls, counters)
+            raise
+
+    def _take_back(self, usage: dict[tuple[str, str], list[float]],
+                   pulls: dict[tuple[str, str, str], list[float]],
+                   counters: dict[str, int]) -> None:
+        """Counts a failed flush held, added back to those gathered since."""
+        def merge(mine: dict[Any, list[float]], theirs: dict[Any, list[float]]) -> None:
+            for key, (last, n) in theirs.items():
+                entry = mine.setdefault(key, [0.0, 0])
+                entry[0] = max(entry[0], last)
+                entry[1] += n
+        merge(self._usage, usage)
+        merge(self._pulls, pulls)
+        for name, n in counters.items():
+            self._counters[name] = self._counters.get(name, 0) + n
 
     async def _flush_loop(self, interval: float, checkpoint: bool = True) -> None:
         checkpoint_every = max(1, int(60 / interval)) if checkpoint else 0
