@@ -178,15 +178,16 @@ class Recorder:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return                        # not on the event loop: the next write takes it
+        wake = self._wake.setdefault(upstream, asyncio.Event())
         task = self._tasks.get(upstream)
         if task is None or task.done():
             self._tasks[upstream] = loop.create_task(self._writer(upstream))
         elif urgent:
-            self._wake[upstream].set()
+            wake.set()
 
     async def _writer(self, upstream: str) -> None:
         loop = asyncio.get_running_loop()
-        wake = self._wake.setdefault(upstream, asyncio.Event())
+        wake = self._wake[upstream]
         while upstream in self._dirty:
             wait = self._written.get(upstream, -math.inf) + WRITE_EVERY - loop.time()
             if wait > 0 and upstream not in self._urgent:
