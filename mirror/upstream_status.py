@@ -178,15 +178,16 @@ class Recorder:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return                        # not on the event loop: the next write takes it
+        wake = self._wake.setdefault(upstream, asyncio.Event())
         task = self._tasks.get(upstream)
         if task is None or task.done():
             self._tasks[upstream] = loop.create_task(self._writer(upstream))
         elif urgent:
-            self._wake[upstream].set()
+            wake.set()
 
     async def _writer(self, upstream: str) -> None:
         loop = asyncio.get_running_loop()
-        wake = self._wake.setdefault(upstream, asyncio.Event())
+        wake = self._wake[upstream]
         while upstream in self._dirty:
             wait = self._written.get(upstream, -math.inf) + WRITE_EVERY - loop.time()
             if wait > 0 and upstream not in self._urgent:
@@ -226,33 +227,41 @@ def _write_atomic(path: Path, data: bytes) -> None:
 recorder: Recorder | None = None     # this process's, while a server runs (app.py)
 
 
+def _safely(note: Any, into: Recorder) -> None:
+    """Record, never failing the request that saw it: the status is for the page only."""
+    try:
+        note(into)
+    except Exception:
+        log.exception("recording the upstream status failed")
+
+
 def down(upstream: str, source: str, reason: str) -> None:
     """``source`` cannot be reached (a transport failure): down from now."""
     if recorder is not None:
-        recorder.went_down(upstream, source, reason)
+        _safely(lambda r: r.went_down(upstream, source, reason), recorder)
 
 
 def up(upstream: str, source: str) -> None:
     """``source`` answered again (or still does)."""
     if recorder is not None:
-        recorder.came_up(upstream, source)
+        _safely(lambda r: r.came_up(upstream, source), recorder)
 
 
 def error(upstream: str, source: str, message: str) -> None:
     """A request to ``source`` failed (a 5xx, 429, wrong bytes, too slow, ...)."""
     if recorder is not None:
-        recorder.failed(upstream, source, message)
+        _safely(lambda r: r.failed(upstream, source, message), recorder)
 
 
 def success(upstream: str, source: str) -> None:
     """``source`` answered a request (not with a server error or a rate limit)."""
     if recorder is not None:
-        recorder.answered(upstream, source)
+        _safely(lambda r: r.answered(upstream, source), recorder)
 
 
 def ratelimit(upstream: str, source: str, remaining: int) -> None:
     if recorder is not None:
-        recorder.rate_limit(upstream, source, remaining)
+        _safely(lambda r: r.rate_limit(upstream, source, remaining), recorder)
 
 
 # -- reading, merged ---------------------------------------------------------------------------

@@ -129,3 +129,21 @@ def test_writes_wait_five_seconds_unless_up_or_down_changes(tmp_path):
     assert throttled == first                       # within 5 s of the last write
     assert urgent["sources"]["hub.test"]["up"] is False
     assert urgent["sources"]["hub.test"]["last_error"] == "connection refused"
+
+
+def test_two_changes_before_the_writer_runs_are_both_written(tmp_path):
+    path = tmp_path / "status" / f"hub.{os.getpid()}.json"
+
+    async def run() -> dict:
+        recorder = Recorder(tmp_path)
+        await recorder.open(leader=True)
+        upstream_status.recorder = recorder
+        try:
+            upstream_status.down("hub", "hub.test", "refused")   # the writer starts ...
+            upstream_status.up("hub", "hub.test")                # ... and is woken again
+            await asyncio.sleep(0.3)
+            return json.loads(path.read_text())
+        finally:
+            upstream_status.recorder = None
+            await recorder.close()
+    assert asyncio.run(run())["sources"]["hub.test"]["up"] is True
