@@ -168,8 +168,8 @@ class Catalog:
     async def linked_size(self, upstream: str, repository: str) -> int | None:
         """Bytes linked to the repository (each digest once); None: nothing linked."""
         rows = await self._db.execute_fetchall(
-            f"SELECT count(*), sum({SIZE_OF.format(d='digest')}) FROM repo_links "
-            "WHERE upstream = ? AND repository = ?", (upstream, repository))
+            f"SELECT count(*), sum({SIZE_OF.format(d='l.digest')}) FROM repo_links l "
+            "WHERE l.upstream = ? AND l.repository = ?", (upstream, repository))
         n, size = next(iter(rows))
         return int(size or 0) if n else None
 
@@ -177,10 +177,10 @@ class Catalog:
         """What ``manifest`` references: (child, "blob" | "manifest", size or None when
         not cached)."""
         rows = await self._db.execute_fetchall(
-            f"SELECT child, kind, {SIZE_OF.format(d='child')}, "
-            "EXISTS (SELECT 1 FROM blobs WHERE digest = child) "
-            "OR EXISTS (SELECT 1 FROM manifests WHERE digest = child) "
-            "FROM manifest_refs WHERE manifest = ?", (manifest,))
+            f"SELECT x.child, x.kind, {SIZE_OF.format(d='x.child')}, "
+            "EXISTS (SELECT 1 FROM blobs b WHERE b.digest = x.child) "
+            "OR EXISTS (SELECT 1 FROM manifests m WHERE m.digest = x.child) "
+            "FROM manifest_refs x WHERE x.manifest = ?", (manifest,))
         return [(c, k, s if cached else None) for c, k, s, cached in rows]
 
     async def referrers(self, upstream: str, repository: str, subject: str) -> list[Referrer]:

@@ -3,7 +3,7 @@ image. Everything shown comes from this process's cache maps and the index (thro
 catalog.py); no page ever asks an upstream.
 
 URLs: ``/ui/`` (overview), ``/ui/repositories?q=&sort=name|size|last_pull|pulls&order=
-asc|desc&page=N``, ``/ui/r/<upstream>/<name>`` (a cached repository),
+asc|desc&page=N&per=50``, ``/ui/r/<upstream>/<name>`` (a cached repository),
 ``/ui/hosted/<name>`` (a hosted one), and either followed by ``@<digest>`` (an image).
 """
 
@@ -21,13 +21,14 @@ from starlette.routing import BaseRoute, Route
 
 from .. import fileio
 from ..admin import COUNTERS, by_source
-from ..catalog import SORTS
+from ..catalog import PAGE_SIZE, SORTS
 from ..models import HOSTED, INDEX_TYPES, is_digest, validate_digest, validate_name
 from . import views
 from .session import Viewer, viewer
 from .site import Site, public_host, render, site
 
 CONFIG_MAX = 1024 * 1024       # an image config bigger than this is not read for the page
+PER_PAGE_MAX = 500            # repositories a page may ask for (?per=)
 TAG_PLATFORMS_MAX = 100        # image indexes per repository page whose platforms are read
 
 
@@ -125,12 +126,14 @@ async def repositories(request: Request) -> Response:
     if order not in ("asc", "desc"):
         raise HTTPException(400, "order must be asc or desc")
     number = _int(request, "page", 1)
-    page = await s.catalog.page(q, sort, order == "desc", number, who.may_pull)
+    per = min(_int(request, "per", PAGE_SIZE), PER_PAGE_MAX)
+    page = await s.catalog.page(q, sort, order == "desc", number, who.may_pull, per)
     if number > page.pages:
         raise HTTPException(404, f"page {number} of {page.pages}")
 
     def link(**changes: Any) -> str:
-        params = {"q": q, "sort": sort, "order": order, "page": page.page} | changes
+        params = {"q": q, "sort": sort, "order": order, "page": page.page,
+                  "per": per if per != PAGE_SIZE else ""} | changes
         return "/ui/repositories?" + urlencode({k: v for k, v in params.items() if v != ""})
 
     def sort_link(key: str) -> str:
@@ -142,7 +145,7 @@ async def repositories(request: Request) -> Response:
     return await render(request, "repositories.html", {
         "page": page, "rows": rows, "q": q, "sort": sort, "order": order,
         "sort_link": sort_link, "link": link,
-        "age": time.monotonic() - page.taken})
+        "age": time.monotonic() - page.taken, "per": per})
 
 
 # -- a repository and an image -------------------------------------------------------------

@@ -65,8 +65,11 @@ def public_host(request: Request) -> str:
 async def render(request: Request, name: str, context: dict[str, Any],
                  status: int = 200) -> Response:
     who = await viewer(request)
+    found = getattr(request.app.state, "site", None)
+    logins = found is not None and found.config.auth is not None
     return templates.TemplateResponse(request, name, {"viewer": who, "here": _here(request),
-                                                      **context}, status_code=status)
+                                                      "logins": logins, **context},
+                                      status_code=status)
 
 
 def _here(request: Request) -> str:
