@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 from starlette.routing import Route as HttpRoute
 
-from . import fileio, local_access, metrics
+from . import fileio, local_access, metrics, upstream_status
 from .accesslog import AccessLog
 from .api import EXCEPTION_HANDLERS, ROUTES, APIVersionHeader, Registry
 from .auth import Guard
@@ -88,6 +88,14 @@ class Mirror:
             await local.close()
             raise StartupError(f"{local.data_dir / local_access.NAME}: cannot write the local "
                                f"token: {exc.strerror or exc}") from None
+        status = upstream_status.Recorder(local.data_dir)
+        try:
+            await status.open(role.leader)
+        except OSError as exc:
+            await local.close()
+            raise StartupError(f"{status.dir}: cannot write the upstream status: "
+                               f"{exc.strerror or exc}") from None
+        upstream_status.recorder = status
         evictor = Evictor(local, Budget.of(config), enforce=role.leader,
                           follow=role.worker is not None)
         evictor.start()
@@ -120,6 +128,9 @@ class Mirror:
             await evictor.stop()
             for source in sources.values():
                 await source.aclose()
+            if upstream_status.recorder is status:
+                upstream_status.recorder = None
+            await status.close()
             await local.close()
 
     def summary(self) -> str:

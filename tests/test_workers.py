@@ -210,7 +210,7 @@ def _wait_for_owner(claim: Path) -> int:
         except FileNotFoundError:
             header = b""
         # fill_shared's header: magic, generation, state, size, written, pid, ...
-        if len(header) >= 36 and header[:4] == b"MFL1" and int.from_bytes(header[20:28],
+        if len(header) >= 36 and header[:4] == b"MFL2" and int.from_bytes(header[20:28],
                                                                           "little") > 0:
             return int.from_bytes(header[28:36], "little")
         time.sleep(0.05)
