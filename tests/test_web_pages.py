@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,11 +26,14 @@ import httpx
 import pytest
 
 from mirror.admin import human_size, percent
+from tests.support.client import read_blob
 from tests.support.images import OCI_LAYER
 from tests.support.mirror import MirrorProcess
+from tests.support.ports import free_port
 from tests.test_hosted_referrers import SIGNATURE, push_artifact, sha
 from tests.test_observability import scrape, value
 from tests.test_pull_through import hub_config, pull
+from tests.test_workers import REPO, fresh_blob
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +76,7 @@ def site(tmp_path_factory, upstream, image_set):
     multi-arch index, and holds team/web:1.0 (hosted) with a signature."""
     config = hub_config(upstream, max_size="1GiB",
                         hosted={"repositories": ["team/*"], "delete": True})
+    config["upstreams"]["down.test"] = {"url": f"http://127.0.0.1:{free_port()}"}
     mirror = MirrorProcess(tmp_path_factory.mktemp("web-mirror"), config).start()
     try:
         with httpx.Client(base_url=mirror.url, timeout=60) as http:
@@ -82,6 +87,8 @@ def site(tmp_path_factory, upstream, image_set):
             _, signature = push_artifact(http, (manifest, digest), SIGNATURE,
                                          {"dev.cosignproject.cosign/signature": "MEUC"},
                                          repo="team/web")
+            # an upstream nobody listens on: down, with its error
+            assert http.get("/v2/down.test/some/app/manifests/1").status_code >= 500
         time.sleep(2.5)      # the usage counters reach the index about once a second
         yield {"mirror": mirror, "hosted": (digest, sizes, signature)}
     finally:
@@ -160,11 +167,52 @@ def test_overview_shows_what_metrics_and_the_index_say(site, page, tmp_path):
                                                                        4))
     repos = ls(mirror)
     assert page.inner_text("[data-metric=repositories]") == f"{len(repos)} repositories"
-    # each upstream has a row; nothing is being fetched
-    assert page.locator("tr[data-upstream='docker.io']").count() >= 1
+    # the charts: everything happened within the hour, so in both windows
+    for window in ("day", "week"):
+        shown = page.locator(f"[data-metric={window}]")
+        assert int(shown.get_attribute("data-cache")) == from_cache
+        assert int(shown.get_attribute("data-upstream")) == from_upstream
+    assert page.locator("svg.chart rect.c[height]").evaluate_all(
+        "rs => rs.filter(r => Number(r.getAttribute('height')) > 0).length") == 2
+
+    # each upstream's health: the one pulled from is up, the closed port down
+    up = page.locator("tr[data-upstream='docker.io']")
+    assert up.locator("td[data-state]").get_attribute("data-state") == "up"
+    assert "ago" in up.locator("td").nth(3).inner_text()          # last success
+    down = page.locator("tr[data-upstream='down.test']")
+    assert down.locator("td[data-state]").get_attribute("data-state") == "down"
+    assert down.locator("td").nth(4).inner_text() != "-"          # its last error
     assert page.locator("[data-fills='0']").count() == 1
     assert page.locator("svg.chart").count() == 2
     screenshot(page, "overview.png", tmp_path)
+
+
+@browser_needed
+def test_a_fill_in_progress_shows_its_progress(make_mirror, faulty_upstream, upstream,
+                                              tmp_path, page):
+    blob = fresh_blob(tmp_path, upstream, 512 * 1024, "web-progress")
+    faulty_upstream.arm("drip", path_contains=f"/blobs/{blob.digest}", method="GET",
+                        chunk=16 * 1024, delay=0.1)
+    mirror = make_mirror(hub_config(faulty_upstream))
+    reader = threading.Thread(target=lambda: read_blob(mirror, REPO, blob))
+    reader.start()
+    try:
+        deadline = time.monotonic() + 30
+        done = 0
+        while time.monotonic() < deadline:
+            page.goto(f"{mirror.url}/ui/")
+            row = page.locator(f"tr[data-fill='{blob.digest}']")
+            if row.count() and int(row.locator("td[data-done]").get_attribute("data-done")):
+                done = int(row.locator("td[data-done]").get_attribute("data-done"))
+                break
+            time.sleep(0.2)
+        assert 0 < done < blob.size
+        assert int(row.locator("progress").get_attribute("max")) == blob.size
+        assert human_size(blob.size) in row.inner_text()
+    finally:
+        reader.join(60)
+    page.goto(f"{mirror.url}/ui/")
+    assert page.locator("[data-fills='0']").count() == 1
 
 
 @browser_needed

@@ -19,9 +19,10 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from .. import fileio
+from .. import fileio, fill_shared, upstream_status
 from ..admin import COUNTERS, by_source
 from ..catalog import PAGE_SIZE, SORTS
+from ..fill_shared import FillProgress
 from ..models import HOSTED, INDEX_TYPES, is_digest, validate_digest, validate_name
 from . import views
 from .session import Viewer, viewer
@@ -76,11 +77,9 @@ async def overview(request: Request) -> Response:
 
 
 async def _hourly(s: Site, since: float) -> dict[int, dict[str, int]]:
-    hourly = getattr(s.local.index, "hourly", None)
-    if hourly is None:
-        return {}
-    found: dict[int, dict[str, int]] = await hourly(since)
-    return found
+    """The hourly counters (the reader's connection: a week is at most 168 hours x a
+    few dozen names)."""
+    return await s.catalog.index.hourly(since)
 
 
 def _totals(hourly: dict[int, dict[str, int]], since: float) -> dict[str, int]:
@@ -94,13 +93,16 @@ def _totals(hourly: dict[int, dict[str, int]], since: float) -> dict[str, int]:
 
 
 async def _health(s: Site) -> list[dict[str, Any]]:
-    """Each upstream's sources: up or down, last error and success, rate limit left."""
-    return [{"upstream": name, "url": up.url, "status": []}
+    """Each upstream's sources as any worker last saw them: up or down, last error and
+    success, rate limit left; a source nothing has asked yet is "unknown"."""
+    seen = await upstream_status.read_status(s.local.data_dir)
+    return [{"upstream": name, "url": up.url,
+             "status": [st for st in seen if st.upstream == name]}
             for name, up in s.config.upstreams.items()]
 
 
-async def _fills(s: Site) -> list[dict[str, Any]]:
-    return []
+async def _fills(s: Site) -> list[FillProgress]:
+    return await fill_shared.in_progress(s.local.data_dir)
 
 
 # -- the repository list -------------------------------------------------------------------

@@ -114,8 +114,8 @@ class Bar:
 
 
 def hour_of(key: int) -> int:
-    """An hourly row's key as an hour number (``ts // 3600``): keys may be either."""
-    return key // 3600 if key > 10_000_000 else key
+    """An hourly row's key (the hour's start, epoch seconds) as an hour number."""
+    return int(key) // 3600
 
 
 def bars(hourly: Mapping[int, Mapping[str, int]], hours: int, now: float | None = None,
