@@ -139,7 +139,7 @@ def bars(hourly: Mapping[int, Mapping[str, int]], hours: int, now: float | None 
 def chart(series: list[Bar], title: str, label_every: int, fmt: str = "%H:%M") -> Markup:
     """Stacked bars (from cache below, from upstream above) as inline SVG, with a
     ``<title>`` per bar for a tooltip and a summary for screen readers."""
-    width, height, top, bottom = 600, 160, 10, 20
+    width, height, top, bottom = 600, 160, 18, 20
     n = max(1, len(series))
     peak = max((b.cache + b.upstream for b in series), default=0) or 1
     slot = width / n
