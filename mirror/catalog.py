@@ -1,23 +1,28 @@
 """What the web page reads from the index: the repository list (searched, sorted,
 paged), one repository's tags and platforms, one image's referrers.
 
-``Catalog`` has its own read-only connection to ``index.db`` (WAL: reads never wait
+``Catalog`` has its own read-only connections to ``index.db`` (WAL: reads never wait
 for the server's writer, and the server's one connection, which flushes usage and
-records fills, never waits behind a page's big read). It wraps that connection in an
-``Index`` so the CLI's report queries (``tag_report``, ``pins``, ``closure_size``,
-``referrers_of``) serve the page as they serve `mirror ls`.
+records fills, never waits behind a page's big read). It wraps them in ``Index`` so
+the CLI's report queries (``tag_report``, ``pins``, ``closure_size``, ``linked_sizes``,
+``repositories``, ``referrers_of``) serve the page as they serve `mirror ls`.
 
-The repository list is one aggregate over every repository link and tag (a scan of
-the index: about a second at a million links), so it is kept for ``SNAPSHOT_TTL``
-seconds per process and computed by one request at a time; searching, sorting and
-paging then work on that snapshot in memory. A page shows the index as it was up to
-a few seconds ago, which is what a screen left open wants; each worker process keeps
-its own copy (it is a cache of the index, not state: nothing is lost with it).
+The repository list needs aggregates over every repository link and tag: a scan of
+the index, about 2 s at 100,000 repositories and 600,000 links (bench/web.py). Doing
+that per request would make each page view cost seconds of the database's time, so
+each process keeps the result (a ``Snapshot``) for ``SNAPSHOT_TTL`` seconds, reads it
+once however many requests want it (on a second connection, so other pages' queries
+do not queue behind it), makes and sorts its rows in a thread, and serves an older
+one (up to ``STALE_MAX``) while the next is read. Searching, sorting and paging then
+cost milliseconds in memory. The list shows the index as it was a few seconds ago,
+which a screen left open can afford; it is a cache of the index, not state, so each
+worker keeping its own loses nothing (workers.py: state lives in the index).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,12 +34,15 @@ import aiosqlite
 from .index import SIZE_OF, Index
 from .models import HOSTED, Referrer, referrers_of_index
 
-SNAPSHOT_TTL = 10.0       # seconds a repository list is reused before it is read again
+log = logging.getLogger("mirror.catalog")
+
+SNAPSHOT_TTL = 10.0       # seconds a repository list is used before it is read again
+STALE_MAX = 120.0         # seconds an old one is still shown while the next one is read
 PAGE_SIZE = 50
 SORTS = ("name", "size", "last_pull", "pulls")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RepoRow:
     upstream: str
     repository: str
@@ -69,6 +77,23 @@ class Snapshot:
         return found
 
 
+def _snapshot(sizes: dict[tuple[str, str], int], with_manifest: list[tuple[str, str]],
+              tags: list[Any], display_name: Callable[[str, str], str]) -> Snapshot:
+    """The rows, and their order by every key (made here, in a thread, once)."""
+    # A repository shows when it has a cached manifest (as `mirror ls`) or a tag.
+    repos: dict[tuple[str, str], list[Any]] = {
+        key: [sizes.get(key, 0) or 0, 0, 0, None] for key in with_manifest}
+    for u, r, n, pulls, last in tags:
+        entry = repos.setdefault((u, r), [sizes.get((u, r), 0) or 0, 0, 0, None])
+        entry[1:] = [n, pulls or 0, last]
+    rows = [RepoRow(u, r, display_name(u, r), size, n, pulls, last)
+            for (u, r), (size, n, pulls, last) in repos.items()]
+    snap = Snapshot(rows, time.monotonic())
+    for key in SORTS:
+        snap.ordered(key)
+    return snap
+
+
 @dataclass(frozen=True)
 class Page:
     rows: list[RepoRow]
@@ -79,9 +104,10 @@ class Page:
 
 
 class Catalog:
-    def __init__(self, index: Index, display_name: Callable[[str, str], str],
+    def __init__(self, index: Index, bulk: Index, display_name: Callable[[str, str], str],
                  ttl: float = SNAPSHOT_TTL) -> None:
-        self.index = index
+        self.index = index            # the pages' queries
+        self._bulk = bulk             # the repository list's aggregates, on their own
         self._display_name = display_name
         self._ttl = ttl
         self._snapshot: Snapshot | None = None
@@ -90,20 +116,25 @@ class Catalog:
     @classmethod
     async def open(cls, path: Path, display_name: Callable[[str, str], str],
                    ttl: float = SNAPSHOT_TTL) -> Catalog:
-        db = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True)
+        readers: list[Index] = []
         try:
-            await db.execute("PRAGMA busy_timeout=5000")
-            await db.execute("PRAGMA query_only=1")
+            for _ in range(2):
+                db = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True)
+                readers.append(Index(db))
+                await db.execute("PRAGMA busy_timeout=5000")
+                await db.execute("PRAGMA query_only=1")
         except BaseException:
-            await db.close()
+            for reader in readers:
+                await reader.close()
             raise
-        return cls(Index(db), display_name, ttl)
+        return cls(readers[0], readers[1], display_name, ttl)
 
     async def close(self) -> None:
         if self._reading is not None:
             self._reading.cancel()
             await asyncio.gather(self._reading, return_exceptions=True)
         await self.index.close()
+        await self._bulk.close()
 
     @property
     def _db(self) -> aiosqlite.Connection:
@@ -112,37 +143,40 @@ class Catalog:
     # -- the repository list -----------------------------------------------------------------
 
     async def snapshot(self) -> Snapshot:
-        """Every repository with a cached manifest or a tag, at most ``ttl`` seconds old."""
+        """Every repository with a cached manifest or a tag. Younger than ``ttl``: as it
+        is. Older, up to ``STALE_MAX``: as it is, while a fresh one is read in the
+        background for the next request (a screen left open never waits). Older still,
+        or none yet: read now, one read however many requests wait for it."""
         snap = self._snapshot
-        if snap is not None and time.monotonic() - snap.taken < self._ttl:
+        age = None if snap is None else time.monotonic() - snap.taken
+        if snap is not None and age is not None and age < self._ttl:
             return snap
         if self._reading is None or self._reading.done():
             self._reading = asyncio.ensure_future(self._read())
+            self._reading.add_done_callback(self._keep)
+        if snap is not None and age is not None and age < STALE_MAX:
+            return snap
         # shielded: a client going away does not cancel the read others wait for
-        snap = await asyncio.shield(self._reading)
-        self._snapshot = snap
-        return snap
+        return await asyncio.shield(self._reading)
+
+    def _keep(self, task: asyncio.Task[Snapshot]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            self._snapshot = task.result()
+        elif not task.cancelled():
+            log.warning("reading the repository list failed: %s", task.exception())
 
     async def _read(self) -> Snapshot:
-        links = await self._db.execute_fetchall(
-            f"SELECT l.upstream, l.repository, sum({SIZE_OF.format(d='l.digest')}), "
-            "max(EXISTS (SELECT 1 FROM manifests INDEXED BY manifests_digest_entry "
-            "            WHERE digest = l.digest)) "
-            "FROM repo_links l GROUP BY l.upstream, l.repository")
-        tags = await self._db.execute_fetchall(
+        """The aggregates are the CLI's (`mirror ls`: ``linked_sizes``, ``repositories``)
+        and one over the tags, on the second reader connection, so the pages' own
+        queries do not queue behind them (the SQL runs in aiosqlite's thread, the
+        loop only waits); rows are made and sorted in a thread too."""
+        sizes = await self._bulk.linked_sizes()
+        with_manifest = await self._bulk.repositories()
+        tags = await self._bulk._db.execute_fetchall(
             "SELECT upstream, repository, count(*), sum(pulls), max(last_pull) "
             "FROM tags GROUP BY upstream, repository")
-        sizes = {(u, r): (size or 0, manifest) for u, r, size, manifest in links}
-        # A repository shows when it has a cached manifest (as `mirror ls`) or a tag.
-        repos: dict[tuple[str, str], list[Any]] = {
-            key: [size, 0, 0, None] for key, (size, manifest) in sizes.items() if manifest}
-        for u, r, n, pulls, last in tags:
-            entry = repos.setdefault((u, r), [sizes.get((u, r), (0, 0))[0], 0, 0, None])
-            entry[1:] = [n, pulls or 0, last]
-        name = self._display_name
-        rows = [RepoRow(u, r, name(u, r), size, n, pulls, last)
-                for (u, r), (size, n, pulls, last) in repos.items()]
-        return Snapshot(rows, time.monotonic())
+        return await asyncio.to_thread(_snapshot, sizes, with_manifest, list(tags),
+                                       self._display_name)
 
     async def page(self, q: str = "", sort: str = "name", descending: bool = False,
                    page: int = 1, may_pull: Callable[[str, str], bool] | None = None,
