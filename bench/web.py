@@ -26,7 +26,6 @@ thread GETs /healthz every 10 ms, as in bench/scale.py).
 from __future__ import annotations
 
 import argparse
-import http.client
 import statistics
 import subprocess
 import sys
@@ -78,17 +77,7 @@ def main() -> int:
     proc = subprocess.Popen([sys.executable, "-m", "mirror", "serve", "--config",
                              str(config_path)], stdout=log, stderr=subprocess.STDOUT)
     try:
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"mirror exited; see {args.work / 'web.log'}")
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                conn.request("GET", "/v2/")
-                conn.getresponse().read()
-                conn.close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        scale.wait_ready(proc, port, args.work / "web.log")
         probe = scale.Probe(port)
         probe.start()
         time.sleep(0.2)
