@@ -181,8 +181,8 @@ class Recorder:
         task = self._tasks.get(upstream)
         if task is None or task.done():
             self._tasks[upstream] = loop.create_task(self._writer(upstream))
-        elif urgent:
-            self._wake[upstream].set()
+        elif urgent:      # the writer may not have run yet to make its event
+            self._wake.setdefault(upstream, asyncio.Event()).set()
 
     async def _writer(self, upstream: str) -> None:
         loop = asyncio.get_running_loop()
