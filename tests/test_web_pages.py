@@ -123,9 +123,11 @@ def page(browser):
     pg = context.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    # console errors: a script or style the Content-Security-Policy blocked, a 404 for one
+    pg.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
     yield pg
     context.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+    assert not errors, f"errors on the page: {errors}"
 
 
 def screenshot(pg, name: str, tmp_path: Path) -> None:
