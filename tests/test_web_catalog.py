@@ -5,6 +5,8 @@ pure shaping in web/views.py (secrets hidden, platforms, the chart's hours)."""
 from __future__ import annotations
 
 import asyncio
+import html as html_module
+import re
 import time
 
 from mirror import catalog as catalog_module
@@ -12,6 +14,8 @@ from mirror.catalog import Catalog
 from mirror.index import Index, TagRow
 from mirror.models import HOSTED, References
 from mirror.web import views
+from mirror.web.session import Viewer
+from mirror.web.site import templates
 
 
 def display(upstream: str, repository: str) -> str:
@@ -121,3 +125,51 @@ def test_chart_hours_are_the_last_ones_and_sum():
     assert len(week) == 56 and sum(b.cache for b in week) == 1012
     svg = views.chart(day, "last 24 hours", 3)
     assert svg.startswith("<svg") and svg.count("<rect") == 48
+
+
+class Admin(Viewer):
+    def may(self, action: str, upstream: str, repository: str) -> bool:
+        return action != "remove"        # any rule the ACL has: remove is refused here
+
+
+def forms(html: str) -> list[dict[str, str]]:
+    """Each action form: its action URL and hidden inputs."""
+    found = []
+    for form in re.findall(r'<form method="post" action="(/ui/actions/[a-z]+)" class="action">'
+                           r'(.*?)</form>', html, re.S):
+        fields = dict(re.findall(r'<input type="hidden" name="(\w+)" value="([^"]*)">', form[1]))
+        found.append({"action": form[0],
+                      **{k: html_module.unescape(v) for k, v in fields.items()}})
+    return found
+
+
+def render_repository(viewer: Viewer, upstream: str, tag: dict) -> str:
+    return templates.get_template("repository.html").render(
+        viewer=viewer, here="/ui/r/x?page=2", logins=True, upstream=upstream,
+        repository="team/app", name="team/app", hosted=upstream == HOSTED, tags=[tag],
+        platforms={}, pins=[], size=0, pulls=0, last_pull=None, pull_ref="h/team/app",
+        ttl=300, repo_url="/ui/r/docker.io/team/app", now=time.time())
+
+
+def test_action_forms_carry_what_the_actions_need_and_only_what_the_viewer_may():
+    tag = {"tag": "v1", "digest": "sha256:" + "a" * 64, "media_type": None, "size": 1,
+           "pulls": 0, "last_pull": None, "fresh": True, "expires_at": 0, "fetched_at": 0,
+           "pinned": False, "url": "/ui/r/docker.io/team/app@sha256:" + "a" * 64}
+    common = {"csrf": "tok&en", "repository": "team/app", "reference": "v1",
+              "next": "/ui/r/x?page=2"}
+    html = render_repository(Admin(account="alice", csrf="tok&en"), "docker.io", tag)
+    assert forms(html) == [
+        {"action": "/ui/actions/pin", "upstream": "docker.io", **common},
+        {"action": "/ui/actions/invalidate", "upstream": "docker.io", **common}]
+    assert ">Log out<" in html and 'action="/ui/logout"' in html
+    pinned = render_repository(Admin(account="alice", csrf="tok&en"), "docker.io",
+                               tag | {"pinned": True})
+    assert [f["action"] for f in forms(pinned)] == ["/ui/actions/unpin",
+                                                    "/ui/actions/invalidate"]
+    hosted = render_repository(Admin(account="alice", csrf="tok&en"), HOSTED, tag)
+    assert forms(hosted) == [{"action": "/ui/actions/delete", "upstream": "", **common}]
+    # the HTML escapes what it carries
+    assert 'value="tok&amp;en"' in html
+    # a viewer who may not act gets no forms, and a Log in link
+    anonymous = render_repository(Viewer(), "docker.io", tag)
+    assert forms(anonymous) == [] and 'href="/ui/login?next=' in anonymous
