@@ -307,7 +307,9 @@ def test_docker_repository_counts_pulls(site, page, image_set):
     mirror = site["mirror"]
     image = image_set.docker
     report = ls(mirror, image.repo)
-    page.goto(f"{mirror.url}/ui/r/docker.io/{image.repo}")
+    # the name as a client pulls it (no library/) finds it too
+    page.goto(f"{mirror.url}/ui/r/docker.io/{image.repo.removeprefix('library/')}")
+    assert page.url == f"{mirror.url}/ui/r/docker.io/{image.repo}"
     assert page.inner_text("[data-metric=pulls]") == str(sum(t["pulls"] for t in
                                                                report["tags"]))
     assert sum(t["pulls"] for t in report["tags"]) >= 4      # two tags, pulled twice

@@ -220,6 +220,10 @@ async def _repository(request: Request, s: Site, who: Viewer, upstream: str,
     pins = await index.pins(upstream, repository)
     linked = await s.catalog.linked_size(upstream, repository)
     if not tags and not pins and linked is None:
+        if upstream != HOSTED and "/" not in repository \
+                and s.config.upstreams[upstream].library_prefix:
+            # /ui/r/docker.io/alpine: the name as a client pulls it
+            return RedirectResponse(repo_url(upstream, f"library/{repository}"), 307)
         raise HTTPException(404, f"nothing cached or pushed for {repository[:200]}")
     now = time.time()
     name = s.router.display_name(upstream, repository)
