@@ -226,6 +226,21 @@ def changed_elsewhere(data_dir: Path) -> float:
     return 5.0
 
 
+def wait_ready(proc: subprocess.Popen, port: int, log: Path) -> None:
+    """Until the server started as ``proc`` answers ``/v2/`` on ``port``."""
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"mirror exited; see {log}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/v2/")
+            conn.getresponse().read()
+            conn.close()
+            return
+        except OSError:
+            time.sleep(0.02)
+
+
 def measure(work: Path, data_dir: Path, target: dict) -> dict[str, tuple[float, float]]:
     """step -> (value, longest stall s)."""
     port = free_port()
@@ -245,17 +260,7 @@ def measure(work: Path, data_dir: Path, target: dict) -> dict[str, tuple[float, 
                              str(config_path)], stdout=log, stderr=subprocess.STDOUT)
     results: dict[str, tuple[float, float]] = {}
     try:
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"mirror exited; see {work / (data_dir.name + '.log')}")
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                conn.request("GET", "/v2/")
-                conn.getresponse().read()
-                conn.close()
-                break
-            except OSError:
-                time.sleep(0.02)
+        wait_ready(proc, port, work / f"{data_dir.name}.log")
         results["start-up s"] = (time.perf_counter() - started, 0.0)
         now_rss, peak = rss(proc.pid)
         results["RSS MB after start-up"] = (now_rss / 1e6, 0.0)

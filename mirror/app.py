@@ -16,12 +16,15 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from starlette.applications import Starlette
+from starlette.routing import Mount
+from starlette.routing import Route as HttpRoute
 
 from . import fileio, local_access, metrics, upstream_status
 from .accesslog import AccessLog
 from .api import EXCEPTION_HANDLERS, ROUTES, APIVersionHeader, Registry
 from .auth import Guard
 from .cache import CannotOpen, LocalCache
+from .catalog import Catalog
 from .config import Config
 from .evict import Budget, Evictor
 from .hosted.store import HostedStore
@@ -29,6 +32,8 @@ from .proxy import ProxyStore
 from .routing import HOSTED, Router
 from .store import Source
 from .upstream_group import UpstreamGroup
+from .web import routes as web_routes
+from .web.site import Site
 
 log = logging.getLogger("mirror")
 
@@ -56,7 +61,10 @@ class Mirror:
     def __init__(self, config: Config, role: Role = Role()) -> None:
         self.config = config
         self.role = role
-        self.app = Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS,
+        self.web = web_routes.create()        # the page at /ui/ (mirror/web)
+        self.app = Starlette(routes=[*ROUTES, HttpRoute("/", web_routes.root, methods=["GET"]),
+                                     Mount("/ui", app=self.web)],
+                             exception_handlers=EXCEPTION_HANDLERS,
                              lifespan=lambda app: self.running())
         self.asgi = AccessLog(APIVersionHeader(self.app), enabled=config.access_log)
         self.guard: Guard | None = None
@@ -104,6 +112,8 @@ class Mirror:
         self.app.state.registry = Registry(router, sources, local.repositories,
                                            local.not_ready, guard, hosted)
         metrics.persist = local.index.count
+        catalog = await Catalog.open(local.data_dir / "index.db", router.display_name)
+        self.web.state.site = Site(config, local, router, catalog, hosted)
         metrics.cache_size.set_function(lambda: local.cached_size)
         metrics.hosted_size.set_function(lambda: local.hosted_size)
         metrics.cache_budget.set(config.max_size or 0)
@@ -111,6 +121,8 @@ class Mirror:
             yield
         finally:
             metrics.persist = None
+            self.web.state.site = None
+            await catalog.close()
             if guard is not None:
                 guard.close()
             await evictor.stop()
