@@ -29,6 +29,8 @@ from .proxy import ProxyStore
 from .routing import HOSTED, Router
 from .store import Source
 from .upstream_group import UpstreamGroup
+from .web import actions as web_actions
+from .web import session as web_session
 
 log = logging.getLogger("mirror")
 
@@ -56,9 +58,11 @@ class Mirror:
     def __init__(self, config: Config, role: Role = Role()) -> None:
         self.config = config
         self.role = role
-        self.app = Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS,
+        self.app = Starlette(routes=ROUTES + web_session.ROUTES + web_actions.ROUTES,
+                             exception_handlers=EXCEPTION_HANDLERS,
                              lifespan=lambda app: self.running())
-        self.asgi = AccessLog(APIVersionHeader(self.app), enabled=config.access_log)
+        self.asgi = AccessLog(APIVersionHeader(web_session.SessionCookies(self.app)),
+                              enabled=config.access_log)
         self.guard: Guard | None = None
         self.local: LocalCache | None = None
 
@@ -80,6 +84,12 @@ class Mirror:
             await local.close()
             raise StartupError(f"{local.data_dir / local_access.NAME}: cannot write the local "
                                f"token: {exc.strerror or exc}") from None
+        try:
+            key = await fileio.run(web_session.load_key, local.data_dir)
+        except OSError as exc:
+            await local.close()
+            raise StartupError(f"{local.data_dir / web_session.KEY_FILE}: cannot make the web "
+                               f"page's session key: {exc.strerror or exc}") from None
         evictor = Evictor(local, Budget.of(config), enforce=role.leader,
                           follow=role.worker is not None)
         evictor.start()
@@ -95,6 +105,7 @@ class Mirror:
                                    local_token) if config.auth else None
         self.app.state.registry = Registry(router, sources, local.repositories,
                                            local.not_ready, guard, hosted)
+        self.app.state.web = web_session.WebState(config, key, local, hosted)
         metrics.persist = local.index.count
         metrics.cache_size.set_function(lambda: local.cached_size)
         metrics.hosted_size.set_function(lambda: local.hosted_size)
