@@ -37,6 +37,7 @@ from .session import (
     read_form,
     safe_next,
     state,
+    take_flash,
     viewer,
 )
 
@@ -222,7 +223,8 @@ async def action(request: Request) -> Response:
             what, facts = await describe(web, target)
             return page(request, "confirm.html", {
                 "action": name, "title": TITLES[name], "what": what, "facts": facts,
-                "target": target, "fields": target.form, "next": back, "error": None})
+                "target": target, "fields": target.form, "next": back, "error": None,
+                "flash": take_flash(request)})
         if not csrf_ok(request, who, params):
             log.warning("refused %s %s for %s: CSRF token or origin wrong", name, target.text,
                         who.account or "anonymous")
