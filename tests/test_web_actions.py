@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import re
+import threading
 import time
 from urllib.parse import unquote
 
@@ -32,7 +33,8 @@ HUB = "docker.io"
 
 def page_client(mirror, **kw) -> httpx.Client:
     """A browser-like client: same-origin POSTs, cookies kept, redirects not followed."""
-    return httpx.Client(base_url=mirror.url, timeout=60, headers={"Origin": mirror.url}, **kw)
+    headers = {"Origin": mirror.url, **kw.pop("headers", {})}
+    return httpx.Client(base_url=mirror.url, timeout=60, headers=headers, **kw)
 
 
 def hidden(html: str) -> dict[str, str]:
@@ -308,3 +310,43 @@ def test_hosted_delete_disabled_is_refused(make_mirror):
                                                      "reference": "v1"})
         assert r.status_code == 405 and "hosted.delete" in r.text
         assert http.get("/v2/team/app/manifests/v1").status_code == 200
+
+
+def test_a_session_and_its_token_hold_on_every_worker(make_mirror, upstream, image_set,
+                                                      tmp_path):
+    """``workers: 2``: the session key is in the data directory, so a login made through
+    one worker is known to the other, and its CSRF token is the same on both."""
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text("".join(f"{u}:{hash_password(p, rounds=4)}\n" for u, p in USERS.items()))
+    mirror = make_mirror(hub_config(upstream, workers=2, auth={
+        "htpasswd": str(htpasswd), "anonymous": "none", "acl": ACL}))
+    deadline = time.monotonic() + 30
+    while "ready on http" not in mirror.log_text():
+        assert time.monotonic() < deadline, mirror.log_text()
+        time.sleep(0.05)
+    image = image_set.docker
+    with page_client(mirror) as alice:
+        assert login(alice, "alice", USERS["alice"]).status_code == 303
+        cookies = dict(alice.cookies)
+    tokens, statuses = set(), []
+
+    def one() -> None:
+        with page_client(mirror, cookies=cookies, headers={"Connection": "close"}) as c:
+            r = c.get("/ui/actions/pin", params=target(image))
+            statuses.append(r.status_code)
+            tokens.add(hidden(r.text).get("csrf"))
+
+    for _ in range(3):
+        threads = [threading.Thread(target=one) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        served = set(re.findall(r"\[(w\d+)\] mirror\.access: .*\"GET /ui/actions/pin",
+                                mirror.log_text()))
+        if served == {"w0", "w1"}:
+            break
+    assert served == {"w0", "w1"}, mirror.log_text()[-2000:]
+    assert set(statuses) == {200} and len(tokens) == 1 and None not in tokens
+    keys = list(mirror.data_dir.glob("*ui.key*"))
+    assert [k.name for k in keys] == ["ui.key"]          # one key, no temp files left
