@@ -105,7 +105,7 @@ class Mirror:
                                    local_token) if config.auth else None
         self.app.state.registry = Registry(router, sources, local.repositories,
                                            local.not_ready, guard, hosted)
-        self.app.state.web = web_session.WebState(config, key, local, hosted)
+        self.app.state.web = web_session.WebState(config, key, local, hosted, local_token)
         metrics.persist = local.index.count
         metrics.cache_size.set_function(lambda: local.cached_size)
         metrics.hosted_size.set_function(lambda: local.hosted_size)

@@ -100,6 +100,12 @@ def test_without_logins_the_page_is_read_only(make_mirror, upstream, image_set):
         assert r.status_code == 403
     assert pins(mirror, image) == []
     assert (mirror.data_dir / "ui.key").stat().st_mode & 0o777 == 0o600
+    # the server's local token may do everything
+    local = "Bearer " + (mirror.data_dir / "local.token").read_text().strip()
+    with page_client(mirror, headers={"Authorization": local}) as client:
+        assert act(client, "pin", target(image)).status_code == 303
+    assert pins(mirror, image) == [image.tags[0]]
+    assert "mirror.web: local-token pin" in mirror.log_text()
 
 
 def test_admin_open_pins_invalidates_and_removes(open_mirror, upstream, image_set):

@@ -227,7 +227,7 @@ async def action(request: Request) -> Response:
                 "flash": take_flash(request)})
         if not csrf_ok(request, who, params):
             log.warning("refused %s %s for %s: CSRF token or origin wrong", name, target.text,
-                        who.account or "anonymous")
+                        who.name)
             raise Refused(403, "refused: the form's CSRF token or origin is wrong; reload "
                                "the page and try again")
         if params.get("confirm") != "yes":
@@ -238,7 +238,7 @@ async def action(request: Request) -> Response:
     except RegistryError as exc:
         return error_page(request, exc.status if 400 <= exc.status < 500 else 502,
                           exc.message[:300])
-    log.info("%s %s %s: %s", who.account or "anonymous", name, target.text, message)
+    log.info("%s %s %s: %s", who.name, name, target.text, message)
     flash(request, message)
     return RedirectResponse(back, 303)
 
