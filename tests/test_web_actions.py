@@ -174,6 +174,9 @@ def test_bad_input_is_a_4xx_page_and_next_stays_on_this_server(open_mirror, imag
             r = client.get(f"/ui/actions/{action}", params=params)
             assert r.status_code == status, (action, params, r.status_code, r.text[:300])
             assert "<html" in r.text
+        r = client.get("/ui/actions/pin", params={**target(image),
+                                                  "next": '/ui/"><script>alert(1)</script>'})
+        assert r.status_code == 200 and "<script>alert" not in r.text
         csrf = confirm(client, "pin", target(image))["csrf"]
         for bad in ["https://evil.example/", "//evil.example/x", "/\\evil.example",
                     "javascript:alert(1)", "http:/ui"]:
@@ -203,6 +206,9 @@ def test_logins_cookie_csrf_and_acl(users_mirror, image_set):
         r = anonymous.get("/ui/login", params={"next": "/ui/x"})
         assert r.status_code == 200 and 'name="password"' in r.text
 
+        r = alice.post("/ui/login", data={"user": "alice", "password": USERS["alice"]},
+                       headers={"Origin": "https://evil.example"})
+        assert r.status_code == 403 and "mirror_session" not in alice.cookies
         r = login(alice, "alice", "not-her-password")
         assert r.status_code == 401 and "wrong user name or password" in r.text
         assert "mirror_session" not in r.headers.get("set-cookie", "")

@@ -109,6 +109,7 @@ class WebState:
     key: bytes
     local: Any = None          # the server's LocalCache
     hosted: Any = None         # the HostedStore, None when nothing is hosted
+    local_token: str | None = field(default=None, repr=False)    # local_access.py
 
 
 def state(request: Request) -> WebState | None:
@@ -183,7 +184,7 @@ class Viewer:
     admin: bool = False                    # may act at all (ACL permitting)
     guard: Guard | None = field(default=None, repr=False, compare=False)
     open: bool = False                     # ui.admin: open
-    how: str = ""                          # "cookie", "basic" or "" (anonymous)
+    how: str = ""                          # "cookie", "basic", "local" or "" (anonymous)
 
     def may_pull(self, upstream: str, repository: str) -> bool:
         return self.guard is None or self.guard.may_list(self.identity, upstream, repository)
@@ -194,6 +195,8 @@ class Viewer:
             return False
         if (upstream == HOSTED) != (action in HOSTED_ACTIONS):
             return False
+        if self.identity.local:
+            return True
         if not self.may_pull(upstream, repository):
             return False
         if self.open:
@@ -204,6 +207,11 @@ class Viewer:
     @property
     def logged_in(self) -> bool:
         return bool(self.account)
+
+    @property
+    def name(self) -> str:
+        """Who, as the log says it."""
+        return self.account or ("local-token" if self.identity.local else "anonymous")
 
 
 def _client(request: Request) -> str | None:
@@ -223,10 +231,17 @@ async def viewer(request: Request) -> Viewer:
     is_open = web.config.ui.admin == "open"
     session = read_session(web.key, request.cookies.get(COOKIE))
     identity, how, sid = Identity(""), "", session[0] if session else None
-    if guard is not None and session is not None and session[1]:
+    authorization = request.headers.get("authorization") or ""
+    scheme, _, value = authorization.partition(" ")
+    if web.local_token and scheme.lower() == "bearer" and hmac.compare_digest(
+            value.strip().encode(), web.local_token.encode()):
+        identity, how = Identity("", local=True), "local"
+        sid = _b64(hmac.new(web.key, b"local\0" + value.strip().encode(),
+                            hashlib.sha256).digest())
+    elif guard is not None and session is not None and session[1]:
         identity, how = Identity(session[1]), "cookie"
     elif guard is not None:
-        creds = guard.basic(request.headers.get("authorization"))
+        creds = guard.basic(authorization)
         if creds is not None and creds[0]:
             try:
                 ok = await guard.login(creds[0], creds[1], _client(request))
@@ -236,9 +251,9 @@ async def viewer(request: Request) -> Viewer:
                 identity, how = Identity(creds[0]), "basic"
                 # The browser resends these credentials with every request: they are
                 # the session (its id derived from them, never stored).
-                sid = _b64(hmac.new(web.key, b"basic\0" + request.headers["authorization"]
-                                    .encode(), hashlib.sha256).digest())
-    admin = is_open or guard is not None
+                sid = _b64(hmac.new(web.key, b"basic\0" + authorization.encode(),
+                                    hashlib.sha256).digest())
+    admin = is_open or guard is not None or identity.local
     if admin and sid is None:         # an anonymous visitor who may act: a session for it
         sid, value = make_session(web.key, "")
         _set_cookie(request, _cookie(request, COOKIE, value, SESSION_TTL))
