@@ -362,3 +362,22 @@ def test_a_session_and_its_token_hold_on_every_worker(make_mirror, upstream, ima
     assert set(statuses) == {200} and len(tokens) == 1 and None not in tokens
     keys = list(mirror.data_dir.glob("*ui.key*"))
     assert [k.name for k in keys] == ["ui.key"]          # one key, no temp files left
+
+
+def test_ui_admin_config(tmp_path):
+    from mirror.config import ConfigError, describe, load_config
+
+    path = tmp_path / "config.yml"
+    assert load_config(None, environ={}).ui.admin == "acl"
+    assert load_config(None, environ={"MIRROR_UI_ADMIN": "open"}).ui.admin == "open"
+    for text, says in [("ui: {admin: yes}", "ui.admin: expected acl or open, got 'True'"),
+                       ("ui: {admin: everyone}", "ui.admin: expected acl or open"),
+                       ("ui: {admins: open}", "ui.admins: unknown key"),
+                       ("ui: open", "ui: expected a mapping")]:
+        path.write_text(text)
+        with pytest.raises(ConfigError) as caught:
+            load_config(path, environ={})
+        assert says in str(caught.value) and "\n" not in str(caught.value), text
+    path.write_text("ui: {admin: OPEN}")
+    config = load_config(path, environ={})
+    assert describe(config)["ui"] == {"admin": "open"}
