@@ -381,3 +381,36 @@ def test_ui_admin_config(tmp_path):
     path.write_text("ui: {admin: OPEN}")
     config = load_config(path, environ={})
     assert describe(config)["ui"] == {"admin": "open"}
+
+
+def test_invalidate_reaches_every_worker(make_mirror, faulty_upstream, image_set):
+    """``workers: 2``: a tag invalidated on the page through one worker is stale on the
+    other too. With the upstream down each worker then serves it stale (and says so)
+    instead of from its own fresh copy: no revalidation by one can hide the other's view."""
+    image = image_set.docker
+    mirror = make_mirror({"workers": 2, "ui": {"admin": "open"}, "upstreams": {
+        HUB: {"url": faulty_upstream.url, "tag_ttl": "1h", "retries": 0}}})
+    deadline = time.monotonic() + 30
+    while "ready on http" not in mirror.log_text():
+        assert time.monotonic() < deadline, mirror.log_text()
+        time.sleep(0.05)
+    with httpx.Client(base_url=mirror.url, timeout=60) as registry:
+        pull(registry, image)
+    with page_client(mirror) as client:
+        assert act(client, "invalidate", target(image)).status_code == 303
+    faulty_upstream.arm("status", path_contains="/manifests/", status=503, times=None)
+    time.sleep(2.5)                      # each worker looks at the index every second
+    path = f"/v2/{image.repo}/manifests/{image.tags[0]}"
+    served: set[str] = set()
+    for _ in range(40):
+        with httpx.Client(base_url=mirror.url, timeout=60,
+                          headers={"Connection": "close"}) as fresh:
+            assert get_manifest(fresh, image.repo, image.tags[0]).status_code == 200
+        served = set(re.findall(rf"\[(w\d+)\] mirror\.access: .*\"GET {path}\"",
+                                mirror.log_text()))
+        if served == {"w0", "w1"}:
+            break
+    assert served == {"w0", "w1"}, mirror.log_text()[-3000:]
+    stale = set(re.findall(rf"\[(w\d+)\] mirror\.proxy: serving stale "
+                           rf"{HUB}/{re.escape(image.repo)}:{image.tags[0]}", mirror.log_text()))
+    assert stale == {"w0", "w1"}, mirror.log_text()[-3000:]

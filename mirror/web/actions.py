@@ -107,6 +107,7 @@ async def describe(web: WebState, t: Target) -> tuple[str, list[str]]:
     """(what will happen, facts such as sizes) for the confirmation page; Refused if
     there is nothing to act on."""
     local = web.local
+    await local.catch_up()        # what other workers cached or pushed a moment ago
     if t.action == "pin":
         row = None if is_digest(t.reference) else local.tag(t.upstream, t.repository,
                                                              t.reference)
@@ -171,6 +172,7 @@ def _router(web: WebState) -> Router:
 async def perform(web: WebState, t: Target) -> str:
     """Do it; the flash message."""
     local = web.local
+    await local.catch_up()
     if t.action == "pin":
         pinned = await cache_admin.pin(local, t.upstream, t.repository, t.reference)
         if pinned.already:
