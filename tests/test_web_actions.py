@@ -396,6 +396,11 @@ def test_invalidate_reaches_every_worker(make_mirror, faulty_upstream, image_set
         time.sleep(0.05)
     with httpx.Client(base_url=mirror.url, timeout=60) as registry:
         pull(registry, image)
+    # at once, on both workers: the one that did not cache it knows of it too
+    for _ in range(12):
+        with page_client(mirror, headers={"Connection": "close"}) as client:
+            r = client.get("/ui/actions/invalidate", params=target(image))
+            assert r.status_code == 200, r.text
     with page_client(mirror) as client:
         assert act(client, "invalidate", target(image)).status_code == 303
     faulty_upstream.arm("status", path_contains="/manifests/", status=503, times=None)
