@@ -23,7 +23,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import evict, fileio, metrics, remove
+from . import cache_admin, evict, fileio, metrics, remove
 from .cache import CannotOpen, LocalCache, existing
 from .config import Config
 from .errors import RegistryError
@@ -340,17 +340,12 @@ async def pin(args, config: Config, router: Router) -> int:
         raise AdminError(f"{args.ref} is hosted: hosted content is never evicted; "
                          "nothing to pin")
     async with opened(config) as cache:
-        known = {p[2] for p in await cache.index.pins(route.upstream, route.repository)}
-        if reference in known:
-            print(f"{text} was already pinned")
-            return 0
-        await cache.index.pin(route.upstream, route.repository, reference)
-        await cache.index.bump_generation("pins")
-        row = None if ":" in reference else cache.tag(route.upstream, route.repository, reference)
-        digest = row.digest if row else reference
-        cached = cache.manifest_info(digest) is not None
-        size = await cache.index.closure_size(digest) if cached else 0
-    if cached:
+        pinned = await cache_admin.pin(cache, route.upstream, route.repository, reference)
+    if pinned.already:
+        print(f"{text} was already pinned")
+        return 0
+    digest, size = pinned.digest, pinned.size
+    if pinned.cached:
         now_at = "" if digest == reference else f"{digest}, "
         print(f"pinned {text} ({now_at}{human_size(size)} cached)")
     else:
@@ -361,9 +356,8 @@ async def pin(args, config: Config, router: Router) -> int:
 async def unpin(args, config: Config, router: Router) -> int:
     route, reference, text = parse_ref(router, args.ref)
     async with opened(config) as cache:
-        if not await cache.index.unpin(route.upstream, route.repository, reference):
+        if not await cache_admin.unpin(cache, route.upstream, route.repository, reference):
             raise AdminError(f"{text} is not pinned")
-        await cache.index.bump_generation("pins")
     print(f"unpinned {text}")
     return 0
 
@@ -467,17 +461,8 @@ async def rm(args, config: Config, router: Router) -> int:
                                lambda spec: remove.targets(cache, config, router, spec))
         removal = await remove.plan(cache, chosen, force=args.force)
         before = cache.size
-        if not args.dry_run and (removal.tags or removal.manifests or removal.blobs
-                                 or removal.links or removal.pins):
-            # Tags, links and pins first, so nothing names content that is going; then
-            # the content as gc removes it (rows first, then the files); then the
-            # generation, so a running server reloads its view within a second.
-            await cache.index.untag([(t.upstream, t.repository, t.tag) for t in removal.tags],
-                                    removal.links, removal.pins)
-            await evict.apply(cache, evict.Plan(dict(removal.blobs), dict(removal.manifests)))
-            await cache.index.bump_generation()
-            if removal.pins:
-                await cache.index.bump_generation("pins")
+        if not args.dry_run:
+            await cache_admin.apply_removal(cache, removal)
         after = before - removal.bytes if args.dry_run else cache.size
     rows = [["-", "tag", f"{t.upstream}/{t.repository}:{t.tag}"] for t in removal.tags]
     rows += [[human_size(size), "manifest", d] for d, size in removal.manifests.items()]
@@ -508,8 +493,7 @@ async def invalidate(args, config: Config, router: Router) -> int:
         rows = await _select(args, config, router, cache,
                              lambda spec: remove.matching_tags(cache, config, router, spec))
         rows = list({(r.upstream, r.repository, r.tag): r for r in rows}.values())
-        await cache.index.expire_tags([(r.upstream, r.repository, r.tag) for r in rows])
-        await cache.index.bump_generation()      # the server reloads its tags
+        await cache_admin.expire(cache, [(r.upstream, r.repository, r.tag) for r in rows])
     for r in rows:
         print(f"invalidated {r.upstream}/{r.repository}:{r.tag} (was {r.digest})")
     print(f"{plural(len(rows), 'tag')} stale now: the next pull of each asks upstream")

@@ -32,7 +32,9 @@ from .proxy import ProxyStore
 from .routing import HOSTED, Router
 from .store import Source
 from .upstream_group import UpstreamGroup
+from .web import actions as web_actions
 from .web import routes as web_routes
+from .web import session as web_session
 from .web.site import Site
 
 log = logging.getLogger("mirror")
@@ -62,11 +64,14 @@ class Mirror:
         self.config = config
         self.role = role
         self.web = web_routes.create()        # the page at /ui/ (mirror/web)
+        # The login and the actions (/ui/login, /ui/actions/...) before the pages' mount.
         self.app = Starlette(routes=[*ROUTES, HttpRoute("/", web_routes.root, methods=["GET"]),
+                                     *web_session.ROUTES, *web_actions.ROUTES,
                                      Mount("/ui", app=self.web)],
                              exception_handlers=EXCEPTION_HANDLERS,
                              lifespan=lambda app: self.running())
-        self.asgi = AccessLog(APIVersionHeader(self.app), enabled=config.access_log)
+        self.asgi = AccessLog(APIVersionHeader(web_session.SessionCookies(self.app)),
+                              enabled=config.access_log)
         self.guard: Guard | None = None
         self.local: LocalCache | None = None
 
@@ -88,6 +93,12 @@ class Mirror:
             await local.close()
             raise StartupError(f"{local.data_dir / local_access.NAME}: cannot write the local "
                                f"token: {exc.strerror or exc}") from None
+        try:
+            key = await fileio.run(web_session.load_key, local.data_dir)
+        except OSError as exc:
+            await local.close()
+            raise StartupError(f"{local.data_dir / web_session.KEY_FILE}: cannot make the web "
+                               f"page's session key: {exc.strerror or exc}") from None
         status = upstream_status.Recorder(local.data_dir)
         try:
             await status.open(role.leader)
@@ -111,6 +122,10 @@ class Mirror:
                                    local_token) if config.auth else None
         self.app.state.registry = Registry(router, sources, local.repositories,
                                            local.not_ready, guard, hosted)
+        # The pages (mounted at /ui, their own app) ask the viewer as the actions do.
+        self.app.state.web = self.web.state.web = web_session.WebState(config, key, local,
+                                                                       hosted, local_token)
+        self.web.state.registry = self.app.state.registry
         metrics.persist = local.index.count
         catalog = await Catalog.open(local.data_dir / "index.db", router.display_name)
         self.web.state.site = Site(config, local, router, catalog, hosted)

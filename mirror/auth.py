@@ -187,8 +187,32 @@ class Guard:
 
     def may_list(self, identity: Identity, upstream: str, repository: str) -> bool:
         """Catalog entries shown to ``identity``: only what it may pull."""
+        return self.may(identity, "pull", upstream, repository)
+
+    def may(self, identity: Identity, action: str, upstream: str, repository: str) -> bool:
+        """Whether the ACL lets ``identity`` ``action`` (pull, push, delete) the
+        repository (the web page's question: it has no token scopes)."""
         return identity.local or \
-            "pull" in self.acl.allowed(identity.account, _acl_name(upstream, repository))
+            action in self.acl.allowed(identity.account, _acl_name(upstream, repository))
+
+    # -- the web page's logins
+
+    async def login(self, user: str, password: str, client: str | None) -> bool:
+        """A user name and password, checked as a Basic login is (htpasswd, off the
+        event loop, throttled: TooManyRequests when too many failed)."""
+        if not user:
+            return False
+        return await self._password_ok(user, password, client)
+
+    def basic(self, authorization: str | None) -> tuple[str, str] | None:
+        """(user, password) of a Basic ``Authorization`` header, or None."""
+        scheme, _, value = (authorization or "").partition(" ")
+        if scheme.lower() != "basic":
+            return None
+        try:
+            return self._basic(value)
+        except Unauthorized:
+            return None
 
     # -- the token endpoint
 

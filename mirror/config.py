@@ -28,6 +28,7 @@ from .config_sections import (
     _LIMITS_KEYS,
     _TLS_KEYS,
     _TOKEN_KEYS,
+    _UI_KEYS,
     _UPSTREAM_KEYS,
     DOCKER_HUB,
     DOCKER_HUB_URL,
@@ -36,11 +37,13 @@ from .config_sections import (
     HostedConfig,
     LimitsConfig,
     TlsConfig,
+    UiConfig,
     UpstreamConfig,
     _auth,
     _hosted,
     _limits,
     _tls,
+    _ui,
     _upstream,
 )
 from .config_values import (
@@ -61,7 +64,7 @@ from .config_values import (
 
 __all__ = ["DOCKER_HUB", "DOCKER_HUB_URL", "AclRule", "AuthConfig", "Config", "ConfigError",
            "HostedConfig",
-           "LimitsConfig", "TlsConfig", "UpstreamConfig", "describe", "env_name",
+           "LimitsConfig", "TlsConfig", "UiConfig", "UpstreamConfig", "describe", "env_name",
            "env_settings", "format_duration", "format_size", "load_config", "parse_duration",
            "parse_fraction", "parse_listen", "parse_public_url", "parse_size", "parse_url"]
 
@@ -88,6 +91,7 @@ class Config:
     public_url: str | None = None     # how clients reach the mirror (challenges name it)
     limits: LimitsConfig = LimitsConfig()
     hosted: HostedConfig | None = None  # None: no push, every write answers 405
+    ui: UiConfig = UiConfig()         # the web page's actions (web/session.py)
 
     @property
     def listen(self) -> str:
@@ -109,7 +113,8 @@ def default_workers() -> int:
 
 _TOP_KEYS = {"listen", "data_dir", "max_size", "default", "upstreams", "log_level", "offline",
              "high_watermark", "low_watermark", "expire_unused", "access_log", "tls", "auth",
-             "public_url", "limits", "log_format", "shutdown_grace", "hosted", "workers"}
+             "public_url", "limits", "log_format", "shutdown_grace", "hosted", "workers",
+             "ui"}
 
 
 _LOG_LEVELS = {"critical", "error", "warning", "info", "debug"}
@@ -192,7 +197,7 @@ NOT_SETTINGS = ("MIRROR_CONFIG",)
 RESERVED_PREFIX = "MIRROR_TEST_"
 
 
-_SECTIONS = {"upstreams", "tls", "auth", "limits", "hosted"}
+_SECTIONS = {"upstreams", "tls", "auth", "limits", "hosted", "ui"}
 
 
 _TEXT_KEYS = {"listen", "data_dir", "default", "public_url", "log_level", "log_format", "cert",
@@ -212,6 +217,7 @@ def _settings(raw: dict) -> dict[str, list[tuple[str, ...]]]:
     paths += [("tls", k) for k in _TLS_KEYS] + [("limits", k) for k in _LIMITS_KEYS]
     paths += [("auth", k) for k in _AUTH_KEYS - {"acl"}]
     paths += [("hosted", k) for k in _HOSTED_KEYS - {"repositories"}]
+    paths += [("ui", k) for k in _UI_KEYS]
     paths += [("auth", "token", k) for k in _TOKEN_KEYS]
     paths += [("upstreams", n, k) for n in names for k in _UPSTREAM_KEYS]
     table: dict[str, list[tuple[str, ...]]] = {}
@@ -316,6 +322,8 @@ def _build(raw: dict, resolve: Callable[[str, str], Path]) -> Config:
         kwargs["limits"] = _limits(raw["limits"])
     if raw.get("hosted") is not None:
         kwargs["hosted"] = _hosted(raw["hosted"])
+    if raw.get("ui") is not None:
+        kwargs["ui"] = _ui(raw["ui"])
     if "access_log" in raw:
         kwargs["access_log"] = _bool("access_log", raw["access_log"])
     if "log_level" in raw:
@@ -426,6 +434,7 @@ def describe(config: Config, mask: bool = True) -> dict:
             "repositories": list(config.hosted.repositories), "delete": config.hosted.delete,
             "upload_ttl": format_duration(config.hosted.upload_ttl),
             "max_blob_size": format_size(config.hosted.max_blob_size)},
+        "ui": {"admin": config.ui.admin},
     }
     if config.auth is not None:
         a = config.auth

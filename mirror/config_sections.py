@@ -1,6 +1,6 @@
 """The config file's sections: ``upstreams.<name>``, ``tls``, ``auth`` (with its
-``acl``) and ``limits``: their settings, their keys, and the builders that turn a
-section of the file into them (config.py calls these)."""
+``acl``), ``limits``, ``hosted`` and ``ui``: their settings, their keys, and the
+builders that turn a section of the file into them (config.py calls these)."""
 
 from __future__ import annotations
 
@@ -121,6 +121,18 @@ class HostedConfig:
     gc_interval: float | None = 3600.0            # the server's hosted gc; None: off
 
 
+UI_ADMIN = ("acl", "open")
+
+
+@dataclass(frozen=True)
+class UiConfig:
+    """The web page (web/session.py). ``admin``: ``acl`` (the default): its actions
+    follow the ACL (read-only without logins); ``open``: whoever may see a repository
+    may act on it (without logins: everyone)."""
+
+    admin: str = "acl"
+
+
 _UPSTREAM_KEYS = {"url", "username", "password", "tag_ttl", "library_prefix", "timeout",
                   "retries", "offline", "max_fills", "revalidate_timeout", "token_realms",
                   "mirrors", "prefer", "min_speed", "ratelimit_reserve"}
@@ -142,6 +154,9 @@ _LIMITS_KEYS = {"max_connections", "header_timeout", "keepalive_timeout"}
 
 _HOSTED_KEYS = {"repositories", "delete", "upload_ttl", "max_blob_size", "gc_grace",
                 "gc_interval"}
+
+
+_UI_KEYS = {"admin"}
 
 
 def _upstream(name: str, raw: Any, offline: bool = False) -> UpstreamConfig:
@@ -365,6 +380,17 @@ def _hosted(raw: Any) -> HostedConfig:
             if kwargs["gc_interval"] is not None and kwargs["gc_interval"] < 60:
                 raise ConfigError("hosted.gc_interval: expected off or 1m or more, e.g. 1h")
     return HostedConfig(**kwargs)
+
+
+def _ui(raw: Any) -> UiConfig:
+    values = _mapping("ui", raw, _UI_KEYS)
+    kwargs: dict[str, Any] = {}
+    if values.get("admin") is not None:
+        admin = values["admin"]
+        if not isinstance(admin, str) or admin.lower() not in UI_ADMIN:
+            raise ConfigError(f"ui.admin: expected acl or open, got {str(admin)[:40]!r}")
+        kwargs["admin"] = admin.lower()
+    return UiConfig(**kwargs)
 
 
 def _acl_rule(i: int, raw: Any) -> AclRule:

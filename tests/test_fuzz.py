@@ -912,7 +912,7 @@ def test_fuzz_found_before(fuzz, req):
 
 # -- after the run: nothing outside the data dir ---------------------------------------------
 
-_DATA_FILE = re.compile(r"lock|local\.token|index\.db(-wal|-shm|-journal)?|tmp/[^/]+|"
+_DATA_FILE = re.compile(r"lock|local\.token|ui\.key|index\.db(-wal|-shm|-journal)?|tmp/[^/]+|"
                         r"status/\.?[^/]+\.json(\.tmp)?|"
                         r"blobs/(sha256/[0-9a-f]{2}/[0-9a-f]{64}|sha512/[0-9a-f]{2}/[0-9a-f]{128})")
 

@@ -157,7 +157,7 @@ def test_action_forms_carry_what_the_actions_need_and_only_what_the_viewer_may()
            "pinned": False, "url": "/ui/r/docker.io/team/app@sha256:" + "a" * 64}
     common = {"csrf": "tok&en", "repository": "team/app", "reference": "v1",
               "next": "/ui/r/x?page=2"}
-    html = render_repository(Admin(account="alice", csrf="tok&en"), "docker.io", tag)
+    html = render_repository(Admin(account="alice", csrf="tok&en", how="cookie"), "docker.io", tag)
     assert forms(html) == [
         {"action": "/ui/actions/pin", "upstream": "docker.io", **common},
         {"action": "/ui/actions/invalidate", "upstream": "docker.io", **common}]

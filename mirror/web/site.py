@@ -26,7 +26,7 @@ from ..errors import RegistryError
 from ..hosted.store import HostedStore
 from ..routing import Router
 from . import views
-from .session import viewer
+from .session import needs_login, take_flash, viewer
 
 log = logging.getLogger("mirror.web")
 HERE = Path(__file__).parent
@@ -76,10 +76,13 @@ def public_host(request: Request) -> str:
 async def render(request: Request, name: str, context: dict[str, Any],
                  status: int = 200) -> Response:
     who = await viewer(request)
+    if status < 400 and (login := needs_login(request, who)) is not None:
+        return login
     found = getattr(request.app.state, "site", None)
     logins = found is not None and found.config.auth is not None
     return templates.TemplateResponse(request, name, {"viewer": who, "here": _here(request),
-                                                      "logins": logins, **context},
+                                                      "logins": logins,
+                                                      "flash": take_flash(request), **context},
                                       status_code=status, headers=HEADERS)
 
 
