@@ -53,7 +53,13 @@ def listen(host: str, port: int) -> socket.socket:
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        return socket.create_server((host, port), family=family, backlog=2048)
+        bound = socket.create_server((host, port), family=family, backlog=2048)
+        # create_server makes the socket with protocol 0, and asyncio turns Nagle off
+        # (TCP_NODELAY) only on connections accepted from an IPPROTO_TCP socket: with
+        # Nagle on, a keep-alive response written as headers then body waited 40 ms for
+        # the client's delayed ACK (25 small requests a second per connection). The
+        # same descriptor, re-opened, says what it is (workers' sockets already do).
+        return socket.socket(fileno=bound.detach())
     except socket.gaierror as exc:
         raise ListenError(f"cannot listen on {where}: {exc.strerror} (the host part of "
                           "--listen or listen: must be an address of this machine)") from None
