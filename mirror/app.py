@@ -25,6 +25,8 @@ from .cache import CannotOpen, LocalCache
 from .config import Config
 from .evict import Budget, Evictor
 from .hosted.store import HostedStore
+from .notify import events
+from .notify.delivery import Notifier
 from .proxy import ProxyStore
 from .routing import HOSTED, Router
 from .store import Source
@@ -96,6 +98,18 @@ class Mirror:
         self.app.state.registry = Registry(router, sources, local.repositories,
                                            local.not_ready, guard, hosted)
         metrics.persist = local.index.count
+        notifier = Notifier(config.notifications, local.data_dir, router.display_name,
+                            config.public_url, config.port, send=role.leader)
+        try:
+            await notifier.start()
+        except OSError as exc:
+            await evictor.stop()
+            for source in sources.values():
+                await source.aclose()
+            await local.close()
+            raise StartupError(f"{local.data_dir / 'notifications'}: cannot open the "
+                               f"notification queues: {exc.strerror or exc}") from None
+        events.sink = notifier.accept if notifier.endpoints else None
         metrics.cache_size.set_function(lambda: local.cached_size)
         metrics.hosted_size.set_function(lambda: local.hosted_size)
         metrics.cache_budget.set(config.max_size or 0)
@@ -108,6 +122,8 @@ class Mirror:
             await evictor.stop()
             for source in sources.values():
                 await source.aclose()
+            events.sink = None
+            await notifier.stop()
             await local.close()
 
     def summary(self) -> str:
