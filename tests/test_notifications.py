@@ -16,11 +16,14 @@ import uuid
 from datetime import datetime
 
 import httpx
+import pytest
+import yaml
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from mirror.config import ConfigError, load_config
 from tests.support.ports import free_port
 from tests.support.server_thread import ServerThread
 from tests.test_workers import all_ready
@@ -275,3 +278,95 @@ def test_two_workers_each_event_is_delivered_once(make_mirror):
     assert len({e["id"] for e in found}) == len(found)
     assert len({e["request"]["id"] for e in found}) == len(found)
     assert [e["action"] for e in found].count("pull") == pulls
+
+
+def test_stale_serves_evictions_and_the_actor(make_mirror, faulty_upstream, image_set,
+                                              tmp_path):
+    """mirror.stale when upstream fails and the cached copy is served; mirror.evict when
+    the budget makes room; ``actor.name`` is the user the request logged in as."""
+    from mirror.passwords import hash_password
+    from tests.test_cli import closure
+    from tests.test_pull_through import fetch_blob, get_manifest
+
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(f"alice:{hash_password('secret', rounds=4)}\n")
+    docker, big = image_set.docker, image_set.big
+    receiver = Receiver().up()
+    try:
+        mirror = make_mirror({
+            "upstreams": {"docker.io": {"url": faulty_upstream.url, "tag_ttl": "0s",
+                                        "retries": 0}},
+            "max_size": closure(big) + closure(docker) // 2, "high_watermark": "100%",
+            "low_watermark": "50%", "auth": {"htpasswd": str(htpasswd)},
+            "notifications": {"endpoints": [endpoint(receiver, ignore={"actions": ["pull"]})]}})
+        with httpx.Client(base_url=mirror.url, timeout=60, auth=("alice", "secret")) as http:
+            assert get_manifest(http, docker.repo, "v1").status_code == 200
+            for blob in docker.blobs:
+                fetch_blob(http, docker.repo, blob)
+            fault = faulty_upstream.arm("status", path_contains="/manifests/", status=503)
+            r = get_manifest(http, docker.repo, "v1")               # tag expired: revalidate
+            assert r.status_code == 200 and r.content == docker.manifest
+            assert fault.hits >= 1
+            faulty_upstream.clear()
+            for blob in big.blobs:                    # over the budget: docker's go
+                fetch_blob(http, big.repo, blob)
+        deadline = time.monotonic() + 20
+        while not any(e["action"] == "mirror.evict" for e in receiver.events()):
+            assert time.monotonic() < deadline, receiver.events()
+            time.sleep(0.05)
+        time.sleep(0.3)
+        found = receiver.events()
+    finally:
+        receiver.down()
+    stale = [e for e in found if e["action"] == "mirror.stale"]
+    fills = 1 + len(docker.blobs)                  # the manifest, then its blobs
+    assert [e["action"] for e in found[:fills + 1]] == ["mirror.fetch"] * fills + ["mirror.stale"]
+    assert len(stale) == 1
+    assert stale[0]["target"]["digest"] == docker.digest
+    assert stale[0]["target"]["tag"] == "v1"
+    assert stale[0]["target"]["repository"] == docker.repo
+    assert stale[0]["actor"] == {"name": "alice"}
+    assert stale[0]["request"]["method"] == "GET"
+    evicted = [e for e in found if e["action"] == "mirror.evict"]
+    docker_digests = {docker.digest} | {b.digest for b in docker.blobs}
+    gone = {e["target"]["digest"] for e in evicted}
+    assert gone & docker_digests and gone <= docker_digests | {b.digest for b in big.blobs}
+    for e in evicted:
+        assert e["target"]["repository"] == "" and e["target"]["size"] > 0
+    assert metric(mirror, "mirror_evictions_total") == len(evicted)
+
+
+@pytest.mark.parametrize("endpoints, message", [
+    ([{"name": "a/b", "url": "http://x/e"}], "notifications.endpoints[0].name: expected a name"),
+    ([{"name": "a", "url": "http://x"}, {"name": "a", "url": "http://y"}],
+     "notifications.endpoints[1].name: 'a' is used by another endpoint"),
+    ([{"name": "a"}], "notifications.endpoints[0].url: missing"),
+    ([{"name": "a", "url": "ftp://x"}], "notifications.endpoints[0].url: expected an http"),
+    ([{"name": "a", "url": "http://x", "headers": {"A": {"b": 1}}}],
+     "notifications.endpoints[0].headers.A: expected a list of values"),
+    ([{"name": "a", "url": "http://x", "timeout": "soon"}],
+     "notifications.endpoints[0].timeout: expected a duration"),
+    ([{"name": "a", "url": "http://x", "threshold": 0}],
+     "notifications.endpoints[0].threshold: expected a whole number"),
+    ([{"name": "a", "url": "http://x", "ignore": {"actions": ["pul"]}}],
+     "notifications.endpoints[0].ignore.actions: unknown action 'pul'"),
+    ([{"name": "a", "url": "http://x", "queue_limt": 5}],
+     "notifications.endpoints[0].queue_limt: unknown key"),
+])
+def test_a_bad_notifications_section_is_one_line_naming_the_key(tmp_path, endpoints, message):
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump({"notifications": {"endpoints": endpoints}}))
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={})
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_defaults_are_registry2s(tmp_path):
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump({"notifications": {"endpoints": [
+        {"name": "a", "url": "http://x/e", "ignoredmediatypes": [BLOB],
+         "ignore": {"mediatypes": ["m"], "actions": ["pull"]}}]}}))
+    (e,) = load_config(path, environ={}).notifications.endpoints
+    assert (e.timeout, e.threshold, e.backoff, e.queue_limit, e.disabled) == \
+        (1.0, 10, 1.0, 10000, False)
+    assert e.ignored_media_types == {BLOB, "m"} and e.ignored_actions == {"pull"}
