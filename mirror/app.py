@@ -11,6 +11,7 @@ running it under any ASGI server.
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -82,6 +83,16 @@ class Mirror:
             await local.close()
             raise StartupError(f"{local.data_dir / local_access.NAME}: cannot write the local "
                                f"token: {exc.strerror or exc}") from None
+        router = Router(config)
+        notifier = Notifier(config.notifications, local.data_dir, router.display_name,
+                            config.public_url, config.port, send=role.leader)
+        try:
+            await notifier.start()
+        except (OSError, sqlite3.Error) as exc:
+            await local.close()
+            raise StartupError(f"{local.data_dir / 'notifications'}: cannot open the "
+                               f"notification queues: {getattr(exc, 'strerror', None) or exc}"
+                               ) from None
         evictor = Evictor(local, Budget.of(config), enforce=role.leader,
                           follow=role.worker is not None)
         evictor.start()
@@ -92,23 +103,11 @@ class Mirror:
         if hosted is not None:
             await hosted.open(leader=role.leader)
             sources[HOSTED] = hosted
-        router = Router(config)
         guard = self.guard = Guard(config.auth, router, local.data_dir, config.public_url,
                                    local_token) if config.auth else None
         self.app.state.registry = Registry(router, sources, local.repositories,
                                            local.not_ready, guard, hosted)
         metrics.persist = local.index.count
-        notifier = Notifier(config.notifications, local.data_dir, router.display_name,
-                            config.public_url, config.port, send=role.leader)
-        try:
-            await notifier.start()
-        except OSError as exc:
-            await evictor.stop()
-            for source in sources.values():
-                await source.aclose()
-            await local.close()
-            raise StartupError(f"{local.data_dir / 'notifications'}: cannot open the "
-                               f"notification queues: {exc.strerror or exc}") from None
         events.sink = notifier.accept if notifier.endpoints else None
         metrics.cache_size.set_function(lambda: local.cached_size)
         metrics.hosted_size.set_function(lambda: local.hosted_size)

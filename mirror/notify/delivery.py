@@ -149,15 +149,19 @@ class Notifier:
             if not ep.pending:
                 continue
             events, ep.pending = ep.pending, []
-            bodies = [json.dumps(e.render(self.name, self._base_url(e), self.source),
-                                 separators=(",", ":")) for e in events]
-            # To its end even if cancelled: the events are out of memory now.
-            dropped, length = await fileio.run_to_end(ep.queue.append, bodies)
+            # Rendered off the event loop too (a burst can be thousands of events); to its
+            # end even if cancelled: the events are out of memory now.
+            dropped, length = await fileio.run_to_end(self._append, ep, events)
             if dropped:
                 self._dropped(ep, dropped)
             if self.send:
                 metrics.notification_queue_length.labels(ep.config.name).set(length)
                 ep.wake.set()
+
+    def _append(self, ep: _Endpoint, events: list[Event]) -> tuple[int, int]:
+        bodies = [json.dumps(e.render(self.name, self._base_url(e), self.source),
+                             separators=(",", ":")) for e in events]
+        return ep.queue.append(bodies)
 
     def _base_url(self, event: Event) -> str:
         if self.public_url:
