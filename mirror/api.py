@@ -499,6 +499,7 @@ async def blob(request: Request, name: str, digest: str) -> Response:
     except BaseException:
         await body.aclose()
         raise
+
     def sent() -> None:
         events.pulled_blob(route.upstream, route.repository, digest, body.size)
     if rng is None:

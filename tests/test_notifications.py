@@ -128,9 +128,12 @@ def test_push_pull_and_delete_arrive_in_order_in_registry2s_envelope(make_mirror
             assert http.head("/v2/team/app/manifests/v1").status_code == 200      # no event
             assert http.head(f"/v2/team/app/blobs/{sha(layer)}").status_code == 200  # no event
             assert http.get(f"/v2/team/app/blobs/{sha(layer)}").content == layer
+            r = http.post("/v2/team/other/blobs/uploads/",
+                          params={"mount": sha(layer), "from": "team/app"})
+            assert r.status_code == 201
             assert http.delete("/v2/team/app/manifests/v1").status_code == 202
             assert http.delete(f"/v2/team/app/manifests/{sha(manifest)}").status_code == 202
-        found = receiver.wait_for(7)
+        found = receiver.wait_for(8)
         time.sleep(0.3)                                 # nothing more comes
         found = receiver.events()
     finally:
@@ -140,7 +143,7 @@ def test_push_pull_and_delete_arrive_in_order_in_registry2s_envelope(make_mirror
     assert summary == [
         ("push", sha(config), None), ("push", sha(layer), None),
         ("push", sha(manifest), "v1"), ("pull", sha(manifest), "v1"),
-        ("pull", sha(layer), None), ("delete", None, "v1"),
+        ("pull", sha(layer), None), ("mount", sha(layer), None), ("delete", None, "v1"),
         ("delete", sha(manifest), None)]
     _, headers, _ = receiver.posts[0]
     assert headers["content-type"] == EVENTS_TYPE
@@ -156,7 +159,9 @@ def test_push_pull_and_delete_arrive_in_order_in_registry2s_envelope(make_mirror
     assert found[4]["target"] == {"mediaType": BLOB, "size": len(layer), "length": len(layer),
                                   "digest": sha(layer), "repository": "team/app",
                                   "url": f"{base}/v2/team/app/blobs/{sha(layer)}"}
-    assert found[5]["target"] == {"repository": "team/app", "tag": "v1"}
+    assert found[5]["target"]["fromRepository"] == "team/app"
+    assert found[5]["target"]["repository"] == "team/other"
+    assert found[6]["target"] == {"repository": "team/app", "tag": "v1"}
     for e in found:
         uuid.UUID(e["id"])
         assert datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).tzinfo
@@ -168,9 +173,9 @@ def test_push_pull_and_delete_arrive_in_order_in_registry2s_envelope(make_mirror
         assert re.fullmatch(r"127\.0\.0\.1:\d+", request["addr"])
         uuid.UUID(request["id"])
     assert [e["request"]["method"] for e in found] == \
-        ["POST", "POST", "PUT", "GET", "GET", "DELETE", "DELETE"]
-    assert len({e["id"] for e in found}) == 7
-    assert metric(mirror, 'mirror_notification_events_sent_total{endpoint="listener"}') == 7
+        ["POST", "POST", "PUT", "GET", "GET", "POST", "DELETE", "DELETE"]
+    assert len({e["id"] for e in found}) == 8
+    assert metric(mirror, 'mirror_notification_events_sent_total{endpoint="listener"}') == 8
 
 
 def test_cache_fills_and_pulls_through_the_upstream_and_ignore_rules(make_mirror, image_set,
@@ -370,3 +375,24 @@ def test_the_defaults_are_registry2s(tmp_path):
     assert (e.timeout, e.threshold, e.backoff, e.queue_limit, e.disabled) == \
         (1.0, 10, 1.0, 10000, False)
     assert e.ignored_media_types == {BLOB, "m"} and e.ignored_actions == {"pull"}
+
+
+def test_a_receiver_that_comes_back_gets_what_waited_without_a_restart(make_mirror):
+    receiver = Receiver()                      # not listening yet
+    mirror = make_mirror({"upstreams": {}, "hosted": {"repositories": ["*"]},
+                          "notifications": {"endpoints": [endpoint(receiver)]}})
+    with httpx.Client(base_url=mirror.url, timeout=30) as http:
+        config, layer, manifest = push_image(http, "team/app", "v1")
+    key = 'mirror_notification_deliveries_failed_total{endpoint="listener"}'
+    deadline = time.monotonic() + 20
+    while metric(mirror, key) < 4:             # two rounds of threshold (2) failures
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert "2 tries failed" in mirror.log_text()
+    receiver.up()
+    try:
+        found = receiver.wait_for(3)
+    finally:
+        receiver.down()
+    assert [e["target"]["digest"] for e in found] == [sha(config), sha(layer), sha(manifest)]
+    assert "listener: delivered again after" in mirror.log_text()
