@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from starlette.applications import Starlette
 
-from . import fileio, local_access, metrics
+from . import fileio, local_access, metrics, upstream_status
 from .accesslog import AccessLog
 from .api import EXCEPTION_HANDLERS, ROUTES, APIVersionHeader, Registry
 from .auth import Guard
@@ -93,6 +93,15 @@ class Mirror:
             raise StartupError(f"{local.data_dir / 'notifications'}: cannot open the "
                                f"notification queues: {getattr(exc, 'strerror', None) or exc}"
                                ) from None
+        status = upstream_status.Recorder(local.data_dir)
+        try:
+            await status.open(role.leader)
+        except OSError as exc:
+            await notifier.stop()
+            await local.close()
+            raise StartupError(f"{status.dir}: cannot write the upstream status: "
+                               f"{exc.strerror or exc}") from None
+        upstream_status.recorder = status
         evictor = Evictor(local, Budget.of(config), enforce=role.leader,
                           follow=role.worker is not None)
         evictor.start()
@@ -123,6 +132,9 @@ class Mirror:
                 await source.aclose()
             events.sink = None
             await notifier.stop()
+            if upstream_status.recorder is status:
+                upstream_status.recorder = None
+            await status.close()
             await local.close()
 
     def summary(self) -> str:

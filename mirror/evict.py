@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from . import metrics
 from .cache import LocalCache
 from .config import Config
+from .index import HOURLY_KEPT
 from .notify import events
 
 log = logging.getLogger("mirror.evict")
@@ -213,6 +214,7 @@ class Evictor:
                 if self.enforce and time.monotonic() - self._pruned >= CHANGES_KEPT / 10:
                     self._pruned = time.monotonic()
                     await self.cache.index.prune_changes(time.time() - CHANGES_KEPT)
+                    await self.cache.index.prune_hourly(time.time() - HOURLY_KEPT)
                 if "pins" in await self.cache.resync_if_changed():
                     woken = True          # an unpin may have made something evictable
                 due = woken or time.monotonic() - last_run >= self.interval

@@ -23,6 +23,12 @@ clients spread over any number of workers cost one upstream download.
 
 The header is fixed-size, written with one ``pwrite``; readers read it twice and
 use it only when both reads agree.
+
+``in_progress`` lists the downloads running in any process of the server (for the web
+page's overview), from the claim files and their headers. A one-process server claims
+its downloads the same way, so it is listed too. Whether a claim's lock is held is read
+from ``/proc/locks``, not tried: trying it (even shared, for a moment) could make a
+process claiming the blob right then think someone else downloads it.
 """
 
 from __future__ import annotations
@@ -32,16 +38,22 @@ import errno
 import fcntl
 import os
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import fileio
 
 POLL = 0.02              # seconds between looks at a followed download's header
 ALIVE_EVERY = 1.0        # seconds between checks that its owner still holds the lock
 
-_HEADER = struct.Struct("<4sIiqqq256s")   # magic, generation, state, size, written, pid, temp
-_MAGIC = b"MFL1"
+# magic, generation, state, size, written, pid, started (epoch seconds), temp
+_HEADER = struct.Struct("<4sIiqqqd256s")
+_MAGIC = b"MFL2"
 
 DOWNLOADING, COMMITTED, FAILED, PASSED = 0, 1, 2, 3   # PASSED: verified, too big to cache
+STATES = {DOWNLOADING: "downloading", COMMITTED: "committed", FAILED: "failed",
+          PASSED: "passed"}
 
 
 @dataclass(frozen=True)
@@ -51,7 +63,8 @@ class Header:
     size: int | None
     written: int
     pid: int
-    temp: str
+    started: float      # when the claim was taken, then when its download (re)started
+    temp: str           # "" until the download starts (it may wait for a fill slot)
 
 
 def claim_path(data_dir: Path, digest: str) -> Path:
@@ -70,6 +83,7 @@ class Claim:
         self._state = DOWNLOADING
         self._size: int | None = None
         self._written = 0
+        self._started = time.time()
         self._temp = ""
 
     # -- the owner's side -----------------------------------------------------------------
@@ -77,13 +91,14 @@ class Claim:
     def _publish(self) -> None:
         os.pwrite(self.fd, _HEADER.pack(_MAGIC, self._generation, self._state,
                                         -1 if self._size is None else self._size,
-                                        self._written, os.getpid(),
+                                        self._written, os.getpid(), self._started,
                                         self._temp.encode()[:256]), 0)
 
     def begin(self, temp: Path, generation: int) -> None:
         """A (new) download into ``temp``: followers of an older generation abort."""
         self._temp, self._generation = str(temp), generation
         self._state, self._size, self._written = DOWNLOADING, None, 0
+        self._started = time.time()
         self._publish()
 
     def sized(self, size: int | None) -> None:
@@ -124,8 +139,8 @@ class Claim:
             first = second
         if len(first) < _HEADER.size or first[:4] != _MAGIC:
             return None
-        _, generation, state, size, written, pid, temp = _HEADER.unpack(first)
-        return Header(generation, state, None if size < 0 else size, written, pid,
+        _, generation, state, size, written, pid, started, temp = _HEADER.unpack(first)
+        return Header(generation, state, None if size < 0 else size, written, pid, started,
                       temp.rstrip(b"\0").decode(errors="replace"))
 
     def owner_alive(self) -> bool:
@@ -175,3 +190,82 @@ async def wait_header(claim: Claim, timeout: float = 5.0) -> Header | None:
         if header is not None or loop.time() > deadline:
             return header
         await asyncio.sleep(POLL)
+
+
+# -- every download running, for the web page --------------------------------------------
+
+
+@dataclass(frozen=True)
+class FillProgress:
+    digest: str
+    size: int | None            # None until upstream said it
+    done: int                   # bytes written so far
+    started_at: float | None    # epoch seconds: the claim, then the download's (re)start
+    state: str                  # waiting (for a fill slot), downloading, committed, failed,
+                                # passed (the last three only for the moment before it ends)
+
+
+async def in_progress(data_dir: Path) -> list[FillProgress]:
+    """The blob downloads running in any process of the server using ``data_dir``,
+    oldest first: each claim file whose lock a process holds."""
+    return await fileio.run(_in_progress, data_dir)
+
+
+def _in_progress(data_dir: Path) -> list[FillProgress]:
+    held = _flocked()
+    found = []
+    try:
+        paths = list((data_dir / "tmp").glob("*.fill"))
+    except OSError:
+        return []
+    for path in paths:
+        algorithm, _, hexpart = path.name.removesuffix(".fill").partition("-")
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue                         # ended meanwhile
+        try:
+            inode = os.fstat(fd).st_ino
+            header = Claim(path, fd, owner=False).read()
+        finally:
+            os.close(fd)
+        if header is None:
+            continue
+        running = inode in held if held is not None else _alive(header.pid)
+        if not running:
+            continue
+        state = "waiting" if header.state == DOWNLOADING and not header.temp else \
+            STATES.get(header.state, "unknown")
+        found.append(FillProgress(f"{algorithm}:{hexpart}", header.size, header.written,
+                                  header.started or None, state))
+    return sorted(found, key=lambda f: (f.started_at or 0.0, f.digest))
+
+
+def _flocked() -> set[int] | None:
+    """The inodes of the files some process holds an exclusive flock on; None where
+    /proc/locks cannot be read (then a claim counts as running while its owner lives)."""
+    try:
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    held = set()
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 12345 fe:00:2149289 0 EOF" ("->" marks a waiter)
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[3] == "WRITE":
+            try:
+                held.add(int(fields[5].rsplit(":", 1)[1]))
+            except (IndexError, ValueError):
+                pass
+    return held
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0
+    return pid > 0

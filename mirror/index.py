@@ -1,5 +1,5 @@
 """The SQLite index (aiosqlite, WAL): blobs, manifests, tags, repository links, pins,
-usage and counters.
+usage and counters (totals, and by the hour for the web page's overview).
 
 One connection, so one writer. Multi-statement writes hold ``_write_lock`` so
 no other coroutine's statements land inside them. Usage (last access, hits, tag
@@ -57,6 +57,11 @@ CREATE TABLE IF NOT EXISTS pins (
     upstream TEXT NOT NULL, repository TEXT NOT NULL, reference TEXT NOT NULL,
     pinned_at REAL NOT NULL, PRIMARY KEY (upstream, repository, reference));
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+-- The same counters by the hour they were counted in (start of the hour, epoch seconds),
+-- for the web page's overview; the leader prunes hours older than HOURLY_KEPT.
+CREATE TABLE IF NOT EXISTS hourly (
+    hour INTEGER NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL,
+    PRIMARY KEY (hour, name));
 CREATE TABLE IF NOT EXISTS tag_lists (
     upstream TEXT NOT NULL, repository TEXT NOT NULL, tags TEXT NOT NULL,
     fetched_at REAL NOT NULL, expires_at REAL NOT NULL,
@@ -111,6 +116,8 @@ SIZE_OF = ("coalesce((SELECT size FROM blobs INDEXED BY blobs_digest_size WHERE 
            "(SELECT size FROM manifests INDEXED BY manifests_digest_entry WHERE digest = {d}), 0)")
 LOAD_BATCH = 10_000  # rows read at a time when loading the maps
 VARIABLES = 500     # bound values per statement: far below SQLite's limit on any build
+HOUR = 3600
+HOURLY_KEPT = 8 * 24 * HOUR   # seconds of hourly counters kept (the leader prunes the rest)
 
 
 async def _abandon(db: aiosqlite.Connection, timeout: float = 5.0) -> None:
@@ -164,6 +171,7 @@ class Index:
         self._usage: dict[tuple[str, str], list[float]] = {}   # (table, digest) -> [last, hits]
         self._pulls: dict[tuple[str, str, str], list[float]] = {}   # tag -> [last, pulls]
         self._counters: dict[str, int] = {}
+        self._hourly: dict[tuple[int, str], int] = {}   # (hour, name) -> n counted in it
         self._flusher: asyncio.Task[None] | None = None
 
     @classmethod
@@ -277,6 +285,10 @@ class Index:
 
     async def prune_changes(self, before: float) -> None:
         await self._write(("DELETE FROM changes WHERE at < ?", [(before,)]))
+
+    async def prune_hourly(self, before: float) -> None:
+        """Drop the hourly counters of hours that ended before ``before``."""
+        await self._write(("DELETE FROM hourly WHERE hour + ? <= ?", [(HOUR, before)]))
 
     # -- single rows, for what another worker process may have added --------------------------
 
@@ -514,14 +526,19 @@ class Index:
         entry[1] += 1
 
     def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to counter ``name``: to its total and to the hour it is counted in
+        (not the hour of the flush that writes it)."""
         self._counters[name] = self._counters.get(name, 0) + n
+        key = (int(time.time()) // HOUR * HOUR, name)
+        self._hourly[key] = self._hourly.get(key, 0) + n
 
     async def flush_usage(self) -> None:
-        if not (self._usage or self._pulls or self._counters):
+        if not (self._usage or self._pulls or self._counters or self._hourly):
             return
         usage, self._usage = self._usage, {}
         pulls, self._pulls = self._pulls, {}
         counters, self._counters = self._counters, {}
+        hourly, self._hourly = self._hourly, {}
         by_table: dict[str, list[tuple[float, float, str]]] = {"blobs": [], "manifests": []}
         for (table, digest), (last, hits) in usage.items():
             by_table[table].append((last, hits, digest))
@@ -533,7 +550,10 @@ class Index:
              [(last, n, *key) for key, (last, n) in pulls.items()]),
             ("INSERT INTO counters VALUES (?, ?) "
              "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
-             list(counters.items()))))
+             list(counters.items())),
+            ("INSERT INTO hourly VALUES (?, ?, ?) "
+             "ON CONFLICT (hour, name) DO UPDATE SET value = value + excluded.value",
+             [(hour, name, n) for (hour, name), n in hourly.items()])))
         # The write runs to its end even if this flush is cancelled (the server stopping
         # cancels the periodic flush, then flushes once more): cancelled half-way it
         # would roll back, and the counts it held would be lost (with several workers
@@ -545,15 +565,15 @@ class Index:
             try:
                 await write
             except Exception:
-                self._take_back(usage, pulls, counters)
+                self._take_back(usage, pulls, counters, hourly)
             raise
         except Exception:
-            self._take_back(usage, pulls, counters)
+            self._take_back(usage, pulls, counters, hourly)
             raise
 
     def _take_back(self, usage: dict[tuple[str, str], list[float]],
                    pulls: dict[tuple[str, str, str], list[float]],
-                   counters: dict[str, int]) -> None:
+                   counters: dict[str, int], hourly: dict[tuple[int, str], int]) -> None:
         """Counts a failed flush held, added back to those gathered since."""
         def merge(mine: dict[Any, list[float]], theirs: dict[Any, list[float]]) -> None:
             for key, (last, n) in theirs.items():
@@ -564,6 +584,8 @@ class Index:
         merge(self._pulls, pulls)
         for name, n in counters.items():
             self._counters[name] = self._counters.get(name, 0) + n
+        for key, n in hourly.items():
+            self._hourly[key] = self._hourly.get(key, 0) + n
 
     async def _flush_loop(self, interval: float, checkpoint: bool = True) -> None:
         checkpoint_every = max(1, int(60 / interval)) if checkpoint else 0
@@ -619,6 +641,18 @@ class Index:
     async def counters(self) -> dict[str, int]:
         rows = await self._db.execute_fetchall("SELECT name, value FROM counters")
         return {name: value for name, value in rows}
+
+    async def hourly(self, since: float) -> dict[int, dict[str, int]]:
+        """The counters by hour (start of the hour, epoch seconds) -> name -> value, for
+        the hours from the one ``since`` falls in on, oldest first; what this process
+        counted but has not flushed yet is not in it (about a second's worth)."""
+        rows = await self._db.execute_fetchall(
+            "SELECT hour, name, value FROM hourly WHERE hour >= ? ORDER BY hour, name",
+            (int(since) // HOUR * HOUR,))
+        found: dict[int, dict[str, int]] = {}
+        for hour, name, value in rows:
+            found.setdefault(int(hour), {})[name] = int(value)
+        return found
 
     async def totals(self) -> dict[str, int]:
         """How many blobs, manifests, tags and pins the index holds."""

@@ -32,7 +32,7 @@ from urllib.parse import urljoin, urlsplit
 import httpcore
 import httpx
 
-from . import __version__, metrics, upstream_errors, upstream_transport
+from . import __version__, metrics, upstream_errors, upstream_status, upstream_transport
 from .config import UpstreamConfig
 from .errors import Denied, UpstreamRateLimited, UpstreamUnavailable
 from .upstream_auth import (
@@ -96,7 +96,7 @@ class UpstreamClient:
         )
         self._challenge: Challenge | None = None
         self.tokens = TokenCache(TOKEN_SCOPES_MAX)
-        self.health = Health(config, self._client)
+        self.health = Health(config, self._client, self.source)
 
     async def aclose(self) -> None:
         await self.health.aclose()
@@ -177,6 +177,7 @@ class UpstreamClient:
                 m = re.match(r"\s*([0-9]{1,12})\b", remaining)     # "100;w=21600"
                 if m:
                     self.ratelimit_remaining = int(m.group(1))
+                    upstream_status.ratelimit(self.name, self.source, self.ratelimit_remaining)
                     metrics.upstream_source_ratelimit_remaining.labels(
                         self.name, self.source).set(self.ratelimit_remaining)
                     if not self.mirror:
@@ -213,6 +214,8 @@ class UpstreamClient:
 
     def _failed(self, exc: httpx.TransportError, doing: str, own: bool) -> UpstreamUnavailable:
         error = upstream_errors.unavailable(self.name, exc, doing)
+        upstream_status.error(self.name, self.source,
+                              error.message.removeprefix(f"upstream {self.name}: "))
         if own:
             self.health.mark_down(error.message.removeprefix(f"upstream {self.name}: "))
         return error
@@ -223,6 +226,11 @@ class UpstreamClient:
         try:
             resp = await (_transfer_client.get() or self._client).send(request, stream=stream)
             status = str(resp.status_code)
+            if resp.status_code >= 500 or resp.status_code == 429:
+                upstream_status.error(self.name, self.source,
+                                      f"{request.method} {request.url.path}: HTTP {status}")
+            else:
+                upstream_status.success(self.name, self.source)
             return resp
         finally:
             metrics.upstream_requests.labels(self.name, request.method, status).inc()

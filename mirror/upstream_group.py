@@ -45,7 +45,7 @@ from typing import TypeVar
 
 import httpx
 
-from . import metrics
+from . import metrics, upstream_status
 from .config import UpstreamConfig
 from .errors import (
     BlobUnknown,
@@ -88,6 +88,8 @@ class Endpoint:
         """Sit out a backoff (``PENALTY_FIRST``, doubling to ``PENALTY_MAX``)."""
         self.penalty = min(PENALTY_MAX, self.penalty * 2 if self.penalty else PENALTY_FIRST)
         self.penalized_until = time.monotonic() + self.penalty
+        upstream_status.error(self.upstream.name, self.label,
+                              reason.removeprefix(f"upstream {self.upstream.name}: "))
         log.debug("upstream %s: %s sits out %gs: %s", self.upstream.name, self.label,
                   self.penalty, reason)
 

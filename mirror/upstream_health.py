@@ -7,7 +7,8 @@ request meanwhile (``mark_up``). ``bounded`` runs a request that has a fallback 
 revalidation: a cached copy can stand in) within ``revalidate_timeout``, and not at
 all while the upstream is down, so stale copies are served without waiting. The
 ``mirror_upstream_up`` gauge follows the state of the whole group (upstream_group.py):
-any of the upstream's sources up.
+any of the upstream's sources up. Each change, and each failed probe, goes to
+upstream_status.py too (shared with the other worker processes).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import TypeVar
 
 import httpx
 
-from . import upstream_errors
+from . import upstream_errors, upstream_status
 from .config import UpstreamConfig
 from .errors import UpstreamUnavailable
 
@@ -32,9 +33,10 @@ PROBE_MAX = 30.0            # ... up to this
 
 
 class Health:
-    def __init__(self, config: UpstreamConfig, client: httpx.AsyncClient) -> None:
+    def __init__(self, config: UpstreamConfig, client: httpx.AsyncClient, source: str) -> None:
         self.config = config
         self.name = config.name
+        self.source = source                                 # host[:port] of config.url
         self._client = client                                # the probes go out on it
         self._down_since: float | None = None                # monotonic; None while up
         self._probe: asyncio.Task[None] | None = None
@@ -70,6 +72,7 @@ class Health:
                                       detail={"upstream": self.name, "reason": "timeout"}) from None
 
     def mark_down(self, reason: str) -> None:
+        upstream_status.down(self.name, self.source, reason)
         if self._down_since is None:
             self._down_since = time.monotonic()
             log.warning("upstream %s is down (%s): cached copies are served without asking it "
@@ -82,6 +85,7 @@ class Health:
             log.warning("upstream %s is back after %.1fs", self.name,
                         time.monotonic() - self._down_since)
             self._down_since = None
+            upstream_status.up(self.name, self.source)
 
     async def _probe_until_up(self) -> None:
         delay = PROBE_FIRST
@@ -94,8 +98,10 @@ class Health:
             try:
                 resp = await self._client.send(request)
             except httpx.TransportError as exc:
-                log.info("upstream %s still down: %s", self.name,
-                         upstream_errors.unavailable(self.name, exc, "probing").message)
+                message = upstream_errors.unavailable(self.name, exc, "probing").message
+                log.info("upstream %s still down: %s", self.name, message)
+                upstream_status.error(self.name, self.source,
+                                      message.removeprefix(f"upstream {self.name}: "))
                 delay = min(delay * 2, PROBE_MAX)
                 continue
             await resp.aclose()
