@@ -11,7 +11,6 @@ running it under any ASGI server.
 from __future__ import annotations
 
 import logging
-import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from .config import Config
 from .evict import Budget, Evictor
 from .hosted.store import HostedStore
 from .notify import events
-from .notify.delivery import Notifier
+from .notify.delivery import CannotQueue, Notifier
 from .proxy import ProxyStore
 from .routing import HOSTED, Router
 from .store import Source
@@ -88,11 +87,9 @@ class Mirror:
                             config.public_url, config.port, send=role.leader)
         try:
             await notifier.start()
-        except (OSError, sqlite3.Error) as exc:
+        except CannotQueue as exc:
             await local.close()
-            raise StartupError(f"{local.data_dir / 'notifications'}: cannot open the "
-                               f"notification queues: {getattr(exc, 'strerror', None) or exc}"
-                               ) from None
+            raise StartupError(str(exc)) from None
         status = upstream_status.Recorder(local.data_dir)
         try:
             await status.open(role.leader)

@@ -396,3 +396,19 @@ def test_a_receiver_that_comes_back_gets_what_waited_without_a_restart(make_mirr
         receiver.down()
     assert [e["target"]["digest"] for e in found] == [sha(config), sha(layer), sha(manifest)]
     assert "listener: delivered again after" in mirror.log_text()
+
+
+def test_a_queue_file_the_mirror_cannot_open_is_one_line_at_start(tmp_path):
+    from tests.test_startup_failures import serve
+
+    data = tmp_path / "data"
+    (data / "notifications" / "listener.db").mkdir(parents=True)   # not a database
+    proc = serve(tmp_path, {"listen": f"127.0.0.1:{free_port()}", "data_dir": str(data),
+                            "workers": 1, "upstreams": {}, "hosted": {"repositories": ["*"]},
+                            "notifications": {"endpoints": [
+                                {"name": "listener", "url": "http://127.0.0.1:9/e"}]}})
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        f"mirror: {data / 'notifications' / 'listener.db'}: cannot open the notification "
+        "queue of listener: unable to open database file"), proc.stderr

@@ -26,6 +26,7 @@ import json
 import logging
 import re
 import socket
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable
@@ -49,6 +50,10 @@ MAX_BACKOFF = 60.0       # the longest wait (or backoff, if longer)
 LOG_EVERY = 30.0         # seconds between an endpoint's "dropped" lines
 
 _HOST = re.compile(r"[A-Za-z0-9.\-\[\]:]{1,300}")
+
+
+class CannotQueue(Exception):
+    """An endpoint's queue file cannot be opened: one line naming it."""
 
 
 class _Endpoint:
@@ -80,12 +85,17 @@ class Notifier:
         self._client: httpx.AsyncClient | None = None
 
     async def start(self) -> None:
-        """Open the queues (OSError: the data directory's notifications/ is not usable)
-        and start the flusher and, on the sending process, the senders."""
+        """Open the queues (CannotQueue: one is not usable) and start the flusher and,
+        on the sending process, the senders."""
         opened: list[Queue] = []
         try:
             for ep in self.endpoints:
-                await fileio.run(ep.queue.open)
+                try:
+                    await fileio.run(ep.queue.open)
+                except (OSError, sqlite3.Error) as exc:
+                    raise CannotQueue(f"{ep.queue.path}: cannot open the notification queue "
+                                      f"of {ep.config.name}: "
+                                      f"{getattr(exc, 'strerror', None) or exc}") from None
                 opened.append(ep.queue)
         except BaseException:
             for q in opened:
