@@ -23,6 +23,7 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import metrics
+from .notify import events
 
 log = logging.getLogger("mirror.access")
 
@@ -63,6 +64,7 @@ class AccessLog:
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         note = metrics.begin_request()
+        events.begin(scope, note)           # for the notifications the request causes
         status = 500          # if the app fails before it answers
         sent = 0
 

@@ -47,6 +47,7 @@ from .models import (
     validate_name,
     validate_tag,
 )
+from .notify import events
 from .routing import Route, Router
 from .store import BlobBody, Source
 
@@ -140,13 +141,15 @@ class BlobResponse(Response):
     """Streams a BlobBody; stops reading as soon as the client goes away (even while
     waiting for bytes), and aborts the connection (never a short body that looks
     complete) if the source fails. A cached file goes by zero-copy send when the
-    server offers it (plain HTTP); a blob being downloaded, or TLS, streams."""
+    server offers it (plain HTTP); a blob being downloaded, or TLS, streams.
+    ``sent``: called once the whole body went out (the pull's notification)."""
 
     def __init__(self, body: BlobBody, status: int, headers: dict[str, str],
-                 start: int, end: int | None) -> None:
+                 start: int, end: int | None, sent: Callable[[], None] | None = None) -> None:
         self.status_code = status
         self.blob = body
         self.start, self.end = start, end
+        self.on_sent = sent
         self.init_headers(headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -184,6 +187,8 @@ class BlobResponse(Response):
             await asyncio.wait({pumping, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if pumping.done():
                 pumping.result()
+                if self.on_sent is not None:
+                    self.on_sent()
         except (FillFailed, RegistryError, OSError) as exc:
             # Headers are out: the only honest signal left is to break the connection.
             log.warning("aborting response for %s: %s", self.blob.digest, exc)
@@ -461,6 +466,8 @@ async def manifest(request: Request, name: str, reference: str) -> Response:
     else:
         m = await source.get_manifest(route.repository, reference, accept)
         body, digest, media_type, size = m.data, m.digest, m.media_type, m.size
+        events.pulled(route.upstream, route.repository, digest, media_type, size,
+                      "" if is_digest(reference) else reference)
     headers = {"Docker-Content-Digest": digest, "ETag": f'"{digest}"',
                "Content-Type": media_type, "Content-Length": str(size), **_common_headers(route)}
     return Response(body, headers=headers)
@@ -492,14 +499,17 @@ async def blob(request: Request, name: str, digest: str) -> Response:
     except BaseException:
         await body.aclose()
         raise
+
+    def sent() -> None:
+        events.pulled_blob(route.upstream, route.repository, digest, body.size)
     if rng is None:
         if body.size is not None:
             headers["Content-Length"] = str(body.size)
-        return BlobResponse(body, 200, headers, 0, None)
+        return BlobResponse(body, 200, headers, 0, None, sent)
     start, end = rng
     headers["Content-Length"] = str(end - start)
     headers["Content-Range"] = f"bytes {start}-{end - 1}/{body.size}"
-    return BlobResponse(body, 206, headers, start, end)
+    return BlobResponse(body, 206, headers, start, end, sent)
 
 
 async def tags(request: Request, name: str) -> Response:

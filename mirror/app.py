@@ -28,6 +28,8 @@ from .catalog import Catalog
 from .config import Config
 from .evict import Budget, Evictor
 from .hosted.store import HostedStore
+from .notify import events
+from .notify.delivery import CannotQueue, Notifier
 from .proxy import ProxyStore
 from .routing import HOSTED, Router
 from .store import Source
@@ -99,10 +101,19 @@ class Mirror:
             await local.close()
             raise StartupError(f"{local.data_dir / web_session.KEY_FILE}: cannot make the web "
                                f"page's session key: {exc.strerror or exc}") from None
+        router = Router(config)
+        notifier = Notifier(config.notifications, local.data_dir, router.display_name,
+                            config.public_url, config.port, send=role.leader)
+        try:
+            await notifier.start()
+        except CannotQueue as exc:
+            await local.close()
+            raise StartupError(str(exc)) from None
         status = upstream_status.Recorder(local.data_dir)
         try:
             await status.open(role.leader)
         except OSError as exc:
+            await notifier.stop()
             await local.close()
             raise StartupError(f"{status.dir}: cannot write the upstream status: "
                                f"{exc.strerror or exc}") from None
@@ -117,7 +128,6 @@ class Mirror:
         if hosted is not None:
             await hosted.open(leader=role.leader)
             sources[HOSTED] = hosted
-        router = Router(config)
         guard = self.guard = Guard(config.auth, router, local.data_dir, config.public_url,
                                    local_token) if config.auth else None
         self.app.state.registry = Registry(router, sources, local.repositories,
@@ -129,6 +139,7 @@ class Mirror:
         metrics.persist = local.index.count
         catalog = await Catalog.open(local.data_dir / "index.db", router.display_name)
         self.web.state.site = Site(config, local, router, catalog, hosted)
+        events.sink = notifier.accept if notifier.endpoints else None
         metrics.cache_size.set_function(lambda: local.cached_size)
         metrics.hosted_size.set_function(lambda: local.hosted_size)
         metrics.cache_budget.set(config.max_size or 0)
@@ -143,6 +154,8 @@ class Mirror:
             await evictor.stop()
             for source in sources.values():
                 await source.aclose()
+            events.sink = None
+            await notifier.stop()
             if upstream_status.recorder is status:
                 upstream_status.recorder = None
             await status.close()

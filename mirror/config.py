@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from .config_notify import EndpointConfig, NotificationsConfig, _notifications
 from .config_sections import (
     _AUTH_KEYS,
     _HOSTED_KEYS,
@@ -63,8 +64,8 @@ from .config_values import (
 )
 
 __all__ = ["DOCKER_HUB", "DOCKER_HUB_URL", "AclRule", "AuthConfig", "Config", "ConfigError",
-           "HostedConfig",
-           "LimitsConfig", "TlsConfig", "UiConfig", "UpstreamConfig", "describe", "env_name",
+           "EndpointConfig", "HostedConfig", "LimitsConfig", "NotificationsConfig",
+           "TlsConfig", "UiConfig", "UpstreamConfig", "describe", "env_name",
            "env_settings", "format_duration", "format_size", "load_config", "parse_duration",
            "parse_fraction", "parse_listen", "parse_public_url", "parse_size", "parse_url"]
 
@@ -92,6 +93,7 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     hosted: HostedConfig | None = None  # None: no push, every write answers 405
     ui: UiConfig = UiConfig()         # the web page's actions (web/session.py)
+    notifications: NotificationsConfig = NotificationsConfig()   # webhooks (mirror/notify/)
 
     @property
     def listen(self) -> str:
@@ -114,7 +116,7 @@ def default_workers() -> int:
 _TOP_KEYS = {"listen", "data_dir", "max_size", "default", "upstreams", "log_level", "offline",
              "high_watermark", "low_watermark", "expire_unused", "access_log", "tls", "auth",
              "public_url", "limits", "log_format", "shutdown_grace", "hosted", "workers",
-             "ui"}
+             "ui", "notifications"}
 
 
 _LOG_LEVELS = {"critical", "error", "warning", "info", "debug"}
@@ -197,7 +199,7 @@ NOT_SETTINGS = ("MIRROR_CONFIG",)
 RESERVED_PREFIX = "MIRROR_TEST_"
 
 
-_SECTIONS = {"upstreams", "tls", "auth", "limits", "hosted", "ui"}
+_SECTIONS = {"upstreams", "tls", "auth", "limits", "hosted", "ui", "notifications"}
 
 
 _TEXT_KEYS = {"listen", "data_dir", "default", "public_url", "log_level", "log_format", "cert",
@@ -272,7 +274,7 @@ def _env_value(key: str, text: str) -> Any:
 
 def _not_a_setting(name: str, raw: dict, table: dict) -> str:
     rest = name[len(ENV_PREFIX):]
-    lists = [("auth", "acl"), ("hosted", "repositories")]
+    lists = [("auth", "acl"), ("hosted", "repositories"), ("notifications",)]
     sections = {env_name(*p): ".".join(p) for p in [(s,) for s in _SECTIONS] + lists}
     if name in sections:
         return (f"{name}: {sections[name]} is not a single value; set it in the config file"
@@ -324,6 +326,8 @@ def _build(raw: dict, resolve: Callable[[str, str], Path]) -> Config:
         kwargs["hosted"] = _hosted(raw["hosted"])
     if raw.get("ui") is not None:
         kwargs["ui"] = _ui(raw["ui"])
+    if raw.get("notifications") is not None:
+        kwargs["notifications"] = _notifications(raw["notifications"])
     if "access_log" in raw:
         kwargs["access_log"] = _bool("access_log", raw["access_log"])
     if "log_level" in raw:
@@ -435,6 +439,15 @@ def describe(config: Config, mask: bool = True) -> dict:
             "upload_ttl": format_duration(config.hosted.upload_ttl),
             "max_blob_size": format_size(config.hosted.max_blob_size)},
         "ui": {"admin": config.ui.admin},
+        "notifications": {"endpoints": [{
+            "name": e.name, "url": e.url,
+            "headers": {k: [SECRET if mask else v for v in vs] for k, vs in e.headers},
+            "timeout": format_duration(e.timeout), "threshold": e.threshold,
+            "backoff": format_duration(e.backoff),
+            "ignore": {"mediatypes": sorted(e.ignored_media_types),
+                       "actions": sorted(e.ignored_actions)},
+            "disabled": e.disabled, "queue_limit": e.queue_limit}
+            for e in config.notifications.endpoints]},
     }
     if config.auth is not None:
         a = config.auth

@@ -25,6 +25,7 @@ from . import metrics
 from .cache import LocalCache
 from .config import Config
 from .index import HOURLY_KEPT
+from .notify import events
 
 log = logging.getLogger("mirror.evict")
 
@@ -191,6 +192,7 @@ class Evictor:
             self.evicted += len(removal)
             self.evicted_bytes += removal.bytes
             metrics.evicted(len(removal), removal.bytes)
+            events.evicted(removal.blobs, removal.manifests)
             log.info("evicted %d items, %d bytes; cache now %d bytes (budget %s)", len(removal),
                      removal.bytes, self.cache.size, self.budget.max_size)
         return removal

@@ -48,6 +48,7 @@ from .errors import (
     UpstreamUnavailable,
 )
 from .fill_shared import COMMITTED, FAILED, PASSED, Claim
+from .notify import events
 from .upstream_group import Endpoint, UpstreamGroup, error_reason
 
 log = logging.getLogger("mirror.fill")
@@ -279,6 +280,8 @@ class Fill(Download):
                 self.claim.begin(self._temp.path, self.generation)
             await self._fetch()
             self.size = self._temp.size
+            if not self.uncached:
+                events.fetched_blob(self.upstream.name, self.repository, self.digest, self.size)
             log.info("%s blob %s (%d bytes) from %s/%s via %s", "passed through (too big to "
                      "cache)" if self.uncached else "cached", self.digest, self.size,
                      self.upstream.name, self.repository,

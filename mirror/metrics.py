@@ -194,6 +194,21 @@ deletes = Counter("mirror_deletes", "DELETEs done in hosted repositories: manife
 cache_budget = Gauge("mirror_cache_budget_bytes", "max_size (0 when unbounded)",
                      registry=_OWN, multiprocess_mode="livemax")   # the same in every worker
 
+notification_events_sent = Counter("mirror_notification_events_sent", "Events a notification "
+                                   "endpoint took (answered 2xx or 3xx)", ["endpoint"],
+                                   registry=_OWN)
+notification_deliveries_failed = Counter("mirror_notification_deliveries_failed", "POSTs to a "
+                                         "notification endpoint that failed (their events stay "
+                                         "queued and are sent again)", ["endpoint"],
+                                         registry=_OWN)
+notification_events_dropped = Counter("mirror_notification_events_dropped", "Events not queued "
+                                      "for an endpoint because its queue was at queue_limit",
+                                      ["endpoint"], registry=_OWN)
+# Set by the process that delivers (the leader).
+notification_queue_length = Gauge("mirror_notification_queue_length", "Events waiting on disk "
+                                  "for an endpoint", ["endpoint"], registry=_OWN,
+                                  multiprocess_mode="livemax")
+
 upstream_source_bytes = Counter("mirror_upstream_source_bytes", "Bytes of blobs and manifests "
                                 "downloaded from each source of an upstream",
                                 ["upstream", "source"], registry=_OWN)

@@ -41,6 +41,7 @@ from .models import (
     require_acceptable,
     upstream_accept,
 )
+from .notify import events
 from .upstream_group import UpstreamGroup
 
 log = logging.getLogger("mirror.proxy")
@@ -208,6 +209,8 @@ class ProxyStore:
                 if update_tag and not is_digest(reference):
                     await self.local.set_tag(self.name, repository, reference, manifest.digest,
                                              self.tag_ttl)
+                events.fetched(self.name, repository, manifest.digest, manifest.media_type,
+                               manifest.size)
             except (OSError, sqlite3.Error) as exc:
                 # The client still gets the verified manifest; only caching failed.
                 log.error("could not cache manifest %s of %s/%s: %s", manifest.digest,
@@ -221,6 +224,8 @@ class ProxyStore:
                exc: UpstreamUnavailable) -> Manifest:
         metrics.stale(self.name)
         metrics.lookup("manifest", "stale")
+        events.stale(self.name, repository, cached.digest, cached.media_type, cached.size,
+                     "" if is_digest(reference) else reference)
         log.warning("serving stale %s/%s:%s (%s): %s", self.name, repository, reference,
                     cached.digest, exc.message)
         return cached

@@ -39,6 +39,7 @@ from ..models import (
     parse_manifest,
     require_acceptable,
 )
+from ..notify import events
 from . import gc
 from .uploads import Uploads
 
@@ -224,6 +225,7 @@ class HostedStore:
         if not await self.local.refresh_links(HOSTED, repository, [digest], create=True):
             return None         # gone meanwhile (hosted gc): a normal upload follows
         metrics.pushed("blob")
+        events.mounted(repository, digest, size, source)
         return size
 
     async def put_manifest(self, repository: str, reference: str, data: bytes,
@@ -260,6 +262,8 @@ class HostedStore:
         await self.local.put_manifest(HOSTED, repository, Manifest(data, media_type, digest),
                                       refs)
         metrics.pushed("manifest")
+        events.pushed(repository, digest, media_type, len(data),
+                      "" if is_digest(reference) else reference)
         if not is_digest(reference):
             await self.local.set_tag(HOSTED, repository, reference, digest, TAG_TTL)
         if subject is not None:
@@ -289,11 +293,13 @@ class HostedStore:
                     if (row := self.local.tag(HOSTED, repository, t)) is not None
                     and row.digest == info.digest]
             await self.local.unlink(HOSTED, repository, tags, [info.digest])
+            events.deleted(repository, digest=info.digest)
         else:
             if self.local.tag(HOSTED, repository, reference) is None:
                 raise ManifestUnknown(f"manifest unknown: {repository[:200]}:{reference[:200]}",
                                       detail={"reference": reference[:200]})
             await self.local.unlink(HOSTED, repository, [reference])
+            events.deleted(repository, tag=reference)
         metrics.deleted("manifest" if is_digest(reference) else "tag")
 
     async def delete_blob(self, repository: str, digest: str) -> None:
@@ -305,6 +311,7 @@ class HostedStore:
             raise BlobUnknown(f"blob unknown: {digest}", detail={"digest": digest})
         await self.local.unlink(HOSTED, repository, digests=[digest])
         metrics.deleted("blob")
+        events.deleted(repository, digest=digest, kind="blob")
 
 
 def _named(repository: str, reference: str) -> str:

@@ -38,6 +38,7 @@ from ..cache import LocalCache, TempBlob
 from ..config import HostedConfig
 from ..errors import BlobUploadInvalid, BlobUploadUnknown, DigestInvalid, SizeInvalid
 from ..models import HASHES, HOSTED
+from ..notify import events
 
 log = logging.getLogger("mirror.hosted")
 
@@ -254,6 +255,7 @@ class Uploads:
             self.local.release(digest)
             await self.cancel(session)
         metrics.pushed("blob")
+        events.pushed_blob(session.repository, digest, size)
         return size
 
     async def _writer(self, session: Session, algorithm: str = "sha256") -> TempBlob:
