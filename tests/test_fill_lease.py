@@ -177,6 +177,29 @@ def test_release_wakes_a_waiter_through_notify_promptly(pg_dsn):
     run(main())
 
 
+def test_a_waiter_whose_listening_connection_dies_listens_anew(pg_dsn):
+    async def main():
+        a, b = await _migrated(pg_dsn, 2)
+        try:
+            lease = await a.acquire(DIGEST, "a", "http://a", ttl=60)
+            waiting = asyncio.create_task(b.wait(DIGEST, timeout=50))
+            await asyncio.sleep(0.5)
+            pid = b._listener.get_server_pid()
+            async with a.pool.acquire() as conn:
+                assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+            for _ in range(100):                  # it listens again, on a new connection
+                await asyncio.sleep(0.05)
+                if b._listener is not None and not leases_mod._dead(b._listener) \
+                        and b._listener.get_server_pid() != pid:
+                    break
+            assert not waiting.done()
+            await lease.release(committed=True)
+            assert await asyncio.wait_for(waiting, 10) is Waited.RELEASED
+        finally:
+            await _close(a, b)
+    run(main())
+
+
 def test_a_wait_times_out_while_the_owner_heartbeats(pg_dsn):
     async def main():
         a, b = await _migrated(pg_dsn, 2)

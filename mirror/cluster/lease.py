@@ -296,7 +296,7 @@ class Leases:
 
     async def _listen(self) -> None:
         async with self._listening:
-            if self._listener is not None and self._listener.is_closed():
+            if self._listener is not None and _dead(self._listener):
                 await self._drop_listener()
             if self._listener is None:
                 conn = await self.pool.acquire()
@@ -319,10 +319,14 @@ class Leases:
         conn, self._listener = self._listener, None
         if conn is None:
             return
+        if _dead(conn):
+            # The pool let go of it when it died; its proxy may refuse every call.
+            with contextlib.suppress(Exception):
+                await self.pool.release(conn)
+            return
         with contextlib.suppress(Exception):
             conn.remove_termination_listener(self._terminated)
-            if not conn.is_closed():
-                await conn.remove_listener(CHANNEL, self._notified)
+            await conn.remove_listener(CHANNEL, self._notified)
         await self.pool.release(conn)
 
     def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
@@ -334,3 +338,11 @@ class Leases:
         for events in self._waiters.values():
             for event in events:
                 event.set()
+
+
+def _dead(conn: Any) -> bool:
+    """Whether a listening connection is gone (closed, or released by the pool)."""
+    try:
+        return bool(conn.is_closed())
+    except Exception:                # asyncpg's proxy of a connection the pool took back
+        return True
