@@ -252,6 +252,26 @@ def test_a_lost_lease_makes_heartbeat_raise(pg_dsn):
     run(main())
 
 
+def test_a_heartbeat_that_gets_no_answer_past_the_expiry_is_a_lost_lease(pg_dsn):
+    async def main():
+        a, b = await _migrated(pg_dsn, 2)
+        try:
+            lease = await a.acquire(DIGEST, "a", "http://a", ttl=0.9)
+            told: list[LeaseLost] = []
+            lease.keep_alive(lambda: 0, on_lost=told.append)
+            async with b.pool.acquire() as conn:
+                async with conn.transaction():      # the row locked: heartbeats hang
+                    await conn.execute(
+                        "SELECT 1 FROM fill_leases WHERE digest = $1 FOR UPDATE", DIGEST)
+                    await asyncio.sleep(2.0)
+                    assert len(told) == 1, "the owner must know it may have lost the lease"
+            with pytest.raises(LeaseLost):
+                lease.check()
+        finally:
+            await _close(a, b)
+    run(main())
+
+
 def test_migrate_twice_is_a_no_op_and_concurrent_migrations_take_turns(pg_dsn):
     async def main():
         replicas = [await _replica(pg_dsn) for _ in range(4)]

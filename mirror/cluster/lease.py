@@ -135,14 +135,15 @@ class Lease:
     """A grant of the lease on ``digest``, held until released or lost."""
 
     def __init__(self, leases: Leases, digest: str, owner: str, peer_url: str,
-                 token: int, ttl: float) -> None:
+                 token: int, ttl: float, asked: float) -> None:
         self.leases = leases
         self.digest = digest
         self.owner = owner
         self.peer_url = peer_url
         self.token = token
         self.ttl = ttl
-        self._valid_until = time.monotonic() + ttl   # by this process's clock, cautiously
+        # by this process's clock, cautiously: from when the grant was asked for
+        self._valid_until = asked + ttl
         self._lost: LeaseLost | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -184,7 +185,8 @@ class Lease:
         while True:
             await asyncio.sleep(self.ttl / 3)
             try:
-                await self.heartbeat(progress(), size())
+                # a database that does not answer counts as one that fails
+                await asyncio.wait_for(self.heartbeat(progress(), size()), self.ttl / 3)
                 continue
             except LeaseLost:
                 pass
@@ -241,9 +243,11 @@ class Leases:
         _check(digest, owner, peer_url, ttl)
         async with self.pool.acquire() as conn:
             while True:
+                asked = time.monotonic()
                 row = await conn.fetchrow(_ACQUIRE, digest, owner, peer_url, float(ttl))
                 if row is not None:
-                    return Lease(self, digest, owner, peer_url, int(row["token"]), ttl)
+                    return Lease(self, digest, owner, peer_url, int(row["token"]), ttl,
+                                 asked)
                 holder = await conn.fetchrow(_HOLDER, digest)
                 if holder is not None:
                     return Held(holder["owner"], holder["peer_url"])
