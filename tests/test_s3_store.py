@@ -12,8 +12,9 @@ import time
 import httpx
 import pytest
 
-from mirror.errors import BlobUnknown, DigestInvalid
+from mirror.errors import BlobUnknown, CacheUnavailable, DigestInvalid
 from mirror.storage.s3 import S3Config, S3Store
+from tests.support.ports import free_port
 from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, moto, s3_bucket  # noqa: F401
 
 MiB = 1 << 20
@@ -262,3 +263,42 @@ def test_bad_digest_refused_before_any_request(moto, s3_bucket):  # noqa: F811
     asyncio.run(go())
     assert requests_seen() == before
     assert objects(moto, s3_bucket) == {}
+
+
+def test_writer_as_context_manager_aborts_on_error(moto, s3_bucket):  # noqa: F811
+    data = os.urandom(12 * MiB)
+    store = make_store(moto, s3_bucket)
+
+    async def go():
+        with pytest.raises(RuntimeError, match="the upstream broke"):
+            async with await store.writer(digest_of(data)) as writer:
+                await feed(writer, data[:11 * MiB])
+                assert len(uploads(moto, s3_bucket)) == 1
+                raise RuntimeError("the upstream broke")
+        assert uploads(moto, s3_bucket) == []      # aborted on the way out, not at exit
+        assert objects(moto, s3_bucket) == {}
+        async with await store.writer(digest_of(data)) as writer:   # committed: kept
+            await feed(writer, data)
+            await writer.commit()
+
+    asyncio.run(go())
+    assert list(objects(moto, s3_bucket)) == [store.key(digest_of(data))]
+    assert uploads(moto, s3_bucket) == []
+
+
+def test_unreachable_store_is_a_503():
+    store = S3Store(S3Config(bucket="nowhere", endpoint=f"http://127.0.0.1:{free_port()}",
+                             region=REGION, access_key="a", secret_key="b"), part_size=PART)
+    digest = digest_of(b"x")
+
+    async def go():
+        with pytest.raises(CacheUnavailable):
+            await store.exists(digest)
+        writer = await store.writer(digest)
+        await writer.write(b"x")
+        with pytest.raises(CacheUnavailable):
+            await writer.commit()
+
+    started = time.monotonic()
+    asyncio.run(go())
+    assert time.monotonic() - started < 60

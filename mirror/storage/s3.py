@@ -54,7 +54,7 @@ from ..models import HASHES, validate_digest
 if TYPE_CHECKING:
     from hashlib import _Hash
 
-    from obstore.store import ClientConfig
+    from obstore.store import ClientConfig, RetryConfig
 
 log = logging.getLogger("mirror.storage.s3")
 
@@ -72,6 +72,10 @@ QUEUE_CHUNKS = 8             # chunks waiting for obstore, per writer
 # slow client must not be cut at its default 30 s.
 REQUEST_TIMEOUT = timedelta(hours=6)
 CONNECT_TIMEOUT = timedelta(seconds=10)
+# object_store retries a failed request for up to 3 minutes by default; a client waiting
+# on a blob is better served by a 503 sooner (a fill resumes on its own).
+RETRIES = 3
+RETRY_TIMEOUT = timedelta(seconds=20)
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,9 @@ _ABORT = object()
 
 
 class S3Writer:
-    """One blob being written; feed it with ``write``, then ``commit`` or ``abort``."""
+    """One blob being written; feed it with ``write``, then ``commit`` or ``abort``.
+    As an async context manager it aborts on the way out unless committed (an error or
+    a cancellation in the caller leaves nothing behind)."""
 
     def __init__(self, store: S3Store, digest: str, key: str) -> None:
         self._store = store
@@ -112,6 +118,12 @@ class S3Writer:
         self._queue: asyncio.Queue[object] = asyncio.Queue(QUEUE_CHUNKS)
         self._upload: asyncio.Future[Any] | None = None
         self._finished = False
+
+    async def __aenter__(self) -> S3Writer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.abort()
 
     async def write(self, chunk: bytes | bytearray | memoryview) -> None:
         if self._finished:
@@ -243,7 +255,9 @@ class S3Store:
                                           "connect_timeout": CONNECT_TIMEOUT}
         if config.endpoint and config.endpoint.startswith("http://"):
             client_options["allow_http"] = True
-        self.client = _ObjectStore(config.bucket, client_options=client_options, **settings)
+        retry: RetryConfig = {"max_retries": RETRIES, "retry_timeout": RETRY_TIMEOUT}
+        self.client = _ObjectStore(config.bucket, client_options=client_options,
+                                   retry_config=retry, **settings)
 
     def key(self, digest: str) -> str:
         """The object key of ``digest``; raises DigestInvalid on anything but a digest."""
