@@ -302,3 +302,31 @@ def test_unreachable_store_is_a_503():
     started = time.monotonic()
     asyncio.run(go())
     assert time.monotonic() - started < 60
+
+
+def test_cancelled_writer_leaves_nothing(moto, s3_bucket):  # noqa: F811
+    """A fill cancelled mid-stream (its client gone): the writer's ``async with`` aborts
+    the multipart upload on the way out."""
+    data = os.urandom(11 * MiB)
+    store = make_store(moto, s3_bucket)
+    fed = None
+
+    async def fill():
+        async with await store.writer(digest_of(data + b"more")) as writer:
+            await feed(writer, data)
+            fed.set()
+            await asyncio.sleep(60)          # waiting for more upstream bytes
+
+    async def go():
+        nonlocal fed
+        fed = asyncio.Event()
+        task = asyncio.create_task(fill())
+        await fed.wait()
+        assert len(uploads(moto, s3_bucket)) == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert uploads(moto, s3_bucket) == []
+
+    asyncio.run(go())
+    assert objects(moto, s3_bucket) == {}

@@ -170,7 +170,9 @@ class S3Writer:
     async def _settle(self) -> None:
         assert self._upload is not None
         try:
-            await self._upload
+            # shielded: a caller cancelled here must not drop obstore's request halfway
+            # (a completion finishes, verified; an abort still aborts)
+            await asyncio.shield(self._upload)
         except _Stop:
             raise
         except Exception as exc:
@@ -222,7 +224,7 @@ class S3Writer:
             if not put.done():
                 put.cancel()
         try:
-            await self._upload
+            await asyncio.shield(self._upload)
         except _Stop:
             pass
         except Exception as exc:       # the upload had already failed; obstore aborted it
