@@ -29,7 +29,7 @@ registry:2's ``storage.redirect`` does).
 The client is obstore (object_store's Rust S3 client, async, no dependencies),
 chosen over aiobotocore by ``bench/s3_client.py`` (200 MB streamed up in 1 MiB
 chunks as 8 MiB parts, then down, against moto's server on loopback, this
-2-core machine): obstore 0.74 CPU-s/GB up, 0.37 down, 130-151 MB/s up (moto's
+2-core machine): obstore 0.74 CPU-s/GB up, 0.36-0.38 down, 130-151 MB/s up (moto's
 own CPU is the bound); aiobotocore 3.10 1.59-1.71 CPU-s/GB up, 0.23-0.25 down,
 108-112 MB/s up. Uploads are what a fill does while clients wait, and aiobotocore
 pins one botocore release, which fights with anything else that uses boto3.
