@@ -23,6 +23,16 @@ from typing import Any
 import yaml
 
 from .config_notify import EndpointConfig, NotificationsConfig, _notifications
+from .config_scale import (
+    ClusterConfig,
+    IndexConfig,
+    PostgresConfig,
+    S3Config,
+    StorageConfig,
+    _cluster,
+    _index,
+    _storage,
+)
 from .config_sections import (
     _AUTH_KEYS,
     _HOSTED_KEYS,
@@ -63,8 +73,9 @@ from .config_values import (
     parse_url,
 )
 
-__all__ = ["DOCKER_HUB", "DOCKER_HUB_URL", "AclRule", "AuthConfig", "Config", "ConfigError",
-           "EndpointConfig", "HostedConfig", "LimitsConfig", "NotificationsConfig",
+__all__ = ["DOCKER_HUB", "DOCKER_HUB_URL", "AclRule", "AuthConfig", "ClusterConfig", "Config",
+           "ConfigError", "EndpointConfig", "HostedConfig", "IndexConfig", "PostgresConfig",
+           "S3Config", "StorageConfig", "LimitsConfig", "NotificationsConfig",
            "TlsConfig", "UiConfig", "UpstreamConfig", "describe", "env_name",
            "env_settings", "format_duration", "format_size", "load_config", "parse_duration",
            "parse_fraction", "parse_listen", "parse_public_url", "parse_size", "parse_url"]
@@ -94,6 +105,9 @@ class Config:
     hosted: HostedConfig | None = None  # None: no push, every write answers 405
     ui: UiConfig = UiConfig()         # the web page's actions (web/session.py)
     notifications: NotificationsConfig = NotificationsConfig()   # webhooks (mirror/notify/)
+    storage: StorageConfig = StorageConfig()   # blobs: data_dir/blobs, or S3 (config_scale.py)
+    index: IndexConfig = IndexConfig()         # SQLite in data_dir, or PostgreSQL
+    cluster: ClusterConfig = ClusterConfig()   # replicas sharing one PostgreSQL index
 
     @property
     def listen(self) -> str:
@@ -116,7 +130,7 @@ def default_workers() -> int:
 _TOP_KEYS = {"listen", "data_dir", "max_size", "default", "upstreams", "log_level", "offline",
              "high_watermark", "low_watermark", "expire_unused", "access_log", "tls", "auth",
              "public_url", "limits", "log_format", "shutdown_grace", "hosted", "workers",
-             "ui", "notifications"}
+             "ui", "notifications", "storage", "index", "cluster"}
 
 
 _LOG_LEVELS = {"critical", "error", "warning", "info", "debug"}
@@ -328,6 +342,12 @@ def _build(raw: dict, resolve: Callable[[str, str], Path]) -> Config:
         kwargs["ui"] = _ui(raw["ui"])
     if raw.get("notifications") is not None:
         kwargs["notifications"] = _notifications(raw["notifications"])
+    if raw.get("storage") is not None:
+        kwargs["storage"] = _storage(raw["storage"])
+    if raw.get("index") is not None:
+        kwargs["index"] = _index(raw["index"])
+    if raw.get("cluster") is not None:
+        kwargs["cluster"] = _cluster(raw["cluster"])
     if "access_log" in raw:
         kwargs["access_log"] = _bool("access_log", raw["access_log"])
     if "log_level" in raw:
@@ -448,6 +468,15 @@ def describe(config: Config, mask: bool = True) -> dict:
                        "actions": sorted(e.ignored_actions)},
             "disabled": e.disabled, "queue_limit": e.queue_limit}
             for e in config.notifications.endpoints]},
+        "storage": {"s3": None if (s3 := config.storage.s3) is None else {
+            "endpoint": s3.endpoint, "bucket": s3.bucket, "region": s3.region,
+            "prefix": s3.prefix, "access_key": s3.access_key,
+            "secret_key": SECRET if mask and s3.secret_key is not None else s3.secret_key,
+            "redirect": s3.redirect}},
+        "index": {"postgres": None if (pg := config.index.postgres) is None else {
+            "dsn": pg.safe_dsn if mask else pg.dsn}},
+        "cluster": {"advertise": config.cluster.advertise,
+                    "lease_ttl": format_duration(config.cluster.lease_ttl)},
     }
     if config.auth is not None:
         a = config.auth

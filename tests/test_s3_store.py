@@ -12,8 +12,9 @@ import time
 import httpx
 import pytest
 
+from mirror.config import S3Config
 from mirror.errors import BlobUnknown, CacheUnavailable, DigestInvalid
-from mirror.storage.s3 import S3Config, S3Store
+from mirror.storage.s3 import S3Store
 from tests.support.ports import free_port
 from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, moto, s3_bucket  # noqa: F401
 

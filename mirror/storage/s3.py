@@ -40,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +48,7 @@ import obstore
 from obstore.exceptions import AlreadyExistsError, NotFoundError, PreconditionError
 from obstore.store import S3Store as _ObjectStore
 
+from ..config_scale import S3Config
 from ..errors import BlobUnknown, CacheUnavailable, DigestInvalid
 from ..models import HASHES, validate_digest
 
@@ -76,21 +77,6 @@ CONNECT_TIMEOUT = timedelta(seconds=10)
 # on a blob is better served by a 503 sooner (a fill resumes on its own).
 RETRIES = 3
 RETRY_TIMEOUT = timedelta(seconds=20)
-
-
-@dataclass(frozen=True)
-class S3Config:
-    """``storage: {s3: {...}}``. Unset credentials and region come from the usual AWS
-    environment variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN,
-    AWS_REGION / AWS_DEFAULT_REGION, AWS_ENDPOINT_URL)."""
-
-    bucket: str
-    endpoint: str | None = None        # http(s)://host:port of a non-AWS store
-    region: str | None = None
-    prefix: str = ""                   # key prefix inside the bucket, e.g. "mirror/"
-    access_key: str | None = None
-    secret_key: str | None = None
-    redirect: bool = False             # blob GETs answered with a 307 to a presigned URL
 
 
 class _Stop(Exception):
