@@ -170,7 +170,9 @@ def test_dockerfile_installs_dependencies_before_copying_the_source():
     code = words[words.index("-c") + 1]
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout
-    assert out.split("\n")[:-1] == pyproject()["project"]["dependencies"]
+    project = pyproject()["project"]
+    extras = project["optional-dependencies"]
+    assert out.split("\n")[:-1] == project["dependencies"] + extras["s3"] + extras["postgres"]
 
 
 def test_dockerignore_keeps_out_the_data_and_keeps_in_what_is_copied():
