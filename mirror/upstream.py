@@ -37,7 +37,7 @@ import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from urllib.parse import urljoin
+from urllib.parse import quote, urljoin
 
 import httpx
 
@@ -84,6 +84,10 @@ class Upstream:
         self._origin = origin(config.url)
         self._http = UpstreamClient(config, client, mirror)
         self._health = self._http.health
+        # A mirror (accelerator) is told which registry is meant, as containerd tells
+        # its mirrors: ``?ns=<upstream name>``. Registries ignore it; another mirror
+        # (a regional one in front of several registries) routes by it.
+        self._query = f"?ns={quote(config.name, safe='.:-_')}" if mirror else ""
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -191,7 +195,8 @@ class Upstream:
                                           lambda: self._tags(repository))
 
     async def _tags(self, repository: str) -> list[str]:
-        url = self._url(repository, "tags", "list") + "?n=1000"
+        url = self._url(repository, "tags", "list")
+        url += ("&" if self._query else "?") + "n=1000"
         tags: list[str] = []
         for _ in range(TAG_PAGES):
             resp = await self._http.request("GET", url, repository,
@@ -274,7 +279,7 @@ class Upstream:
 
     def _url(self, repository: str, kind: str, reference: str) -> str:
         # repository and reference are validated by models before they get here.
-        return f"{self.config.url}/v2/{repository}/{kind}/{reference}"
+        return f"{self.config.url}/v2/{repository}/{kind}/{reference}{self._query}"
 
     @staticmethod
     def _accept_headers(accept: list[str]) -> list[tuple[str, str]]:
