@@ -1,0 +1,192 @@
+"""The site's leader (mirror/cluster/leader.py) against a real PostgreSQL.
+
+Each candidate is a ``PgLeadership`` with its own connection on one database made fresh
+for each test, checking every ``PERIOD`` seconds (the server's default is 2 s); one runs
+in a separate process to be killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+
+from mirror.cluster import leader as leader_mod
+from mirror.cluster.leader import Leadership, PgLeadership
+from mirror.config import load_config
+from tests.support import postgres as _postgres
+from tests.support.ports import free_port
+
+# the fixtures this module uses (tests/support/postgres.py)
+postgres, pg_dsn = _postgres.postgres, _postgres.pg_dsn
+
+PERIOD = 0.1
+BOUND = 3.0          # seconds a takeover may take here (a few periods, on a loaded machine)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def until(predicate, timeout: float = BOUND) -> float:
+    """Seconds until ``predicate()`` held; fails after ``timeout``."""
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout, "not within the bound"
+        await asyncio.sleep(0.01)
+    return time.monotonic() - start
+
+
+async def lock_holders(dsn: str) -> list[int]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND "
+            "((classid::bigint << 32) | objid::bigint) = $1", leader_mod.LOCK_KEY)
+        return [r["pid"] for r in rows]
+    finally:
+        await conn.close()
+
+
+def test_of_two_candidates_exactly_one_leads_and_a_clean_stop_hands_over(pg_dsn):
+    async def main():
+        a = PgLeadership(pg_dsn, period=PERIOD)
+        b = PgLeadership(pg_dsn, period=PERIOD)
+        await a.start()
+        await b.start()
+        try:
+            assert (a.held, b.held) == (True, False)      # a tried first
+            await asyncio.sleep(5 * PERIOD)               # b keeps trying, in vain
+            assert (a.held, b.held) == (True, False)
+            assert await lock_holders(pg_dsn) == [a.pid]
+            await a.stop()
+            assert not a.held
+            took = await until(lambda: b.held)
+            assert took < BOUND
+            assert await lock_holders(pg_dsn) == [b.pid]
+        finally:
+            await a.stop()
+            await b.stop()
+        assert await lock_holders(pg_dsn) == []
+    run(main())
+
+
+def test_a_leader_whose_session_is_terminated_steps_down_and_the_other_takes_over(pg_dsn):
+    async def main():
+        a = PgLeadership(pg_dsn, period=PERIOD)
+        b = PgLeadership(pg_dsn, period=PERIOD)
+        await a.start()
+        await b.start()
+        admin = await asyncpg.connect(pg_dsn)
+        try:
+            assert a.held and not b.held
+            changed = asyncio.ensure_future(a.changed())
+            old = a.pid
+            assert await admin.fetchval("SELECT pg_terminate_backend($1)", old)
+            t0 = time.monotonic()
+            assert await asyncio.wait_for(changed, BOUND) is False
+            stepped_down = time.monotonic() - t0
+            took = await until(lambda: b.held)
+            assert not a.held                 # it sits out HOLD_OFF periods first
+            assert await lock_holders(pg_dsn) == [b.pid]
+            assert stepped_down < 2 * PERIOD + 1, stepped_down
+            assert took < BOUND
+            # a competes again, in vain, and leads once b is gone
+            await asyncio.sleep((leader_mod.HOLD_OFF + 3) * PERIOD)
+            assert (a.held, b.held) == (False, True)
+            await b.stop()
+            await until(lambda: a.held)
+            assert await lock_holders(pg_dsn) == [a.pid] and a.pid != old
+        finally:
+            await admin.close()
+            await a.stop()
+            await b.stop()
+    run(main())
+
+
+CANDIDATE = """
+import asyncio, sys
+from mirror.cluster.leader import PgLeadership
+
+async def main():
+    me = PgLeadership(sys.argv[1], period=float(sys.argv[2]))
+    await me.start()
+    while not me.held:
+        await me.changed()
+    print("held", me.pid, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def test_a_killed_leader_process_is_replaced_within_the_bound(pg_dsn):
+    """SIGKILL: no stop, no close; the kernel closes the socket and PostgreSQL ends the
+    session (and its lock) at once; the other candidate takes it at its next try."""
+    proc = subprocess.Popen([sys.executable, "-c", CANDIDATE, pg_dsn, str(PERIOD)],
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("held "), line
+
+        async def main():
+            other = PgLeadership(pg_dsn, period=PERIOD)
+            await other.start()
+            try:
+                await asyncio.sleep(3 * PERIOD)
+                assert not other.held
+                assert await lock_holders(pg_dsn) == [int(line.split()[1])]
+                os.kill(proc.pid, signal.SIGKILL)
+                took = await until(lambda: other.held)
+                assert await lock_holders(pg_dsn) == [other.pid]
+                return took
+            finally:
+                await other.stop()
+        took = run(main())
+        assert took < BOUND, took
+        print(f"takeover after SIGKILL: {took:.3f}s (period {PERIOD}s)")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_unreachable_postgresql_is_not_fatal_and_leads_once_reachable(postgres, pg_dsn,
+                                                                       caplog):
+    """A candidate whose PostgreSQL cannot be reached serves without leading, says so
+    once, and leads once it can connect."""
+    async def main():
+        nobody = f"postgresql://mirror@127.0.0.1:{free_port()}/x"
+        lost = PgLeadership(nobody, period=PERIOD, timeout=1.0)
+        await lost.start()
+        try:
+            await asyncio.sleep(5 * PERIOD)
+            assert not lost.held
+            lost.dsn = pg_dsn             # the database is back (here: found)
+            await until(lambda: lost.held)
+        finally:
+            await lost.stop()
+    with caplog.at_level("INFO", logger="mirror.cluster"):
+        run(main())
+    text = caplog.text
+    assert text.count("cannot compete for the site's leadership") == 1, text
+    assert "reached" in text and "leader: this replica" in text
+
+
+def test_outside_cluster_mode_leadership_is_the_role_and_fixed(tmp_path):
+    plain = load_config(None, environ={}, data_dir=str(tmp_path))
+    assert Leadership.of(plain, True).held is True
+    assert Leadership.of(plain, False).held is False
+    assert type(Leadership.of(plain, True)) is Leadership
+    (tmp_path / "c.yml").write_text("index: {postgres: {dsn: 'postgresql://m@127.0.0.1/m'}}\n")
+    clustered = load_config(tmp_path / "c.yml", environ={}, data_dir=str(tmp_path))
+    assert isinstance(Leadership.of(clustered, True), PgLeadership)
+    other_worker = Leadership.of(clustered, False)
+    assert type(other_worker) is Leadership and not other_worker.held
