@@ -190,3 +190,54 @@ def test_outside_cluster_mode_leadership_is_the_role_and_fixed(tmp_path):
     assert isinstance(Leadership.of(clustered, True), PgLeadership)
     other_worker = Leadership.of(clustered, False)
     assert type(other_worker) is Leadership and not other_worker.held
+
+
+# -- a chore that follows the leader: hosted gc ---------------------------------------------
+
+
+async def _garbage(cache, data: bytes) -> str:
+    """A blob pushed to a hosted repository and never referenced: hosted gc's garbage."""
+    from mirror.models import HOSTED
+    from tests.test_cache_totals import add_blob
+    digest = await add_blob(cache, data)
+    await cache.link(HOSTED, "team/app", [digest])
+    return digest
+
+
+def test_hosted_gc_runs_on_the_leader_only_and_moves_with_it(pg_dsn, tmp_path):
+    """Two replicas (their own data directories), each with hosted gc every 0.2 s and no
+    grace: only the leader's collects; once it stops, the other leads and collects."""
+    from mirror.cache import LocalCache
+    from mirror.config import HostedConfig
+    from mirror.hosted.store import HostedStore
+    from mirror.models import HOSTED
+
+    async def replica(name: str):
+        cache = await LocalCache.open(tmp_path / name)
+        hosted = HostedStore(cache, HostedConfig(repositories=("*",), gc_grace=0,
+                                                 gc_interval=0.2))
+        leadership = PgLeadership(pg_dsn, period=PERIOD)
+        await leadership.start()
+        await hosted.open(leader=True, leading=lambda: leadership.held)
+        return cache, hosted, leadership
+
+    async def main():
+        a_cache, a_hosted, a = await replica("a")
+        b_cache, b_hosted, b = await replica("b")
+        try:
+            assert a.held and not b.held
+            a_blob = await _garbage(a_cache, b"a's garbage")
+            b_blob = await _garbage(b_cache, b"b's garbage")
+            await until(lambda: not a_cache.linked(HOSTED, "team/app", a_blob))
+            await asyncio.sleep(1.0)                     # five of b's gc periods
+            assert b_cache.linked(HOSTED, "team/app", b_blob)
+            await a.stop()
+            await until(lambda: b.held)
+            await until(lambda: not b_cache.linked(HOSTED, "team/app", b_blob))
+            assert b_cache.blob_size(b_blob) is None
+        finally:
+            for hosted, leadership, cache in ((a_hosted, a, a_cache), (b_hosted, b, b_cache)):
+                await hosted.aclose()
+                await leadership.stop()
+                await cache.close()
+    run(main())
