@@ -100,3 +100,32 @@ def test_only_the_leader_evicts_and_a_killed_leader_is_replaced(replica, upstrea
     wait_for(lambda: evictions(b) > 0, 15, b.log_text()[-3000:])
     on_disk = sum(p.stat().st_size for p in (b.data_dir / "blobs").rglob("*") if p.is_file())
     assert on_disk <= 4 * MiB * 0.9 + MiB, on_disk
+
+
+def test_a_follower_delivers_its_own_notifications(make_mirror, upstream, pg_dsn, tmp_path):
+    """Each replica's queue is in its own data directory: its worker 0 sends it whoever
+    leads the site, so an event seen by a follower is not lost (delivery is per replica,
+    in order per replica)."""
+    from tests.test_notifications import Receiver, endpoint
+
+    receiver = Receiver().up()
+    try:
+        config = {"upstreams": {"docker.io": {"url": upstream.url}},
+                  "index": {"postgres": {"dsn": pg_dsn}},
+                  "notifications": {"endpoints": [endpoint(receiver)]}}
+        a = make_mirror(config)
+        b = make_mirror(config)
+        assert (leads(a), leads(b)) == (1.0, 0.0)
+        blobs = fresh_blobs(tmp_path, upstream, 2, "n")
+        pull(b, blobs)
+        deadline = time.monotonic() + 20
+        while True:
+            fetched = [e["target"]["digest"] for e in receiver.events()
+                       if e["action"] == "mirror.fetch"
+                       and e["source"]["addr"].endswith(f":{b.port}")]
+            if fetched == [blob.digest for blob in blobs]:
+                break
+            assert time.monotonic() < deadline, receiver.events()
+            time.sleep(0.05)
+    finally:
+        receiver.down()
