@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import time
 
 import httpx
@@ -129,3 +130,40 @@ def test_a_follower_delivers_its_own_notifications(make_mirror, upstream, pg_dsn
             time.sleep(0.05)
     finally:
         receiver.down()
+
+
+def test_only_worker_0_of_each_replica_competes_and_its_replacement_competes_again(
+        make_mirror, upstream, pg_dsn):
+    """``workers: 2``: one leadership connection per replica (worker 0's); SIGKILL of the
+    leading worker 0 (its supervisor replaces it): the site has one leader again soon,
+    and the replacement competes again."""
+    import asyncio
+
+    import asyncpg
+
+    from tests.test_workers import all_ready
+
+    def connections() -> int:
+        async def count() -> int:
+            conn = await asyncpg.connect(pg_dsn)
+            try:
+                return await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE "
+                                           "application_name = 'mirror leadership'")
+            finally:
+                await conn.close()
+        return asyncio.run(count())
+
+    config = {"workers": 2, "upstreams": {"docker.io": {"url": upstream.url}},
+              "index": {"postgres": {"dsn": pg_dsn}}}
+    a = all_ready(make_mirror(config))
+    b = all_ready(make_mirror(config))
+    assert connections() == 2
+    for _ in range(4):               # whichever worker answers /metrics: the same answer
+        assert (leads(a), leads(b)) == (1.0, 0.0)
+    found = re.findall(r"leader: this replica \(pid (\d+)\)", a.log_text())
+    assert len(found) == 1, a.log_text()[-3000:]
+    os.kill(int(found[0]), signal.SIGKILL)
+    wait_for(lambda: re.search(r"worker 0 \(pid \d+\) was killed by SIGKILL", a.log_text()),
+             15, a.log_text()[-3000:])
+    wait_for(lambda: sorted([leads(a), leads(b)]) == [0.0, 1.0] and connections() == 2, 20,
+             (a.log_text()[-2000:], b.log_text()[-2000:]))
