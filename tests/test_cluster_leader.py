@@ -241,3 +241,75 @@ def test_hosted_gc_runs_on_the_leader_only_and_moves_with_it(pg_dsn, tmp_path):
                 await leadership.stop()
                 await cache.close()
     run(main())
+
+
+# -- a leader cut off from PostgreSQL (no FIN, no RST: the link just stops) -----------------
+
+
+class Link:
+    """A TCP relay on 127.0.0.1 to PostgreSQL that can ``freeze`` (stop relaying, keep
+    every socket open: what a partition looks like to both ends) and ``cut``."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.frozen = asyncio.Event()
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.base_events.Server | None = None
+        self.port = 0
+
+    async def start(self) -> Link:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _client(self, reader, writer) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self.writers += [writer, up_writer]
+
+        async def pump(src, dst) -> None:
+            while not self.frozen.is_set():
+                data = await src.read(65536)
+                if not data or self.frozen.is_set():
+                    return
+                dst.write(data)
+                await dst.drain()
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer),
+                             return_exceptions=True)
+        if not self.frozen.is_set():
+            for w in (writer, up_writer):
+                w.close()
+
+    def cut(self) -> None:
+        for w in self.writers:
+            w.close()
+        if self.server is not None:
+            self.server.close()
+
+
+def test_a_leader_cut_off_from_postgresql_steps_down_within_period_and_timeout(postgres,
+                                                                               pg_dsn):
+    """Its check hangs: it stops leading after at most a period and its timeout, though
+    its session (and lock) live on at the server until the link goes; then the other
+    candidate takes over."""
+    async def main():
+        link = await Link(postgres.host, postgres.port).start()
+        via_link = pg_dsn.replace(f":{postgres.port}/", f":{link.port}/")
+        a = PgLeadership(via_link, period=PERIOD, timeout=0.5)
+        b = PgLeadership(pg_dsn, period=PERIOD)
+        await a.start()
+        await b.start()
+        try:
+            assert a.held and not b.held
+            assert await a._conn.fetchval("SHOW tcp_keepalives_idle") == "5"
+            link.frozen.set()
+            stepped_down = await until(lambda: not a.held)
+            assert stepped_down < PERIOD + 0.5 + 1.0, stepped_down
+            assert not b.held                  # the server still has a's session
+            link.cut()                         # what the server's keepalives would do
+            await until(lambda: b.held)
+            assert not a.held
+        finally:
+            link.cut()
+            await a.stop()
+            await b.stop()
+    run(main())
