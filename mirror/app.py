@@ -120,8 +120,9 @@ class Mirror:
             raise StartupError(f"{status.dir}: cannot write the upstream status: "
                                f"{exc.strerror or exc}") from None
         upstream_status.recorder = status
-        # Site-wide chores (eviction, pruning, hosted gc) follow the site's leader; the
-        # per-machine ones (checkpoints, the upload sweep, notifications) stay role.leader's.
+        # Site-wide chores (eviction, pruning, hosted gc) follow the site's leader; those on
+        # this data directory (checkpoints, tmp/, the upload sweep, notification queues, the
+        # status files) stay role.leader's.
         leadership = Leadership.of(config, role.leader)
         await leadership.start()
         evictor = Evictor(local, Budget.of(config), enforce=role.leader,

@@ -313,3 +313,62 @@ def test_a_leader_cut_off_from_postgresql_steps_down_within_period_and_timeout(p
             await a.stop()
             await b.stop()
     run(main())
+
+
+# -- a chore that follows the leader: pruning the change log --------------------------------
+
+
+def test_the_change_log_is_pruned_by_the_leader_only_and_then_by_its_successor(pg_dsn,
+                                                                               tmp_path):
+    """Two replicas' caches, each with its evictor (no budget: it only prunes): the
+    leader's change log loses its rows older than CHANGES_KEPT, the follower's keeps
+    them until it leads."""
+    import sqlite3
+
+    from mirror.cache import LocalCache
+    from mirror.evict import Budget, Evictor
+    from tests.test_cache_totals import add_blob
+
+    def old_changes(name: str) -> int:
+        db = sqlite3.connect(tmp_path / name / "index.db")
+        try:
+            return db.execute("SELECT count(*) FROM changes WHERE at < ?",
+                              (time.time() - 3000,)).fetchone()[0]
+        finally:
+            db.close()
+
+    def age_changes(name: str) -> None:
+        db = sqlite3.connect(tmp_path / name / "index.db", timeout=10)
+        try:
+            with db:
+                db.execute("UPDATE changes SET at = at - 3600")
+        finally:
+            db.close()
+
+    async def replica(name: str):
+        cache = await LocalCache.open(tmp_path / name)
+        await add_blob(cache, f"{name}'s blob".encode())
+        await asyncio.to_thread(age_changes, name)
+        leadership = PgLeadership(pg_dsn, period=PERIOD)
+        await leadership.start()
+        evictor = Evictor(cache, Budget(None), leading=lambda: leadership.held)
+        evictor.start()
+        return cache, evictor, leadership
+
+    async def main():
+        a_cache, a_evictor, a = await replica("a")
+        b_cache, b_evictor, b = await replica("b")
+        try:
+            assert a.held and not b.held
+            await until(lambda: old_changes("a") == 0)
+            await asyncio.sleep(1.5)                 # the evictor looks each second
+            assert old_changes("b") > 0
+            await a.stop()
+            await until(lambda: b.held)
+            await until(lambda: old_changes("b") == 0)
+        finally:
+            for evictor, leadership, cache in ((a_evictor, a, a_cache), (b_evictor, b, b_cache)):
+                await evictor.stop()
+                await leadership.stop()
+                await cache.close()
+    run(main())
