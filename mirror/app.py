@@ -25,6 +25,7 @@ from .api import EXCEPTION_HANDLERS, ROUTES, APIVersionHeader, Registry
 from .auth import Guard
 from .cache import CannotOpen, LocalCache
 from .catalog import Catalog
+from .cluster.leader import Leadership
 from .config import Config
 from .evict import Budget, Evictor
 from .hosted.store import HostedStore
@@ -52,7 +53,8 @@ class Role:
     """This process's part in the server (workers.py). ``prepare``: clear ``tmp/``,
     reconcile the index with the files and write a new local token at start-up (one
     process, or the first start of worker 0). ``leader``: run the chores that must run
-    once per data directory: eviction, hosted gc, the upload sweep, index checkpoints.
+    once per data directory: eviction, hosted gc, the upload sweep, index checkpoints
+    (with several replicas, a candidate for leading the site's chores: cluster/leader.py).
     ``worker``: the worker's number, None when the server is one process."""
 
     prepare: bool = True
@@ -118,15 +120,20 @@ class Mirror:
             raise StartupError(f"{status.dir}: cannot write the upstream status: "
                                f"{exc.strerror or exc}") from None
         upstream_status.recorder = status
+        # Site-wide chores (eviction, pruning, hosted gc) follow the site's leader; those on
+        # this data directory (checkpoints, tmp/, the upload sweep, notification queues, the
+        # status files) stay role.leader's.
+        leadership = Leadership.of(config, role.leader)
+        await leadership.start()
         evictor = Evictor(local, Budget.of(config), enforce=role.leader,
-                          follow=role.worker is not None)
+                          follow=role.worker is not None, leading=lambda: leadership.held)
         evictor.start()
         sources: dict[str, Source] = {name: ProxyStore(local, UpstreamGroup(up), up.tag_ttl,
                                                       up.offline)
                    for name, up in config.upstreams.items()}
         hosted = HostedStore(local, config.hosted) if config.hosted is not None else None
         if hosted is not None:
-            await hosted.open(leader=role.leader)
+            await hosted.open(leader=role.leader, leading=lambda: leadership.held)
             sources[HOSTED] = hosted
         guard = self.guard = Guard(config.auth, router, local.data_dir, config.public_url,
                                    local_token) if config.auth else None
@@ -154,6 +161,7 @@ class Mirror:
             await evictor.stop()
             for source in sources.values():
                 await source.aclose()
+            await leadership.stop()
             events.sink = None
             await notifier.stop()
             if upstream_status.recorder is status:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import metrics
@@ -129,14 +130,22 @@ async def apply(cache: LocalCache, removal: Plan) -> None:
 
 class Evictor:
     """The server's background eviction: rung by the cache when it grows, and every
-    ``interval`` seconds for unused expiry."""
+    ``interval`` seconds for unused expiry.
+
+    ``enforce``: this process may evict (worker 0, or the only process); the others only
+    resync. ``leading``, with several replicas (mirror/cluster/leader.py): whether this
+    process leads the site now, asked before every run; eviction and the pruning of the
+    change log and hourly counters happen only while it does, and a process that has
+    just become the leader takes a first look at once."""
 
     def __init__(self, cache: LocalCache, budget: Budget, interval: float = 60.0,
-                 enforce: bool = True, follow: bool = False) -> None:
+                 enforce: bool = True, follow: bool = False, *,
+                 leading: Callable[[], bool] | None = None) -> None:
         self.cache = cache
         self.budget = budget
         self.enforce = enforce          # False: a worker that is not the leader only resyncs
         self.follow = follow            # one of several workers: apply the others' changes
+        self._leading = leading
         self._pruned = 0.0
         self.interval = interval
         self.evicted = 0
@@ -166,14 +175,19 @@ class Evictor:
         used = self.cache.cached_size + self.cache.reserved
         return b.max_size is not None and used > b.high * b.max_size
 
+    @property
+    def leading(self) -> bool:
+        """Whether this process runs the chores now."""
+        return self.enforce and (self._leading is None or self._leading())
+
     def poke(self) -> None:
-        if self.over():
+        if self.leading and self.over():
             self._wake.set()
 
     async def make_room(self) -> None:
         """Called by a fill that has reserved its size: evict first if that crossed the
         high watermark, so the data directory stays inside the budget."""
-        if self.over():
+        if self.leading and self.over():
             try:
                 await self.run_once()
             except Exception:
@@ -201,6 +215,7 @@ class Evictor:
         """Each second: pick up changes `mirror gc`/`pin` made to the index; evict when
         rung, and every ``interval`` seconds for unused expiry."""
         last_run = 0.0
+        led = False
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), RESYNC_INTERVAL)
@@ -208,17 +223,21 @@ class Evictor:
                 pass
             woken = self._wake.is_set()
             self._wake.clear()
+            leading = self.leading
+            if leading and not led:
+                woken = True              # just became the leader: a first look
+            led = leading
             try:
                 if self.follow:
                     await self.cache.follow_changes()
-                if self.enforce and time.monotonic() - self._pruned >= CHANGES_KEPT / 10:
+                if leading and time.monotonic() - self._pruned >= CHANGES_KEPT / 10:
                     self._pruned = time.monotonic()
                     await self.cache.index.prune_changes(time.time() - CHANGES_KEPT)
                     await self.cache.index.prune_hourly(time.time() - HOURLY_KEPT)
                 if "pins" in await self.cache.resync_if_changed():
                     woken = True          # an unpin may have made something evictable
                 due = woken or time.monotonic() - last_run >= self.interval
-                if self.enforce and self.budget.active and due:
+                if leading and self.budget.active and due:
                     last_run = time.monotonic()
                     await self.run_once()
             except Exception:        # eviction must never take the server down

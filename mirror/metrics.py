@@ -193,6 +193,10 @@ deletes = Counter("mirror_deletes", "DELETEs done in hosted repositories: manife
                   ["kind"], registry=_OWN)
 cache_budget = Gauge("mirror_cache_budget_bytes", "max_size (0 when unbounded)",
                      registry=_OWN, multiprocess_mode="livemax")   # the same in every worker
+# Set by mirror/cluster/leader.py: 1 in the process that runs the site's chores.
+cluster_leader = Gauge("mirror_cluster_leader", "1 while this replica leads the site's chores "
+                       "(eviction, hosted gc, pruning), else 0", registry=_OWN,
+                       multiprocess_mode="livemax")
 
 notification_events_sent = Counter("mirror_notification_events_sent", "Events a notification "
                                    "endpoint took (answered 2xx or 3xx)", ["endpoint"],

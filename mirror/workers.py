@@ -13,7 +13,9 @@ uvicorn on the shared socket; the kernel hands each new connection to one of the
 - **Worker 0 starts first and alone:** it clears ``tmp/``, reconciles the index with
   the files and writes the local token (what one server does at start-up), and it is
   the leader: the evictor, hosted gc, the upload sweep and index checkpoints run there
-  only. The others start once it is ready and only serve.
+  only. The others start once it is ready and only serve. (Several replicas sharing
+  PostgreSQL: worker 0 of each is its replica's candidate for leading the site's
+  eviction, hosted gc and pruning; mirror/cluster/leader.py.)
 - **A worker that dies is replaced** (same index, so a dead leader's successor leads;
   it does not prepare again, since the others' downloads are in ``tmp/``): its temp
   files are removed and a line says how it ended. A worker that fails before it is

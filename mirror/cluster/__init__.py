@@ -1,3 +1,5 @@
 """What several replicas of one site share through PostgreSQL (asyncpg): the schema's
-migrations and the site-wide fill lease per digest. Imports only the standard library,
-asyncpg and mirror.models; nothing here is wired into the server yet (issue 16)."""
+migrations, the site-wide fill lease per digest and the site's leader (leader.py, which
+app.py asks who runs the site's chores). Imports only the standard library, asyncpg
+(lazily where the default path imports the module), mirror.models, mirror.metrics and
+mirror.config."""

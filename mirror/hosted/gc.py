@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from ..cache import LocalCache
 from ..index import HostedSweep
@@ -37,10 +38,14 @@ async def collect(cache: LocalCache, grace: float, delete_untagged: bool = False
     return swept
 
 
-async def schedule(cache: LocalCache, interval: float, grace: float) -> None:
-    """The server's periodic collection (never ``delete_untagged``)."""
+async def schedule(cache: LocalCache, interval: float, grace: float, *,
+                   leading: Callable[[], bool] | None = None) -> None:
+    """The server's periodic collection (never ``delete_untagged``); with several
+    replicas, only while ``leading()`` (this process leads the site, asked each time)."""
     while True:
         await asyncio.sleep(interval)
+        if leading is not None and not leading():
+            continue
         try:
             swept = await collect(cache, grace)
             if swept.links:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,9 +93,12 @@ class HostedStore:
         self._gc: asyncio.Task[None] | None = None
         self._sweep: asyncio.Task[None] | None = None
 
-    async def open(self, leader: bool = True) -> None:
+    async def open(self, leader: bool = True, *,
+                   leading: Callable[[], bool] | None = None) -> None:
         """Start serving; the ``leader`` (the only process, or worker 0 of several) also
-        sweeps and collects in the background."""
+        sweeps the upload sessions (they live in this data directory) and collects in the
+        background; with several replicas, it collects only while ``leading()`` (it leads
+        the site: mirror/cluster/leader.py)."""
         await self.uploads.open(sweep=leader)
         if not leader:
             return
@@ -102,7 +106,8 @@ class HostedStore:
             await self._record_referrers()
         if self.config.gc_interval is not None:
             self._gc = asyncio.create_task(
-                gc.schedule(self.local, self.config.gc_interval, self.config.gc_grace),
+                gc.schedule(self.local, self.config.gc_interval, self.config.gc_grace,
+                            leading=leading),
                 name="hosted-gc")
         self._sweep = asyncio.create_task(self.uploads.schedule(self.sweep_interval),
                                           name="hosted-upload-sweep")

@@ -14,6 +14,10 @@
   A failure is retried: after ``threshold`` consecutive failures the sender waits
   ``backoff``, doubling at each further round, up to ``MAX_BACKOFF``. Events are thus
   delivered at least once: a POST cut short by a stop is sent again after the restart.
+- Several replicas (cluster mode): each replica's queues are in its own data directory,
+  so each replica's worker 0 sends its own, whichever replica leads the site's chores
+  (mirror/cluster/leader.py): delivery is per replica, in order per replica, and an
+  event a follower saw is never lost waiting for a leader that cannot read its queue.
 
 The webhook client is an httpx client of its own (no redirects, the endpoint's
 ``timeout``, its ``headers``); it has nothing to do with the upstreams'.
