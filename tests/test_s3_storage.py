@@ -6,12 +6,16 @@ real clients follow; deletes delete objects; a restart with nothing but the inde
 the data directory serves from the bucket; an unusable store is a one-line start-up
 error."""
 
+# ruff: noqa: F811  (the moto fixture is imported, then named by the tests)
+
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 
 import httpx
@@ -32,7 +36,7 @@ from tests.test_pull_through import fetch_blob, pull
 PART = 8 << 20          # S3Store's part size: a bigger blob goes up as a multipart upload
 
 
-def config_for(url: str, moto, **s3) -> dict:  # noqa: F811
+def config_for(url: str, moto, **s3) -> dict:
     return {"upstreams": {"docker.io": {"url": url, "tag_ttl": "5m"}},
             "default": "docker.io", "storage": s3_storage(moto, **s3)}
 
@@ -52,7 +56,7 @@ def local_blobs(mirror) -> list[str]:
 
 
 def test_pull_through_is_byte_exact_cold_warm_and_ranged(make_mirror, upstream, image_set,
-                                                         moto):  # noqa: F811
+                                                         moto):
     image = image_set.big
     blob = image.largest_blob
     assert blob.size > PART        # streamed up as a multipart upload
@@ -80,7 +84,7 @@ def test_pull_through_is_byte_exact_cold_warm_and_ranged(make_mirror, upstream, 
 
 
 def test_wrong_bytes_leave_no_object_and_no_upload(make_mirror, faulty_upstream, image_set,
-                                                   moto):  # noqa: F811
+                                                   moto):
     image = image_set.big
     blob = image.largest_blob
     assert blob.size > PART
@@ -99,7 +103,7 @@ def test_wrong_bytes_leave_no_object_and_no_upload(make_mirror, faulty_upstream,
 
 
 def test_redirect_answers_committed_blob_gets_with_a_307_clients_follow(
-        make_mirror, upstream, image_set, moto, tmp_path):  # noqa: F811
+        make_mirror, upstream, image_set, moto, tmp_path):
     image = image_set.docker
     blob = image.blobs[-1]
     mirror = make_mirror(config_for(upstream.url, moto, redirect=True))
@@ -131,7 +135,7 @@ def test_redirect_answers_committed_blob_gets_with_a_307_clients_follow(
 
 
 def test_rm_deletes_the_objects(make_mirror, upstream, image_set,
-                                            moto):  # noqa: F811
+                                            moto):
     docker, oci = image_set.docker, image_set.oci
     mirror = make_mirror(config_for(upstream.url, moto))
     with httpx.Client(base_url=mirror.url, timeout=60) as client:
@@ -150,7 +154,7 @@ def test_rm_deletes_the_objects(make_mirror, upstream, image_set,
 
 
 
-def test_eviction_deletes_the_objects(make_mirror, upstream, image_set, moto):  # noqa: F811
+def test_eviction_deletes_the_objects(make_mirror, upstream, image_set, moto):
     docker, oci = image_set.docker, image_set.oci
     # A budget the two images cannot share, tags never fresh: pulling the second
     # evicts the first, least recently used, from the bucket.
@@ -174,7 +178,7 @@ def test_eviction_deletes_the_objects(make_mirror, upstream, image_set, moto):  
 
 
 def test_a_restart_with_only_the_index_serves_from_the_bucket(make_mirror, upstream,
-                                                              image_set, moto):  # noqa: F811
+                                                              image_set, moto):
     image = image_set.oci
     mirror = make_mirror(config_for(upstream.url, moto))
     with httpx.Client(base_url=mirror.url, timeout=60) as client:
@@ -214,7 +218,7 @@ def one_line(proc: subprocess.CompletedProcess) -> str:
 
 
 def test_an_unreachable_store_is_a_one_line_startup_error(tmp_path, upstream,
-                                                          moto):  # noqa: F811
+                                                          moto):
     storage = s3_storage(moto)
     storage["s3"]["endpoint"] = f"http://127.0.0.1:{free_port()}"     # nothing listens
     line = one_line(serve_once(tmp_path, {"upstreams": {"docker.io": {"url": upstream.url}},
@@ -224,7 +228,7 @@ def test_an_unreachable_store_is_a_one_line_startup_error(tmp_path, upstream,
 
 
 def test_a_missing_bucket_is_a_one_line_startup_error(tmp_path, upstream,
-                                                      moto):  # noqa: F811
+                                                      moto):
     storage = s3_storage(moto, bucket="no-such-bucket-here")
     line = one_line(serve_once(tmp_path, {"upstreams": {"docker.io": {"url": upstream.url}},
                                           "storage": storage}))
@@ -232,7 +236,7 @@ def test_a_missing_bucket_is_a_one_line_startup_error(tmp_path, upstream,
 
 
 def test_s3_without_obstore_is_a_one_line_startup_error(tmp_path, upstream,
-                                                        moto):  # noqa: F811
+                                                        moto):
     # A module of that name that cannot be imported is what an install without the
     # s3 extra looks like to the mirror.
     fake = tmp_path / "no_obstore"
@@ -244,7 +248,6 @@ def test_s3_without_obstore_is_a_one_line_startup_error(tmp_path, upstream,
               "storage": s3_storage(moto)}
     path = tmp_path / "config.yml"
     path.write_text(yaml.safe_dump(config))
-    import os
     env = {**os.environ, "PYTHONPATH": f"{fake}:{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run([sys.executable, "-m", "mirror", "serve", "--config", str(path)],
                           capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
@@ -254,7 +257,7 @@ def test_s3_without_obstore_is_a_one_line_startup_error(tmp_path, upstream,
 
 @pytest.mark.parametrize("kind", ["verify", "export"])
 def test_verify_and_export_read_through_the_bucket(make_mirror, upstream, image_set, moto,
-                                                   tmp_path, kind):  # noqa: F811
+                                                   tmp_path, kind):
     image = image_set.docker
     mirror = make_mirror(config_for(upstream.url, moto))
     with httpx.Client(base_url=mirror.url, timeout=60) as client:
@@ -271,10 +274,29 @@ def test_verify_and_export_read_through_the_bucket(make_mirror, upstream, image_
                              str(mirror.config_path), "--all", "-o", str(out)],
                             capture_output=True, text=True, timeout=60, cwd=mirror.dir)
     assert result.returncode == 0, result.stdout + result.stderr
-    import tarfile
     with tarfile.open(out) as tar:
         names = tar.getnames()
         for blob in image.blobs:
             member = next(n for n in names if n.endswith(blob.digest.split(":", 1)[1]))
             data = tar.extractfile(member).read()
             assert sha(data) == blob.digest
+
+
+def test_verify_finds_and_deletes_a_corrupt_object(make_mirror, upstream, image_set, moto):
+    image = image_set.docker
+    blob = image.blobs[0]
+    mirror = make_mirror(config_for(upstream.url, moto))
+    with httpx.Client(base_url=mirror.url, timeout=60) as client:
+        pull(client, image)
+    s3 = mirror.config["storage"]["s3"]
+    moto.inspect().put_object(Bucket=s3["bucket"], Key=key_of(blob.digest),
+                              Body=b"x" * blob.size)
+    result = subprocess.run([sys.executable, "-m", "mirror", "verify", "--config",
+                             str(mirror.config_path)], capture_output=True, text=True,
+                            timeout=60, cwd=mirror.dir)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"corrupt blob {blob.digest}" in result.stdout
+    assert "1 corrupt, 0 missing" in result.stdout
+    assert key_of(blob.digest) not in stored_keys(mirror.config)
+    with httpx.Client(base_url=mirror.url, timeout=60) as client:   # fetched again, right
+        fetch_blob(client, image.repo, blob)
