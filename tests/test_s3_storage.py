@@ -300,3 +300,21 @@ def test_verify_finds_and_deletes_a_corrupt_object(make_mirror, upstream, image_
     assert key_of(blob.digest) not in stored_keys(mirror.config)
     with httpx.Client(base_url=mirror.url, timeout=60) as client:   # fetched again, right
         fetch_blob(client, image.repo, blob)
+
+
+def test_after_an_unclean_stop_the_file_walk_is_skipped_and_said_so(make_mirror, upstream,
+                                                                     image_set, moto):
+    image = image_set.oci
+    mirror = make_mirror(config_for(upstream.url, moto))
+    with httpx.Client(base_url=mirror.url, timeout=60) as client:
+        pull(client, image)
+    mirror.stop(kill=True)
+    mirror.start()
+    log = mirror.log_text()
+    assert "did not stop cleanly" in log
+    assert "does not apply to blobs in s3 (skipped)" in log
+    with httpx.Client(base_url=mirror.url, timeout=60) as client:
+        mark = upstream.mark()
+        for blob in image.blobs:
+            fetch_blob(client, image.repo, blob)
+        assert upstream.count("GET", "/blobs/", since=mark) == 0
