@@ -25,6 +25,9 @@ import yaml
 from tests.support.client import read_blob
 from tests.support.ports import free_port
 from tests.support.s3 import (  # noqa: F401
+    ACCESS_KEY,
+    REGION,
+    SECRET_KEY,
     moto,
     open_uploads,
     s3_storage,
@@ -318,3 +321,17 @@ def test_after_an_unclean_stop_the_file_walk_is_skipped_and_said_so(make_mirror,
         for blob in image.blobs:
             fetch_blob(client, image.repo, blob)
         assert upstream.count("GET", "/blobs/", since=mark) == 0
+
+
+def test_credentials_region_and_endpoint_from_the_aws_environment(make_mirror, upstream,
+                                                                  image_set, moto):
+    image = image_set.oci
+    bucket = moto.make_bucket()
+    env = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+           "AWS_REGION": REGION, "AWS_ENDPOINT_URL": moto.url}
+    mirror = make_mirror({"upstreams": {"docker.io": {"url": upstream.url}},
+                          "storage": {"s3": {"bucket": bucket}}}, env=env)
+    with httpx.Client(base_url=mirror.url, timeout=60) as client:
+        pull(client, image)
+    s3 = {"endpoint": moto.url, "bucket": bucket}
+    assert stored_bytes({"storage": {"s3": s3}}, image.digest) == image.manifest

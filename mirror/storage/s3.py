@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import timedelta
@@ -249,7 +250,8 @@ class S3Store:
             settings["secret_access_key"] = config.secret_key
         client_options: ClientConfig = {"timeout": REQUEST_TIMEOUT,
                                           "connect_timeout": CONNECT_TIMEOUT}
-        if config.endpoint and config.endpoint.startswith("http://"):
+        endpoint = config.endpoint or os.environ.get("AWS_ENDPOINT_URL", "")
+        if endpoint.startswith("http://"):
             client_options["allow_http"] = True
         retry: RetryConfig = {"max_retries": RETRIES, "retry_timeout": RETRY_TIMEOUT}
         self.client = _ObjectStore(config.bucket, client_options=client_options,

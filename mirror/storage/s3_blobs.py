@@ -112,11 +112,13 @@ class S3Blobs:
 
     def describe(self) -> str:
         prefix = f" prefix {self.config.prefix}" if self.config.prefix else ""
-        return f"bucket {self.config.bucket}{prefix} at {self.config.endpoint or 'AWS'}"
+        endpoint = self.config.endpoint or os.environ.get("AWS_ENDPOINT_URL") or "AWS"
+        return f"bucket {self.config.bucket}{prefix} at {endpoint}"
 
     async def check(self) -> None:
-        where = (f"storage.s3.bucket {self.config.bucket!r} at storage.s3.endpoint "
-                 f"{self.config.endpoint or '(AWS default)'}")
+        endpoint = (self.config.endpoint or os.environ.get("AWS_ENDPOINT_URL")
+                    or "(AWS default)")
+        where = f"storage.s3.bucket {self.config.bucket!r} at storage.s3.endpoint {endpoint}"
         try:
             async with asyncio.timeout(CHECK_TIMEOUT):
                 await obstore.list_with_delimiter_async(self.store.client,
