@@ -14,9 +14,9 @@ checks the digest and commits the file to the blob store through
 bucket and completed there, verified first either way); a blob already there (cached or
 pushed before) is kept once and the upload is dropped. A request that fails part-way
 (too big, client gone, wrong length) leaves the session as it was before it. Sessions no
-request has written to for ``hosted.upload_ttl`` (abandoned) are gone: swept at start-
-up, every quarter of the TTL while the server runs, by `mirror gc`, and when a client
-touches one.
+request has written to for ``hosted.upload_ttl`` (abandoned) are gone: swept at
+start-up, every quarter of the TTL while the server runs, by `mirror gc`, and when a
+client touches one.
 """
 
 from __future__ import annotations
