@@ -26,7 +26,7 @@ from pathlib import Path
 from . import cache_admin, evict, fileio, metrics, remove
 from .cache import CannotOpen, LocalCache, existing
 from .config import Config
-from .errors import RegistryError
+from .errors import BlobUnknown, RegistryError
 from .hosted import gc as hosted_gc
 from .hosted.uploads import Uploads
 from .models import HASHES, HOSTED, validate_digest, validate_tag
@@ -67,7 +67,7 @@ def run(args, config: Config) -> int:
 @asynccontextmanager
 async def opened(config: Config):
     try:
-        async with existing(config.data_dir) as cache:
+        async with existing(config.data_dir, storage=config.storage) as cache:
             yield cache
     except CannotOpen as exc:
         raise AdminError(str(exc)) from None
@@ -593,8 +593,34 @@ def set_aside(path: Path, quarantine: Path | None, digest: str) -> None:
         pass
 
 
+async def check_stored(cache: LocalCache, digest: str, size: int, progress: Progress):
+    """Re-hash one blob streamed from a store that is not files (S3), never whole in
+    memory. ("ok" | "corrupt" | "missing", None, bytes read)."""
+    algorithm = digest.split(":", 1)[0]
+    hasher = HASHES[algorithm]()
+    read = 0
+    try:
+        async for chunk in cache.store.read(digest, 0, None):
+            await fileio.run(hasher.update, chunk)
+            read += len(chunk)
+            progress.advance(len(chunk))
+    except (BlobUnknown, FileNotFoundError):
+        progress.advance(size - read)
+        return "missing", None, 0
+    if read < size:
+        progress.advance(size - read)
+    ok = read == size and f"{algorithm}:{hasher.hexdigest()}" == digest
+    return ("ok" if ok else "corrupt"), None, read
+
+
 async def verify(args, config: Config, router: Router) -> int:
+    if args.quarantine and config.storage.s3 is not None:
+        raise AdminError(f"--quarantine moves files, and blobs are objects in "
+                         f"storage.s3.bucket {config.storage.s3.bucket}: run `mirror verify` "
+                         "without it (corrupt objects are then deleted)")
     async with opened(config) as cache:
+        if not cache.store.local_files:
+            return await _verify_stored(cache)
         items = sorted(cache.contents())
         progress = Progress(sum(size for _, size, _ in items))
 
@@ -624,5 +650,28 @@ async def verify(args, config: Config, router: Router) -> int:
               f"{done}")
     corrupt = sum(1 for r in bad if r[3] == "corrupt")
     print(f"verified {len(results)} files ({hashed / GiB:.2f} GiB): {corrupt} corrupt, "
+          f"{len(bad) - corrupt} missing")
+    return 1 if bad else 0
+
+
+async def _verify_stored(cache: LocalCache) -> int:
+    """``mirror verify`` of blobs in an object store: each streamed and re-hashed; a
+    corrupt one is forgotten and deleted, a missing one forgotten."""
+    items = sorted(cache.contents())
+    progress = Progress(sum(size for _, size, _ in items))
+    results = [(digest, size, manifest, *await check_stored(cache, digest, size, progress))
+               for digest, size, manifest in items]
+    progress.end()
+    hashed = sum(r[-1] for r in results)
+    bad = [r for r in results if r[3] != "ok"]
+    if bad:
+        await cache.index.forget([r[0] for r in bad if not r[2]], [r[0] for r in bad if r[2]])
+        await cache.store.delete([r[0] for r in bad if r[3] == "corrupt"])
+        await cache.index.bump_generation()      # a running server reloads its view
+    for digest, size, manifest, state, _, _ in bad:
+        print(f"{state} {'manifest' if manifest else 'blob'} {digest} ({human_size(size)}): "
+              f"{'deleted' if state == 'corrupt' else 'forgotten'}")
+    corrupt = sum(1 for r in bad if r[3] == "corrupt")
+    print(f"verified {len(results)} objects ({hashed / GiB:.2f} GiB): {corrupt} corrupt, "
           f"{len(bad) - corrupt} missing")
     return 1 if bad else 0

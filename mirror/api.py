@@ -162,6 +162,8 @@ class BlobResponse(Response):
         chunks = self.blob.chunks(self.start, self.end)
         sent = 0
         size = self.blob.size
+        # Only a blob that is a file here has a descriptor (fileno) to send from: one in
+        # an object store, or being downloaded, streams.
         zero_copy = (ZERO_COPY in (scope.get("extensions") or {})
                      and hasattr(self.blob, "fileno") and size is not None)
 
@@ -486,6 +488,17 @@ async def blob(request: Request, name: str, digest: str) -> Response:
             headers["Content-Length"] = str(size)
         return HeadResponse(headers)      # no size known: no Content-Length, never 0
     body = await source.open_blob(route.repository, digest)
+    redirect = getattr(body, "redirect_url", None)     # a committed blob in an object store
+    if redirect is not None:
+        try:
+            location = await redirect()
+        except BaseException:
+            await body.aclose()
+            raise
+        if location is not None:      # `redirect: true`: the client gets it from the store
+            await body.aclose()
+            headers.pop("Accept-Ranges", None)
+            return Response(status_code=307, headers={**headers, "Location": location})
     try:
         await _unless_gone(request.receive, body.wait_started())
         rng = parse_range(request.headers.get("range"), body.size)

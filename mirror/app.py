@@ -86,7 +86,8 @@ class Mirror:
         try:
             local = await LocalCache.open(config.data_dir, prepare=role.prepare,
                                           own_lock=role.worker is None, leader=role.leader,
-                                          previous_pid=role.previous_pid)
+                                          previous_pid=role.previous_pid,
+                                          storage=config.storage)
         except CannotOpen as exc:
             raise StartupError(str(exc)) from None
         self.local = local

@@ -1,17 +1,20 @@
-"""LocalCache: content-addressed files under the data directory, and the index.
+"""LocalCache: content-addressed blobs in a blob store, and the index.
 
 Layout::
 
     data_dir/blobs/sha256/ab/ab12...   every blob and manifest, named by its digest
+                                       (or the same keys in a bucket: ``storage: {s3: ...}``)
     data_dir/tmp/                      files being written; removed at start-up
     data_dir/index.db                  the SQLite index
     data_dir/lock                      the running server's PID, flock'ed (lock.py)
     data_dir/quarantine/               what `mirror verify --quarantine` set aside
 
-A file appears under ``blobs/`` only through ``os.replace`` of a temp file whose
-hash matched, and the index names it only once its bytes, the rename and any new
-directory are on disk (fdatasync/fsync), so a power loss never leaves a row naming
-wrong bytes. Paths are built from validated digests only, never request text.
+Where the bytes live is the blob store's business (mirror/storage: ``FsStore``, the
+default, or ``S3Blobs``). Every blob is written into a temp file under ``tmp/`` and
+hashed there; it is committed to the store only when the hash matched (a file renamed
+into ``blobs/``, or an upload completed), and the index names it only once the
+store has it durably, so a power loss never leaves a row naming wrong bytes. Paths
+are built from validated digests only, never request text.
 Hot lookups (blob present, tag -> digest, repository links) are answered from
 in-memory maps (packed: ``cache_maps``) loaded at start-up and kept in step with the
 index; a reload builds new ones on a worker thread. The file
@@ -39,7 +42,8 @@ from pathlib import Path
 from . import cache_maps, fileio, lock
 from .cache_files import CachedBlob as CachedBlob
 from .cache_files import TempBlob as TempBlob
-from .cache_files import blob_path, fsync_dir, make_dirs, remove_later, scan_blobs
+from .cache_files import remove_later, scan_blobs
+from .config_scale import StorageConfig
 from .errors import DigestInvalid
 from .index import LOAD_BATCH, Change, Index, TagRow
 from .models import (
@@ -51,9 +55,11 @@ from .models import (
     referrers_index,
     referrers_of_index,
 )
+from .storage import BlobStore, StorageUnavailable, StoredBlob, open_store
 
 log = logging.getLogger("mirror.cache")
 
+DEFAULT_STORAGE = StorageConfig()     # blobs are files under data_dir/blobs
 MANIFEST_MEMORY = 64 * 1024 * 1024   # bytes of hot manifests kept in memory
 
 
@@ -63,13 +69,14 @@ class CannotOpen(Exception):
 
 
 @asynccontextmanager
-async def existing(data_dir: Path) -> AsyncIterator[LocalCache]:
+async def existing(data_dir: Path, *,
+                   storage: StorageConfig = DEFAULT_STORAGE) -> AsyncIterator[LocalCache]:
     """The cache in ``data_dir`` opened beside a running server (``server=False``), for
     the maintenance, export and import commands; CannotOpen when there is none."""
     if not (Path(data_dir) / "index.db").is_file():
         raise CannotOpen(f"no cache in {data_dir} (no index.db there); "
                          "check --data-dir or data_dir in the config")
-    cache = await LocalCache.open(data_dir, server=False)
+    cache = await LocalCache.open(data_dir, server=False, storage=storage)
     try:
         yield cache
     finally:
@@ -112,9 +119,11 @@ class _Touched:
 
 
 class LocalCache:
-    def __init__(self, data_dir: Path, index: Index) -> None:
+    def __init__(self, data_dir: Path, index: Index, store: BlobStore | None = None) -> None:
         self.data_dir = data_dir
         self.index = index
+        self.store: BlobStore = store if store is not None else open_store(data_dir,
+                                                                           DEFAULT_STORAGE)
         # The maps (packed: cache_maps), and the totals the map changes below keep in step:
         # _bytes is what `size` says, _hosted_bytes what `hosted_size` says.
         self._install(cache_maps.Maps())
@@ -137,7 +146,8 @@ class LocalCache:
     @classmethod
     async def open(cls, data_dir: Path, server: bool = True, prepare: bool = True,
                    own_lock: bool = True, leader: bool = True,
-                   previous_pid: int | None = None) -> LocalCache:
+                   previous_pid: int | None = None, *,
+                   storage: StorageConfig = DEFAULT_STORAGE) -> LocalCache:
         """Open the cache. The server (``server=True``) owns the data directory: it
         clears leftover temp files and, after an unclean stop, reconciles files with the
         index. The CLI opens with ``server=False`` and touches neither, so it is safe
@@ -145,7 +155,8 @@ class LocalCache:
         in its first worker (``prepare``), holds the data directory's lock in the
         supervisor (``own_lock`` False in the workers: the supervisor then says whether
         the previous server stopped cleanly, ``previous_pid``), and checkpoints the index
-        in its ``leader`` only."""
+        in its ``leader`` only. ``storage``: where the blobs live (the data directory, or
+        an object store; an unusable one is CannotOpen naming its config key)."""
         data_dir = Path(data_dir).resolve()
         held = None
         prepare = prepare and server
@@ -164,11 +175,18 @@ class LocalCache:
         except OSError as exc:
             raise CannotOpen(unusable(data_dir, exc)) from None
         try:
+            store = open_store(data_dir, storage)
+            await store.check()
+        except StorageUnavailable as exc:
+            if held is not None:
+                held.release()
+            raise CannotOpen(str(exc)) from None
+        try:
             index = await Index.open(data_dir / "index.db", flush=server,
                                      checkpoint=leader)
         except (sqlite3.Error, OSError) as exc:
             raise CannotOpen(unusable(data_dir, exc, data_dir / "index.db")) from None
-        cache = cls(data_dir, index)
+        cache = cls(data_dir, index, store)
         try:
             if not server:
                 await index.for_reports()
@@ -180,7 +198,12 @@ class LocalCache:
             if prepare and own_lock:
                 held = held or lock.held(data_dir)
                 previous_pid = held.previous_pid if held is not None else None
-            if prepare and previous_pid is not None:
+            if prepare and previous_pid is not None and not store.local_files:
+                log.warning("the previous mirror on %s (pid %d) did not stop cleanly; the "
+                            "start-up check of files against the index does not apply to "
+                            "blobs in %s (skipped): run `mirror verify` to re-hash them",
+                            data_dir, previous_pid, store.name)
+            elif prepare and previous_pid is not None:
                 log.warning("the previous mirror on %s (pid %d) did not stop cleanly; "
                             "files are checked against the index by size at start-up, "
                             "run `mirror verify` to re-hash them", data_dir, previous_pid)
@@ -193,8 +216,9 @@ class LocalCache:
             await index.close()
             raise
         cache._lock = held
-        log.info("cache at %s: %d blobs, %d manifests, %d tags", data_dir,
-                 len(cache._blobs), len(cache._manifests), len(cache._tags))
+        log.info("cache at %s: %d blobs, %d manifests, %d tags; blobs in %s", data_dir,
+                 len(cache._blobs), len(cache._manifests), len(cache._tags),
+                 store.describe() if hasattr(store, "describe") else store.name)
         return cache
 
     async def _reconcile(self) -> bool:
@@ -489,14 +513,9 @@ class LocalCache:
         return set(self._readers)
 
     async def delete_files(self, digests: list[str]) -> None:
-        """Unlink the files of ``digests`` (those already gone are fine), off the loop;
-        finishes even if the caller is cancelled."""
-        paths = [self.path_for(d) for d in digests]
-
-        def unlink() -> None:
-            for path in paths:
-                path.unlink(missing_ok=True)
-        await fileio.run_to_end(unlink)
+        """Delete the blobs ``digests`` from the store (files or objects; those already
+        gone are fine), off the loop; finishes even if the caller is cancelled."""
+        await self.store.delete(list(digests))
 
     async def remove(self, blobs: list[str], manifests: list[str]) -> None:
         """Delete files and index rows (and tags pointing at removed manifests)."""
@@ -520,7 +539,7 @@ class LocalCache:
         if digest in self._blobs:
             return True
         size = await self.index.blob_size(digest)
-        if size is None or not await fileio.run(self.path_for(digest).is_file):
+        if size is None or await self.store.size(digest) is None:
             return False
         if digest not in self._blobs:
             self._set_blob(digest, size)
@@ -553,7 +572,8 @@ class LocalCache:
     # -- paths -----------------------------------------------------------------------------
 
     def path_for(self, digest: str) -> Path:
-        return blob_path(self.data_dir, digest)
+        """The committed blob's file (a file-system store only: ``store.local_files``)."""
+        return Path(self.store.path_for(digest))
 
     # -- read side -------------------------------------------------------------------------
 
@@ -570,9 +590,8 @@ class LocalCache:
             return None
         data = self._hot.get(digest)
         if data is None:
-            try:
-                data = await fileio.run(self.path_for(digest).read_bytes)
-            except FileNotFoundError:
+            data = await self.store.read_small(digest)
+            if data is None:
                 log.warning("manifest %s vanished from the cache; it will be fetched again",
                             digest)
                 self._set_manifest(digest, None)
@@ -602,32 +621,43 @@ class LocalCache:
     def linked(self, upstream: str, repository: str, digest: str) -> bool:
         return (upstream, repository, digest) in self._links
 
-    async def open_blob(self, digest: str) -> CachedBlob | None:
+    async def open_blob(self, digest: str) -> StoredBlob | None:
         """The cached blob, opened and held; None if it is not (or no longer) there."""
         size = self._blobs.get(digest)
         if size is None:
             return None
         self.hold(digest)
         try:
-            fd = await fileio.open_read(self.path_for(digest))
-        except FileNotFoundError:
-            self.release(digest)
-            self.vanished(digest)
-            return None
+            opened = await self.store.open(digest, size, self)
         except BaseException:
             self.release(digest)
             raise
+        if opened is None:
+            self.release(digest)
+            self.vanished(digest)
+            return None
         self.index.touch(digest)
-        return CachedBlob(self, fd, digest, size)
+        return opened
 
     # -- write side ------------------------------------------------------------------------
 
-    async def new_temp(self, algorithm: str = "sha256") -> TempBlob:
+    async def new_temp(self, algorithm: str = "sha256", *,
+                       digest: str | None = None) -> TempBlob:
+        """A temp file for a new blob. ``digest`` (the blob it should turn out to be): a
+        store that is not the file system gets the bytes as they are written (the tee)."""
         self._temp_seq += 1
         path = self.data_dir / "tmp" / f"{os.getpid()}-{self._temp_seq}-{time.monotonic_ns()}"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         fd = await fileio.run(os.open, path, flags, 0o644)
-        return TempBlob(path, fd, algorithm)
+        upload = None
+        if digest is not None and not self.store.local_files:
+            try:
+                upload = await self.store.upload(digest)
+            except BaseException:
+                await fileio.run_to_end(os.close, fd)
+                await fileio.run_to_end(remove_later, path)
+                raise
+        return TempBlob(path, fd, algorithm, upload)
 
     async def commit_blob(self, temp: TempBlob, digest: str) -> int:
         """Make ``temp`` the blob ``digest`` if its bytes hash to it; else discard it."""
@@ -644,6 +674,9 @@ class LocalCache:
         if temp.digest != digest:
             await temp.discard()
             raise DigestInvalid(f"content hashed to {temp.digest}, expected {digest}")
+        upload, temp.upload = temp.upload, None
+        if upload is not None:
+            await upload.abort()           # not kept: nothing goes to the store
         await fileio.run(temp.close)
         weakref.finalize(owner, remove_later, temp.path)
 
@@ -656,21 +689,12 @@ class LocalCache:
             log.error("index write for %s failed: %s", what, exc)
 
     async def _place(self, temp: TempBlob, digest: str) -> None:
-        """Verify, then rename into place atomically; a mismatch discards the file."""
+        """Verify, then commit to the store (a file renamed into place atomically, or an
+        upload completed); a mismatch discards the temp file and any upload."""
         if temp.digest != digest:
             await temp.discard()
             raise DigestInvalid(f"content hashed to {temp.digest}, expected {digest}")
-        final = self.path_for(digest)
-
-        def place() -> None:
-            temp.fsync()
-            temp.close()
-            new_dirs = make_dirs(final.parent)
-            os.replace(temp.path, final)
-            # The rename, and any directory it needed, on disk before the index names it.
-            for directory in (final.parent, *(d.parent for d in new_dirs)):
-                fsync_dir(directory)
-        await fileio.run(place)
+        await self.store.commit(temp, digest)
 
     async def put_manifest(self, upstream: str, repository: str, manifest: Manifest,
                            refs: References) -> None:

@@ -2,7 +2,9 @@
 that make them durable.
 
 ``TempBlob`` is a file under ``data_dir/tmp`` hashed as it is written (on a worker
-thread); ``CachedBlob`` is a cached blob opened for a response, held against eviction
+thread), whatever the blob store: with one that is not the file system (S3) it also
+feeds the store's ``upload`` (the tee) with the same bytes as they arrive, hashed once
+here; ``CachedBlob`` is a cached blob opened for a response, held against eviction
 until it is closed. ``fdatasync``, ``fsync_dir`` and ``make_dirs`` are what
 ``LocalCache`` uses to put a verified file in place so that a power loss never leaves
 the index naming wrong bytes; ``scan_blobs`` is the file side of start-up
@@ -15,11 +17,14 @@ import asyncio
 import os
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from . import fileio
 from .errors import CacheUnavailable, DigestInvalid
 from .models import DIGEST_RE, HASHES
+
+if TYPE_CHECKING:
+    from .storage import Upload
 
 
 class Holds(Protocol):
@@ -29,12 +34,15 @@ class Holds(Protocol):
 
 
 class TempBlob:
-    """A file being written under data_dir/tmp, hashed as it is written."""
+    """A file being written under data_dir/tmp, hashed as it is written; ``upload``
+    (the blob store's tee, if it has one) gets the same bytes."""
 
-    def __init__(self, path: Path, fd: int, algorithm: str) -> None:
+    def __init__(self, path: Path, fd: int, algorithm: str,
+                 upload: Upload | None = None) -> None:
         self.path = path
         self.fd = fd
         self.size = 0
+        self.upload = upload
         self._hasher = HASHES[algorithm]()
         self._algorithm = algorithm
         self.closed = False
@@ -49,7 +57,12 @@ class TempBlob:
                 self._hasher.update(chunk)
             fileio.writev_all(self.fd, chunks)
         self._busy = asyncio.get_running_loop().run_in_executor(None, hash_and_write)
-        await fileio.finish(self._busy)
+        try:
+            if self.upload is not None:     # meanwhile, the same bytes to the store
+                for chunk in chunks:
+                    await self.upload.write(chunk)
+        finally:
+            await fileio.finish(self._busy)
         self.size += sum(len(c) for c in chunks)
 
     @property
@@ -81,6 +94,9 @@ class TempBlob:
             pass                # that write's error was reported to whoever awaited it
         finally:
             await fileio.run_to_end(rm)
+            upload, self.upload = self.upload, None
+            if upload is not None:
+                await asyncio.shield(upload.abort())
 
 
 def blob_path(data_dir: Path, digest: str) -> Path:

@@ -147,7 +147,8 @@ class Download:
 
     async def _open(self) -> tuple[int, int]:
         """A descriptor on the blob's bytes, and the generation of the download it
-        belongs to (a finished blob belongs to the current one)."""
+        belongs to (a finished blob belongs to the current one). -1: the blob is
+        committed to a store that is not files here (S3): read it from there."""
         path = self._temp_path()
         if not self.done and path:
             generation = self.generation
@@ -158,6 +159,8 @@ class Download:
         await self._finished.wait()
         if self.error is not None:
             raise FillFailed(str(self.error))
+        if not self.uncached and not self.cache.store.local_files:
+            return -1, self.generation
         # Too big to cache: streamed through from its temp file; else the cached file.
         final = self._temp_path() if self.uncached else self.cache.path_for(self.digest)
         try:
@@ -173,6 +176,10 @@ class Download:
     async def chunks(self, start: int = 0,
                      end: int | None = None) -> AsyncGenerator[bytes | bytearray, None]:
         fd, generation = await self._open()
+        if fd < 0:
+            async for stored in self.cache.store.read(self.digest, start, end):
+                yield stored
+            return
         try:
             pos = start
             while True:
@@ -275,7 +282,8 @@ class Fill(Download):
                 slot = self._slots
             metrics.fills_in_progress.inc()
             running = True
-            self._temp = await self.cache.new_temp(self.digest.split(":", 1)[0])
+            self._temp = await self.cache.new_temp(self.digest.split(":", 1)[0],
+                                                                       digest=self.digest)
             if self.claim is not None:
                 self.claim.begin(self._temp.path, self.generation)
             await self._fetch()
@@ -411,7 +419,8 @@ class Fill(Download):
             pass                    # those bytes are being thrown away anyway
         self._pending, self._pending_bytes = [], 0
         self._forget_recent()
-        old, self._temp = self._temp, await self.cache.new_temp(self.digest.split(":", 1)[0])
+        old, self._temp = self._temp, await self.cache.new_temp(self.digest.split(":", 1)[0],
+                                                                       digest=self.digest)
         self.cache.reserved -= self._reserved
         self._reserved = 0
         self.generation += 1

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from . import fill_shared, metrics
-from .cache import CachedBlob, LocalCache
+from .cache import LocalCache
 from .errors import BlobUnknown, Denied, ManifestUnknown, NameUnknown, UpstreamUnavailable
 from .fill import Download, Fill, FillReader
 from .fill_follow import ForeignFill
@@ -42,6 +42,7 @@ from .models import (
     upstream_accept,
 )
 from .notify import events
+from .storage import StoredBlob
 from .upstream_group import UpstreamGroup
 
 log = logging.getLogger("mirror.proxy")
@@ -232,13 +233,13 @@ class ProxyStore:
 
     # -- blobs ---------------------------------------------------------------------------
 
-    async def open_blob(self, repository: str, digest: str) -> CachedBlob | FillReader:
+    async def open_blob(self, repository: str, digest: str) -> StoredBlob | FillReader:
         """The cached blob, or a reader of its download (which the caller waits on
         with ``wait_started``; the fill starts or joins here)."""
         return await self._offline_retry(lambda: self._open_blob(repository, digest))
 
     async def _open_blob(self, repository: str, digest: str,
-                         learned: bool = False) -> CachedBlob | FillReader:
+                         learned: bool = False) -> StoredBlob | FillReader:
         size = self.local.blob_size(digest)
         fill = self._fills.get(digest)
         if size is not None or (fill is not None and fill.joinable):

@@ -75,7 +75,7 @@ def test_clients_that_leave_slow_misses_starve_nothing(make_mirror, faulty_upstr
     # Every client left: after the grace every download is stopped, none of them cached.
     wait_for(lambda: fills(mirror) == (0, 0), 15, "the unread downloads stopped")
     assert "download stopped" in mirror.log_text()
-    assert not any(mirror.cached_path(b.digest).exists() for b in blobs)
+    assert not any(mirror.is_cached(b.digest) for b in blobs)
     faulty_upstream.clear()
     with httpx.Client(base_url=mirror.url, timeout=10) as client:       # and the next pull works
         resp = client.get(f"/v2/{repo}/blobs/{blobs[0].digest}")
@@ -102,6 +102,6 @@ def test_a_download_whose_client_left_finishes_only_if_well_advanced(make_mirror
             if received >= blob.size * share - 1024 * 1024:
                 break
     wait_for(lambda: fills(mirror)[0] == 0, 15, "the download ended")
-    assert mirror.cached_path(blob.digest).exists() == finished
+    assert mirror.is_cached(blob.digest) == finished
     assert ("finishing it for the cache" if finished else "download stopped") in mirror.log_text()
     assert faulty_upstream.count("GET", f"/blobs/{blob.digest}") == 1

@@ -124,7 +124,7 @@ def test_a_flipped_byte_refuses_that_blob_and_its_image_only(make_mirror, upstre
     assert done.returncode == 1
     err = done.stderr.decode()
     assert bad_blob in err and "digest mismatch" in err
-    assert not target.cached_path(bad_blob).exists()
+    assert not target.is_cached(bad_blob)
     serves(target, [image_set.oci])                   # the sound image is there
     not_served(target, image_set.docker)              # the one needing the bad blob is not
 
@@ -145,8 +145,8 @@ def test_a_truncated_bundle_names_the_member_keeps_verified_blobs_and_a_rerun_co
     done = import_(target, cut)
     assert done.returncode == 1
     assert f"blobs/sha256/{big[7:]}" in done.stderr.decode()
-    assert not target.cached_path(big).exists()
-    kept = [m for m in before if target.cached_path("sha256:" + m.name[13:]).exists()]
+    assert not target.is_cached(big)
+    kept = [m for m in before if target.is_cached("sha256:" + m.name[13:])]
     assert kept                                       # verified blobs before the cut stay
     not_served(target, image_set.oci)                 # nothing registered
     again = import_(target, bundle, "--json")

@@ -128,7 +128,7 @@ def test_verify_drops_corrupt_and_missing_files_and_the_next_pull_fetches_them(
         assert f"corrupt blob {bad.digest}" in found.stdout
         assert f"missing blob {gone.digest}" in found.stdout
         assert "verifying: 100%" in found.stderr       # progress, as plain lines off a terminal
-        assert not mirror.cached_path(bad.digest).exists()
+        assert not mirror.is_cached(bad.digest)
 
         time.sleep(RESYNC)
         mark = upstream.mark()

@@ -59,10 +59,10 @@ def test_a_stream_that_keeps_breaking_aborts_clients_and_caches_nothing(make_mir
                         after=blob.size // 10)      # 4 tries x 1/10: never complete
     n, _, error = read_blob(mirror, image.repo, blob)
     assert isinstance(error, httpx.HTTPError) and n < blob.size      # aborted, never "complete"
-    assert not mirror.cached_path(blob.digest).exists()
+    assert not mirror.is_cached(blob.digest)
     faulty_upstream.clear()
     assert read_blob(mirror, image.repo, blob) == (blob.size, blob.digest, None)
-    assert mirror.cached_path(blob.digest).exists()
+    assert mirror.is_cached(blob.digest)
 
 
 def test_wrong_bytes_are_never_served_complete_nor_cached(make_mirror, faulty_upstream, big):
@@ -71,7 +71,7 @@ def test_wrong_bytes_are_never_served_complete_nor_cached(make_mirror, faulty_up
     faulty_upstream.arm("corrupt", path_contains=blob.digest, method="GET", offset=1000)
     n, _, error = read_blob(mirror, image.repo, blob)
     assert error is not None and n < blob.size          # the last byte was held back
-    assert not mirror.cached_path(blob.digest).exists()
+    assert not mirror.is_cached(blob.digest)
     assert "does not match" in mirror.log_text() or "hashed to" in mirror.log_text()
     assert read_blob(mirror, image.repo, blob) == (blob.size, blob.digest, None)
 
@@ -211,7 +211,7 @@ def test_after_every_fault_the_next_pull_works(make_mirror, faulty_upstream, ima
             for blob in image.blobs[:1]:
                 n, digest, error = read_blob(mirror, image.repo, blob)
                 assert error is not None or digest is None, kind
-                assert not mirror.cached_path(blob.digest).exists(), kind
+                assert not mirror.is_cached(blob.digest), kind
             faulty_upstream.clear()
         pull(client, image)
         for blob in image.blobs:

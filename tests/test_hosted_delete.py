@@ -202,9 +202,9 @@ def test_hosted_content_does_not_push_cached_content_out(make_mirror, upstream, 
             assert http.get(f"/v2/{oci.repo}/blobs/{blob.digest}").status_code == 200
         time.sleep(2.5)             # the evictor looks on every commit and each second
         for d in (oci.digest, *(b.digest for b in oci.blobs)):
-            assert mirror.cached_path(d).exists(), f"cached {d} was evicted"
+            assert mirror.is_cached(d), f"cached {d} was evicted"
         for d in (digest, *map(sha, layers)):
-            assert mirror.cached_path(d).exists(), f"hosted {d} was evicted"
+            assert mirror.is_cached(d), f"hosted {d} was evicted"
         assert http.get("/v2/myorg/app/manifests/v1").content == body
         r = http.get(f"/v2/{oci.repo}/blobs/{oci.blobs[-1].digest}")
         assert r.status_code == 200 and sha(r.content) == oci.blobs[-1].digest

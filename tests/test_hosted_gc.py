@@ -73,7 +73,7 @@ def test_unreferenced_blob_past_grace_is_swept_and_404s(private, http):
     assert http.get(f"/v2/team/app/blobs/{sha(kept)}").content == kept
     assert http.get("/v2/team/app/manifests/v1",
                     headers={"Accept": OCI_MANIFEST}).content == body
-    assert not (private.data_dir / "blobs" / "sha256" / stray[7:9] / stray[7:]).exists()
+    assert not private.is_cached(stray)           # the file, or the object in the bucket
 
 
 def test_blob_of_a_manifest_not_pushed_yet_survives_within_the_grace(private, http):

@@ -138,8 +138,8 @@ def test_wrong_digest_is_400_and_nothing_is_visible(http, private):
     r = http.put(location, params={"digest": wrong}, content=data)
     assert r.status_code == 400 and errors(r) == ["DIGEST_INVALID"]
     assert not visible(http, wrong) and not visible(http, sha(data))
-    assert not private.cached_path(wrong).exists()
-    assert not private.cached_path(sha(data)).exists()
+    assert not private.is_cached(wrong)
+    assert not private.is_cached(sha(data))
     r = http.post("/v2/team/app/blobs/uploads/", params={"digest": wrong}, content=data)
     assert r.status_code == 400 and errors(r) == ["DIGEST_INVALID"]
     assert not visible(http, wrong)
@@ -376,6 +376,6 @@ def test_hosted_content_is_never_evicted(private, http):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     for d in (digest, sha(layer), sha(orphan)):
-        assert private.cached_path(d).exists(), f"{d} was evicted"
+        assert private.is_cached(d), f"{d} was evicted"
     assert http.get("/v2/team/app/manifests/v1").content == body
     assert http.get(f"/v2/team/app/blobs/{sha(layer)}").content == layer

@@ -189,7 +189,7 @@ def test_wrong_bytes_everywhere_fail_the_fill_once_and_cache_nothing(
     # goes on on the truth (until it fails, or is let go with no one reading it).
     wait_for_log(mirror, f"fill of {blob.digest} failed",
                  f"blob {blob.digest}: no client has read it")
-    assert not mirror.cached_path(blob.digest).exists()
+    assert not mirror.is_cached(blob.digest)
     # Each source was asked once: no loop between them.
     assert faulty_accelerator.count("GET", f"/blobs/{blob.digest}") == 1
     assert faulty_upstream.count("GET", f"/blobs/{blob.digest}") == 1

@@ -136,7 +136,7 @@ def test_https_upstream_with_its_own_ca(make_mirror, upstream, image_set, tmp_pa
         fault = proxy.arm("reset", path_contains=blob.digest, method="GET", times=1)
         assert read_blob(trusted, image.repo, blob) == (blob.size, blob.digest, None)
         assert fault.hits == 1 and "resuming" in trusted.log_text()
-        assert trusted.cached_path(blob.digest).exists()
+        assert trusted.is_cached(blob.digest)
 
 
 @pytest.mark.parametrize("env", ["HTTPS_PROXY", "http_proxy", "ALL_PROXY"])

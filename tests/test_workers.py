@@ -160,8 +160,8 @@ def test_sixteen_cold_clients_over_two_workers_cause_one_upstream_get(
         pytest.fail("16 clients never reached both workers in 4 tries")
     log = two_workers.log_text()
     assert re.search(rf"\[w\d\] mirror\.access: .*blobs/{blob.digest}\" 200 .* coalesced", log)
-    cached = two_workers.cached_path(blob.digest)
-    assert hashlib.sha256(cached.read_bytes()).hexdigest() == blob.digest.split(":")[1]
+    cached = two_workers.cached_bytes(blob.digest)
+    assert hashlib.sha256(cached).hexdigest() == blob.digest.split(":")[1]
     assert not list((two_workers.data_dir / "tmp").glob("*.fill"))
 
 
@@ -191,7 +191,7 @@ def test_killing_the_downloading_worker_leaves_nothing_partial_and_the_next_pull
     assert len(results) == 4
     for n, _, error in results:
         assert error is not None and n < blob.size, "a client got a complete-looking body"
-    assert not mirror.cached_path(blob.digest).exists()
+    assert not mirror.is_cached(blob.digest)
     assert not index_rows(mirror, "SELECT 1 FROM blobs WHERE digest = ?", blob.digest)
     deadline = time.monotonic() + 20
     # replaced: the killed worker reaped (ps lists a zombie child too; the supervisor
@@ -203,7 +203,7 @@ def test_killing_the_downloading_worker_leaves_nothing_partial_and_the_next_pull
         time.sleep(0.1)
     n, digest, error = read_blob(mirror, REPO, blob)
     assert error is None and digest == blob.digest and n == blob.size
-    assert mirror.cached_path(blob.digest).exists()
+    assert mirror.is_cached(blob.digest)
     assert not [p for p in (mirror.data_dir / "tmp").iterdir() if p.name.startswith(f"{owner}-")]
 
 
@@ -345,6 +345,9 @@ def test_sighup_reaches_every_worker(two_workers):
 def test_after_an_unclean_stop_worker_0_reconciles_the_files(two_workers):
     """The supervisor killed: the lock file still names it, so the next start (worker 0,
     told by the new supervisor) walks the files and drops a stray one."""
+    if two_workers.on_s3:
+        pytest.skip("the walk of files does not apply to blobs in S3 (test_s3_storage.py "
+                    "checks that it is skipped, and said so)")
     old = two_workers.proc.pid
     children = _children(old)
     os.kill(old, signal.SIGKILL)

@@ -34,7 +34,7 @@ from typing import IO, Any
 from .. import __version__, fileio
 from ..cache import CannotOpen, LocalCache, existing
 from ..config import Config
-from ..errors import RegistryError
+from ..errors import BlobUnknown, RegistryError
 from ..fileio import CHUNK
 from ..index import TagRow
 from ..models import HOSTED, INDEX_TYPES, MANIFEST_MAX, parse_manifest
@@ -243,17 +243,23 @@ def select(args: argparse.Namespace, config: Config, router: Router, cache: Loca
     return list(chosen.values())
 
 
-def _read_verified(cache: LocalCache, digest: str, limit: int) -> bytes:
-    path = cache.path_for(digest)
-    with open(path, "rb") as f:
-        data = f.read(limit + 1)
+async def _read_verified(cache: LocalCache, digest: str, limit: int) -> bytes:
+    """A small cached object (a manifest, a config) read whole from the store, checked."""
+    data = bytearray()
+    try:
+        async for chunk in cache.store.read(digest, 0, None):
+            data += chunk
+            if len(data) > limit:
+                break
+    except BlobUnknown:
+        raise FileNotFoundError(digest) from None       # as a file that went
     if len(data) > limit:
         raise ExportError(f"{digest}: larger than {limit} bytes")
     algorithm = digest.split(":", 1)[0]
     if f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}" != digest:
         raise ExportError(f"{digest}: the cached file does not match its digest "
                           "(run `mirror verify`)")
-    return data
+    return bytes(data)
 
 
 async def plan_image(cache: LocalCache, image: Planned, platforms: list[Platform] | None,
@@ -268,7 +274,7 @@ async def plan_image(cache: LocalCache, image: Planned, platforms: list[Platform
         data = manifests.get(digest)
         if data is None:
             try:
-                data = await fileio.run(_read_verified, cache, digest, MANIFEST_MAX)
+                data = await _read_verified(cache, digest, MANIFEST_MAX)
             except FileNotFoundError:
                 raise ExportError(f"{image.name}: manifest {digest} vanished from the "
                                   "cache (evicted?)") from None
@@ -312,7 +318,7 @@ async def plan_image(cache: LocalCache, image: Planned, platforms: list[Platform
             and cache.blob_size(config["digest"]) is not None \
             and (cache.blob_size(config["digest"]) or 0) <= CONFIG_MAX:
         try:
-            cfg = json.loads(await fileio.run(_read_verified, cache, config["digest"],
+            cfg = json.loads(await _read_verified(cache, config["digest"],
                                               CONFIG_MAX))
             plat = {k: cfg[k] for k in ("architecture", "os", "variant")
                     if isinstance(cfg, dict) and isinstance(cfg.get(k), str) and cfg[k]}
@@ -339,6 +345,8 @@ def _copy_blob(writer: layout.TarWriter, fd: int, pos: int, size: int) -> int:
 
 async def write_blob(cache: LocalCache, writer: layout.TarWriter, digest: str, size: int,
                      progress: Progress) -> None:
+    if not cache.store.local_files:
+        return await _write_stored(cache, writer, digest, size, progress)
     try:
         fd = await fileio.open_read(cache.path_for(digest))
     except FileNotFoundError:
@@ -365,6 +373,33 @@ async def write_blob(cache: LocalCache, writer: layout.TarWriter, digest: str, s
         raise
     finally:
         os.close(fd)
+
+
+async def _write_stored(cache: LocalCache, writer: layout.TarWriter, digest: str, size: int,
+                       progress: Progress) -> None:
+    """``write_blob`` of a blob in an object store: streamed (with the tar writer on a
+    worker thread), never whole in memory. Its size is the index's: a shorter object
+    fails the export."""
+    task = progress.task(digest, size)
+    try:
+        await fileio.run(writer.header, layout.blob_name(digest), size)
+        pos = 0
+        try:
+            async for chunk in cache.store.read(digest, 0, size):
+                await fileio.run(writer.data, chunk)
+                pos += len(chunk)
+                task.advance(len(chunk))
+        except BlobUnknown:
+            raise ExportError(f"blob {digest} vanished from the cache while exporting "
+                              "(evicted, or removed by `mirror gc`)") from None
+        if pos != size:
+            raise ExportError(f"blob {digest}: the stored object has {pos} bytes, the index "
+                              f"says {size} (run `mirror verify`)")
+        await fileio.run(writer.pad, size)
+        task.done()
+    except BaseException as exc:
+        task.failed(str(exc))
+        raise
 
 
 def bundle_doc(config: Config, images: list[Planned], carried: list[str], sizes: dict[str, int],
@@ -421,7 +456,7 @@ async def export(args: argparse.Namespace, config: Config, progress: Progress,
                  platforms: list[Platform] | None, since: Since | None) -> int:
     router = Router(config)
     try:
-        async with existing(config.data_dir) as cache:
+        async with existing(config.data_dir, storage=config.storage) as cache:
             return await _export(args, config, progress, platforms, since, router, cache)
     except CannotOpen as exc:
         raise ExportError(str(exc)) from None

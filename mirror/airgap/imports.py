@@ -271,7 +271,8 @@ async def import_(args: argparse.Namespace, config: Config, progress: Progress) 
     except OSError as exc:
         raise ImportError_(f"{args.source}: {exc.strerror or exc}") from None
     try:
-        cache = await LocalCache.open(config.data_dir, server=False)
+        cache = await LocalCache.open(config.data_dir, server=False,
+                                      storage=config.storage)
     except CannotOpen as exc:
         raise ImportError_(str(exc)) from None
     state = State()

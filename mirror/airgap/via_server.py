@@ -137,10 +137,11 @@ def _quiet_server(config: Any) -> Any:
 class Index:
     """The index, read-only, beside whichever server runs."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, files: bool = True) -> None:
         self.path = Path(data_dir).resolve() / "index.db"
         self.db: aiosqlite.Connection | None = None
         self._opening = asyncio.Lock()
+        self.files = files      # False: blobs are objects (S3); the index row is enough
 
     async def _open(self) -> aiosqlite.Connection | None:
         async with self._opening:      # blobs are looked up concurrently: one connection
@@ -163,6 +164,8 @@ class Index:
             return False
         if not rows:
             return False
+        if not self.files:
+            return True
         return await asyncio.to_thread(os.path.exists, blob_path(self.path.parent, digest))
 
     async def close(self) -> None:

@@ -164,7 +164,7 @@ async def warm(config: Config, refs: list[ImageRef], platforms: list[Platform], 
     from .via_server import Index, Puller, serving
 
     results = []
-    index = Index(config.data_dir)
+    index = Index(config.data_dir, files=config.storage.s3 is None)
     try:
         async with serving(config) as conn:
             if not conn.started_here:

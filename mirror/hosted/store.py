@@ -18,7 +18,6 @@ from typing import Any
 
 from .. import metrics
 from ..cache import LocalCache
-from ..cache_files import CachedBlob
 from ..config import HostedConfig
 from ..errors import (
     BlobUnknown,
@@ -41,6 +40,7 @@ from ..models import (
     require_acceptable,
 )
 from ..notify import events
+from ..storage import StoredBlob
 from . import gc
 from .uploads import Uploads
 
@@ -193,7 +193,7 @@ class HostedStore:
     async def _exists(self, repository: str) -> bool:
         return (HOSTED, repository) in set(await self.local.repositories())
 
-    async def open_blob(self, repository: str, digest: str) -> CachedBlob:
+    async def open_blob(self, repository: str, digest: str) -> StoredBlob:
         for last in (False, True):
             body = await self.local.open_blob(digest) \
                 if self.local.linked(HOSTED, repository, digest) else None

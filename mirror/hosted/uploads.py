@@ -8,13 +8,15 @@ Layout::
 Every byte is hashed as it is written. A process that did not write the bytes so far
 (after a restart, or another worker) re-hashes the data file before appending: hashlib
 state cannot be persisted. One request at a time writes to a session, whichever worker
-process it reaches (``lock``: a ``flock`` on ``uploads/<uuid>/lock``). The final
-``PUT`` checks the digest, fsyncs and renames the file into the content-addressed store
-through ``LocalCache.commit_blob``; a blob already there (cached or pushed before) is
-kept once and the upload is dropped. A request that fails part-way (too big, client
-gone, wrong length) leaves the session as it was before it. Sessions no request has
-written to for ``hosted.upload_ttl`` (abandoned) are gone: swept at start-up, every
-quarter of the TTL while the server runs, by `mirror gc`, and when a client touches one.
+process it reaches (``lock``: a ``flock`` on ``uploads/<uuid>/lock``). The final ``PUT``
+checks the digest and commits the file to the blob store through
+``LocalCache.commit_blob`` (fsynced and renamed into ``blobs/``, or streamed into the
+bucket and completed there, verified first either way); a blob already there (cached or
+pushed before) is kept once and the upload is dropped. A request that fails part-way
+(too big, client gone, wrong length) leaves the session as it was before it. Sessions no
+request has written to for ``hosted.upload_ttl`` (abandoned) are gone: swept at
+start-up, every quarter of the TTL while the server runs, by `mirror gc`, and when a
+client touches one.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Blobs in an S3-compatible object store (AWS S3, SeaweedFS, MinIO, moto, ...).
 
 ``S3Store`` keeps each blob under ``<prefix>blobs/<algorithm>/<2 hex>/<hex>``, the
-same content-addressed layout as the filesystem cache. Not wired into the server yet
-(issue 16 does that); nothing here touches the index.
+same content-addressed layout as the filesystem cache. s3_blobs.py puts it behind the
+cache's ``BlobStore`` protocol; nothing here touches the index.
 
 Writing (``await store.writer(digest)``): the caller feeds chunks to the writer,
 which hashes them on the way (on a worker thread for big chunks). The first
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import timedelta
@@ -92,12 +93,14 @@ class S3Writer:
     As an async context manager it aborts on the way out unless committed (an error or
     a cancellation in the caller leaves nothing behind)."""
 
-    def __init__(self, store: S3Store, digest: str, key: str) -> None:
+    def __init__(self, store: S3Store, digest: str, key: str, hashing: bool = True) -> None:
         self._store = store
         self.digest = digest
         self.key = key
         algorithm = digest.split(":", 1)[0]
-        self._hasher: _Hash = HASHES[algorithm]()
+        # hashing False: the caller hashes the same bytes (the cache's temp file does)
+        # and hands its result to ``commit``: one hash per blob, not two.
+        self._hasher: _Hash | None = HASHES[algorithm]() if hashing else None
         self._algorithm = algorithm
         self.size = 0
         self._head = bytearray()        # the first part, until the upload starts
@@ -114,7 +117,9 @@ class S3Writer:
     async def write(self, chunk: bytes | bytearray | memoryview) -> None:
         if self._finished:
             raise RuntimeError(f"writer for {self.digest} is already finished")
-        if len(chunk) >= INLINE_HASH:
+        if self._hasher is None:
+            pass
+        elif len(chunk) >= INLINE_HASH:
             await asyncio.to_thread(self._hasher.update, chunk)
         else:
             self._hasher.update(chunk)
@@ -167,13 +172,17 @@ class S3Writer:
         if not self._finished:
             raise CacheUnavailable(f"object store upload of {self.digest} ended early")
 
-    async def commit(self) -> int:
+    async def commit(self, actual: str | None = None) -> int:
         """Verify the bytes written against the digest and only then make the blob
         visible. Returns its size; raises DigestInvalid (and leaves nothing) on a
-        mismatch."""
+        mismatch. ``actual``: the digest the caller computed of the same bytes (a
+        writer made with ``hashing=False`` needs it)."""
         if self._finished:
             raise RuntimeError(f"writer for {self.digest} is already finished")
-        actual = f"{self._algorithm}:{self._hasher.hexdigest()}"
+        if self._hasher is not None:
+            actual = f"{self._algorithm}:{self._hasher.hexdigest()}"
+        elif actual is None:
+            raise ValueError("a writer that does not hash needs the digest of its bytes")
         if actual != self.digest:
             await self.abort()
             raise DigestInvalid(f"content hashes to {actual}, not {self.digest}",
@@ -241,7 +250,8 @@ class S3Store:
             settings["secret_access_key"] = config.secret_key
         client_options: ClientConfig = {"timeout": REQUEST_TIMEOUT,
                                           "connect_timeout": CONNECT_TIMEOUT}
-        if config.endpoint and config.endpoint.startswith("http://"):
+        endpoint = config.endpoint or os.environ.get("AWS_ENDPOINT_URL", "")
+        if endpoint.startswith("http://"):
             client_options["allow_http"] = True
         retry: RetryConfig = {"max_retries": RETRIES, "retry_timeout": RETRY_TIMEOUT}
         self.client = _ObjectStore(config.bucket, client_options=client_options,
@@ -252,8 +262,8 @@ class S3Store:
         algorithm, hexpart = validate_digest(digest).split(":", 1)
         return f"{self.config.prefix}blobs/{algorithm}/{hexpart[:2]}/{hexpart}"
 
-    async def writer(self, digest: str) -> S3Writer:
-        return S3Writer(self, digest, self.key(digest))
+    async def writer(self, digest: str, hashing: bool = True) -> S3Writer:
+        return S3Writer(self, digest, self.key(digest), hashing)
 
     async def exists(self, digest: str) -> int | None:
         """The blob's size, or None when the store does not have it."""

@@ -19,9 +19,10 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from .. import fileio, fill_shared, upstream_status
+from .. import fill_shared, upstream_status
 from ..admin import COUNTERS, by_source
 from ..catalog import PAGE_SIZE, SORTS
+from ..errors import RegistryError
 from ..fill_shared import FillProgress
 from ..models import HOSTED, INDEX_TYPES, is_digest, validate_digest, validate_name
 from . import views
@@ -191,14 +192,16 @@ async def _repository_or_image(request: Request, upstream: str, path: str) -> Re
 
 
 async def _read_manifest(s: Site, digest: str) -> Any:
-    """A cached manifest's JSON (None: not cached). Read from its file, not through
-    the cache, so looking at it is not a use (it counts for eviction)."""
+    """A cached manifest's JSON (None: not cached). Read from the blob store, not
+    through the cache, so looking at it is not a use (it counts for eviction)."""
     if s.local.manifest_info(digest) is None:
         return None
     try:
-        data = await fileio.run(s.local.path_for(digest).read_bytes)
+        data = await s.local.store.read_small(digest)
+        if data is None:
+            return None
         return json.loads(data), data
-    except (OSError, ValueError):
+    except (OSError, ValueError, RegistryError):
         return None
 
 
@@ -301,8 +304,9 @@ async def _config(s: Site, digest: str) -> dict[str, Any] | None:
     if size is None or size > CONFIG_MAX:
         return None
     try:
-        doc = json.loads(await fileio.run(s.local.path_for(digest).read_bytes))
-    except (OSError, ValueError):
+        data = await s.local.store.read_small(digest)
+        doc = json.loads(data) if data is not None else None
+    except (OSError, ValueError, RegistryError):
         return None
     return views.config_summary(doc) if isinstance(doc, dict) else None
 

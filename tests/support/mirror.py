@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from .ports import free_port, stop_process, wait_http
+from .s3 import stored_bytes, with_test_storage
 
 
 class MirrorProcess:
@@ -30,6 +31,7 @@ class MirrorProcess:
         # tests read one process's log and metrics.
         self.config = {"listen": self.host, "data_dir": str(self.data_dir), "workers": 1,
                        **config}
+        self.config = with_test_storage(self.config)       # MIRROR_TEST_STORAGE=s3
         self.config_path = self.dir / "config.yml"
         self.config_path.write_text(yaml.safe_dump(self.config))
         self.log_path = self.dir / "mirror.log"
@@ -59,6 +61,18 @@ class MirrorProcess:
         """Where the mirror keeps a verified blob (or manifest) named ``digest``."""
         algorithm, hexpart = digest.split(":", 1)
         return self.data_dir / "blobs" / algorithm / hexpart[:2] / hexpart
+
+    def cached_bytes(self, digest: str) -> bytes | None:
+        """The verified blob (or manifest) committed under ``digest``, from the data
+        directory or the bucket (None: not there)."""
+        return stored_bytes(self.config, digest)
+
+    def is_cached(self, digest: str) -> bool:
+        return self.cached_bytes(digest) is not None
+
+    @property
+    def on_s3(self) -> bool:
+        return bool((self.config.get("storage") or {}).get("s3"))
 
     def reconfigure(self, **changes) -> None:
         """Rewrite the config file (takes effect at the next start)."""
