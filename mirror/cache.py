@@ -4,7 +4,7 @@ Layout::
 
     data_dir/blobs/sha256/ab/ab12...   every blob and manifest, named by its digest
     data_dir/tmp/                      files being written; removed at start-up
-    data_dir/index.db                  the SQLite index
+    data_dir/index.db                  the SQLite index (unless index.postgres is set)
     data_dir/lock                      the running server's PID, flock'ed (lock.py)
     data_dir/quarantine/               what `mirror verify --quarantine` set aside
 
@@ -40,8 +40,18 @@ from . import cache_maps, fileio, lock
 from .cache_files import CachedBlob as CachedBlob
 from .cache_files import TempBlob as TempBlob
 from .cache_files import blob_path, fsync_dir, make_dirs, remove_later, scan_blobs
+from .config_scale import IndexConfig
 from .errors import DigestInvalid
-from .index import LOAD_BATCH, Change, Index, TagRow
+from .index import (
+    LOAD_BATCH,
+    SQLITE,
+    Change,
+    Index,
+    IndexUnavailable,
+    TagRow,
+    open_index,
+    where,
+)
 from .models import (
     HOSTED,
     Manifest,
@@ -63,13 +73,15 @@ class CannotOpen(Exception):
 
 
 @asynccontextmanager
-async def existing(data_dir: Path) -> AsyncIterator[LocalCache]:
-    """The cache in ``data_dir`` opened beside a running server (``server=False``), for
-    the maintenance, export and import commands; CannotOpen when there is none."""
-    if not (Path(data_dir) / "index.db").is_file():
+async def existing(data_dir: Path, *,
+                   index: IndexConfig = SQLITE) -> AsyncIterator[LocalCache]:
+    """The cache in ``data_dir`` (and ``index``) opened beside a running server
+    (``server=False``), for the maintenance, export and import commands; CannotOpen
+    when there is none."""
+    if index.postgres is None and not (Path(data_dir) / "index.db").is_file():
         raise CannotOpen(f"no cache in {data_dir} (no index.db there); "
                          "check --data-dir or data_dir in the config")
-    cache = await LocalCache.open(data_dir, server=False)
+    cache = await LocalCache.open(data_dir, server=False, index=index)
     try:
         yield cache
     finally:
@@ -79,8 +91,12 @@ async def existing(data_dir: Path) -> AsyncIterator[LocalCache]:
 def unusable(data_dir: Path, exc: BaseException, path: Path | None = None) -> str:
     """One line for a data directory (or its ``index.db``, ``path``) that cannot be
     opened: what failed, where, and what to do about it."""
+    if isinstance(exc, IndexUnavailable) and exc.__cause__ is not None:
+        exc = exc.__cause__
     where = Path(getattr(exc, "filename", None) or path or data_dir)
     fix = f"or choose another data_dir (now {data_dir})"
+    if isinstance(exc, IndexUnavailable):
+        return f"{where}: {exc}"
     if isinstance(exc, sqlite3.Error):
         text = str(exc)
         if "readonly" in text or "unable to open" in text:
@@ -137,7 +153,8 @@ class LocalCache:
     @classmethod
     async def open(cls, data_dir: Path, server: bool = True, prepare: bool = True,
                    own_lock: bool = True, leader: bool = True,
-                   previous_pid: int | None = None) -> LocalCache:
+                   previous_pid: int | None = None, *,
+                   index: IndexConfig = SQLITE) -> LocalCache:
         """Open the cache. The server (``server=True``) owns the data directory: it
         clears leftover temp files and, after an unclean stop, reconciles files with the
         index. The CLI opens with ``server=False`` and touches neither, so it is safe
@@ -145,7 +162,8 @@ class LocalCache:
         in its first worker (``prepare``), holds the data directory's lock in the
         supervisor (``own_lock`` False in the workers: the supervisor then says whether
         the previous server stopped cleanly, ``previous_pid``), and checkpoints the index
-        in its ``leader`` only."""
+        in its ``leader`` only. ``index``: where the index is (SQLite's index.db in the
+        data directory, or PostgreSQL)."""
         data_dir = Path(data_dir).resolve()
         held = None
         prepare = prepare and server
@@ -163,15 +181,15 @@ class LocalCache:
             await fileio.run(make_ready)
         except OSError as exc:
             raise CannotOpen(unusable(data_dir, exc)) from None
+        config = index
         try:
-            index = await Index.open(data_dir / "index.db", flush=server,
-                                     checkpoint=leader)
-        except (sqlite3.Error, OSError) as exc:
-            raise CannotOpen(unusable(data_dir, exc, data_dir / "index.db")) from None
-        cache = cls(data_dir, index)
+            opened = await open_index(data_dir, config, flush=server, checkpoint=leader)
+        except (IndexUnavailable, OSError) as exc:
+            raise CannotOpen(cls._unusable(data_dir, config, exc)) from None
+        cache = cls(data_dir, opened)
         try:
             if not server:
-                await index.for_reports()
+                await opened.for_reports()
             await cache.resync()
             # After a clean stop the files and the index agree: a row is written only
             # once its file's bytes are on disk, and what a crash would leave (a file
@@ -186,16 +204,22 @@ class LocalCache:
                             "run `mirror verify` to re-hash them", data_dir, previous_pid)
                 if await cache._reconcile():
                     await cache.resync()
-        except (sqlite3.Error, OSError) as exc:
-            await index.close()
-            raise CannotOpen(unusable(data_dir, exc, data_dir / "index.db")) from None
+        except (IndexUnavailable, OSError) as exc:
+            await opened.close()
+            raise CannotOpen(cls._unusable(data_dir, config, exc)) from None
         except BaseException:
-            await index.close()
+            await opened.close()
             raise
         cache._lock = held
         log.info("cache at %s: %d blobs, %d manifests, %d tags", data_dir,
                  len(cache._blobs), len(cache._manifests), len(cache._tags))
         return cache
+
+    @staticmethod
+    def _unusable(data_dir: Path, config: IndexConfig, exc: BaseException) -> str:
+        if config.postgres is None or not isinstance(exc, IndexUnavailable):
+            return unusable(data_dir, exc, data_dir / "index.db")
+        return f"{where(data_dir, config)}: {exc}"
 
     async def _reconcile(self) -> bool:
         """Make the index and the files agree after a crash: rows whose file is gone or
@@ -324,7 +348,7 @@ class LocalCache:
             self._generations["content"] = generations["content"]
             self._touched = _Touched()
             try:
-                maps = await fileio.run(cache_maps.load, self.data_dir / "index.db")
+                maps = await self.index.snapshot_read(cache_maps.read)
             finally:
                 touched, self._touched = self._touched, None
             old = self._maps
@@ -652,7 +676,7 @@ class LocalCache:
         until restart, when reconciliation drops files the index does not know."""
         try:
             await write
-        except sqlite3.Error as exc:
+        except IndexUnavailable as exc:
             log.error("index write for %s failed: %s", what, exc)
 
     async def _place(self, temp: TempBlob, digest: str) -> None:
