@@ -36,8 +36,10 @@ _PLACEHOLDER = re.compile(r"\?")
 def translate(sql: str) -> str:
     """SQLite's dialect, as core.py writes it, in PostgreSQL's: ``$n`` placeholders,
     no ``INDEXED BY`` hints, ``greatest`` for the scalar ``max``, a plain JOIN for
-    SQLite's order-keeping ``CROSS JOIN ... ON``."""
+    SQLite's order-keeping ``CROSS JOIN ... ON``, and a text parameter collated as the
+    columns are (byte order: a recursive query's terms must agree)."""
     sql = _INDEXED_BY.sub("", sql).replace("CROSS JOIN", "JOIN")
+    sql = sql.replace("CAST(? AS TEXT)", 'CAST(? AS TEXT) COLLATE "C"')
     sql = _MAX2.sub(r"greatest(\1,\2)", sql)
     numbers = iter(range(1, 100_000))
     return _PLACEHOLDER.sub(lambda _: f"${next(numbers)}", sql)

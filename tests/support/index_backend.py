@@ -26,7 +26,7 @@ from mirror.config_scale import IndexConfig, PostgresConfig
 
 from .postgres import PostgresCluster, pg_bin
 
-__all__ = ["index_config", "mirror_index", "rows", "shared_cluster", "using_postgres"]
+__all__ = ["index_config", "index_of", "mirror_index", "rows", "shared_cluster", "using_postgres"]
 
 _cluster: PostgresCluster | None = None
 
@@ -68,6 +68,12 @@ def index_config(request) -> IndexConfig:
     if request.param == "sqlite":
         return IndexConfig()
     return IndexConfig(postgres=PostgresConfig(new_dsn()))
+
+
+def index_of(config: dict) -> IndexConfig:
+    """The IndexConfig of a MirrorProcess's config dict."""
+    dsn = _dsn(config)
+    return IndexConfig() if dsn is None else IndexConfig(postgres=PostgresConfig(dsn))
 
 
 def rows(data_dir: Path, config: dict | IndexConfig | None, sql: str,
