@@ -58,7 +58,8 @@ def _failed(exc: BaseException) -> IndexUnavailable:
 
 
 class _Connection:
-    """``db.Query`` on one connection (inside a transaction of ``writing``)."""
+    """``db.Query`` on one connection (inside a transaction of ``writing``), or on the
+    pool (reads only)."""
 
     def __init__(self, conn: Any, errors: tuple[type[BaseException], ...]):
         self._conn = conn
@@ -130,11 +131,8 @@ class PostgresDatabase:
         return database
 
     async def fetch(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
-        try:
-            rows: list[Row] = await self._pool.fetch(translate(sql), *args)
-            return rows
-        except self._errors as exc:
-            raise _failed(exc) from exc
+        """A read on any of the pool's connections (asyncpg's pool fetches as they do)."""
+        return await _Connection(self._pool, self._errors).fetch(sql, args)
 
     async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
         async with self.writing() as tx:
