@@ -22,6 +22,7 @@ from mirror.config_scale import IndexConfig, PostgresConfig
 from mirror.index import open_index
 from mirror.index.pg_schema import COMPONENT, MIGRATIONS
 from mirror.index.postgres import PostgresDatabase
+from mirror.models import HOSTED
 from tests.support import postgres as _postgres
 from tests.support.ports import free_port
 from tests.test_pull_through import hub_config
@@ -87,15 +88,16 @@ def test_the_change_log_is_in_commit_order_and_a_rollback_leaves_no_hole(pg_dsn,
             await late
             changes = await reader.changes_since(0)
             assert [(c.seq, c.a) for c in changes] == [(1, BLOB), (2, "sha256:" + "c" * 64)]
-            await index.link("hosted", "team/app", [BLOB])
+            await index.link(HOSTED, "team/app", [BLOB])
 
             async def nothing(_: list[str]) -> None:
                 pass
-            await index.sweep_hosted(time.time() + 10, True, nothing, dry_run=True)
+            swept = await index.sweep_hosted(time.time() + 10, True, nothing, dry_run=True)
+            assert swept.links == [("team/app", BLOB)] and BLOB in swept.blobs
             await index.add_blob("sha256:" + "d" * 64, 3)
-            changes = await reader.changes_since(2)
+            changes = await reader.changes_since(3)
             assert changes is not None, "a hole in the change log"
-            assert [c.seq for c in changes] == [3, 4]
+            assert [(c.seq, c.kind) for c in changes] == [(4, "blob")]
         finally:
             await reader.close()
             await index.close()
