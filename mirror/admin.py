@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sqlite3
 import sys
 import time
 from collections.abc import Collection, Sequence
@@ -29,6 +28,7 @@ from .config import Config
 from .errors import BlobUnknown, RegistryError
 from .hosted import gc as hosted_gc
 from .hosted.uploads import Uploads
+from .index import IndexUnavailable, open_database, where
 from .models import HASHES, HOSTED, validate_digest, validate_tag
 from .routing import Route, Router
 
@@ -53,21 +53,42 @@ class AdminError(Exception):
 
 def run(args, config: Config) -> int:
     command = {"stats": stats, "ls": ls, "pin": pin, "unpin": unpin, "gc": gc,
-               "verify": verify, "rm": rm, "invalidate": invalidate}[args.command]
+               "verify": verify, "rm": rm, "invalidate": invalidate,
+               "migrate": migrate}[args.command]
     try:
         return asyncio.run(command(args, config, Router(config)))
     except AdminError as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return exc.status
-    except sqlite3.Error as exc:
-        print(f"mirror: {Path(config.data_dir) / 'index.db'}: {exc}", file=sys.stderr)
+    except IndexUnavailable as exc:
+        print(f"mirror: {where(config.data_dir, config.index)}: {exc}", file=sys.stderr)
         return 1
+
+
+async def migrate(args, config: Config, router: Router) -> int:
+    """``mirror migrate``: the index's schema created or brought up to date (what the
+    server does at start-up), in one line."""
+    if config.index.postgres is None:
+        try:
+            await fileio.run(lambda: Path(config.data_dir).mkdir(parents=True, exist_ok=True))
+        except OSError as exc:
+            raise AdminError(f"{config.data_dir}: {exc.strerror or exc}") from None
+    try:
+        db = await open_database(config.data_dir, config.index)
+    except IndexUnavailable as exc:
+        raise AdminError(f"{where(config.data_dir, config.index)}: {exc}") from None
+    try:
+        print(f"index {where(config.data_dir, config.index)}: {db.migration}")
+    finally:
+        await db.close()
+    return 0
 
 
 @asynccontextmanager
 async def opened(config: Config):
     try:
-        async with existing(config.data_dir, storage=config.storage) as cache:
+        async with existing(config.data_dir, storage=config.storage,
+                            index=config.index) as cache:
             yield cache
     except CannotOpen as exc:
         raise AdminError(str(exc)) from None

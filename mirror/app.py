@@ -87,11 +87,13 @@ class Mirror:
             local = await LocalCache.open(config.data_dir, prepare=role.prepare,
                                           own_lock=role.worker is None, leader=role.leader,
                                           previous_pid=role.previous_pid,
-                                          storage=config.storage)
+                                          storage=config.storage, index=config.index)
         except CannotOpen as exc:
             raise StartupError(str(exc)) from None
         self.local = local
-        local.follow = role.worker is not None
+        # Other processes write the index too: this server's other workers, or (a
+        # PostgreSQL index) other replicas; their changes are followed each second.
+        local.follow = role.worker is not None or config.index.postgres is not None
         try:
             local_token = await fileio.run(_local_token, local.data_dir, role.prepare)
         except OSError as exc:
@@ -127,7 +129,7 @@ class Mirror:
         leadership = Leadership.of(config, role.leader)
         await leadership.start()
         evictor = Evictor(local, Budget.of(config), enforce=role.leader,
-                          follow=role.worker is not None, leading=lambda: leadership.held)
+                          follow=local.follow, leading=lambda: leadership.held)
         evictor.start()
         sources: dict[str, Source] = {name: ProxyStore(local, UpstreamGroup(up), up.tag_ttl,
                                                       up.offline)
@@ -145,7 +147,7 @@ class Mirror:
                                                                        hosted, local_token)
         self.web.state.registry = self.app.state.registry
         metrics.persist = local.index.count
-        catalog = await Catalog.open(local.data_dir / "index.db", router.display_name)
+        catalog = await Catalog.open(local.index, router.display_name)
         self.web.state.site = Site(config, local, router, catalog, hosted)
         events.sink = notifier.accept if notifier.endpoints else None
         metrics.cache_size.set_function(lambda: local.cached_size)

@@ -5,7 +5,7 @@ Layout::
     data_dir/blobs/sha256/ab/ab12...   every blob and manifest, named by its digest
                                        (or the same keys in a bucket: ``storage: {s3: ...}``)
     data_dir/tmp/                      files being written; removed at start-up
-    data_dir/index.db                  the SQLite index
+    data_dir/index.db                  the SQLite index (unless index.postgres is set)
     data_dir/lock                      the running server's PID, flock'ed (lock.py)
     data_dir/quarantine/               what `mirror verify --quarantine` set aside
 
@@ -43,9 +43,18 @@ from . import cache_maps, fileio, lock
 from .cache_files import CachedBlob as CachedBlob
 from .cache_files import TempBlob as TempBlob
 from .cache_files import remove_later, scan_blobs
-from .config_scale import StorageConfig
+from .config_scale import IndexConfig, StorageConfig
 from .errors import DigestInvalid
-from .index import LOAD_BATCH, Change, Index, TagRow
+from .index import (
+    LOAD_BATCH,
+    SQLITE,
+    Change,
+    Index,
+    IndexUnavailable,
+    TagRow,
+    open_index,
+    where,
+)
 from .models import (
     HOSTED,
     Manifest,
@@ -70,13 +79,15 @@ class CannotOpen(Exception):
 
 @asynccontextmanager
 async def existing(data_dir: Path, *,
-                   storage: StorageConfig = DEFAULT_STORAGE) -> AsyncIterator[LocalCache]:
-    """The cache in ``data_dir`` opened beside a running server (``server=False``), for
-    the maintenance, export and import commands; CannotOpen when there is none."""
-    if not (Path(data_dir) / "index.db").is_file():
+                   storage: StorageConfig = DEFAULT_STORAGE,
+                   index: IndexConfig = SQLITE) -> AsyncIterator[LocalCache]:
+    """The cache in ``data_dir`` (and ``index``) opened beside a running server
+    (``server=False``), for the maintenance, export and import commands; CannotOpen
+    when there is none."""
+    if index.postgres is None and not (Path(data_dir) / "index.db").is_file():
         raise CannotOpen(f"no cache in {data_dir} (no index.db there); "
                          "check --data-dir or data_dir in the config")
-    cache = await LocalCache.open(data_dir, server=False, storage=storage)
+    cache = await LocalCache.open(data_dir, server=False, storage=storage, index=index)
     try:
         yield cache
     finally:
@@ -86,8 +97,12 @@ async def existing(data_dir: Path, *,
 def unusable(data_dir: Path, exc: BaseException, path: Path | None = None) -> str:
     """One line for a data directory (or its ``index.db``, ``path``) that cannot be
     opened: what failed, where, and what to do about it."""
+    if isinstance(exc, IndexUnavailable) and exc.__cause__ is not None:
+        exc = exc.__cause__
     where = Path(getattr(exc, "filename", None) or path or data_dir)
     fix = f"or choose another data_dir (now {data_dir})"
+    if isinstance(exc, IndexUnavailable):
+        return f"{where}: {exc}"
     if isinstance(exc, sqlite3.Error):
         text = str(exc)
         if "readonly" in text or "unable to open" in text:
@@ -147,7 +162,8 @@ class LocalCache:
     async def open(cls, data_dir: Path, server: bool = True, prepare: bool = True,
                    own_lock: bool = True, leader: bool = True,
                    previous_pid: int | None = None, *,
-                   storage: StorageConfig = DEFAULT_STORAGE) -> LocalCache:
+                   storage: StorageConfig = DEFAULT_STORAGE,
+                   index: IndexConfig = SQLITE) -> LocalCache:
         """Open the cache. The server (``server=True``) owns the data directory: it
         clears leftover temp files and, after an unclean stop, reconciles files with the
         index. The CLI opens with ``server=False`` and touches neither, so it is safe
@@ -156,7 +172,9 @@ class LocalCache:
         supervisor (``own_lock`` False in the workers: the supervisor then says whether
         the previous server stopped cleanly, ``previous_pid``), and checkpoints the index
         in its ``leader`` only. ``storage``: where the blobs live (the data directory, or
-        an object store; an unusable one is CannotOpen naming its config key)."""
+        an object store; an unusable one is CannotOpen naming its config key).
+        ``index``: where the index is (SQLite's index.db in the data directory, or
+        PostgreSQL)."""
         data_dir = Path(data_dir).resolve()
         held = None
         prepare = prepare and server
@@ -174,6 +192,7 @@ class LocalCache:
             await fileio.run(make_ready)
         except OSError as exc:
             raise CannotOpen(unusable(data_dir, exc)) from None
+        config = index
         try:
             store = open_store(data_dir, storage)
             await store.check()
@@ -182,14 +201,15 @@ class LocalCache:
                 held.release()
             raise CannotOpen(str(exc)) from None
         try:
-            index = await Index.open(data_dir / "index.db", flush=server,
-                                     checkpoint=leader)
-        except (sqlite3.Error, OSError) as exc:
-            raise CannotOpen(unusable(data_dir, exc, data_dir / "index.db")) from None
-        cache = cls(data_dir, index, store)
+            opened = await open_index(data_dir, config, flush=server, checkpoint=leader)
+        except (IndexUnavailable, OSError) as exc:
+            if held is not None:
+                held.release()
+            raise CannotOpen(cls._unusable(data_dir, config, exc)) from None
+        cache = cls(data_dir, opened, store)
         try:
             if not server:
-                await index.for_reports()
+                await opened.for_reports()
             await cache.resync()
             # After a clean stop the files and the index agree: a row is written only
             # once its file's bytes are on disk, and what a crash would leave (a file
@@ -209,17 +229,23 @@ class LocalCache:
                             "run `mirror verify` to re-hash them", data_dir, previous_pid)
                 if await cache._reconcile():
                     await cache.resync()
-        except (sqlite3.Error, OSError) as exc:
-            await index.close()
-            raise CannotOpen(unusable(data_dir, exc, data_dir / "index.db")) from None
+        except (IndexUnavailable, OSError) as exc:
+            await opened.close()
+            raise CannotOpen(cls._unusable(data_dir, config, exc)) from None
         except BaseException:
-            await index.close()
+            await opened.close()
             raise
         cache._lock = held
         log.info("cache at %s: %d blobs, %d manifests, %d tags; blobs in %s", data_dir,
                  len(cache._blobs), len(cache._manifests), len(cache._tags),
                  store.describe() if hasattr(store, "describe") else store.name)
         return cache
+
+    @staticmethod
+    def _unusable(data_dir: Path, config: IndexConfig, exc: BaseException) -> str:
+        if config.postgres is None or not isinstance(exc, IndexUnavailable):
+            return unusable(data_dir, exc, data_dir / "index.db")
+        return f"{where(data_dir, config)}: {exc}"
 
     async def _reconcile(self) -> bool:
         """Make the index and the files agree after a crash: rows whose file is gone or
@@ -348,7 +374,7 @@ class LocalCache:
             self._generations["content"] = generations["content"]
             self._touched = _Touched()
             try:
-                maps = await fileio.run(cache_maps.load, self.data_dir / "index.db")
+                maps = await self.index.snapshot_read(cache_maps.read)
             finally:
                 touched, self._touched = self._touched, None
             old = self._maps
@@ -685,7 +711,7 @@ class LocalCache:
         until restart, when reconciliation drops files the index does not know."""
         try:
             await write
-        except sqlite3.Error as exc:
+        except IndexUnavailable as exc:
             log.error("index write for %s failed: %s", what, exc)
 
     async def _place(self, temp: TempBlob, digest: str) -> None:

@@ -24,12 +24,19 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from .index import TagRow
 from .models import HOSTED
 
 V = TypeVar("V")
+
+
+class Reader(Protocol):
+    """What the maps are read from: ``execute(sql)`` gives a cursor (sqlite3's)."""
+
+    def execute(self, sql: str, /) -> Any: ...
+
 PREFIX = "sha256:"
 RAW = 32                 # bytes of a sha256 digest
 REPO = 4                 # bytes of a repository number in a packed link
@@ -282,7 +289,7 @@ class Maps:
         return self.blobs.get(digest) or (self.manifests.get(digest) or ("", 0))[1]
 
 
-def _fetch(db: sqlite3.Connection, sql: str) -> Iterator[list[tuple]]:
+def _fetch(db: Reader, sql: str) -> Iterator[list[tuple]]:
     """The rows of ``sql``, a batch at a time."""
     cur = db.execute(sql)
     while rows := cur.fetchmany(BATCH):
@@ -332,7 +339,7 @@ def _table(batches: Iterable[list[tuple]], codec: Codec[V],
     return table
 
 
-def _links(db: sqlite3.Connection, hosted: Counter[str]) -> LinkSet:
+def _links(db: Reader, hosted: Counter[str]) -> LinkSet:
     """The link set, read as each repository's link count and then the digests alone
     in the same order (a third of the strings to make of reading every column of every
     row); counts the hosted repositories linking each digest into ``hosted``."""
@@ -361,28 +368,35 @@ def _links(db: sqlite3.Connection, hosted: Counter[str]) -> LinkSet:
 
 
 def load(path: Path) -> Maps:
-    """Read the index into new maps, in one read transaction (a consistent snapshot).
-    Blocks for seconds at a million rows: call it on a worker thread."""
+    """Read a SQLite index.db into new maps, in one read transaction (a consistent
+    snapshot). Blocks for seconds at a million rows: call it on a worker thread."""
     db = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
     try:
         db.execute("BEGIN")
-        maps = Maps()
-        maps.blobs = _table(_fetch(db, "SELECT digest, size FROM blobs ORDER BY digest"),
-                            Sizes(), lambda r: r[1])
-        maps.manifests = _table(
-            _fetch(db, "SELECT digest, media_type, size FROM manifests ORDER BY digest"),
-            MediaSizes(), lambda r: (r[1], r[2]))
-        maps.links = _links(db, maps.hosted)
-        shared = {name: name for name in maps.links._names}
-        for rows in _fetch(db, "SELECT upstream, repository, tag, digest, fetched_at, "
-                               "expires_at FROM tags"):
-            for row in rows:
-                upstream, repository = shared.setdefault((row[0], row[1]), (row[0], row[1]))
-                maps.tags[(upstream, repository, row[2])] = TagRow(upstream, repository,
-                                                                   *row[2:])
+        maps = read(db)
         db.execute("COMMIT")
     finally:
         db.close()
+    return maps
+
+
+def read(db: Reader) -> Maps:
+    """New maps from ``db`` (a sqlite3 connection, or the PostgreSQL index's bridge:
+    ``Index.snapshot_read`` runs this on a worker thread inside one snapshot)."""
+    maps = Maps()
+    maps.blobs = _table(_fetch(db, "SELECT digest, size FROM blobs ORDER BY digest"),
+                        Sizes(), lambda r: r[1])
+    maps.manifests = _table(
+        _fetch(db, "SELECT digest, media_type, size FROM manifests ORDER BY digest"),
+        MediaSizes(), lambda r: (r[1], r[2]))
+    maps.links = _links(db, maps.hosted)
+    shared = {name: name for name in maps.links._names}
+    for rows in _fetch(db, "SELECT upstream, repository, tag, digest, fetched_at, "
+                           "expires_at FROM tags"):
+        for row in rows:
+            upstream, repository = shared.setdefault((row[0], row[1]), (row[0], row[1]))
+            maps.tags[(upstream, repository, row[2])] = TagRow(upstream, repository,
+                                                               *row[2:])
     blobs, manifests = maps.blobs, maps.manifests      # nothing dropped yet: the arrays
     maps.size = (sum(blobs._values) + sum(blobs._extra.values())
                  + sum(n >> MEDIA_BITS for n in manifests._values)

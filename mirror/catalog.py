@@ -1,11 +1,13 @@
 """What the web page reads from the index: the repository list (searched, sorted,
 paged), one repository's tags and platforms, one image's referrers.
 
-``Catalog`` has its own read-only connections to ``index.db`` (WAL: reads never wait
-for the server's writer, and the server's one connection, which flushes usage and
-records fills, never waits behind a page's big read). It wraps them in ``Index`` so
+``Catalog`` has its own read connections to the index (``Index.readers``: with SQLite
+read-only connections to ``index.db``, WAL: reads never wait for the server's writer,
+and the server's one connection, which flushes usage and records fills, never waits
+behind a page's big read; with PostgreSQL, the pool's). They are ``Index`` objects, so
 the CLI's report queries (``tag_report``, ``pins``, ``closure_size``, ``linked_sizes``,
-``repositories``, ``referrers_of``) serve the page as they serve `mirror ls`.
+``repositories``, ``referrers_of``) serve the page as they serve `mirror ls`; SQL
+stays in the index.
 
 The repository list needs aggregates over every repository link and tag: a scan of
 the index, about 2 s at 100,000 repositories and 600,000 links (bench/web.py). Doing
@@ -26,12 +28,9 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import aiosqlite
-
-from .index import SIZE_OF, Index
+from .index import Index
 from .models import HOSTED, Referrer, referrers_of_index
 
 log = logging.getLogger("mirror.catalog")
@@ -114,19 +113,10 @@ class Catalog:
         self._reading: asyncio.Task[Snapshot] | None = None
 
     @classmethod
-    async def open(cls, path: Path, display_name: Callable[[str, str], str],
+    async def open(cls, index: Index, display_name: Callable[[str, str], str],
                    ttl: float = SNAPSHOT_TTL) -> Catalog:
-        readers: list[Index] = []
-        try:
-            for _ in range(2):
-                db = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True)
-                readers.append(Index(db))
-                await db.execute("PRAGMA busy_timeout=5000")
-                await db.execute("PRAGMA query_only=1")
-        except BaseException:
-            for reader in readers:
-                await reader.close()
-            raise
+        """A catalog reading what ``index`` (the server's) holds, on connections of its own."""
+        readers = await index.readers(2)
         return cls(readers[0], readers[1], display_name, ttl)
 
     async def close(self) -> None:
@@ -135,10 +125,6 @@ class Catalog:
             await asyncio.gather(self._reading, return_exceptions=True)
         await self.index.close()
         await self._bulk.close()
-
-    @property
-    def _db(self) -> aiosqlite.Connection:
-        return self.index._db
 
     # -- the repository list -----------------------------------------------------------------
 
@@ -172,10 +158,8 @@ class Catalog:
         loop only waits); rows are made and sorted in a thread too."""
         sizes = await self._bulk.linked_sizes()
         with_manifest = await self._bulk.repositories()
-        tags = await self._bulk._db.execute_fetchall(
-            "SELECT upstream, repository, count(*), sum(pulls), max(last_pull) "
-            "FROM tags GROUP BY upstream, repository")
-        return await asyncio.to_thread(_snapshot, sizes, with_manifest, list(tags),
+        tags = await self._bulk.tag_groups()
+        return await asyncio.to_thread(_snapshot, sizes, with_manifest, tags,
                                        self._display_name)
 
     async def page(self, q: str = "", sort: str = "name", descending: bool = False,
@@ -201,21 +185,12 @@ class Catalog:
 
     async def linked_size(self, upstream: str, repository: str) -> int | None:
         """Bytes linked to the repository (each digest once); None: nothing linked."""
-        rows = await self._db.execute_fetchall(
-            f"SELECT count(*), sum({SIZE_OF.format(d='l.digest')}) FROM repo_links l "
-            "WHERE l.upstream = ? AND l.repository = ?", (upstream, repository))
-        n, size = next(iter(rows))
-        return int(size or 0) if n else None
+        return await self.index.linked_size(upstream, repository)
 
     async def children(self, manifest: str) -> list[tuple[str, str, int | None]]:
         """What ``manifest`` references: (child, "blob" | "manifest", size or None when
         not cached)."""
-        rows = await self._db.execute_fetchall(
-            f"SELECT x.child, x.kind, {SIZE_OF.format(d='x.child')}, "
-            "EXISTS (SELECT 1 FROM blobs b WHERE b.digest = x.child) "
-            "OR EXISTS (SELECT 1 FROM manifests m WHERE m.digest = x.child) "
-            "FROM manifest_refs x WHERE x.manifest = ?", (manifest,))
-        return [(c, k, s if cached else None) for c, k, s, cached in rows]
+        return await self.index.children_sizes(manifest)
 
     async def referrers(self, upstream: str, repository: str, subject: str) -> list[Referrer]:
         """Referrers of ``subject`` known here: recorded ones (hosted pushes) and the

@@ -1,6 +1,6 @@
 """Command line: ``mirror serve [--config FILE] [--listen HOST:PORT] [--data-dir DIR]``,
-the maintenance commands ``stats``, ``ls``, ``pin``, ``unpin``, ``gc``, ``verify``, ``rm``
-and ``invalidate`` (implemented in ``admin.py``; safe to run while the server runs), the
+the maintenance commands ``stats``, ``ls``, ``pin``, ``unpin``, ``gc``, ``verify``, ``rm``,
+``invalidate`` and ``migrate`` (implemented in ``admin.py``; safe to run while the server runs), the
 set-up commands ``certs`` and ``htpasswd``, ``config check`` and ``healthcheck``
 (healthcheck.py). Every command reads the configuration the same way: ``--config``,
 else ``$MIRROR_CONFIG``, else the embedded default, then ``MIRROR_*`` settings from the
@@ -124,6 +124,12 @@ def _admin_commands(sub) -> None:
                                 "a tag ask upstream at once")
     invalidate.add_argument("refs", nargs="+", metavar="REF", help="NAME[:TAG] (NAME is "
                             "NAME:latest), NAME:GLOB or a name glob, as for rm")
+    migrate = sub.add_parser("migrate", help="create the index's schema, or bring it up to "
+                             "date (SQLite's index.db, or index.postgres); the server does "
+                             "this at start-up too")
+    migrate.add_argument("-c", "--config", default=os.environ.get("MIRROR_CONFIG"),
+                         help="config.yml (default: $MIRROR_CONFIG, else the embedded default)")
+    migrate.add_argument("--data-dir", help="cache directory (overrides the config)")
     from .airgap import export, imports
     export.add_parser(sub, common)
     imports.add_parser(sub, common)

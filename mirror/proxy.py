@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -29,6 +28,7 @@ from .cache import LocalCache
 from .errors import BlobUnknown, Denied, ManifestUnknown, NameUnknown, UpstreamUnavailable
 from .fill import Download, Fill, FillReader
 from .fill_follow import ForeignFill
+from .index import IndexUnavailable
 from .models import (
     INDEX_TYPES,
     SCHEMA1_TYPES,
@@ -212,7 +212,7 @@ class ProxyStore:
                                              self.tag_ttl)
                 events.fetched(self.name, repository, manifest.digest, manifest.media_type,
                                manifest.size)
-            except (OSError, sqlite3.Error) as exc:
+            except (OSError, IndexUnavailable) as exc:
                 # The client still gets the verified manifest; only caching failed.
                 log.error("could not cache manifest %s of %s/%s: %s", manifest.digest,
                           self.name, repository, exc)

@@ -14,6 +14,9 @@ from mirror import evict
 from mirror.cache import LocalCache
 from mirror.hosted import gc as hosted_gc
 from mirror.models import HOSTED, Manifest, References
+from tests.support import index_backend
+
+index_config = index_backend.index_config     # the fixture: each index backend
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
@@ -46,9 +49,9 @@ def check(cache: LocalCache, size: int, hosted: int) -> None:
     assert cache.recount() == (size, hosted)
 
 
-def test_size_totals_follow_every_change_and_match_a_recount(tmp_path):
+def test_size_totals_follow_every_change_and_match_a_recount(tmp_path, index_config):
     async def scenario():
-        cache = await LocalCache.open(tmp_path, server=False)
+        cache = await LocalCache.open(tmp_path, server=False, index=index_config)
         other = None
         try:
             check(cache, 0, 0)
@@ -97,7 +100,7 @@ def test_size_totals_follow_every_change_and_match_a_recount(tmp_path):
             # Another process changes the index; the server picks it up with a resync.
             e = await add_blob(cache, b"e" * 5)
             check(cache, 35, 30)
-            other = await LocalCache.open(tmp_path, server=False)
+            other = await LocalCache.open(tmp_path, server=False, index=index_config)
             check(other, 46 + m, 41 + m)       # the index still had what vanished
             await other.remove([e, d], [pushed.digest])
             await other.index.bump_generation()

@@ -12,7 +12,10 @@ import time
 
 from mirror.cache import LocalCache
 from mirror.models import HOSTED
+from tests.support import index_backend
 from tests.test_cache_totals import add_blob, image
+
+index_config = index_backend.index_config     # the fixture: each index backend
 
 
 def view(cache: LocalCache) -> tuple:
@@ -21,10 +24,11 @@ def view(cache: LocalCache) -> tuple:
             cache.size, cache.hosted_size)
 
 
-def test_another_workers_adds_and_removals_reach_this_one(tmp_path):
+def test_another_workers_adds_and_removals_reach_this_one(tmp_path, index_config):
     async def run() -> None:
-        one = await LocalCache.open(tmp_path, own_lock=False)
-        two = await LocalCache.open(tmp_path, server=True, prepare=False, own_lock=False)
+        one = await LocalCache.open(tmp_path, own_lock=False, index=index_config)
+        two = await LocalCache.open(tmp_path, server=True, prepare=False, own_lock=False,
+                                    index=index_config)
         try:
             a = await add_blob(one, b"a" * 1000)
             b = await add_blob(one, b"b" * 2000)
@@ -52,10 +56,11 @@ def test_another_workers_adds_and_removals_reach_this_one(tmp_path):
     asyncio.run(run())
 
 
-def test_a_worker_behind_a_prune_reloads_everything(tmp_path):
+def test_a_worker_behind_a_prune_reloads_everything(tmp_path, index_config):
     async def run() -> None:
-        one = await LocalCache.open(tmp_path, own_lock=False)
-        two = await LocalCache.open(tmp_path, server=True, prepare=False, own_lock=False)
+        one = await LocalCache.open(tmp_path, own_lock=False, index=index_config)
+        two = await LocalCache.open(tmp_path, server=True, prepare=False, own_lock=False,
+                                    index=index_config)
         try:
             await add_blob(one, b"x" * 10)
             await two.follow_changes()

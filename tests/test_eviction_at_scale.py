@@ -52,7 +52,7 @@ def test_a_plan_over_more_digests_than_sqlite_takes_variables_applies(tmp_path):
     async def scenario():
         cache = await LocalCache.open(tmp_path, server=False)
         try:
-            db = cache.index._db
+            db = cache.index.db._db
             # Stock SQLite takes 32,766 variables, Debian's 250,000; 999 keeps the test small.
             await db._execute(db._conn.setlimit, sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
             await fill_index(cache, 1500)                 # 3000 blobs, 1650 manifests
@@ -81,12 +81,12 @@ def test_without_a_budget_the_evictor_never_reads_the_index(tmp_path):
         try:
             await fill_index(cache, 100)
             statements: list[str] = []
-            await cache.index._db.set_trace_callback(statements.append)
+            await cache.index.db._db.set_trace_callback(statements.append)
             evictor = evict.Evictor(cache, evict.Budget(max_size=None), interval=0.01)
             evictor.start()
             await asyncio.sleep(0.5)       # its first look at start-up, and many intervals
             await evictor.stop()
-            await cache.index._db.set_trace_callback(None)
+            await cache.index.db._db.set_trace_callback(None)
             assert any("meta" in s for s in statements)    # it did run: it looked for changes
             assert index_reads(statements) == []
         finally:
@@ -103,19 +103,19 @@ def admin(*args, data_dir) -> subprocess.CompletedProcess:
 def test_a_pin_reloads_nothing_in_the_server_and_verify_reloads_the_content(tmp_path,
                                                                            monkeypatch):
     loads: list[object] = []
-    real = cache_maps.load
+    real = cache_maps.read
 
-    def counted(path):
-        loads.append(path)
-        return real(path)
-    monkeypatch.setattr(cache_maps, "load", counted)
+    def counted(db):
+        loads.append(db)
+        return real(db)
+    monkeypatch.setattr(cache_maps, "read", counted)
 
     async def scenario():
         cache = await LocalCache.open(tmp_path, server=False)   # stands in for the server
         try:
             await fill_index(cache, 10)
             statements: list[str] = []
-            await cache.index._db.set_trace_callback(statements.append)
+            await cache.index.db._db.set_trace_callback(statements.append)
             loads.clear()
 
             for command in ("pin", "unpin"):
@@ -129,7 +129,7 @@ def test_a_pin_reloads_nothing_in_the_server_and_verify_reloads_the_content(tmp_
             found = admin("verify", data_dir=tmp_path)
             assert found.returncode == 1 and found.stdout.endswith(": 0 corrupt, 31 missing\n")
             assert await cache.resync_if_changed() == {"content"}
-            assert len(loads) == 1              # the maps were loaded again (cache_maps.load)
+            assert len(loads) == 1              # the maps were loaded again (cache_maps.read)
             assert cache.blob_size(digest(0)) is None and cache.size == 0
         finally:
             await cache.close()

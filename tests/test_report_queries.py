@@ -13,8 +13,12 @@ import hashlib
 import sqlite3
 import time
 
-from mirror.index import Index
+from mirror.config_scale import IndexConfig, PostgresConfig
+from mirror.index import Index, open_index
 from mirror.models import HOSTED
+from tests.support import postgres as _postgres
+
+postgres = _postgres.postgres     # the fixture: a PostgreSQL cluster for the session
 
 OCI = "application/vnd.oci.image.manifest.v1+json"
 INDEX = "application/vnd.oci.image.index.v1+json"
@@ -178,3 +182,54 @@ def test_the_new_indexes_are_added_to_an_index_from_before_them(tmp_path):
     names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     db.close()
     assert {"blobs_digest_size", "manifests_digest_entry", "repo_links_digest"} <= names
+
+
+TABLES = ("blobs", "manifests", "manifest_refs", "tags", "repo_links", "pins")
+
+
+def test_postgres_answers_every_report_as_sqlite_does(tmp_path, postgres):
+    """The same crafted rows copied into a PostgreSQL index: each report, closure,
+    eviction and removal query returns what SQLite's does (the SQL is written once)."""
+    path = tmp_path / "index.db"
+    before = craft(path)
+    db = sqlite3.connect(path)
+    tables = {t: db.execute(f"SELECT * FROM {t}").fetchall() for t in TABLES}
+    db.close()
+    pg = IndexConfig(postgres=PostgresConfig(postgres.dsn(postgres.new_database())))
+
+    async def answers(index: Index) -> dict:
+        digests = [d(x) for x in ("b0", "b3", "m0", "index", "not-cached", "both")]
+        return {
+            "linked_sizes": await index.linked_sizes(),
+            "linked_size": await index.linked_size("docker.io", "library/a"),
+            "repositories": await index.repositories(),
+            "orphan_blobs": sorted(await index.orphan_blobs(before)),
+            "tag_report": await index.tag_report(),
+            "tag_report a": await index.tag_report("docker.io", "library/a"),
+            "pins": await index.pins(),
+            "closure_size": await index.closure_size(d("index")),
+            "protected": await index.protected(time.time()),
+            "by_last_access": sorted(await index.by_last_access()),
+            "parents": await index.parents([d("b0")]),
+            "children": sorted(await index.children(digests)),
+            "referrers": sorted(await index.referrers(digests)),
+            "children_sizes": sorted(await index.children_sizes(d("index"))),
+            "tag_groups": sorted(await index.tag_groups()),
+            "totals": await index.totals(),
+        }
+
+    async def run() -> tuple[dict, dict]:
+        lite = await open_index(tmp_path, IndexConfig(), flush=False)
+        other = await open_index(tmp_path, pg, flush=False)
+        try:
+            async with other.db.writing() as tx:
+                for table, found in tables.items():
+                    marks = ", ".join("?" * len(found[0]))
+                    await tx.executemany(f"INSERT INTO {table} VALUES ({marks})", found)
+            return await answers(lite), await answers(other)
+        finally:
+            await other.close()
+            await lite.close()
+    lite, other = asyncio.run(run())
+    assert other == lite
+    assert len(lite["tag_report"]) == 7 and lite["closure_size"] > 0 and lite["parents"]

@@ -16,13 +16,13 @@ from tests.test_cache_totals import add_blob, image
 
 def test_a_clean_start_loads_the_index_once_and_a_reconciled_one_again(tmp_path, monkeypatch):
     loads: list[int] = []
-    real = cache_maps.load
+    real = cache_maps.read
 
-    def counted(path):
-        maps = real(path)
+    def counted(db):
+        maps = real(db)
         loads.append(len(maps.blobs))
         return maps
-    monkeypatch.setattr(cache_maps, "load", counted)
+    monkeypatch.setattr(cache_maps, "read", counted)
 
     async def scenario():
         cache = await LocalCache.open(tmp_path, server=True)
@@ -77,10 +77,10 @@ def test_a_reload_is_built_off_the_event_loop_and_keeps_what_changed_meanwhile(t
     swaps them in; what this process changed while they loaded is carried over, so
     the result is what a reload from the index gives afterwards."""
     snapshot_taken, go_on = threading.Event(), threading.Event()
-    real = cache_maps.load
+    real = cache_maps.read
 
-    def held_back(path):
-        maps = real(path)                   # the index as it was before the changes below
+    def held_back(db):
+        maps = real(db)                     # the index as it was before the changes below
         snapshot_taken.set()
         assert go_on.wait(10)
         return maps
@@ -96,7 +96,7 @@ def test_a_reload_is_built_off_the_event_loop_and_keeps_what_changed_meanwhile(t
             c = await add_blob(cache, b"c" * 3)
             await cache.link(HOSTED, "team/old", [c])
             pushed, refs = image([(a, 10)])
-            monkeypatch.setattr(cache_maps, "load", held_back)
+            monkeypatch.setattr(cache_maps, "read", held_back)
             reload = asyncio.create_task(cache.resync())
             while not snapshot_taken.is_set():
                 await asyncio.sleep(0.01)   # the event loop runs on meanwhile
@@ -116,7 +116,7 @@ def test_a_reload_is_built_off_the_event_loop_and_keeps_what_changed_meanwhile(t
             assert (cache.size, cache.hosted_size) == (17 + pushed.size, 10 + pushed.size)
             assert cache.recount() == (cache.size, cache.hosted_size)
             carried = state(cache)
-            monkeypatch.setattr(cache_maps, "load", real)
+            monkeypatch.setattr(cache_maps, "read", real)
             await cache.resync()
             assert state(cache) == carried
         finally:

@@ -37,7 +37,7 @@ def test_list_is_searched_sorted_paged_and_read_once_for_many(tmp_path):
     async def main() -> None:
         index = await Index.open(tmp_path / "index.db", flush=False)
         await fill(index, 7)
-        cat = await Catalog.open(tmp_path / "index.db", display, ttl=60)
+        cat = await Catalog.open(index, display, ttl=60)
         reads = 0
         real_read = cat._read
 

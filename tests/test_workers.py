@@ -12,7 +12,6 @@ import hashlib
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support import index_backend
 from tests.support.client import RegistryClient, read_blob
 from tests.support.images import make_layer, push_blob
 from tests.support.ports import free_port
@@ -59,11 +59,8 @@ def workers_that_served(mirror, digest: str) -> set[str]:
 
 
 def index_rows(mirror, sql: str, *args) -> list[tuple]:
-    db = sqlite3.connect(mirror.data_dir / "index.db")
-    try:
-        return db.execute(sql, args).fetchall()
-    finally:
-        db.close()
+    """``sql`` on the mirror's index, whichever backend it has (index_backend.rows)."""
+    return index_backend.rows(mirror.data_dir, mirror.config, sql, args)
 
 
 def all_ready(mirror):

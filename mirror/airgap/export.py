@@ -24,7 +24,6 @@ import fnmatch
 import hashlib
 import json
 import os
-import sqlite3
 import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,7 +35,7 @@ from ..cache import CannotOpen, LocalCache, existing
 from ..config import Config
 from ..errors import BlobUnknown, RegistryError
 from ..fileio import CHUNK
-from ..index import TagRow
+from ..index import IndexUnavailable, TagRow, where
 from ..models import HOSTED, INDEX_TYPES, MANIFEST_MAX, parse_manifest
 from ..routing import Router
 from . import layout, references
@@ -89,8 +88,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
             return asyncio.run(export(args, config, progress, platforms, since))
         except (ExportError, layout.BadLayout, references.BadReference) as exc:
             why = str(exc)
-        except sqlite3.Error as exc:
-            why = f"{Path(config.data_dir) / 'index.db'}: {exc}"
+        except IndexUnavailable as exc:
+            why = f"{where(config.data_dir, config.index)}: {exc}"
         progress.close(False)
     print(f"mirror: export: {why}", file=sys.stderr)
     return 1
@@ -456,7 +455,8 @@ async def export(args: argparse.Namespace, config: Config, progress: Progress,
                  platforms: list[Platform] | None, since: Since | None) -> int:
     router = Router(config)
     try:
-        async with existing(config.data_dir, storage=config.storage) as cache:
+        async with existing(config.data_dir, storage=config.storage,
+                            index=config.index) as cache:
             return await _export(args, config, progress, platforms, since, router, cache)
     except CannotOpen as exc:
         raise ExportError(str(exc)) from None

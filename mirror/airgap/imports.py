@@ -24,16 +24,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sqlite3
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .. import fileio
 from ..cache import CannotOpen, LocalCache
 from ..config import Config
 from ..errors import RegistryError
+from ..index import IndexUnavailable, where
 from ..models import DIGEST_RE, HOSTED, INDEX_TYPES, MANIFEST_MAX, Manifest, parse_manifest
 from ..routing import Router
 from . import layout, references
@@ -64,8 +63,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
             return asyncio.run(import_(args, config, progress))
         except (ImportError_, layout.BadLayout, references.BadReference) as exc:
             why = str(exc)
-        except sqlite3.Error as exc:
-            why = f"{Path(config.data_dir) / 'index.db'}: {exc}"
+        except IndexUnavailable as exc:
+            why = f"{where(config.data_dir, config.index)}: {exc}"
         progress.close(False)
     print(f"mirror: import: {why}", file=sys.stderr)
     return 1
@@ -272,7 +271,7 @@ async def import_(args: argparse.Namespace, config: Config, progress: Progress) 
         raise ImportError_(f"{args.source}: {exc.strerror or exc}") from None
     try:
         cache = await LocalCache.open(config.data_dir, server=False,
-                                      storage=config.storage)
+                                      storage=config.storage, index=config.index)
     except CannotOpen as exc:
         raise ImportError_(str(exc)) from None
     state = State()

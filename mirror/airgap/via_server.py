@@ -20,20 +20,21 @@ import asyncio
 import contextlib
 import logging
 import os
-import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiosqlite
 import httpx
 
+from .. import index as index_mod
 from .. import local_access, lock
 from ..cache_files import blob_path
 from ..config import Config
+from ..config_scale import IndexConfig
 from ..healthcheck import target
+from ..index import SQLITE
 from ..models import MANIFEST_TYPES
 
 log = logging.getLogger("mirror.warm")
@@ -135,43 +136,41 @@ def _quiet_server(config: Any) -> Any:
 
 
 class Index:
-    """The index, read-only, beside whichever server runs."""
+    """The index, beside whichever server runs (opened once something is cached)."""
 
-    def __init__(self, data_dir: Path, *, files: bool = True) -> None:
-        self.path = Path(data_dir).resolve() / "index.db"
-        self.db: aiosqlite.Connection | None = None
+    def __init__(self, data_dir: Path, config: IndexConfig = SQLITE, *,
+                 files: bool = True) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.config = config
+        self.index: index_mod.Index | None = None
         self._opening = asyncio.Lock()
         self.files = files      # False: blobs are objects (S3); the index row is enough
 
-    async def _open(self) -> aiosqlite.Connection | None:
+    async def _open(self) -> index_mod.Index | None:
         async with self._opening:      # blobs are looked up concurrently: one connection
-            if self.db is None and await asyncio.to_thread(self.path.exists):
-                self.db = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True)
-                await self.db.execute("PRAGMA busy_timeout=5000")
-            return self.db
+            if self.index is None and (self.config.postgres is not None or await
+                                       asyncio.to_thread((self.data_dir / "index.db").exists)):
+                self.index = await index_mod.open_index(self.data_dir, self.config,
+                                                        flush=False)
+            return self.index
 
     async def cached(self, upstream: str, repository: str, digest: str) -> bool:
         """The blob is in the cache and linked to (upstream, repository)."""
-        db = await self._open()
-        if db is None:
-            return False
         try:
-            rows = await db.execute_fetchall(
-                "SELECT b.size FROM blobs b JOIN repo_links l ON l.digest = b.digest "
-                "WHERE b.digest = ? AND l.upstream = ? AND l.repository = ?",
-                (digest, upstream, repository))
-        except sqlite3.Error:
-            return False
-        if not rows:
+            index = await self._open()
+            if index is None or await index.blob_size(digest) is None \
+                    or not await index.is_linked(upstream, repository, digest):
+                return False
+        except index_mod.IndexUnavailable:
             return False
         if not self.files:
             return True
-        return await asyncio.to_thread(os.path.exists, blob_path(self.path.parent, digest))
+        return await asyncio.to_thread(os.path.exists, blob_path(self.data_dir, digest))
 
     async def close(self) -> None:
-        if self.db is not None:
-            await self.db.close()
-            self.db = None
+        if self.index is not None:
+            await self.index.close()
+            self.index = None
 
 
 # -- pulling ----------------------------------------------------------------------------------

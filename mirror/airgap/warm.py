@@ -164,7 +164,7 @@ async def warm(config: Config, refs: list[ImageRef], platforms: list[Platform], 
     from .via_server import Index, Puller, serving
 
     results = []
-    index = Index(config.data_dir, files=config.storage.s3 is None)
+    index = Index(config.data_dir, config.index, files=config.storage.s3 is None)
     try:
         async with serving(config) as conn:
             if not conn.started_here:
@@ -287,9 +287,9 @@ async def warm_one(puller: Any, index: Any, ref: ImageRef, platforms: list[Platf
 
 async def pin_image(config: Config, ref: ImageRef) -> None:
     """As ``mirror pin`` does: the pin, then the pins generation for a running server."""
-    from ..index import Index
+    from ..index import open_index
 
-    index = await Index.open(config.data_dir.resolve() / "index.db", flush=False)
+    index = await open_index(config.data_dir.resolve(), config.index, flush=False)
     try:
         await index.pin(ref.upstream, ref.repository, ref.reference)
         await index.bump_generation("pins")

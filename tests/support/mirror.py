@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from .index_backend import mirror_index
 from .ports import free_port, stop_process, wait_http
 from .s3 import stored_bytes, with_test_storage
 
@@ -32,6 +33,7 @@ class MirrorProcess:
         self.config = {"listen": self.host, "data_dir": str(self.data_dir), "workers": 1,
                        **config}
         self.config = with_test_storage(self.config)       # MIRROR_TEST_STORAGE=s3
+        self.config.update(mirror_index(self.config))   # MIRROR_TEST_INDEX=postgres
         self.config_path = self.dir / "config.yml"
         self.config_path.write_text(yaml.safe_dump(self.config))
         self.log_path = self.dir / "mirror.log"
