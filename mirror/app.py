@@ -25,6 +25,7 @@ from .api import EXCEPTION_HANDLERS, ROUTES, APIVersionHeader, Registry
 from .auth import Guard
 from .cache import CannotOpen, LocalCache
 from .catalog import Catalog
+from .cluster import peer_join, peer_routes
 from .config import Config
 from .evict import Budget, Evictor
 from .hosted.store import HostedStore
@@ -67,7 +68,8 @@ class Mirror:
         self.role = role
         self.web = web_routes.create()        # the page at /ui/ (mirror/web)
         # The login and the actions (/ui/login, /ui/actions/...) before the pages' mount.
-        self.app = Starlette(routes=[*ROUTES, HttpRoute("/", web_routes.root, methods=["GET"]),
+        self.app = Starlette(routes=[*ROUTES, *peer_routes.ROUTES,
+                                     HttpRoute("/", web_routes.root, methods=["GET"]),
                                      *web_session.ROUTES, *web_actions.ROUTES,
                                      Mount("/ui", app=self.web)],
                              exception_handlers=EXCEPTION_HANDLERS,
@@ -101,6 +103,11 @@ class Mirror:
             await local.close()
             raise StartupError(f"{local.data_dir / web_session.KEY_FILE}: cannot make the web "
                                f"page's session key: {exc.strerror or exc}") from None
+        try:
+            site = await peer_join.open_site(config)     # replicas sharing PostgreSQL
+        except peer_join.CannotJoin as exc:
+            await local.close()
+            raise StartupError(str(exc)) from None
         router = Router(config)
         notifier = Notifier(config.notifications, local.data_dir, router.display_name,
                             config.public_url, config.port, send=role.leader)
@@ -128,6 +135,7 @@ class Mirror:
         if hosted is not None:
             await hosted.open(leader=role.leader)
             sources[HOSTED] = hosted
+        peer_join.attach(self.app, site, local, sources)
         guard = self.guard = Guard(config.auth, router, local.data_dir, config.public_url,
                                    local_token) if config.auth else None
         self.app.state.registry = Registry(router, sources, local.repositories,
@@ -154,6 +162,8 @@ class Mirror:
             await evictor.stop()
             for source in sources.values():
                 await source.aclose()
+            if site is not None:
+                await site.close()
             events.sink = None
             await notifier.stop()
             if upstream_status.recorder is status:

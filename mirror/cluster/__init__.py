@@ -1,3 +1,6 @@
 """What several replicas of one site share through PostgreSQL (asyncpg): the schema's
-migrations and the site-wide fill lease per digest. Imports only the standard library,
-asyncpg and mirror.models; nothing here is wired into the server yet (issue 16)."""
+migrations, the site-wide fill lease per digest (lease.py) and the replicas' peer
+channel (peer_*.py: the secret and signatures, the lease around a fill, the internal
+endpoints, joining at start-up). lease.py and schema.py import only the standard
+library, asyncpg and mirror.models; the peer modules sit beside api.py and fill.py
+(app.py mounts their routes and calls peer_join); asyncpg is imported lazily."""

@@ -1,0 +1,176 @@
+"""One upstream download per blob for a whole site of replicas: the fill lease around
+a ``Fill`` (fill.py) that won its replica's local claim (fill_shared.py).
+
+``fetch(site, fill)`` is what such a fill runs instead of its plain upstream download:
+
+- **Won the lease** (a new one, or one taken over after its owner stopped
+  heartbeating): download from upstream as always (resuming with ``Range`` from
+  whatever the temp file holds already), heartbeating every ttl/3, and release the
+  lease, committed or not, which wakes the replicas waiting on it.
+- **Lost it**: this replica does not go upstream (but for one ``HEAD``: the client's
+  repository must hold the blob upstream). It streams the owner's bytes from the
+  owner's peer endpoint (peer_routes.py) into its own temp file, so its clients and
+  its other workers follow them as they would an upstream download; the file is
+  hashed as it is written and committed only when it matches the digest (a mismatch
+  starts again from byte 0), and the last byte is held back until then.
+- **The peer stream breaks** (the owner died, or failed): look at the lease every
+  ``POLL`` seconds (``Leases.wait``) until it is released, expires or passes to
+  another replica, trying to acquire it each time: the winner resumes from upstream
+  where its file ends, the others stream from the new owner from where theirs end.
+  An owner still holding its lease a ttl after its stream broke is alive, and is
+  asked again; ``PEER_TRIES`` broken streams in all fail the fill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import httpx
+
+from ..errors import DigestInvalid, UpstreamBadContent, UpstreamUnavailable
+from .lease import Held, Lease, LeaseLost
+from .peer_site import PEER_PREFIX, Site
+
+if TYPE_CHECKING:
+    from ..fill import Fill
+
+log = logging.getLogger("mirror.cluster")
+
+PEER_TRIES = 3          # broken peer streams before the fill fails
+POLL = 0.2              # seconds between looks at a broken owner's lease
+SIZE_HEADER = "Mirror-Blob-Size"
+
+
+class PeerBroken(Exception):
+    """The owner's stream ended early or could not be had."""
+
+
+def fill_hook(site: Site) -> Callable[[Fill], Awaitable[None]]:
+    """The ``site`` argument of ``Fill``: ``fetch`` bound to this replica's site."""
+    async def hook(fill: Fill) -> None:
+        await fetch(site, fill)
+    return hook
+
+
+async def fetch(site: Site, fill: Fill) -> None:
+    digest = fill.digest
+    authorized = False
+    broken: str | None = None       # the owner whose stream broke last
+    broken_url = ""
+    broken_at = 0.0
+    breaks = 0
+    while True:
+        got = await site.leases.acquire(digest, site.owner, site.url, site.ttl)
+        if isinstance(got, Lease):
+            if broken is not None and (url := await site.fetched_by(digest)) \
+                    and url not in (site.url, broken_url):
+                # Another replica took over from the dead owner and finished meanwhile.
+                await got.release(False)
+                got = Held(f"{url} (finished)", url)
+            else:
+                await _own(site, fill, got)
+                return
+        if got.owner == broken and time.monotonic() < broken_at + site.ttl + POLL:
+            # Dead, or alive? Its lease says so within a ttl: look again until it is
+            # released, expires (then acquire) or passes to another replica.
+            await site.leases.wait(digest, timeout=POLL)
+            continue
+        if not authorized:
+            # Never fetched from upstream here: ask it whether the client's repository
+            # holds the blob (raises BlobUnknown or the like if not).
+            await fill.upstream.stat_blob(fill.repository, digest)
+            authorized = True
+        try:
+            await _from_peer(site, fill, got)
+            return
+        except PeerBroken as exc:
+            breaks += 1
+            broken, broken_url, broken_at = got.owner, got.peer_url, time.monotonic()
+            log.warning("blob %s: the stream from %s broke after %d bytes (%s); waiting "
+                        "for its fill lease", digest, got.owner, fill.written, exc)
+            if breaks > PEER_TRIES:
+                raise UpstreamUnavailable(f"blob {digest}: the streams from the replicas "
+                                          f"downloading it broke {breaks} times") from None
+
+
+async def _own(site: Site, fill: Fill, lease: Lease) -> None:
+    """Download from upstream while holding the lease; release it however that ends."""
+    def lost(exc: LeaseLost) -> None:
+        # Another replica took it over (this one's heartbeat could not reach the
+        # database for a whole ttl): both download now; each verifies its own bytes.
+        log.warning("blob %s: %s; downloading on regardless", fill.digest, exc)
+
+    log.debug("blob %s: this replica holds the fill lease", fill.digest)
+    lease.keep_alive(lambda: fill.written, lambda: fill.size, on_lost=lost)
+    committed = False
+    try:
+        await fill._fetch()
+        committed = True
+        try:
+            await site.fetched(fill.digest)
+        except Exception as exc:
+            log.warning("blob %s: could not record this replica's download: %r",
+                        fill.digest, exc)
+    finally:
+        try:
+            await asyncio.shield(lease.release(committed))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:      # the database out of reach: the lease expires
+            log.warning("blob %s: could not release the fill lease: %r", fill.digest, exc)
+
+
+async def _from_peer(site: Site, fill: Fill, held: Held) -> None:
+    """The blob from the lease owner's peer endpoint, resumed from where the temp file
+    ends, then committed; ``PeerBroken`` if the stream fails."""
+    assert fill._temp is not None
+    path = f"{PEER_PREFIX}/blobs/{fill.digest}"
+    label = f"peer {held.owner}"
+    restarted = False
+    while True:
+        offset = fill._temp.size
+        headers = site.peer_headers("GET", path)
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        try:
+            async with site.http.stream("GET", held.peer_url.rstrip("/") + path,
+                                        headers=headers) as resp:
+                if resp.status_code not in (200, 206):
+                    raise PeerBroken(f"HTTP {resp.status_code}")
+                size = _size(resp)
+                if resp.status_code == 200 and offset:
+                    raise PeerBroken("the peer ignored the range")
+                log.info("blob %s: streaming it from %s from byte %d (this replica lost "
+                         "the fill lease)", fill.digest, held.owner, offset)
+                await fill.absorb(size, resp.aiter_raw(), label)
+        except httpx.HTTPError as exc:
+            raise PeerBroken(f"{type(exc).__name__}: {exc}") from None
+        except UpstreamBadContent as exc:
+            raise PeerBroken(exc.message) from None
+        if fill.size is not None and fill._temp.size != fill.size:
+            raise PeerBroken(f"ended after {fill._temp.size} of {fill.size} bytes")
+        try:
+            await fill._commit()
+            return
+        except DigestInvalid as exc:
+            # What we have does not hash to the digest (bytes of a download the owner
+            # threw away): once more from byte 0.
+            if restarted:
+                raise UpstreamBadContent(f"blob {exc.message} (from {label})") from None
+            restarted = True
+            log.warning("blob %s: %s from %s; starting again from byte 0", fill.digest,
+                        exc.message, label)
+            await fill._restart()
+
+
+def _size(resp: httpx.Response) -> int:
+    with contextlib.suppress(KeyError, ValueError):
+        size = int(resp.headers[SIZE_HEADER])
+        if size >= 0:
+            return size
+    raise PeerBroken(f"no {SIZE_HEADER} header")

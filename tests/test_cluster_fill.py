@@ -1,0 +1,205 @@
+"""One upstream download per blob for a site of replicas (mirror/cluster/peer_*.py).
+
+Three real mirror processes share one real PostgreSQL (tests/support/replicas.py)
+in front of the real upstream registry (through the fault-injecting proxy where a
+download must last long enough to be caught in the middle). Every case runs while
+the blob is being downloaded, so it holds whether each replica keeps its own cache
+and index (today) or they share S3 and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import threading
+import time
+
+import asyncpg
+import httpx
+import pytest
+
+from mirror.cluster.peer_auth import HEADER, PeerAuth
+from tests.support import postgres as _postgres
+from tests.support.client import RegistryClient
+from tests.support.fixtures import big_layer_size
+from tests.support.images import make_layer, push_blob
+from tests.support.replicas import Replicas, pull_blob
+
+postgres, pg_dsn = _postgres.postgres, _postgres.pg_dsn
+
+REPO = "cluster/fresh"
+
+
+def fresh_blob(tmp_path, upstream, size: int, tag: str):
+    """A blob no mirror has seen, pushed to the real upstream."""
+    blob = make_layer(tmp_path / tag, size, seed=int.from_bytes(os.urandom(4), "big"))
+    with RegistryClient(upstream.url) as client:
+        push_blob(client, None, REPO, blob)
+    return blob
+
+
+def sql(dsn: str, query: str, *args):
+    async def main():
+        conn = await asyncpg.connect(dsn)
+        try:
+            return await conn.fetch(query, *args)
+        finally:
+            await conn.close()
+    return asyncio.run(main())
+
+
+def burst(rr, blob, clients: int) -> list:
+    results: list = [None] * clients
+    start = threading.Barrier(clients)
+
+    def one(i: int) -> None:
+        first = rr.next()
+        start.wait()
+        results[i] = pull_blob(rr, REPO, blob, first=first)
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    return results
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return f"sha256:{h.hexdigest()}"
+
+
+@pytest.fixture
+def replicas(tmp_path, pg_dsn, upstream):
+    with Replicas(tmp_path, 3, pg_dsn,
+                  {"upstreams": {"docker.io": {"url": upstream.url}}}) as site:
+        yield site
+
+
+@pytest.fixture
+def slow_replicas(tmp_path, pg_dsn, faulty_upstream):
+    with Replicas(tmp_path, 3, pg_dsn,
+                  {"upstreams": {"docker.io": {"url": faulty_upstream.url}}}) as site:
+        yield site
+
+
+def test_sixteen_cold_clients_over_three_replicas_cause_one_upstream_get(
+        replicas, upstream, tmp_path):
+    blob = fresh_blob(tmp_path, upstream, big_layer_size(), "big")
+    mark = upstream.mark()
+    began = time.monotonic()
+    results = burst(replicas.round_robin(), blob, 16)
+    took = time.monotonic() - began
+    for n, digest, errors, _used in results:
+        assert digest == blob.digest and n == blob.size, (n, errors, replicas.log_text())
+    assert upstream.count("GET", f"/blobs/{blob.digest}", since=mark) == 1, \
+        replicas.log_text()
+    # Every replica served some of the 16, and the two that lost the lease streamed
+    # the bytes from the one that won.
+    log = replicas.log_text()
+    assert log.count(f"blob {blob.digest}: streaming it from") == 2, log
+    for mirror in replicas:
+        assert f"GET /v2/{REPO}/blobs/{blob.digest}" in mirror.log_text()
+    print(f"16 clients, 3 replicas, {blob.size} bytes: "
+          f"{upstream.count('GET', f'/blobs/{blob.digest}', since=mark)} upstream GET, "
+          f"{took:.2f} s")
+    # Nothing left behind: no lease, no claim file.
+    assert not sql(replicas.dsn, "SELECT * FROM fill_leases")
+    for mirror in replicas:
+        assert not list((mirror.data_dir / "tmp").glob("*.fill"))
+
+
+def test_killing_the_owner_mid_fill_the_others_finish_with_one_more_get(
+        slow_replicas, faulty_upstream, upstream, tmp_path):
+    site = slow_replicas
+    blob = fresh_blob(tmp_path, upstream, 4 * 1024 * 1024, "kill")
+    faulty_upstream.arm("drip", f"/blobs/{blob.digest}", method="GET", times=1,
+                        chunk=64 * 1024, delay=0.1)            # ~6 s for the whole blob
+    mark = upstream.mark()
+    rr = site.round_robin()
+    results: list = []
+    clients = [threading.Thread(target=lambda m=m: results.append(
+        pull_blob(rr, REPO, blob, first=m))) for m in [*site.mirrors, *site.mirrors]]
+    for t in clients:
+        t.start()
+    # The owner is named in its lease (its URL and pid); let some bytes in first.
+    deadline = time.monotonic() + 20
+    while True:
+        rows = sql(site.dsn, "SELECT owner, done FROM fill_leases WHERE digest = $1",
+                   blob.digest)
+        if rows and rows[0]["done"] > 256 * 1024:
+            break
+        assert time.monotonic() < deadline, site.log_text()
+        time.sleep(0.1)
+    owner = site.by_pid(int(rows[0]["owner"].rsplit(" pid ", 1)[1]))
+    os.kill(owner.proc.pid, signal.SIGKILL)
+    owner.proc.wait(10)
+    for t in clients:
+        t.join(120)
+    assert len(results) == 6
+    cut = 0
+    for n, digest, errors, _used in results:
+        assert digest == blob.digest and n == blob.size, (n, errors, site.log_text())
+        cut += bool(errors)
+    assert cut >= 2, results             # the owner's own two clients were cut, resumed
+    # The dead owner's GET, and the one of the replica that took its lease over.
+    assert upstream.count("GET", f"/blobs/{blob.digest}", since=mark) == 2, site.log_text()
+    assert faulty_upstream.count("GET", f"/blobs/{blob.digest}") == 2
+    # Nothing partial anywhere: the survivors cached the verified blob, the dead one
+    # nothing at all.
+    for mirror in site.mirrors:
+        cached = mirror.cached_path(blob.digest)
+        if mirror is owner:
+            assert not cached.exists()
+        else:
+            assert sha256_file(cached) == blob.digest
+
+
+def _peer_get(mirror, path: str, headers: dict | None = None) -> httpx.Response:
+    return httpx.get(f"{mirror.url}{path}", headers=headers or {}, timeout=10)
+
+
+def test_the_peer_endpoint_wants_the_site_signature(replicas, upstream, tmp_path):
+    mirror = replicas[1]
+    digest = "sha256:" + "ab" * 32
+    path = f"/_mirror/peer/blobs/{digest}"
+    assert _peer_get(mirror, path).status_code == 401
+    wrong = PeerAuth(os.urandom(32)).sign("GET", path)
+    assert _peer_get(mirror, path, wrong).status_code == 401
+    # The site's secret is in PostgreSQL (made by the first replica; one row).
+    rows = sql(replicas.dsn, "SELECT secret FROM cluster_secret")
+    assert len(rows) == 1
+    auth = PeerAuth(bytes(rows[0]["secret"]))
+    assert _peer_get(mirror, path, auth.sign("GET", path)).status_code == 404
+    # signed for another path, or expired: refused
+    other = f"/_mirror/peer/blobs/sha256:{'cd' * 32}"
+    assert _peer_get(mirror, path, auth.sign("GET", other)).status_code == 401
+    assert _peer_get(mirror, path, auth.sign("GET", path, now=time.time() - 600)
+                     ).status_code == 401
+    assert _peer_get(mirror, path, {HEADER: "garbage"}).status_code == 401
+    # bad digests: 400 once signed, 401 before
+    for bad in ("sha256:xyz", "sha256:" + "AB" * 32, "md5:" + "ab" * 16, "..%2F..%2Fetc"):
+        bad_path = f"/_mirror/peer/blobs/{bad}"
+        assert _peer_get(mirror, bad_path).status_code == 401
+        signed = auth.sign("GET", httpx.URL(f"{mirror.url}{bad_path}").path)
+        response = _peer_get(mirror, bad_path, signed)
+        assert response.status_code == 400, (bad, response.text)
+        assert response.json()["errors"][0]["code"] == "DIGEST_INVALID"
+    # and a cached blob is served, with Range
+    blob = fresh_blob(tmp_path, upstream, 300_000, "small")
+    n, digest, errors, _ = pull_blob(replicas.round_robin(), REPO, blob, first=mirror)
+    assert digest == blob.digest, errors
+    path = f"/_mirror/peer/blobs/{blob.digest}"
+    full = _peer_get(mirror, path, auth.sign("GET", path))
+    assert full.status_code == 200 and full.content == blob.path.read_bytes()
+    part = _peer_get(mirror, path, {**auth.sign("GET", path), "Range": "bytes=1000-"})
+    assert part.status_code == 206 and part.content == blob.path.read_bytes()[1000:]
+    assert part.headers["Mirror-Blob-Size"] == str(blob.size)
+    # the secret is in no log
+    for m in replicas:
+        assert bytes(rows[0]["secret"]).hex() not in m.log_text()
