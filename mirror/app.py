@@ -84,10 +84,16 @@ class Mirror:
         config = self.config
         role = self.role
         try:
+            site = await peer_join.open_site(config)     # replicas sharing PostgreSQL
+        except peer_join.CannotJoin as exc:
+            raise StartupError(str(exc)) from None
+        try:
             local = await LocalCache.open(config.data_dir, prepare=role.prepare,
                                           own_lock=role.worker is None, leader=role.leader,
                                           previous_pid=role.previous_pid)
         except CannotOpen as exc:
+            if site is not None:
+                await site.close()
             raise StartupError(str(exc)) from None
         self.local = local
         local.follow = role.worker is not None
@@ -103,11 +109,6 @@ class Mirror:
             await local.close()
             raise StartupError(f"{local.data_dir / web_session.KEY_FILE}: cannot make the web "
                                f"page's session key: {exc.strerror or exc}") from None
-        try:
-            site = await peer_join.open_site(config)     # replicas sharing PostgreSQL
-        except peer_join.CannotJoin as exc:
-            await local.close()
-            raise StartupError(str(exc)) from None
         router = Router(config)
         notifier = Notifier(config.notifications, local.data_dir, router.display_name,
                             config.public_url, config.port, send=role.leader)

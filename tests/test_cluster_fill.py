@@ -25,6 +25,7 @@ from tests.support import postgres as _postgres
 from tests.support.client import RegistryClient
 from tests.support.fixtures import big_layer_size
 from tests.support.images import make_layer, push_blob
+from tests.support.ports import free_port
 from tests.support.replicas import Replicas, pull_blob
 
 postgres, pg_dsn = _postgres.postgres, _postgres.pg_dsn
@@ -203,3 +204,18 @@ def test_the_peer_endpoint_wants_the_site_signature(replicas, upstream, tmp_path
     # the secret is in no log
     for m in replicas:
         assert bytes(rows[0]["secret"]).hex() not in m.log_text()
+
+
+def test_a_replica_that_cannot_reach_postgresql_says_so_in_one_line(tmp_path):
+    from tests.test_startup_failures import one_line, serve
+
+    port = free_port()          # nothing listens there
+    proc = serve(tmp_path, {"listen": f"127.0.0.1:{free_port()}",
+                            "data_dir": str(tmp_path / "data"),
+                            "index": {"postgres": {
+                                "dsn": f"postgresql://mirror:hunter2@127.0.0.1:{port}/x"}}},
+                 timeout=60)
+    assert proc.returncode != 0
+    line = one_line(proc)
+    assert "index.postgres.dsn" in line and f"127.0.0.1:{port}" in line, line
+    assert "hunter2" not in proc.stdout + proc.stderr
