@@ -25,7 +25,7 @@ from .api import EXCEPTION_HANDLERS, ROUTES, APIVersionHeader, Registry
 from .auth import Guard
 from .cache import CannotOpen, LocalCache
 from .catalog import Catalog
-from .cluster import peer_join, peer_routes
+from .cluster import peer_join
 from .config import Config
 from .evict import Budget, Evictor
 from .hosted.store import HostedStore
@@ -68,7 +68,7 @@ class Mirror:
         self.role = role
         self.web = web_routes.create()        # the page at /ui/ (mirror/web)
         # The login and the actions (/ui/login, /ui/actions/...) before the pages' mount.
-        self.app = Starlette(routes=[*ROUTES, *peer_routes.ROUTES,
+        self.app = Starlette(routes=[*ROUTES, *peer_join.ROUTES,
                                      HttpRoute("/", web_routes.root, methods=["GET"]),
                                      *web_session.ROUTES, *web_actions.ROUTES,
                                      Mount("/ui", app=self.web)],
