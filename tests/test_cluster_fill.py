@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import signal
 import threading
 import time
@@ -219,3 +220,51 @@ def test_a_replica_that_cannot_reach_postgresql_says_so_in_one_line(tmp_path):
     line = one_line(proc)
     assert "index.postgres.dsn" in line and f"127.0.0.1:{port}" in line, line
     assert "hunter2" not in proc.stdout + proc.stderr
+
+
+def test_any_worker_of_the_owner_serves_its_download_to_peers(
+        tmp_path, pg_dsn, faulty_upstream, upstream):
+    """``workers: 2`` in the owner replica: a peer's request may reach the worker that
+    downloads the blob or the other one, which follows its claim file."""
+    config = {"upstreams": {"docker.io": {"url": faulty_upstream.url}}, "workers": 2}
+    with Replicas(tmp_path, 1, pg_dsn, config) as site:
+        owner = site[0]
+        deadline = time.monotonic() + 30
+        while "ready on http" not in owner.log_text():       # both workers up
+            assert time.monotonic() < deadline, owner.log_text()
+            time.sleep(0.05)
+        blob = fresh_blob(tmp_path, upstream, 4 * 1024 * 1024, "workers")
+        data = blob.path.read_bytes()
+        faulty_upstream.arm("drip", f"/blobs/{blob.digest}", method="GET", times=1,
+                            chunk=64 * 1024, delay=0.08)            # ~5 s
+        client: list = []
+        t = threading.Thread(target=lambda: client.append(
+            pull_blob(site.round_robin(), REPO, blob)))
+        t.start()
+        deadline = time.monotonic() + 20
+        while not sql(site.dsn, "SELECT 1 FROM fill_leases WHERE digest = $1", blob.digest):
+            assert time.monotonic() < deadline, owner.log_text()
+            time.sleep(0.05)
+        auth = PeerAuth(bytes(sql(site.dsn, "SELECT secret FROM cluster_secret")[0][0]))
+        path = f"/_mirror/peer/blobs/{blob.digest}"
+        got: dict[int, bytes] = {}
+
+        def peer(i: int) -> None:
+            headers = {**auth.sign("GET", path), "Connection": "close"}
+            if i % 2:
+                headers["Range"] = f"bytes={i * 1000}-"
+            r = httpx.get(f"{owner.url}{path}", headers=headers, timeout=60)
+            got[i] = r.content if r.status_code in (200, 206) else b"HTTP %d" % r.status_code
+        peers = [threading.Thread(target=peer, args=(i,)) for i in range(12)]
+        for p in peers:
+            p.start()
+        for p in peers:
+            p.join(60)
+        t.join(60)
+        assert client[0][1] == blob.digest, client
+        for i, content in got.items():
+            assert content == data[(i * 1000 if i % 2 else 0):], (i, len(content))
+        assert faulty_upstream.count("GET", f"/blobs/{blob.digest}") == 1
+        served = set(re.findall(rf"\[(w\d)\] mirror\.access: .*\"GET {path}\" 20[06]",
+                                owner.log_text()))
+        assert served == {"w0", "w1"}, owner.log_text()[-3000:]
