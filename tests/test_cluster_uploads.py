@@ -118,3 +118,30 @@ def test_the_peer_upload_endpoint_wants_the_site_signature(site):
     assert httpx.get(f"{site[0].url}{path}", timeout=30).status_code == 401
     assert httpx.put(f"{site[0].url}{path}?digest=sha256:{'0' * 64}",
                      timeout=30).status_code == 401
+
+
+def test_a_replica_authorizes_the_client_before_it_forwards(tmp_path, pg_dsn):
+    from mirror.passwords import hash_password
+
+    htpasswd = tmp_path / "htpasswd"
+    hashed = hash_password("secret", rounds=4)
+    htpasswd.write_text(f"alice:{hashed}\nbob:{hashed}\n")
+    config = {**HOSTED, "auth": {"htpasswd": str(htpasswd), "acl": [
+        {"match": {"account": "alice"}, "actions": ["*"]},
+        {"match": {"account": "bob", "name": "team/*"}, "actions": ["pull"]}]}}
+    with Replicas(tmp_path, 3, pg_dsn, config) as site:
+        alice, bob = ("alice", "secret"), ("bob", "secret")
+        r = httpx.post(f"{site[0].url}/v2/team/app/blobs/uploads/", auth=alice, timeout=30)
+        assert r.status_code == 202, r.text
+        location = r.headers["Location"]
+        patch = {"content": b"x" * 100, "timeout": 30,
+                 "headers": {"Content-Type": "application/octet-stream"}}
+        r = httpx.patch(f"{site[1].url}{location}", **patch)
+        assert r.status_code == 401, r.text
+        r = httpx.patch(f"{site[1].url}{location}", auth=bob, **patch)
+        assert r.status_code == 403, r.text
+        # neither reached the session
+        r = httpx.get(f"{site[2].url}{location}", auth=alice, timeout=30)
+        assert r.status_code == 204 and r.headers["Range"] == "0-0", r.headers
+        r = httpx.patch(f"{site[1].url}{location}", auth=alice, **patch)
+        assert r.status_code == 202 and r.headers["Range"] == "0-99", r.text
