@@ -63,6 +63,7 @@ SPEED_WINDOW = 5.0                # seconds under min_speed before a download mo
 
 
 SiteFetch = Callable[["Fill"], Awaitable[None]]   # _fetch under the site's lease
+PEER_LABEL = "peer "              # source_label of bytes another replica streams (absorb)
 
 
 class FillFailed(Exception):
@@ -511,7 +512,8 @@ class Fill(Download):
 
     async def absorb(self, size: int, chunks: AsyncIterator[bytes], label: str) -> None:
         """Append the bytes another replica streams (from where the temp file ends) as
-        ``_download`` does upstream's; verified at the commit like them."""
+        ``_download`` does upstream's; verified at the commit like them. ``label``
+        starts with ``PEER_LABEL``."""
         assert self._temp is not None
         if not self._began:
             await self._begin(size)
@@ -603,7 +605,8 @@ class Fill(Download):
 
     def _advance(self) -> None:
         assert self._temp is not None
-        metrics.fetched(self.upstream.name, self._temp.size - self.written)
+        if not (self.source_label or "").startswith(PEER_LABEL):   # not upstream's bytes
+            metrics.fetched(self.upstream.name, self._temp.size - self.written)
         self.written = self._temp.size
         if self.claim is not None:
             self.claim.progress(self.written)

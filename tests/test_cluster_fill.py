@@ -68,6 +68,12 @@ def burst(rr, blob, clients: int) -> list:
     return results
 
 
+def _upstream_bytes(mirror) -> float:
+    text = httpx.get(f"{mirror.url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("mirror_upstream_bytes_total{"))
+
+
 def sha256_file(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -110,6 +116,10 @@ def test_sixteen_cold_clients_over_three_replicas_cause_one_upstream_get(
     print(f"16 clients, 3 replicas, {blob.size} bytes: "
           f"{upstream.count('GET', f'/blobs/{blob.digest}', since=mark)} upstream GET, "
           f"{took:.2f} s")
+    # The site fetched the blob's bytes from upstream once: the replicas that streamed
+    # them from a peer do not count them as upstream's.
+    fetched = [_upstream_bytes(m) for m in replicas]
+    assert sum(fetched) == blob.size and sorted(fetched)[:2] == [0, 0], fetched
     # Nothing left behind: no lease, no claim file.
     assert not sql(replicas.dsn, "SELECT * FROM fill_leases")
     for mirror in replicas:

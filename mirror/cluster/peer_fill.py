@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from ..errors import DigestInvalid, UpstreamBadContent, UpstreamUnavailable
+from ..fill import PEER_LABEL
 from .lease import Held, Lease, LeaseLost
 from .peer_site import PEER_PREFIX, Site
 
@@ -130,7 +131,7 @@ async def _from_peer(site: Site, fill: Fill, held: Held) -> None:
     ends, then committed; ``PeerBroken`` if the stream fails."""
     assert fill._temp is not None
     path = f"{PEER_PREFIX}/blobs/{fill.digest}"
-    label = f"peer {held.owner}"
+    label = f"{PEER_LABEL}{held.owner}"
     restarted = False
     while True:
         offset = fill._temp.size
