@@ -278,3 +278,31 @@ def test_any_worker_of_the_owner_serves_its_download_to_peers(
         served = set(re.findall(rf"\[(w\d)\] mirror\.access: .*\"GET {path}\" 20[06]",
                                 owner.log_text()))
         assert served == {"w0", "w1"}, owner.log_text()[-3000:]
+
+
+def test_a_live_owner_that_peers_cannot_reach_costs_a_second_get_not_a_failure(
+        tmp_path, pg_dsn, faulty_upstream, upstream):
+    site = Replicas(tmp_path, 2, pg_dsn,
+                    {"upstreams": {"docker.io": {"url": faulty_upstream.url}}})
+    # replica 0 advertises an address where nothing listens
+    site[0].reconfigure(cluster={"advertise": f"http://127.0.0.1:{free_port()}",
+                                 "lease_ttl": "2s"})
+    with site:
+        blob = fresh_blob(tmp_path, upstream, 4 * 1024 * 1024, "unreachable")
+        faulty_upstream.arm("drip", f"/blobs/{blob.digest}", method="GET", times=1,
+                            chunk=32 * 1024, delay=0.1)            # ~13 s
+        rr = site.round_robin()
+        results: list = []
+        first = threading.Thread(target=lambda: results.append(
+            pull_blob(rr, REPO, blob, first=site[0])))
+        first.start()
+        deadline = time.monotonic() + 20
+        while not sql(site.dsn, "SELECT 1 FROM fill_leases WHERE digest = $1", blob.digest):
+            assert time.monotonic() < deadline, site.log_text()
+            time.sleep(0.05)
+        n, digest, errors, _ = pull_blob(rr, REPO, blob, first=site[1])
+        assert digest == blob.digest and not errors, (errors, site.log_text())
+        assert "downloading it from upstream too" in site[1].log_text()
+        first.join(60)
+        assert results[0][1] == blob.digest
+        assert upstream.count("GET", f"/blobs/{blob.digest}") == 2

@@ -18,7 +18,10 @@ a ``Fill`` (fill.py) that won its replica's local claim (fill_shared.py).
   another replica, trying to acquire it each time: the winner resumes from upstream
   where its file ends, the others stream from the new owner from where theirs end.
   An owner still holding its lease a ttl after its stream broke is alive, and is
-  asked again; ``PEER_TRIES`` broken streams in all fail the fill.
+  asked again; after ``PEER_TRIES`` broken streams in all, this replica downloads
+  the blob from upstream itself (from byte 0, without the lease): a second download
+  rather than a failed pull. A lease held under this replica's own URL is a dead
+  worker's (this process won the replica's claim): it is waited out, never streamed.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from ..errors import DigestInvalid, UpstreamBadContent, UpstreamUnavailable
+from ..errors import DigestInvalid, UpstreamBadContent
 from ..fill import PEER_LABEL
 from .lease import Held, Lease, LeaseLost
 from .peer_site import PEER_PREFIX, Site
@@ -42,7 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mirror.cluster")
 
-PEER_TRIES = 3          # broken peer streams before the fill fails
+PEER_TRIES = 3          # broken peer streams before going upstream regardless
 POLL = 0.2              # seconds between looks at a broken owner's lease
 SIZE_HEADER = "Mirror-Blob-Size"
 
@@ -76,6 +79,11 @@ async def fetch(site: Site, fill: Fill) -> None:
             else:
                 await _own(site, fill, got)
                 return
+        if got.peer_url == site.url:
+            # A worker of this replica that died holding it: this process holds the
+            # replica's claim now. Never stream from ourselves; wait for it to expire.
+            await site.leases.wait(digest, timeout=site.ttl + POLL)
+            continue
         if got.owner == broken and time.monotonic() < broken_at + site.ttl + POLL:
             # Dead, or alive? Its lease says so within a ttl: look again until it is
             # released, expires (then acquire) or passes to another replica.
@@ -94,9 +102,14 @@ async def fetch(site: Site, fill: Fill) -> None:
             broken, broken_url, broken_at = got.owner, got.peer_url, time.monotonic()
             log.warning("blob %s: the stream from %s broke after %d bytes (%s); waiting "
                         "for its fill lease", digest, got.owner, fill.written, exc)
-            if breaks > PEER_TRIES:
-                raise UpstreamUnavailable(f"blob {digest}: the streams from the replicas "
-                                          f"downloading it broke {breaks} times") from None
+            if breaks >= PEER_TRIES:
+                # The owner lives but cannot stream to us: better a second download
+                # than a failed pull. From byte 0: what we have may be of mixed origin.
+                log.warning("blob %s: the streams from the replicas downloading it broke "
+                            "%d times; downloading it from upstream too", digest, breaks)
+                await fill._restart()
+                await fill._fetch()
+                return
 
 
 async def _own(site: Site, fill: Fill, lease: Lease) -> None:
