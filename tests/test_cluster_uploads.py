@@ -145,3 +145,20 @@ def test_a_replica_authorizes_the_client_before_it_forwards(tmp_path, pg_dsn):
         assert r.status_code == 204 and r.headers["Range"] == "0-0", r.headers
         r = httpx.patch(f"{site[1].url}{location}", auth=alice, **patch)
         assert r.status_code == 202 and r.headers["Range"] == "0-99", r.text
+
+
+def test_a_finished_upload_is_forgotten_by_the_site(site, pg_dsn):
+    import asyncio
+
+    import asyncpg
+
+    data = os.urandom(3000)
+    upload_across(site, 2, "team/done", data, 1000)
+
+    async def rows():
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            return await conn.fetch("SELECT id FROM peer_uploads")
+        finally:
+            await conn.close()
+    assert asyncio.run(rows()) == []

@@ -13,7 +13,8 @@ bodies are empty) goes back as it is: ``Location`` is relative, so the client's 
 request goes to the load balancer again, and whichever replica it reaches forwards it.
 
 hosted/routes.py calls ``started`` and ``forward`` through ``app.state.peer_uploads``
-(None outside a site). Rows are pruned ``KEEP`` seconds after their session started.
+(None outside a site). A row goes when a forwarded ``PUT`` or ``DELETE`` ends its
+session, else ``KEEP`` seconds after the session started.
 """
 
 from __future__ import annotations
@@ -80,6 +81,13 @@ class UploadPeers:
             await conn.execute("DELETE FROM peer_uploads WHERE at < now() - "
                                "make_interval(secs => $1)", KEEP)
 
+    async def _forget(self, upload_id: str) -> None:
+        try:
+            async with self.site.pool.acquire() as conn:
+                await conn.execute("DELETE FROM peer_uploads WHERE id = $1", upload_id)
+        except Exception as exc:          # pruned after KEEP anyway
+            log.warning("upload %s: could not forget its replica: %r", upload_id, exc)
+
     async def owner(self, upload_id: str) -> str | None:
         async with self.site.pool.acquire() as conn:
             url = await conn.fetchval("SELECT peer_url FROM peer_uploads WHERE id = $1",
@@ -114,6 +122,8 @@ class UploadPeers:
                                       f"which cannot be reached: {type(exc).__name__}") from None
         log.debug("upload %s: %s forwarded to %s: %d", upload_id, request.method, owner,
                   resp.status_code)
+        if (request.method, resp.status_code) in (("PUT", 201), ("DELETE", 204)):
+            await self._forget(upload_id)            # the session is over
         answer = {k: v for k, v in resp.headers.items() if k.lower() in _ANSWER}
         return Response(content, status_code=resp.status_code, headers=answer)
 
