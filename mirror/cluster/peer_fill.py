@@ -20,7 +20,8 @@ a ``Fill`` (fill.py) that won its replica's local claim (fill_shared.py).
   An owner still holding its lease a ttl after its stream broke is alive, and is
   asked again; after ``PEER_TRIES`` broken streams in all, this replica downloads
   the blob from upstream itself (from byte 0, without the lease): a second download
-  rather than a failed pull. A lease held under this replica's own URL is a dead
+  rather than a failed pull; so does a PostgreSQL out of reach when the lease is
+  asked for. A lease held under this replica's own URL is a dead
   worker's (this process won the replica's claim): it is waited out, never streamed.
 
 Manifests and tag revalidations take no lease: measured with bench/cluster_manifests.py
@@ -77,9 +78,19 @@ async def fetch(site: Site, fill: Fill) -> None:
     broken_at = 0.0
     breaks = 0
     while True:
-        got = await site.leases.acquire(digest, site.owner, site.url, site.ttl)
+        try:
+            got = await site.leases.acquire(digest, site.owner, site.url, site.ttl)
+        except Exception as exc:      # the database out of reach (asyncpg's errors, OSError)
+            # Better a download per replica than none: the site's single flight is lost
+            # while PostgreSQL is, the pull is not.
+            log.warning("blob %s: the fill lease cannot be had (%s); downloading without "
+                        "it", digest, type(exc).__name__)
+            if fill._temp is not None and fill._temp.size:
+                await fill._restart()
+            await fill._fetch()
+            return
         if isinstance(got, Lease):
-            if broken is not None and (url := await site.fetched_by(digest)) \
+            if broken is not None and (url := await _fetched_by(site, digest)) \
                     and url not in (site.url, broken_url):
                 # Another replica took over from the dead owner and finished meanwhile.
                 await got.release(False)
@@ -90,12 +101,12 @@ async def fetch(site: Site, fill: Fill) -> None:
         if got.peer_url == site.url:
             # A worker of this replica that died holding it: this process holds the
             # replica's claim now. Never stream from ourselves; wait for it to expire.
-            await site.leases.wait(digest, timeout=site.ttl + POLL)
+            await _wait(site, digest, site.ttl + POLL)
             continue
         if got.owner == broken and time.monotonic() < broken_at + site.ttl + POLL:
             # Dead, or alive? Its lease says so within a ttl: look again until it is
             # released, expires (then acquire) or passes to another replica.
-            await site.leases.wait(digest, timeout=POLL)
+            await _wait(site, digest, POLL)
             continue
         if not authorized:
             # Never fetched from upstream here: ask it whether the client's repository
@@ -118,6 +129,23 @@ async def fetch(site: Site, fill: Fill) -> None:
                 await fill._restart()
                 await fill._fetch()
                 return
+
+
+async def _wait(site: Site, digest: str, timeout: float) -> None:
+    """Until the lease is released, expires or ``timeout`` passes; a database out of
+    reach just sleeps (the next acquire finds out)."""
+    try:
+        await site.leases.wait(digest, timeout=timeout)
+    except Exception as exc:
+        log.debug("blob %s: waiting for the fill lease failed: %r", digest, exc)
+        await asyncio.sleep(timeout)
+
+
+async def _fetched_by(site: Site, digest: str) -> str | None:
+    try:
+        return await site.fetched_by(digest)
+    except Exception:
+        return None
 
 
 async def _own(site: Site, fill: Fill, lease: Lease) -> None:
