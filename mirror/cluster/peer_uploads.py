@@ -40,6 +40,8 @@ log = logging.getLogger("mirror.cluster")
 
 COMPONENT = "peer_uploads"
 KEEP = 7 * 86400.0
+# the owner may take a while to answer a PUT: it verifies and stores the whole blob
+FORWARD_TIMEOUT = httpx.Timeout(10.0, read=300.0)
 PREFIX = f"{PEER_PREFIX}/v2/"
 _SESSION = re.compile(r"(.+)/blobs/uploads/([^/]+)")
 # what describes a request's body and what the route reads; never Authorization/Cookie
@@ -111,7 +113,7 @@ class UploadPeers:
         url = owner.rstrip("/") + path + (f"?{query}" if query else "")
         try:
             sent = self.site.http.build_request(request.method, url, headers=headers,
-                                                content=body)
+                                                content=body, timeout=FORWARD_TIMEOUT)
             resp = await self.site.http.send(sent)
             try:
                 content = await resp.aread()
