@@ -317,3 +317,21 @@ def test_a_replica_whose_postgresql_is_gone_still_serves_a_cold_pull(
         n, digest, errors, _ = pull_blob(site.round_robin(), REPO, blob)
         assert digest == blob.digest and not errors, (errors, site.log_text())
         assert "the fill lease cannot be had" in site[0].log_text()
+
+
+def test_the_cluster_migrations_apply_once(pg_dsn):
+    from mirror.cluster import peer_join
+
+    async def main():
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            first = await peer_join.migrate(conn)
+            again = await peer_join.migrate(conn)
+            tables = {r[0] for r in await conn.fetch(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+            return first, again, tables
+        finally:
+            await conn.close()
+    first, again, tables = asyncio.run(main())
+    assert first == 4 and again == 0
+    assert {"fill_leases", "cluster_secret", "peer_recent_fills", "peer_uploads"} <= tables

@@ -17,9 +17,20 @@ from .peer_fill import fill_hook
 from .peer_routes import PeerState
 from .peer_site import CannotJoin, Site
 
-__all__ = ["CannotJoin", "ROUTES", "attach", "open_site"]
+__all__ = ["CannotJoin", "ROUTES", "attach", "migrate", "open_site"]
 
 ROUTES = [*peer_routes.ROUTES, *peer_uploads.ROUTES]
+
+
+async def migrate(conn: Any) -> int:
+    """Every table of the peer channel and the fill lease (for `mirror migrate`); the
+    number of migrations run. A replica applies them at start-up as well."""
+    from . import lease, peer_auth, schema
+    from .peer_site import RECENT_MIGRATIONS
+
+    return (await lease.migrate(conn) + await peer_auth.migrate(conn)
+            + await schema.apply(conn, "peer_recent_fills", RECENT_MIGRATIONS)
+            + await peer_uploads.migrate(conn))
 
 
 async def open_site(config: Any) -> Site | None:
