@@ -335,3 +335,46 @@ def test_the_cluster_migrations_apply_once(pg_dsn):
     first, again, tables = asyncio.run(main())
     assert first == 4 and again == 0
     assert {"fill_leases", "cluster_secret", "peer_recent_fills", "peer_uploads"} <= tables
+
+
+def test_an_owner_that_hangs_loses_its_lease_and_the_others_take_over(
+        slow_replicas, faulty_upstream, upstream, tmp_path):
+    """SIGSTOP breaks no connection: the others see the owner's lease expire."""
+    site = slow_replicas
+    blob = fresh_blob(tmp_path, upstream, 4 * 1024 * 1024, "hang")
+    faulty_upstream.arm("drip", f"/blobs/{blob.digest}", method="GET", times=1,
+                        chunk=64 * 1024, delay=0.1)            # ~6 s for the whole blob
+    rr = site.round_robin()
+    results: dict[int, tuple] = {}
+
+    def pull(i: int) -> None:
+        results[i] = pull_blob(rr, REPO, blob, first=site[i])
+    first = threading.Thread(target=pull, args=(0,))
+    first.start()
+    deadline = time.monotonic() + 20
+    while not sql(site.dsn, "SELECT 1 FROM fill_leases WHERE digest = $1", blob.digest):
+        assert time.monotonic() < deadline, site.log_text()
+        time.sleep(0.05)
+    others = [threading.Thread(target=pull, args=(i,)) for i in (1, 2)]
+    for t in others:
+        t.start()
+    while not all(f"blob {blob.digest}: streaming it from" in site[i].log_text()
+                  for i in (1, 2)):
+        assert time.monotonic() < deadline, site.log_text()
+        time.sleep(0.05)
+    owner = site[0].proc.pid
+    os.kill(owner, signal.SIGSTOP)
+    try:
+        for t in others:
+            t.join(50)
+        for i in (1, 2):
+            n, digest, errors, _ = results[i]
+            assert digest == blob.digest and n == blob.size and not errors, \
+                (errors, site.log_text())
+        log = site[1].log_text() + site[2].log_text()
+        assert "its fill lease expired or passed to another replica" in log, log
+    finally:
+        os.kill(owner, signal.SIGCONT)
+    first.join(60)
+    assert results[0][1] == blob.digest, results[0]
+    assert upstream.count("GET", f"/blobs/{blob.digest}") == 2, site.log_text()

@@ -13,7 +13,9 @@ a ``Fill`` (fill.py) that won its replica's local claim (fill_shared.py).
   its other workers follow them as they would an upstream download; the file is
   hashed as it is written and committed only when it matches the digest (a mismatch
   starts again from byte 0), and the last byte is held back until then.
-- **The peer stream breaks** (the owner died, or failed): look at the lease every
+- **The peer stream breaks** (the owner died, or failed), or the owner's lease expires
+  or passes to another replica while it streams (an owner that hangs breaks no
+  connection; a watcher on the lease ends the stream): look at the lease every
   ``POLL`` seconds (``Leases.wait``) until it is released, expires or passes to
   another replica, trying to acquire it each time: the winner resumes from upstream
   where its file ends, the others stream from the new owner from where theirs end.
@@ -46,7 +48,7 @@ import httpx
 
 from ..errors import DigestInvalid, UpstreamBadContent
 from ..fill import PEER_LABEL
-from .lease import Held, Lease, LeaseLost
+from .lease import Held, Lease, LeaseLost, Waited
 from .peer_site import PEER_PREFIX, Site
 
 if TYPE_CHECKING:
@@ -78,6 +80,7 @@ async def fetch(site: Site, fill: Fill) -> None:
     broken_at = 0.0
     breaks = 0
     while True:
+        finished = False                # streaming a blob a peer has cached: no lease
         try:
             got = await site.leases.acquire(digest, site.owner, site.url, site.ttl)
         except Exception as exc:      # the database out of reach (asyncpg's errors, OSError)
@@ -94,7 +97,7 @@ async def fetch(site: Site, fill: Fill) -> None:
                     and url not in (site.url, broken_url):
                 # Another replica took over from the dead owner and finished meanwhile.
                 await got.release(False)
-                got = Held(f"{url} (finished)", url)
+                got, finished = Held(f"{url} (finished)", url), True
             else:
                 await _own(site, fill, got)
                 return
@@ -114,7 +117,7 @@ async def fetch(site: Site, fill: Fill) -> None:
             await fill.upstream.stat_blob(fill.repository, digest)
             authorized = True
         try:
-            await _from_peer(site, fill, got)
+            await _from_peer(site, fill, got, watch=not finished)
             return
         except PeerBroken as exc:
             breaks += 1
@@ -175,33 +178,29 @@ async def _own(site: Site, fill: Fill, lease: Lease) -> None:
             log.warning("blob %s: could not release the fill lease: %r", fill.digest, exc)
 
 
-async def _from_peer(site: Site, fill: Fill, held: Held) -> None:
+async def _from_peer(site: Site, fill: Fill, held: Held, watch: bool = True) -> None:
     """The blob from the lease owner's peer endpoint, resumed from where the temp file
-    ends, then committed; ``PeerBroken`` if the stream fails."""
+    ends, then committed; ``PeerBroken`` if the stream fails, or (``watch``) if the
+    owner's lease expires or passes to another replica meanwhile (an owner that hangs
+    breaks no connection: its lease says it is gone)."""
     assert fill._temp is not None
-    path = f"{PEER_PREFIX}/blobs/{fill.digest}"
     label = f"{PEER_LABEL}{held.owner}"
     restarted = False
     while True:
-        offset = fill._temp.size
-        headers = site.peer_headers("GET", path)
-        if offset:
-            headers["Range"] = f"bytes={offset}-"
+        streaming = asyncio.ensure_future(_stream(site, fill, held, label))
+        watching = asyncio.ensure_future(_gone(site, fill.digest, held) if watch
+                                         else asyncio.Event().wait())
         try:
-            async with site.http.stream("GET", held.peer_url.rstrip("/") + path,
-                                        headers=headers) as resp:
-                if resp.status_code not in (200, 206):
-                    raise PeerBroken(f"HTTP {resp.status_code}")
-                size = _size(resp)
-                if resp.status_code == 200 and offset:
-                    raise PeerBroken("the peer ignored the range")
-                log.info("blob %s: streaming it from %s from byte %d (this replica lost "
-                         "the fill lease)", fill.digest, held.owner, offset)
-                await fill.absorb(size, resp.aiter_raw(), label)
-        except httpx.HTTPError as exc:
-            raise PeerBroken(f"{type(exc).__name__}: {exc}") from None
-        except UpstreamBadContent as exc:
-            raise PeerBroken(exc.message) from None
+            await asyncio.wait({streaming, watching}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watching.cancel()
+            if not streaming.done():
+                streaming.cancel()
+            await asyncio.gather(streaming, watching, return_exceptions=True)
+        if streaming.cancelled():
+            await fill._flush()          # what did arrive stays; the rest from the next
+            raise PeerBroken("its fill lease expired or passed to another replica")
+        streaming.result()
         if fill.size is not None and fill._temp.size != fill.size:
             raise PeerBroken(f"ended after {fill._temp.size} of {fill.size} bytes")
         try:
@@ -216,6 +215,51 @@ async def _from_peer(site: Site, fill: Fill, held: Held) -> None:
             log.warning("blob %s: %s from %s; starting again from byte 0", fill.digest,
                         exc.message, label)
             await fill._restart()
+
+
+async def _stream(site: Site, fill: Fill, held: Held, label: str) -> None:
+    """Append the peer's bytes from where the temp file ends."""
+    assert fill._temp is not None
+    path = f"{PEER_PREFIX}/blobs/{fill.digest}"
+    offset = fill._temp.size
+    headers = site.peer_headers("GET", path)
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        async with site.http.stream("GET", held.peer_url.rstrip("/") + path,
+                                    headers=headers) as resp:
+            if resp.status_code not in (200, 206):
+                raise PeerBroken(f"HTTP {resp.status_code}")
+            size = _size(resp)
+            if resp.status_code == 200 and offset:
+                raise PeerBroken("the peer ignored the range")
+            log.info("blob %s: streaming it from %s from byte %d (this replica lost "
+                     "the fill lease)", fill.digest, held.owner, offset)
+            await fill.absorb(size, resp.aiter_raw(), label)
+    except httpx.HTTPError as exc:
+        raise PeerBroken(f"{type(exc).__name__}: {exc}") from None
+    except UpstreamBadContent as exc:
+        raise PeerBroken(exc.message) from None
+
+
+async def _gone(site: Site, digest: str, held: Held) -> None:
+    """Returns once ``held``'s lease expired or another replica holds it; never when
+    it is released (the owner is done: its stream ends by itself)."""
+    while True:
+        try:
+            waited = await site.leases.wait(digest, timeout=site.ttl / 2)
+            if waited is Waited.EXPIRED:
+                return
+            if waited is Waited.RELEASED:
+                await asyncio.Event().wait()
+            holder = await site.leases.holder(digest)
+        except asyncio.CancelledError:
+            raise
+        except Exception:                 # the database out of reach: trust the stream
+            await asyncio.sleep(site.ttl / 2)
+            continue
+        if holder is not None and holder.owner != held.owner:
+            return
 
 
 def _size(resp: httpx.Response) -> int:
