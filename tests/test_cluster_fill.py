@@ -120,6 +120,8 @@ def test_sixteen_cold_clients_over_three_replicas_cause_one_upstream_get(
     # them from a peer do not count them as upstream's.
     fetched = [_upstream_bytes(m) for m in replicas]
     assert sum(fetched) == blob.size and sorted(fetched)[:2] == [0, 0], fetched
+    owner = next(m for m, n in zip(replicas, fetched, strict=True) if n)
+    assert 'route="peer"' in httpx.get(f"{owner.url}/metrics", timeout=10).text
     # Nothing left behind: no lease, no claim file.
     assert not sql(replicas.dsn, "SELECT * FROM fill_leases")
     for mirror in replicas:
