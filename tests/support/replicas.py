@@ -8,6 +8,10 @@ them all, ``stop()`` stops what still runs. ``.round_robin()`` hands out the rep
 in turn (skipping those stopped), as a load balancer would. ``pull_blob(rr, repo,
 blob)`` reads a blob through it as a resuming client does: a broken response is
 resumed with ``Range`` from the next replica.
+
+``config`` is every replica's (a ``storage: {s3: ...}`` section there makes them share
+an object store too); tests look at files in a replica's data_dir only when its config
+has no ``storage`` section.
 """
 
 from __future__ import annotations
