@@ -96,7 +96,8 @@ async def fetch(site: Site, fill: Fill) -> None:
             if broken is not None and (url := await _fetched_by(site, digest)) \
                     and url not in (site.url, broken_url):
                 # Another replica took over from the dead owner and finished meanwhile.
-                await got.release(False)
+                with contextlib.suppress(Exception):     # else it expires
+                    await got.release(False)
                 got, finished = Held(f"{url} (finished)", url), True
             else:
                 await _own(site, fill, got)

@@ -71,6 +71,8 @@ async def blob(request: Request) -> Response:
         raise BlobUnknown(f"blob {digest} is neither being downloaded nor cached here")
     try:
         await body.wait_started()
+        if body.size is None:             # upstream did not say: the whole blob first
+            await body.wait_verified()
         size = body.size
         if size is None or start > size or (start == size and size > 0):
             raise RangeNotSatisfiable(headers={"Content-Range": f"bytes */{size or '*'}"})
