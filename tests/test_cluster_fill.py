@@ -383,3 +383,27 @@ def test_an_owner_that_hangs_loses_its_lease_and_the_others_take_over(
     first.join(60)
     assert results[0][1] == blob.digest, results[0]
     assert upstream.count("GET", f"/blobs/{blob.digest}") == 2, site.log_text()
+
+
+def test_replicas_with_two_workers_each_still_cost_one_upstream_get(
+        tmp_path, pg_dsn, upstream):
+    """A replica's workers settle who downloads with the claim file first (the others
+    follow it); only that worker asks the site for the lease."""
+    config = {"upstreams": {"docker.io": {"url": upstream.url}}, "workers": 2}
+    with Replicas(tmp_path, 2, pg_dsn, config) as site:
+        deadline = time.monotonic() + 30
+        while not all("ready on http" in m.log_text() for m in site):
+            assert time.monotonic() < deadline, site.log_text()
+            time.sleep(0.05)
+        for attempt in range(3):
+            blob = fresh_blob(tmp_path, upstream, 12 * 1024 * 1024, f"w{attempt}")
+            mark = upstream.mark()
+            for n, digest, errors, _ in burst(site.round_robin(), blob, 16):
+                assert digest == blob.digest and n == blob.size, (errors, site.log_text())
+            assert upstream.count("GET", f"/blobs/{blob.digest}", since=mark) == 1
+            served = set(re.findall(rf"\[(w\d)\] mirror\.access: .*\"GET /v2/{REPO}/blobs/"
+                                    rf"{blob.digest}\" 200", site.log_text()))
+            if served == {"w0", "w1"}:
+                break
+        else:
+            pytest.fail("the clients never reached both workers")
