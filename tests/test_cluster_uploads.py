@@ -162,3 +162,14 @@ def test_a_finished_upload_is_forgotten_by_the_site(site, pg_dsn):
         finally:
             await conn.close()
     assert asyncio.run(rows()) == []
+
+
+def test_an_upload_whose_replica_is_down_is_a_clear_503(site):
+    r = httpx.post(f"{site[0].url}/v2/team/down/blobs/uploads/", timeout=30)
+    location = r.headers["Location"]
+    site[0].stop(kill=True)
+    r = httpx.patch(f"{site[1].url}{location}", content=b"x" * 10, timeout=30,
+                    headers={"Content-Type": "application/octet-stream"})
+    assert r.status_code == 503, r.text
+    error = r.json()["errors"][0]
+    assert site[0].url in error["message"] and "cannot be reached" in error["message"], error

@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..api import GATE
-from ..errors import UpstreamUnavailable
+from ..errors import CacheUnavailable
 from ..hosted import routes as hosted_routes
 from ..hosted.uploads import UUID_RE
 from . import schema
@@ -120,7 +120,7 @@ class UploadPeers:
             finally:
                 await resp.aclose()
         except httpx.HTTPError as exc:
-            raise UpstreamUnavailable(f"upload {upload_id} is held by replica {owner}, "
+            raise CacheUnavailable(f"upload {upload_id} is held by replica {owner}, "
                                       f"which cannot be reached: {type(exc).__name__}") from None
         log.debug("upload %s: %s forwarded to %s: %d", upload_id, request.method, owner,
                   resp.status_code)
