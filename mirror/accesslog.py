@@ -35,6 +35,7 @@ _ROUTES = [
     ("base", re.compile(r"/v2/?")),
     ("metrics", re.compile(r"/metrics")),
     ("health", re.compile(r"/(healthz|readyz)")),
+    ("peer", re.compile(r"/_mirror/peer/.*")),      # replicas of a site (cluster/)
 ]
 
 

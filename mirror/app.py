@@ -25,6 +25,7 @@ from .api import EXCEPTION_HANDLERS, ROUTES, APIVersionHeader, Registry
 from .auth import Guard
 from .cache import CannotOpen, LocalCache
 from .catalog import Catalog
+from .cluster import peer_join
 from .cluster.leader import Leadership
 from .config import Config
 from .evict import Budget, Evictor
@@ -69,7 +70,8 @@ class Mirror:
         self.role = role
         self.web = web_routes.create()        # the page at /ui/ (mirror/web)
         # The login and the actions (/ui/login, /ui/actions/...) before the pages' mount.
-        self.app = Starlette(routes=[*ROUTES, HttpRoute("/", web_routes.root, methods=["GET"]),
+        self.app = Starlette(routes=[*ROUTES, *peer_join.ROUTES,
+                                     HttpRoute("/", web_routes.root, methods=["GET"]),
                                      *web_session.ROUTES, *web_actions.ROUTES,
                                      Mount("/ui", app=self.web)],
                              exception_handlers=EXCEPTION_HANDLERS,
@@ -84,11 +86,17 @@ class Mirror:
         config = self.config
         role = self.role
         try:
+            site = await peer_join.open_site(config)     # replicas sharing PostgreSQL
+        except peer_join.CannotJoin as exc:
+            raise StartupError(str(exc)) from None
+        try:
             local = await LocalCache.open(config.data_dir, prepare=role.prepare,
                                           own_lock=role.worker is None, leader=role.leader,
                                           previous_pid=role.previous_pid,
                                           storage=config.storage, index=config.index)
         except CannotOpen as exc:
+            if site is not None:
+                await site.close()
             raise StartupError(str(exc)) from None
         self.local = local
         # Other processes write the index too: this server's other workers, or (a
@@ -138,6 +146,7 @@ class Mirror:
         if hosted is not None:
             await hosted.open(leader=role.leader, leading=lambda: leadership.held)
             sources[HOSTED] = hosted
+        peer_join.attach(self.app, site, local, sources)
         guard = self.guard = Guard(config.auth, router, local.data_dir, config.public_url,
                                    local_token) if config.auth else None
         self.app.state.registry = Registry(router, sources, local.repositories,
@@ -165,6 +174,8 @@ class Mirror:
             for source in sources.values():
                 await source.aclose()
             await leadership.stop()
+            if site is not None:
+                await site.close()
             events.sink = None
             await notifier.stop()
             if upstream_status.recorder is status:

@@ -35,7 +35,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 from . import fileio, metrics
 from .cache import LocalCache, TempBlob
@@ -60,6 +60,10 @@ RESUME_BACKOFF = 0.5              # seconds before the first resumption; doubles
 GRACE = 2.0                       # seconds an unread fill goes on before it is let go...
 FINISH_FROM = 0.5                 # ...unless this share of the blob is in: then it finishes
 SPEED_WINDOW = 5.0                # seconds under min_speed before a download moves on
+
+
+SiteFetch = Callable[["Fill"], Awaitable[None]]   # _fetch under the site's lease
+PEER_LABEL = "peer "              # source_label of bytes another replica streams (absorb)
 
 
 class FillFailed(Exception):
@@ -214,9 +218,10 @@ class Download:
 class Fill(Download):
     def __init__(self, cache: LocalCache, upstream: UpstreamGroup, repository: str, digest: str,
                  slots: asyncio.Semaphore | None = None, detached: bool = False,
-                 claim: Claim | None = None) -> None:
+                 claim: Claim | None = None, site: SiteFetch | None = None) -> None:
         super().__init__(cache, digest)
         self.upstream = upstream
+        self.site = site                 # a site of replicas: the fill lease (cluster/)
         self.repository = repository
         self.detached = detached         # runs to the end with no reader (mirror warm)
         self.claim = claim               # the claim file other workers follow (fill_shared)
@@ -286,7 +291,7 @@ class Fill(Download):
                                                                        digest=self.digest)
             if self.claim is not None:
                 self.claim.begin(self._temp.path, self.generation)
-            await self._fetch()
+            await (self._fetch() if self.site is None else self.site(self))
             self.size = self._temp.size
             if not self.uncached:
                 events.fetched_blob(self.upstream.name, self.repository, self.digest, self.size)
@@ -514,6 +519,43 @@ class Fill(Download):
                 metrics.source_bytes(group.name, endpoint.label, got)
                 self.sources[endpoint.label] = self.sources.get(endpoint.label, 0) + got
 
+    async def absorb(self, size: int, chunks: AsyncIterator[bytes], label: str) -> None:
+        """Append the bytes another replica streams (from where the temp file ends) as
+        ``_download`` does upstream's; verified at the commit like them. ``label``
+        starts with ``PEER_LABEL``."""
+        assert self._temp is not None
+        if not self._began:
+            await self._begin(size)
+        elif size != self.size:
+            raise UpstreamBadContent(f"blob {self.digest} is {size} bytes at {label} but "
+                                     f"{self.size} where the download began")
+        self.source_label = label
+        received = offset = self._temp.size
+        try:
+            async for chunk in chunks:
+                received += len(chunk)
+                if received > size:
+                    raise UpstreamBadContent(f"blob {self.digest} from {label} is longer "
+                                             "than announced")
+                self._pending.append(chunk)
+                self._pending_bytes += len(chunk)
+                self._remember(received - len(chunk), chunk)
+                if self._inflight is not None and (
+                        self._inflight.done() or self._pending_bytes >= WRITE_BACKLOG):
+                    await self._settle()
+                if self._inflight is None:
+                    self._inflight = asyncio.ensure_future(self._write_pending())
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            await self._flush()       # keep every byte that did arrive, then resume
+            raise
+        else:
+            await self._flush()
+        finally:
+            if received > offset:
+                self.sources[label] = self.sources.get(label, 0) + received - offset
+
     async def _begin(self, size: int | None) -> None:
         """The first answer with a body (again after a restart): size and space."""
         assert self._temp is not None
@@ -572,7 +614,8 @@ class Fill(Download):
 
     def _advance(self) -> None:
         assert self._temp is not None
-        metrics.fetched(self.upstream.name, self._temp.size - self.written)
+        if not (self.source_label or "").startswith(PEER_LABEL):   # not upstream's bytes
+            metrics.fetched(self.upstream.name, self._temp.size - self.written)
         self.written = self._temp.size
         if self.claim is not None:
             self.claim.progress(self.written)

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from . import fill_shared, metrics
 from .cache import LocalCache
 from .errors import BlobUnknown, Denied, ManifestUnknown, NameUnknown, UpstreamUnavailable
-from .fill import Download, Fill, FillReader
+from .fill import Download, Fill, FillReader, SiteFetch
 from .fill_follow import ForeignFill
 from .index import IndexUnavailable
 from .models import (
@@ -82,6 +82,7 @@ class ProxyStore:
         self._flights = SingleFlight()
         self._fills: dict[str, Download] = {}   # running here, or followed (another worker's)
         self._fill_slots = asyncio.Semaphore(remote.config.max_fills)
+        self.site: SiteFetch | None = None       # a site of replicas' fill lease (app.py)
 
     async def aclose(self) -> None:
         for fill in list(self._fills.values()):
@@ -269,7 +270,7 @@ class ProxyStore:
         if claim.owner:
             metrics.lookup("blob", "miss")
             fill = Fill(self.local, self.remote, repository, digest, self._fill_slots,
-                        claim=claim)
+                        claim=claim, site=self.site)
         else:
             metrics.lookup("blob", "coalesced")
             fill = ForeignFill(self.local, digest, claim)

@@ -146,6 +146,7 @@ async def write(request: Request, hosted: HostedStore, gate: Gate, path: str) ->
             headers["OCI-Subject"] = pushed.subject
         return Response(status_code=201, headers=headers)
     uploads = hosted.uploads
+    peers = getattr(request.app.state, "peer_uploads", None)   # replicas: cluster/
     if upload is None:
         if method != "POST":
             raise Unsupported(f"{method} is not supported on an upload's start")
@@ -161,7 +162,13 @@ async def write(request: Request, hosted: HostedStore, gate: Gate, path: str) ->
             await uploads.append(session, request.stream())
             await uploads.finish(session, digest)
             return _blob_created(name, digest)
+        if peers is not None:
+            await peers.started(session.id)
         return _upload_answer(202, name, session)
+    if peers is not None:
+        forwarded: Response | None = await peers.forward(request, name, upload)
+        if forwarded is not None:
+            return forwarded                # the session is another replica's
     session = await uploads.get(repository, upload)
     if method == "GET":
         return _upload_answer(204, name, session)

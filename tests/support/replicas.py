@@ -1,0 +1,132 @@
+"""Several mirror replicas of one site, as real processes, and a round-robin client.
+
+``Replicas(tmpdir, n, dsn, config)`` makes ``n`` ``MirrorProcess``es sharing one
+PostgreSQL (``index: {postgres: {dsn}}``) and each advertising its own loopback URL
+to the others (``cluster: {advertise, lease_ttl}``, 2 s by default so that taking
+over a dead replica's lease is quick); each has its own data_dir. ``start()`` starts
+them all, ``stop()`` stops what still runs. ``.round_robin()`` hands out the replicas
+in turn (skipping those stopped), as a load balancer would. ``pull_blob(rr, repo,
+blob)`` reads a blob through it as a resuming client does: a broken response is
+resumed with ``Range`` from the next replica.
+
+``config`` is every replica's (a ``storage: {s3: ...}`` section there makes them share
+an object store too); tests look at files in a replica's data_dir only when its config
+has no ``storage`` section.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import threading
+from pathlib import Path
+
+import httpx
+
+from .mirror import MirrorProcess
+
+
+class Replicas:
+    def __init__(self, tmpdir, n: int, dsn: str, config: dict,
+                 lease_ttl: str = "2s") -> None:
+        self.dir = Path(tmpdir)
+        self.dsn = dsn
+        self.mirrors: list[MirrorProcess] = []
+        for i in range(n):
+            mirror = MirrorProcess(self.dir / f"replica-{i}",
+                                   {**config, "index": {"postgres": {"dsn": dsn}}})
+            mirror.reconfigure(cluster={"advertise": mirror.url, "lease_ttl": lease_ttl})
+            self.mirrors.append(mirror)
+
+    def start(self) -> Replicas:
+        # the first creates the cluster tables; the others start at once after it
+        self.mirrors[0].start()
+        errors: list[BaseException] = []
+
+        def start(mirror: MirrorProcess) -> None:
+            try:
+                mirror.start()
+            except BaseException as exc:
+                errors.append(exc)
+        threads = [threading.Thread(target=start, args=(m,)) for m in self.mirrors[1:]]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            self.stop()
+            raise errors[0]
+        return self
+
+    def stop(self) -> None:
+        for mirror in self.mirrors:
+            mirror.stop()
+
+    def __enter__(self) -> Replicas:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __getitem__(self, i: int) -> MirrorProcess:
+        return self.mirrors[i]
+
+    def __len__(self) -> int:
+        return len(self.mirrors)
+
+    def by_pid(self, pid: int) -> MirrorProcess:
+        return next(m for m in self.mirrors if m.proc is not None and m.proc.pid == pid)
+
+    def round_robin(self) -> RoundRobin:
+        return RoundRobin(self.mirrors)
+
+    def log_text(self) -> str:
+        return "\n".join(f"--- replica {i} ---\n{m.log_text()[-4000:]}"
+                         for i, m in enumerate(self.mirrors))
+
+
+class RoundRobin:
+    """The replicas in turn, thread-safe; stopped (or killed) ones are skipped."""
+
+    def __init__(self, mirrors: list[MirrorProcess]) -> None:
+        self.mirrors = mirrors
+        self._turn = itertools.cycle(range(len(mirrors)))
+        self._lock = threading.Lock()
+
+    def next(self) -> MirrorProcess:
+        with self._lock:
+            for _ in range(len(self.mirrors)):
+                mirror = self.mirrors[next(self._turn)]
+                if mirror.proc is not None and mirror.proc.poll() is None:
+                    return mirror
+        raise RuntimeError("no replica is running")
+
+
+def pull_blob(rr: RoundRobin, repo: str, blob, tries: int = 6,
+              first: MirrorProcess | None = None) -> tuple[int, str, list, list]:
+    """(bytes, sha256 digest of them, errors met, replicas' URLs used) of reading
+    ``blob`` through the replicas, each broken response resumed with ``Range`` on the
+    next replica. Raises nothing: the caller checks the digest and the errors."""
+    h = hashlib.sha256()
+    n = 0
+    errors: list = []
+    used: list[str] = []
+    mirror = first or rr.next()
+    for _ in range(tries):
+        used.append(mirror.url)
+        headers = {"Range": f"bytes={n}-"} if n else {}
+        try:
+            with httpx.stream("GET", f"{mirror.url}/v2/{repo}/blobs/{blob.digest}",
+                              headers=headers, timeout=60) as resp:
+                if resp.status_code not in (200, 206) or (n and resp.status_code != 206):
+                    errors.append(f"{mirror.url}: HTTP {resp.status_code} "
+                                  f"{resp.read()[:200]!r}")
+                else:
+                    for chunk in resp.iter_raw():
+                        h.update(chunk)
+                        n += len(chunk)
+                    return n, f"sha256:{h.hexdigest()}", errors, used
+        except httpx.HTTPError as exc:
+            errors.append(f"{mirror.url}: {type(exc).__name__}: {exc}")
+        mirror = rr.next()
+    return n, f"sha256:{h.hexdigest()}", errors, used
