@@ -498,16 +498,7 @@ class Fill(Download):
                         if self.size is not None and received > self.size:
                             raise _WrongBytes(f"blob {self.digest} is longer than announced",
                                               blame_current=True)
-                        self._pending.append(chunk)
-                        self._pending_bytes += len(chunk)
-                        self._remember(received - len(chunk), chunk)
-                        # One writer at a time; what arrives meanwhile is gathered into its
-                        # next write, so readers see bytes soon and writes stay big.
-                        if self._inflight is not None and (
-                                self._inflight.done() or self._pending_bytes >= WRITE_BACKLOG):
-                            await self._settle()
-                        if self._inflight is None:
-                            self._inflight = asyncio.ensure_future(self._write_pending())
+                        await self._take(received, chunk)
                 except (UpstreamUnavailable, _TooSlow):
                     await self._flush()     # keep every byte that did arrive, then resume
                     raise
@@ -518,6 +509,19 @@ class Fill(Download):
                 endpoint.measured(got, time.monotonic() - began_at)
                 metrics.source_bytes(group.name, endpoint.label, got)
                 self.sources[endpoint.label] = self.sources.get(endpoint.label, 0) + got
+
+    async def _take(self, received: int, chunk: bytes) -> None:
+        """Queue ``chunk`` (ending at byte ``received``) for the temp file. One writer at
+        a time; what arrives meanwhile is gathered into its next write, so readers see
+        bytes soon and writes stay big."""
+        self._pending.append(chunk)
+        self._pending_bytes += len(chunk)
+        self._remember(received - len(chunk), chunk)
+        if self._inflight is not None and (
+                self._inflight.done() or self._pending_bytes >= WRITE_BACKLOG):
+            await self._settle()
+        if self._inflight is None:
+            self._inflight = asyncio.ensure_future(self._write_pending())
 
     async def absorb(self, size: int, chunks: AsyncIterator[bytes], label: str) -> None:
         """Append the bytes another replica streams (from where the temp file ends) as
@@ -537,14 +541,7 @@ class Fill(Download):
                 if received > size:
                     raise UpstreamBadContent(f"blob {self.digest} from {label} is longer "
                                              "than announced")
-                self._pending.append(chunk)
-                self._pending_bytes += len(chunk)
-                self._remember(received - len(chunk), chunk)
-                if self._inflight is not None and (
-                        self._inflight.done() or self._pending_bytes >= WRITE_BACKLOG):
-                    await self._settle()
-                if self._inflight is None:
-                    self._inflight = asyncio.ensure_future(self._write_pending())
+                await self._take(received, chunk)
         except asyncio.CancelledError:
             raise
         except BaseException:
