@@ -2,9 +2,9 @@
 
     python bench/cluster_fill.py [--replicas 1 3] [--clients 16] [--mb 100] [--rounds 3]
 
-Starts a throw-away PostgreSQL, the real upstream registry (Debian's docker-registry)
-and, for each ``--replicas`` count, that many mirror processes sharing the PostgreSQL
-(tests/support/replicas.py: each with its own data_dir until storage is shared).
+Starts a throw-away PostgreSQL, moto's S3 server and the real upstream registry
+(Debian's docker-registry) and, for each ``--replicas`` count, that many mirror
+processes sharing a database and a bucket (tests/support/replicas.py: ``services``).
 Each round pushes a fresh ``--mb`` MB blob and starts ``--clients`` GETs of it at once,
 round-robin over the replicas; prints the upstream GETs it cost and the wall time
 until every client had all its bytes (each checked against the digest).
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -24,9 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.support.client import RegistryClient  # noqa: E402
 from tests.support.images import make_layer, push_blob  # noqa: E402
-from tests.support.postgres import PostgresCluster, pg_bin  # noqa: E402
-from tests.support.registry import RegistryProcess  # noqa: E402
-from tests.support.replicas import Replicas, pull_blob  # noqa: E402
+from tests.support.replicas import Replicas, pull_blob, services  # noqa: E402
 
 REPO = "bench/cluster"
 
@@ -57,14 +54,11 @@ def main() -> None:
     ap.add_argument("--mb", type=float, default=100)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    bin_dir = pg_bin()
-    if bin_dir is None:
-        sys.exit("PostgreSQL is not installed")
-    tmp = Path(tempfile.mkdtemp(prefix="bench-cluster-fill-"))
-    with PostgresCluster(bin_dir) as pg, RegistryProcess(tmp / "upstream") as upstream:
+    with services("bench-cluster-fill-") as s:
+        tmp, upstream = s.tmp, s.upstream
         for n in args.replicas:
             config = {"upstreams": {"docker.io": {"url": upstream.url}}}
-            with Replicas(tmp / f"site-{n}", n, pg.dsn(pg.new_database()), config) as site:
+            with s.replicas(n, config) as site:
                 for r in range(args.rounds):
                     blob = make_layer(tmp / f"blob-{n}-{r}", int(args.mb * 1024 * 1024),
                                       seed=int.from_bytes(os.urandom(4), "big"))

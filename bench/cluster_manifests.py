@@ -2,13 +2,14 @@
 
     python bench/cluster_manifests.py [--replicas 3] [--clients 16] [--rounds 5]
 
-Starts a throw-away PostgreSQL, the real upstream registry (Debian's docker-registry)
-and ``--replicas`` mirror processes sharing the PostgreSQL (tests/support/replicas.py),
-each with ``tag_ttl: 1s``. Each round pushes a fresh image and sends ``--clients``
-concurrent GETs of its tag, round-robin over the replicas (cold), then again after
-the TTL (revalidation). Prints, per phase, the upstream manifest GETs and HEADs the
-round cost (median over rounds) and the wall time of the burst; and the median time
-of one manifest GET from the registry directly, to compare with a lease round trip
+Starts a throw-away PostgreSQL, moto's S3 server and the real upstream registry
+(Debian's docker-registry) and ``--replicas`` mirror processes sharing a database and
+a bucket (tests/support/replicas.py: ``services``), each with ``tag_ttl: 1s``. Each
+round pushes a fresh image and sends ``--clients`` concurrent GETs of its tag,
+round-robin over the replicas (cold), then again after the TTL (revalidation).
+Prints, per phase, the upstream manifest GETs and HEADs the round cost (median over
+rounds) and the wall time of the burst; and the median time of one manifest GET from
+the registry directly, to compare with a lease round trip
 (bench/fill_lease.py: acquire + release).
 """
 
@@ -18,7 +19,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -41,9 +41,7 @@ from tests.support.images import (  # noqa: E402
     push_blob,
     push_manifest,
 )
-from tests.support.postgres import PostgresCluster, pg_bin  # noqa: E402
-from tests.support.registry import RegistryProcess  # noqa: E402
-from tests.support.replicas import Replicas  # noqa: E402
+from tests.support.replicas import services  # noqa: E402
 
 # what docker and containerd send: every manifest type (else the tag is not kept)
 ACCEPT = {"Accept": ", ".join([DOCKER_MANIFEST, MANIFEST_LIST_V2, OCI_MANIFEST, OCI_INDEX])}
@@ -75,14 +73,10 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    bin_dir = pg_bin()
-    if bin_dir is None:
-        sys.exit("PostgreSQL is not installed")
-    tmp = Path(tempfile.mkdtemp(prefix="bench-cluster-manifests-"))
-    with PostgresCluster(bin_dir) as pg, RegistryProcess(tmp / "upstream") as upstream:
-        dsn = pg.dsn(pg.new_database())
+    with services("bench-cluster-manifests-") as s:
+        tmp, upstream = s.tmp, s.upstream
         config = {"upstreams": {"docker.io": {"url": upstream.url, "tag_ttl": "1s"}}}
-        with Replicas(tmp / "site", args.replicas, dsn, config) as site:
+        with s.replicas(args.replicas, config, name="site") as site:
             rr = site.round_robin()
             rows: dict[str, list[float]] = {k: [] for k in
                                             ("cold_get", "cold_head", "cold_s", "reval_get",

@@ -1,10 +1,11 @@
 """The site's chores run on its leader only, and move when the leader dies: two real
-mirror processes (each its own data directory) sharing one real PostgreSQL through
-``index: {postgres: {dsn}}``, a real upstream registry, SIGKILL.
+mirror processes sharing one real PostgreSQL (``index: {postgres: {dsn}}``) and one
+bucket on a real moto S3 server (``storage: {s3: ...}``), a real upstream registry,
+SIGKILL.
 
-What the tests look at holds whether the index is SQLite per replica or shared in
-PostgreSQL: who says it leads (the log line, the ``mirror_cluster_leader`` gauge), and
-whose log shows an eviction run after content was pulled through it past its budget.
+The tests look at who says it leads (the log line, the ``mirror_cluster_leader``
+gauge), and whose log shows an eviction run after content was pulled through it past
+the site's budget.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import httpx
 import pytest
 
 from tests.support import postgres as _postgres
+from tests.support import s3 as _s3
 from tests.support.client import RegistryClient, read_blob
 from tests.support.images import make_layer, push_blob
+from tests.support.s3 import s3_storage
 
-# the fixtures this module uses (tests/support/postgres.py)
-postgres, pg_dsn = _postgres.postgres, _postgres.pg_dsn
+# the fixtures this module uses (tests/support/postgres.py, s3.py)
+postgres, pg_dsn, moto, s3_bucket = _postgres.postgres, _postgres.pg_dsn, _s3.moto, _s3.s3_bucket
 
 REPO = "cluster/chores"
 MiB = 1024 * 1024
@@ -69,11 +72,16 @@ def evictions(mirror) -> int:
 
 
 @pytest.fixture
-def replica(make_mirror, upstream, pg_dsn):
+def site(pg_dsn, moto, s3_bucket) -> dict:
+    """What every replica of the test's site has in its config: the database, the bucket."""
+    return {"index": {"postgres": {"dsn": pg_dsn}}, "storage": s3_storage(moto, s3_bucket)}
+
+
+@pytest.fixture
+def replica(make_mirror, upstream, site):
     def make():
         return make_mirror({"max_size": "4MiB",
-                            "upstreams": {"docker.io": {"url": upstream.url}},
-                            "index": {"postgres": {"dsn": pg_dsn}}})
+                            "upstreams": {"docker.io": {"url": upstream.url}}, **site})
     return make
 
 
@@ -105,7 +113,7 @@ def test_only_the_leader_evicts_and_a_killed_leader_is_replaced(replica, upstrea
     assert size <= 4 * MiB * 0.9 + MiB, size
 
 
-def test_a_follower_delivers_its_own_notifications(make_mirror, upstream, pg_dsn, tmp_path):
+def test_a_follower_delivers_its_own_notifications(make_mirror, upstream, site, tmp_path):
     """Each replica's queue is in its own data directory: its worker 0 sends it whoever
     leads the site, so an event seen by a follower is not lost (delivery is per replica,
     in order per replica)."""
@@ -113,8 +121,7 @@ def test_a_follower_delivers_its_own_notifications(make_mirror, upstream, pg_dsn
 
     receiver = Receiver().up()
     try:
-        config = {"upstreams": {"docker.io": {"url": upstream.url}},
-                  "index": {"postgres": {"dsn": pg_dsn}},
+        config = {"upstreams": {"docker.io": {"url": upstream.url}}, **site,
                   "notifications": {"endpoints": [endpoint(receiver)]}}
         a = make_mirror(config)
         b = make_mirror(config)
@@ -135,7 +142,7 @@ def test_a_follower_delivers_its_own_notifications(make_mirror, upstream, pg_dsn
 
 
 def test_only_worker_0_of_each_replica_competes_and_its_replacement_competes_again(
-        make_mirror, upstream, pg_dsn):
+        make_mirror, upstream, pg_dsn, site):
     """``workers: 2``: one leadership connection per replica (worker 0's); SIGKILL of the
     leading worker 0 (its supervisor replaces it): the site has one leader again soon,
     and the replacement competes again."""
@@ -155,8 +162,7 @@ def test_only_worker_0_of_each_replica_competes_and_its_replacement_competes_aga
                 await conn.close()
         return asyncio.run(count())
 
-    config = {"workers": 2, "upstreams": {"docker.io": {"url": upstream.url}},
-              "index": {"postgres": {"dsn": pg_dsn}}}
+    config = {"workers": 2, "upstreams": {"docker.io": {"url": upstream.url}}, **site}
     a = all_ready(make_mirror(config))
     b = all_ready(make_mirror(config))
     assert connections() == 2

@@ -1,10 +1,9 @@
 """One upstream download per blob for a site of replicas (mirror/cluster/peer_*.py).
 
-Three real mirror processes share one real PostgreSQL (tests/support/replicas.py)
-in front of the real upstream registry (through the fault-injecting proxy where a
-download must last long enough to be caught in the middle). Every case runs while
-the blob is being downloaded, so it holds whether each replica keeps its own cache
-and index (today) or they share S3 and PostgreSQL.
+Three real mirror processes share one real PostgreSQL and one bucket on a real moto
+S3 server (tests/support/replicas.py) in front of the real upstream registry (through
+the fault-injecting proxy where a download must last long enough to be caught in the
+middle).
 """
 
 from __future__ import annotations
@@ -23,13 +22,15 @@ import pytest
 
 from mirror.cluster.peer_auth import HEADER, PeerAuth
 from tests.support import postgres as _postgres
+from tests.support import s3 as _s3
 from tests.support.client import RegistryClient
 from tests.support.fixtures import big_layer_size
 from tests.support.images import make_layer, push_blob
 from tests.support.ports import free_port
 from tests.support.replicas import Replicas, pull_blob
 
-postgres, pg_dsn = _postgres.postgres, _postgres.pg_dsn
+# the fixtures this module uses (tests/support/postgres.py, s3.py)
+postgres, pg_dsn, moto = _postgres.postgres, _postgres.pg_dsn, _s3.moto
 
 REPO = "cluster/fresh"
 
@@ -74,25 +75,17 @@ def _upstream_bytes(mirror) -> float:
                if line.startswith("mirror_upstream_bytes_total{"))
 
 
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return f"sha256:{h.hexdigest()}"
-
-
 @pytest.fixture
-def replicas(tmp_path, pg_dsn, upstream):
+def replicas(tmp_path, pg_dsn, moto, upstream):
     with Replicas(tmp_path, 3, pg_dsn,
-                  {"upstreams": {"docker.io": {"url": upstream.url}}}) as site:
+                  {"upstreams": {"docker.io": {"url": upstream.url}}}, s3=moto) as site:
         yield site
 
 
 @pytest.fixture
-def slow_replicas(tmp_path, pg_dsn, faulty_upstream):
+def slow_replicas(tmp_path, pg_dsn, moto, faulty_upstream):
     with Replicas(tmp_path, 3, pg_dsn,
-                  {"upstreams": {"docker.io": {"url": faulty_upstream.url}}}) as site:
+                  {"upstreams": {"docker.io": {"url": faulty_upstream.url}}}, s3=moto) as site:
         yield site
 
 
@@ -164,16 +157,14 @@ def test_killing_the_owner_mid_fill_the_others_finish_with_one_more_get(
     # The dead owner's GET, and the one of the replica that took its lease over.
     assert upstream.count("GET", f"/blobs/{blob.digest}", since=mark) == 2, site.log_text()
     assert faulty_upstream.count("GET", f"/blobs/{blob.digest}") == 2
-    # Nothing partial anywhere: the survivors serve the verified blob from their cache
-    # (no new upstream GET), and (files on disk) the dead one kept nothing at all.
+    # Nothing partial anywhere: the survivors serve the verified blob from the site's
+    # bucket (no new upstream GET), which holds it under its digest.
     for mirror in site.mirrors:
         if mirror is not owner:
             n, digest, errors, _ = pull_blob(rr, REPO, blob, first=mirror)
             assert digest == blob.digest and not errors
-        if "storage" not in mirror.config:
-            cached = mirror.cached_path(blob.digest)
-            assert sha256_file(cached) == blob.digest if mirror is not owner \
-                else not cached.exists()
+    stored = owner.cached_bytes(blob.digest)
+    assert stored is not None and f"sha256:{hashlib.sha256(stored).hexdigest()}" == blob.digest
     assert upstream.count("GET", f"/blobs/{blob.digest}", since=mark) == 2
 
 
@@ -238,11 +229,11 @@ def test_a_replica_that_cannot_reach_postgresql_says_so_in_one_line(tmp_path):
 
 
 def test_any_worker_of_the_owner_serves_its_download_to_peers(
-        tmp_path, pg_dsn, faulty_upstream, upstream):
+        tmp_path, pg_dsn, moto, faulty_upstream, upstream):
     """``workers: 2`` in the owner replica: a peer's request may reach the worker that
     downloads the blob or the other one, which follows its claim file."""
     config = {"upstreams": {"docker.io": {"url": faulty_upstream.url}}, "workers": 2}
-    with Replicas(tmp_path, 1, pg_dsn, config) as site:
+    with Replicas(tmp_path, 1, pg_dsn, config, s3=moto) as site:
         owner = site[0]
         deadline = time.monotonic() + 30
         while "ready on http" not in owner.log_text():       # both workers up
@@ -286,9 +277,9 @@ def test_any_worker_of_the_owner_serves_its_download_to_peers(
 
 
 def test_a_live_owner_that_peers_cannot_reach_costs_a_second_get_not_a_failure(
-        tmp_path, pg_dsn, faulty_upstream, upstream):
+        tmp_path, pg_dsn, moto, faulty_upstream, upstream):
     site = Replicas(tmp_path, 2, pg_dsn,
-                    {"upstreams": {"docker.io": {"url": faulty_upstream.url}}})
+                    {"upstreams": {"docker.io": {"url": faulty_upstream.url}}}, s3=moto)
     # replica 0 advertises an address where nothing listens
     site[0].reconfigure(cluster={"advertise": f"http://127.0.0.1:{free_port()}",
                                  "lease_ttl": "2s"})
@@ -317,9 +308,9 @@ def test_a_live_owner_that_peers_cannot_reach_costs_a_second_get_not_a_failure(
     "known defect since the index moved to PostgreSQL too: with the database gone the "
     "index is unusable and the pull answers 500 instead of a clear 503 (issue 16, next)"))
 def test_a_replica_whose_postgresql_is_gone_still_serves_a_cold_pull(
-        tmp_path, postgres, pg_dsn, upstream):
+        tmp_path, postgres, pg_dsn, moto, upstream):
     with Replicas(tmp_path, 1, pg_dsn,
-                  {"upstreams": {"docker.io": {"url": upstream.url}}}) as site:
+                  {"upstreams": {"docker.io": {"url": upstream.url}}}, s3=moto) as site:
         postgres.psql(f"DROP DATABASE {pg_dsn.rsplit('/', 1)[1]} WITH (FORCE)")
         blob = fresh_blob(tmp_path, upstream, 1024 * 1024, "nodb")
         n, digest, errors, _ = pull_blob(site.round_robin(), REPO, blob)
@@ -389,11 +380,11 @@ def test_an_owner_that_hangs_loses_its_lease_and_the_others_take_over(
 
 
 def test_replicas_with_two_workers_each_still_cost_one_upstream_get(
-        tmp_path, pg_dsn, upstream):
+        tmp_path, pg_dsn, moto, upstream):
     """A replica's workers settle who downloads with the claim file first (the others
     follow it); only that worker asks the site for the lease."""
     config = {"upstreams": {"docker.io": {"url": upstream.url}}, "workers": 2}
-    with Replicas(tmp_path, 2, pg_dsn, config) as site:
+    with Replicas(tmp_path, 2, pg_dsn, config, s3=moto) as site:
         deadline = time.monotonic() + 30
         while not all("ready on http" in m.log_text() for m in site):
             assert time.monotonic() < deadline, site.log_text()

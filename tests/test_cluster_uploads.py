@@ -1,10 +1,10 @@
 """Hosted uploads whose requests reach different replicas (mirror/cluster/peer_uploads.py).
 
-Three real mirror processes hosting every repository share one real PostgreSQL
-(tests/support/replicas.py). The POST of an upload goes to one replica, its PATCHes,
-status GETs and PUT to the others in turn: each is forwarded to the replica holding
-the session. The pull is read from the replica that holds the blob (each replica
-keeps its own store until storage and index are shared; then any replica would do).
+Three real mirror processes hosting every repository share one real PostgreSQL and one
+bucket on a real moto S3 server (tests/support/replicas.py). The POST of an upload
+goes to one replica, its PATCHes, status GETs and PUT to the others in turn: each is
+forwarded to the replica holding the session. The blob is committed once, to the
+site's bucket, and any replica serves it.
 """
 
 from __future__ import annotations
@@ -17,17 +17,19 @@ import httpx
 import pytest
 
 from tests.support import postgres as _postgres
+from tests.support import s3 as _s3
 from tests.support.replicas import Replicas
 
-postgres, pg_dsn = _postgres.postgres, _postgres.pg_dsn
+# the fixtures this module uses (tests/support/postgres.py, s3.py)
+postgres, pg_dsn, moto = _postgres.postgres, _postgres.pg_dsn, _s3.moto
 
 HOSTED = {"upstreams": {}, "hosted": {"repositories": ["*"], "delete": True}}
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
 @pytest.fixture
-def site(tmp_path, pg_dsn):
-    with Replicas(tmp_path, 3, pg_dsn, HOSTED) as replicas:
+def site(tmp_path, pg_dsn, moto):
+    with Replicas(tmp_path, 3, pg_dsn, HOSTED, s3=moto) as replicas:
         yield replicas
 
 
@@ -68,9 +70,10 @@ def test_a_push_whose_requests_alternate_between_replicas_succeeds(site):
                          "rootfs": {"type": "layers", "diff_ids": []}}).encode()
     layer_digest = upload_across(site, 0, "team/app", layer, 1024 * 1024)
     config_digest = upload_across(site, 0, "team/app", config, 100)
-    # the bytes never went through a replica's own store but the owner's
-    for other in (1, 2):
-        assert not site[other].cached_path(layer_digest).exists()
+    # committed once, to the site's bucket: what every replica reads
+    assert site[1].cached_bytes(layer_digest) == layer
+    assert site.objects() == sorted(f"blobs/sha256/{d[7:9]}/{d[7:]}"
+                                    for d in (layer_digest, config_digest))
     manifest = json.dumps({
         "schemaVersion": 2, "mediaType": OCI_MANIFEST,
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
@@ -83,9 +86,10 @@ def test_a_push_whose_requests_alternate_between_replicas_succeeds(site):
     got = httpx.get(f"{site[0].url}/v2/team/app/manifests/v1",
                     headers={"Accept": OCI_MANIFEST}, timeout=30)
     assert got.status_code == 200 and got.content == manifest
-    for digest, data in ((layer_digest, layer), (config_digest, config)):
-        blob = httpx.get(f"{site[0].url}/v2/team/app/blobs/{digest}", timeout=30)
-        assert blob.status_code == 200 and blob.content == data
+    for mirror in site:
+        for digest, data in ((layer_digest, layer), (config_digest, config)):
+            blob = httpx.get(f"{mirror.url}/v2/team/app/blobs/{digest}", timeout=30)
+            assert blob.status_code == 200 and blob.content == data
     # Every replica other than the owner forwarded some of the requests.
     for other in (1, 2):
         assert "PATCH /v2/team/app/blobs/uploads/" in site[other].log_text()
@@ -120,7 +124,7 @@ def test_the_peer_upload_endpoint_wants_the_site_signature(site):
                      timeout=30).status_code == 401
 
 
-def test_a_replica_authorizes_the_client_before_it_forwards(tmp_path, pg_dsn):
+def test_a_replica_authorizes_the_client_before_it_forwards(tmp_path, pg_dsn, moto):
     from mirror.passwords import hash_password
 
     htpasswd = tmp_path / "htpasswd"
@@ -129,7 +133,7 @@ def test_a_replica_authorizes_the_client_before_it_forwards(tmp_path, pg_dsn):
     config = {**HOSTED, "auth": {"htpasswd": str(htpasswd), "acl": [
         {"match": {"account": "alice"}, "actions": ["*"]},
         {"match": {"account": "bob", "name": "team/*"}, "actions": ["pull"]}]}}
-    with Replicas(tmp_path, 3, pg_dsn, config) as site:
+    with Replicas(tmp_path, 3, pg_dsn, config, s3=moto) as site:
         alice, bob = ("alice", "secret"), ("bob", "secret")
         r = httpx.post(f"{site[0].url}/v2/team/app/blobs/uploads/", auth=alice, timeout=30)
         assert r.status_code == 202, r.text

@@ -1,42 +1,69 @@
 """Several mirror replicas of one site, as real processes, and a round-robin client.
 
-``Replicas(tmpdir, n, dsn, config)`` makes ``n`` ``MirrorProcess``es sharing one
-PostgreSQL (``index: {postgres: {dsn}}``) and each advertising its own loopback URL
-to the others (``cluster: {advertise, lease_ttl}``, 2 s by default so that taking
-over a dead replica's lease is quick); each has its own data_dir. ``start()`` starts
-them all, ``stop()`` stops what still runs. ``.round_robin()`` hands out the replicas
-in turn (skipping those stopped), as a load balancer would. ``pull_blob(rr, repo,
-blob)`` reads a blob through it as a resuming client does: a broken response is
-resumed with ``Range`` from the next replica.
+``Replicas(tmpdir, n, dsn, config, s3=moto)`` makes ``n`` ``MirrorProcess``es sharing
+one PostgreSQL (``index: {postgres: {dsn}}``) and one S3 bucket (``storage: {s3:
+...}``, a fresh bucket on ``s3``, the moto server: ``tests/support/s3.py``; the
+session's moto server when none is given), each advertising its own loopback URL to
+the others (``cluster: {advertise, lease_ttl}``, 2 s by default so that taking over a
+dead replica's lease is quick). That is the one valid site: the index rows every
+replica reads name objects every replica can read. (A ``storage`` section in
+``config`` is used as it is.) ``.bucket`` names the bucket; tests look at what is
+stored with ``MirrorProcess.is_cached`` / ``cached_bytes`` and ``.objects()``.
+``start()`` starts them all, ``stop()`` stops what still runs. ``.round_robin()``
+hands out the replicas in turn (skipping those stopped), as a load balancer would.
+``pull_blob(rr, repo, blob)`` reads a blob through it as a resuming client does: a
+broken response is resumed with ``Range`` from the next replica.
 
-``config`` is every replica's (a ``storage: {s3: ...}`` section there makes them share
-an object store too); tests look at files in a replica's data_dir only when its config
-has no ``storage`` section.
+``services(prefix)`` is what a benchmark of a site needs around its replicas (a
+throw-away PostgreSQL, moto and the real upstream registry): ``with services("x") as
+s: with s.replicas(3, config) as site: ...``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
+import tempfile
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 from .mirror import MirrorProcess
+from .postgres import PostgresCluster, pg_bin
+from .registry import RegistryProcess
+from .s3 import MotoServer, s3_storage, session_moto, stored_keys
 
 
 class Replicas:
     def __init__(self, tmpdir, n: int, dsn: str, config: dict,
-                 lease_ttl: str = "2s") -> None:
+                 lease_ttl: str = "2s", s3: MotoServer | None = None) -> None:
         self.dir = Path(tmpdir)
         self.dsn = dsn
+        if not config.get("storage"):
+            self.moto: MotoServer | None = s3 or session_moto()
+            config = {**config, "storage": s3_storage(self.moto)}
+        else:
+            self.moto = s3
+        self.storage = config["storage"]
         self.mirrors: list[MirrorProcess] = []
         for i in range(n):
             mirror = MirrorProcess(self.dir / f"replica-{i}",
                                    {**config, "index": {"postgres": {"dsn": dsn}}})
             mirror.reconfigure(cluster={"advertise": mirror.url, "lease_ttl": lease_ttl})
             self.mirrors.append(mirror)
+
+    @property
+    def bucket(self) -> str | None:
+        s3 = self.storage.get("s3")
+        return s3["bucket"] if s3 else None
+
+    def objects(self) -> list[str]:
+        """Every object key in the site's bucket."""
+        return stored_keys({"storage": self.storage})
 
     def start(self) -> Replicas:
         # the first creates the cluster tables; the others start at once after it
@@ -130,3 +157,31 @@ def pull_blob(rr: RoundRobin, repo: str, blob, tries: int = 6,
             errors.append(f"{mirror.url}: {type(exc).__name__}: {exc}")
         mirror = rr.next()
     return n, f"sha256:{h.hexdigest()}", errors, used
+
+
+@dataclass
+class Services:
+    """A throw-away PostgreSQL, moto server and upstream registry (``services``)."""
+
+    tmp: Path
+    pg: PostgresCluster
+    moto: MotoServer
+    upstream: RegistryProcess
+
+    def replicas(self, n: int, config: dict, name: str | None = None) -> Replicas:
+        """``n`` replicas on a fresh database and bucket (not started)."""
+        return Replicas(self.tmp / (name or f"site-{n}"), n,
+                        self.pg.dsn(self.pg.new_database()), config, s3=self.moto)
+
+
+@contextlib.contextmanager
+def services(prefix: str) -> Iterator[Services]:
+    """For benchmarks: PostgreSQL, moto and the real upstream registry in a temporary
+    directory, stopped on the way out (SystemExit if PostgreSQL is not installed)."""
+    bin_dir = pg_bin()
+    if bin_dir is None:
+        raise SystemExit("PostgreSQL is not installed")
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    with PostgresCluster(bin_dir) as pg, MotoServer(tmp) as moto, \
+            RegistryProcess(tmp / "upstream") as upstream:
+        yield Services(tmp, pg, moto, upstream)
