@@ -204,10 +204,19 @@ class Download:
                     yield recent
                     continue
                 if pos < limit:
+                    before = pos
                     async for chunk in fileio.read_range(fd, pos, limit):
                         pos += len(chunk)
                         yield chunk
-                    continue
+                    if pos > before:
+                        continue
+                    if self.done and self.error is None and not self.uncached \
+                            and not self.cache.store.local_files:
+                        # The file ends short: the blob was committed from another
+                        # replica's copy (Fill.adopt); the rest is in the store.
+                        async for stored in self.cache.store.read(self.digest, pos, target):
+                            yield stored
+                        return
                 if self.done:
                     raise FillFailed(f"range beyond the end of blob {self.digest}")
                 await self._progress.wait()
@@ -228,6 +237,8 @@ class Fill(Download):
         self._slots = slots              # the upstream's max_fills
         self._idle: asyncio.TimerHandle | None = None
         self._temp: TempBlob | None = None
+        self.tee = True                  # the temp file's bytes go to the store as written
+        self.adopted = False             # committed by another replica: none of ours kept
         self._began = False              # upstream has answered with a body once
         self._linked = False
         self.source_label: str | None = None      # the endpoint downloading (last) from
@@ -292,6 +303,11 @@ class Fill(Download):
             if self.claim is not None:
                 self.claim.begin(self._temp.path, self.generation)
             await (self._fetch() if self.site is None else self.site(self))
+            if self.adopted:
+                log.info("blob %s (%s bytes) from %s/%s: committed by another replica of "
+                         "the site; this one stored no copy of its own", self.digest,
+                         self.size, self.upstream.name, self.repository)
+                return
             self.size = self._temp.size
             if not self.uncached:
                 events.fetched_blob(self.upstream.name, self.repository, self.digest, self.size)
@@ -407,11 +423,48 @@ class Fill(Download):
 
     async def _commit(self) -> None:
         assert self._temp is not None
+        if self.site is not None and not self.uncached and not self.cache.store.local_files \
+                and await self.cache.learn_blob(self.digest):
+            await self.adopt()      # another replica's download was committed first
+            return
         # Committing moves the bytes from "reserved" to "cached": never count both.
         self.cache.reserved -= self._reserved
         self._reserved = 0
         await (self.cache.pass_through(self._temp, self.digest, self) if self.uncached
                else self.cache.commit_blob(self._temp, self.digest))
+
+    async def adopt(self) -> None:
+        """The blob is committed to the site's shared store already (another replica's
+        download; ``cache.learn_blob`` found it): keep nothing of this fill's own, its
+        readers read the committed object. Bytes it has in full must hash to the digest
+        first (its readers had all but the last of them; else ``DigestInvalid``); a part
+        is thrown away as by a restart (its readers end aborted and retry)."""
+        assert self._temp is not None
+        size = self.cache.blob_size(self.digest)
+        if size is None:
+            raise CacheUnavailable(f"blob {self.digest} is not in the cache")
+        await self._flush()
+        if self._temp.size == size and self._began:
+            if self._temp.digest != self.digest:
+                raise DigestInvalid(f"content hashed to {self._temp.digest}, expected "
+                                    f"{self.digest}")
+        elif self._temp.size:
+            self.generation += 1
+        self.cache.reserved -= self._reserved
+        self._reserved = 0
+        await self._discard()             # the temp file, and its upload (aborted)
+        self.size = self.written = size   # no await from here: readers see it done next
+        self.adopted = True
+
+    async def drop_tee(self) -> None:
+        """No bytes to the store from here: another replica is writing this blob to the
+        shared store (its bytes come here through the peer channel). Should this fill
+        have to commit them after all, the store gets them from the file then."""
+        self.tee = False
+        await self._flush()
+        if self._temp is not None and self._temp.upload is not None:
+            upload, self._temp.upload = self._temp.upload, None
+            await asyncio.shield(upload.abort())
 
     async def _restart(self) -> None:
         """Start over from byte 0 in a fresh temp file; readers of the old one end
@@ -424,8 +477,8 @@ class Fill(Download):
             pass                    # those bytes are being thrown away anyway
         self._pending, self._pending_bytes = [], 0
         self._forget_recent()
-        old, self._temp = self._temp, await self.cache.new_temp(self.digest.split(":", 1)[0],
-                                                                       digest=self.digest)
+        old, self._temp = self._temp, await self.cache.new_temp(
+            self.digest.split(":", 1)[0], digest=self.digest if self.tee else None)
         self.cache.reserved -= self._reserved
         self._reserved = 0
         self.generation += 1

@@ -92,6 +92,7 @@ def slow_replicas(tmp_path, pg_dsn, moto, faulty_upstream):
 def test_sixteen_cold_clients_over_three_replicas_cause_one_upstream_get(
         replicas, upstream, tmp_path):
     blob = fresh_blob(tmp_path, upstream, big_layer_size(), "big")
+    replicas.keep_versions()                  # each write of an object leaves a version
     mark = upstream.mark()
     began = time.monotonic()
     results = burst(replicas.round_robin(), blob, 16)
@@ -100,6 +101,10 @@ def test_sixteen_cold_clients_over_three_replicas_cause_one_upstream_get(
         assert digest == blob.digest and n == blob.size, (n, errors, replicas.log_text())
     assert upstream.count("GET", f"/blobs/{blob.digest}", since=mark) == 1, \
         replicas.log_text()
+    # ...and one write of its object to the site's bucket: the replicas that streamed
+    # the owner's bytes verified them and adopted the owner's object.
+    assert replicas.writes(blob.digest) == 1, replicas.log_text()
+    assert replicas.log_text().count("this one stored no copy of its own") == 2
     # Every replica served some of the 16, and the two that lost the lease streamed
     # the bytes from the one that won.
     log = replicas.log_text()
@@ -332,8 +337,28 @@ def test_the_cluster_migrations_apply_once(pg_dsn):
         finally:
             await conn.close()
     first, again, tables = asyncio.run(main())
-    assert first == 4 and again == 0
-    assert {"fill_leases", "cluster_secret", "peer_recent_fills", "peer_uploads"} <= tables
+    assert first == 5 and again == 0
+    assert {"fill_leases", "cluster_secret", "peer_uploads"} <= tables
+    # the site's shared store and index say who finished a blob: no table of its own
+    assert "peer_recent_fills" not in tables
+
+
+def test_a_site_whose_database_has_the_recent_fills_table_loses_it(pg_dsn):
+    from mirror.cluster import peer_join, schema
+    from mirror.cluster.peer_site import RECENT_MIGRATIONS
+
+    async def main():
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            await schema.apply(conn, "peer_recent_fills", RECENT_MIGRATIONS[:1])
+            await conn.execute("INSERT INTO peer_recent_fills (digest, peer_url) "
+                               "VALUES ('sha256:00', 'http://x')")
+            await peer_join.migrate(conn)
+            return (await conn.fetchval("SELECT to_regclass('peer_recent_fills')"),
+                    await schema.version(conn, "peer_recent_fills"))
+        finally:
+            await conn.close()
+    assert asyncio.run(main()) == (None, 2)
 
 
 def test_an_owner_that_hangs_loses_its_lease_and_the_others_take_over(

@@ -4,15 +4,21 @@ a ``Fill`` (fill.py) that won its replica's local claim (fill_shared.py).
 ``fetch(site, fill)`` is what such a fill runs instead of its plain upstream download:
 
 - **Won the lease** (a new one, or one taken over after its owner stopped
-  heartbeating): download from upstream as always (resuming with ``Range`` from
-  whatever the temp file holds already), heartbeating every ttl/3, and release the
-  lease, committed or not, which wakes the replicas waiting on it.
+  heartbeating): if the site's index and shared store have the blob already (another
+  replica committed it after this one looked, or took over from a dead owner and
+  finished), give the lease back and adopt it (``Fill.adopt``). Else download from
+  upstream as always (resuming with ``Range`` from whatever the temp file holds
+  already), heartbeating every ttl/3, and release the lease, committed or not, which
+  wakes the replicas waiting on it.
 - **Lost it**: this replica does not go upstream (but for one ``HEAD``: the client's
   repository must hold the blob upstream). It streams the owner's bytes from the
   owner's peer endpoint (peer_routes.py) into its own temp file, so its clients and
-  its other workers follow them as they would an upstream download; the file is
-  hashed as it is written and committed only when it matches the digest (a mismatch
-  starts again from byte 0), and the last byte is held back until then.
+  its other workers follow them as they would an upstream download, and the last
+  byte is held back until the file hashes to the digest (a mismatch starts again from
+  byte 0). Those bytes are not written to the store (``Fill.drop_tee``): the owner
+  committed the object by the time its stream ends, so this replica verifies what
+  it served and adopts the committed object; only if the store lacks it (a store of
+  files per replica) does it commit its own copy.
 - **The peer stream breaks** (the owner died, or failed), or the owner's lease expires
   or passes to another replica while it streams (an owner that hangs breaks no
   connection; a watcher on the lease ends the stream): look at the lease every
@@ -76,11 +82,9 @@ async def fetch(site: Site, fill: Fill) -> None:
     digest = fill.digest
     authorized = False
     broken: str | None = None       # the owner whose stream broke last
-    broken_url = ""
     broken_at = 0.0
     breaks = 0
     while True:
-        finished = False                # streaming a blob a peer has cached: no lease
         try:
             got = await site.leases.acquire(digest, site.owner, site.url, site.ttl)
         except Exception as exc:      # the database out of reach (asyncpg's errors, OSError)
@@ -93,15 +97,9 @@ async def fetch(site: Site, fill: Fill) -> None:
             await fill._fetch()
             return
         if isinstance(got, Lease):
-            if broken is not None and (url := await _fetched_by(site, digest)) \
-                    and url not in (site.url, broken_url):
-                # Another replica took over from the dead owner and finished meanwhile.
-                with contextlib.suppress(Exception):     # else it expires
-                    await got.release(False)
-                got, finished = Held(f"{url} (finished)", url), True
-            else:
+            if not await _committed(fill, got, authorized):
                 await _own(site, fill, got)
-                return
+            return
         if got.peer_url == site.url:
             # A worker of this replica that died holding it: this process holds the
             # replica's claim now. Never stream from ourselves; wait for it to expire.
@@ -118,11 +116,11 @@ async def fetch(site: Site, fill: Fill) -> None:
             await fill.upstream.stat_blob(fill.repository, digest)
             authorized = True
         try:
-            await _from_peer(site, fill, got, watch=not finished)
+            await _from_peer(site, fill, got)
             return
         except PeerBroken as exc:
             breaks += 1
-            broken, broken_url, broken_at = got.owner, got.peer_url, time.monotonic()
+            broken, broken_at = got.owner, time.monotonic()
             log.warning("blob %s: the stream from %s broke after %d bytes (%s); waiting "
                         "for its fill lease", digest, got.owner, fill.written, exc)
             if breaks >= PEER_TRIES:
@@ -145,11 +143,26 @@ async def _wait(site: Site, digest: str, timeout: float) -> None:
         await asyncio.sleep(timeout)
 
 
-async def _fetched_by(site: Site, digest: str) -> str | None:
+async def _committed(fill: Fill, lease: Lease, authorized: bool) -> bool:
+    """Whether the blob is in the site's store already (another replica committed it
+    after this one looked, or took over from a dead owner and finished): then the
+    lease goes back, and the fill adopts the committed object (after asking upstream,
+    as a stream from a peer would, whether the client's repository holds it)."""
+    if fill.cache.store.local_files:
+        return False            # each replica's own files: nothing to share
     try:
-        return await site.fetched_by(digest)
-    except Exception:
-        return None
+        if not await fill.cache.learn_blob(fill.digest):
+            return False
+    except Exception as exc:     # the index out of reach: download under the lease
+        log.debug("blob %s: cannot look it up in the index: %r", fill.digest, exc)
+        return False
+    with contextlib.suppress(Exception):                # else it expires
+        await lease.release(True)
+    if not authorized:
+        await fill.upstream.stat_blob(fill.repository, fill.digest)
+    await fill.cache.link(fill.upstream.name, fill.repository, [fill.digest])
+    await fill.adopt()
+    return True
 
 
 async def _own(site: Site, fill: Fill, lease: Lease) -> None:
@@ -165,11 +178,6 @@ async def _own(site: Site, fill: Fill, lease: Lease) -> None:
     try:
         await fill._fetch()
         committed = True
-        try:
-            await site.fetched(fill.digest)
-        except Exception as exc:
-            log.warning("blob %s: could not record this replica's download: %r",
-                        fill.digest, exc)
     finally:
         try:
             await asyncio.shield(lease.release(committed))
@@ -179,18 +187,19 @@ async def _own(site: Site, fill: Fill, lease: Lease) -> None:
             log.warning("blob %s: could not release the fill lease: %r", fill.digest, exc)
 
 
-async def _from_peer(site: Site, fill: Fill, held: Held, watch: bool = True) -> None:
+async def _from_peer(site: Site, fill: Fill, held: Held) -> None:
     """The blob from the lease owner's peer endpoint, resumed from where the temp file
-    ends, then committed; ``PeerBroken`` if the stream fails, or (``watch``) if the
+    ends, then verified and committed (or, the owner having committed it to the shared
+    store, adopted: nothing more written); ``PeerBroken`` if the stream fails, or if the
     owner's lease expires or passes to another replica meanwhile (an owner that hangs
     breaks no connection: its lease says it is gone)."""
     assert fill._temp is not None
     label = f"{PEER_LABEL}{held.owner}"
     restarted = False
+    await fill.drop_tee()              # the owner writes the object, not us
     while True:
         streaming = asyncio.ensure_future(_stream(site, fill, held, label))
-        watching = asyncio.ensure_future(_gone(site, fill.digest, held) if watch
-                                         else asyncio.Event().wait())
+        watching = asyncio.ensure_future(_gone(site, fill.digest, held))
         try:
             await asyncio.wait({streaming, watching}, return_when=asyncio.FIRST_COMPLETED)
         finally:

@@ -33,11 +33,11 @@ from .peer_auth import migrate as migrate_auth
 log = logging.getLogger("mirror.cluster")
 
 PEER_PREFIX = "/_mirror/peer"      # the internal endpoints: never under /v2
-RECENT = 600.0                     # seconds a replica is remembered as having a blob
 
-# Which replica last downloaded a blob under the lease, for a replica whose stream from
-# a dead owner broke while another took over and finished between two of its looks.
-# (Once the blobs are shared storage the cache says so; until then the peer's does.)
+# ``peer_recent_fills`` said which replica last downloaded a blob under the lease, for a
+# replica whose stream from a dead owner broke while another took over and finished.
+# The site's blobs are in its shared store and index now, which say so themselves
+# (peer_fill._committed): version 2 drops the table.
 RECENT_MIGRATIONS: list[list[str]] = [
     [
         """CREATE TABLE peer_recent_fills (
@@ -47,6 +47,7 @@ RECENT_MIGRATIONS: list[list[str]] = [
         )""",
         "CREATE INDEX peer_recent_fills_at ON peer_recent_fills (at)",
     ],
+    ["DROP TABLE IF EXISTS peer_recent_fills"],
 ]
 
 
@@ -99,24 +100,6 @@ class Site:
 
     def peer_headers(self, method: str, path: str) -> dict[str, str]:
         return self.auth.sign(method, path)
-
-    async def fetched(self, digest: str) -> None:
-        """Remember that this replica downloaded ``digest`` (and forget old ones)."""
-        async with self.pool.acquire() as conn:
-            await conn.execute(
-                "INSERT INTO peer_recent_fills (digest, peer_url) VALUES ($1, $2) "
-                "ON CONFLICT (digest) DO UPDATE SET peer_url = EXCLUDED.peer_url, at = now()",
-                digest, self.url)
-            await conn.execute("DELETE FROM peer_recent_fills WHERE at < now() - "
-                               "make_interval(secs => $1)", RECENT)
-
-    async def fetched_by(self, digest: str) -> str | None:
-        """The peer URL of the replica that downloaded ``digest`` lately, if any."""
-        async with self.pool.acquire() as conn:
-            url = await conn.fetchval(
-                "SELECT peer_url FROM peer_recent_fills WHERE digest = $1 AND "
-                "at > now() - make_interval(secs => $2)", digest, RECENT)
-        return None if url is None else str(url)
 
     async def close(self) -> None:
         await self.http.aclose()

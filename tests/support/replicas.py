@@ -35,7 +35,7 @@ import httpx
 from .mirror import MirrorProcess
 from .postgres import PostgresCluster, pg_bin
 from .registry import RegistryProcess
-from .s3 import MotoServer, s3_storage, session_moto, stored_keys
+from .s3 import MotoServer, s3_storage, session_moto, stored_key, stored_keys
 
 
 class Replicas:
@@ -64,6 +64,21 @@ class Replicas:
     def objects(self) -> list[str]:
         """Every object key in the site's bucket."""
         return stored_keys({"storage": self.storage})
+
+    def keep_versions(self) -> None:
+        """Turn on the bucket's versioning: from now on each write of an object (a
+        PUT, a completed multipart upload) leaves a version that ``writes`` counts."""
+        assert self.moto is not None and self.bucket
+        self.moto.inspect().put_bucket_versioning(
+            Bucket=self.bucket, VersioningConfiguration={"Status": "Enabled"})
+
+    def writes(self, digest: str) -> int:
+        """How many times the blob ``digest`` was written to the bucket since
+        ``keep_versions`` (versions of its object, delete markers apart)."""
+        assert self.moto is not None and self.bucket
+        key = stored_key(self.storage["s3"], digest)
+        found = self.moto.inspect().list_object_versions(Bucket=self.bucket, Prefix=key)
+        return sum(v["Key"] == key for v in found.get("Versions", []))
 
     def start(self) -> Replicas:
         # the first creates the cluster tables; the others start at once after it

@@ -132,6 +132,11 @@ def _key(s3: dict, digest: str) -> str:
     return f"{prefix + '/' if prefix else ''}blobs/{algorithm}/{hexpart[:2]}/{hexpart}"
 
 
+def stored_key(s3: dict, digest: str) -> str:
+    """The object key of blob ``digest`` in the bucket of the ``storage.s3`` section ``s3``."""
+    return _key(s3, digest)
+
+
 def _client(s3: dict):
     import boto3
     return boto3.client("s3", endpoint_url=s3["endpoint"], region_name=REGION,
