@@ -18,6 +18,8 @@ import pytest
 
 from tests.support import postgres as _postgres
 from tests.support import s3 as _s3
+from tests.support.clients import check_dir_image, run, which
+from tests.support.front import RoundRobinFront
 from tests.support.replicas import Replicas
 
 # the fixtures this module uses (tests/support/postgres.py, s3.py)
@@ -177,3 +179,32 @@ def test_an_upload_whose_replica_is_down_is_a_clear_503(site):
     assert r.status_code == 503, r.text
     error = r.json()["errors"][0]
     assert site[0].url in error["message"] and "cannot be reached" in error["message"], error
+
+
+def test_skopeo_pushes_through_a_round_robin_front_and_every_replica_serves_it_back(
+        site, upstream, image_set, tmp_path):
+    """skopeo copies an image from the real upstream into the site through a front that
+    sends each request of an upload to another replica; then every replica serves the
+    image back, byte-exact."""
+    skopeo = which("skopeo")
+    if skopeo is None:
+        pytest.fail("skopeo is required (apt-get install skopeo; scripts/test does)")
+    image = image_set.oci
+    with RoundRobinFront([m.url for m in site]) as front:
+        run([skopeo, "--insecure-policy", "copy", "--src-tls-verify=false",
+             "--dest-tls-verify=false", "--preserve-digests",
+             f"docker://{upstream.host}/{image.repo}:{image.tags[0]}",
+             f"docker://{front.host}/pushed/app:1"])
+        uploads = front.uploads()
+    # every blob was uploaded, each upload's requests spread over the replicas
+    assert len(uploads) >= len(image.blobs), uploads
+    for upload, requests in uploads.items():
+        methods = [m for m, _ in requests]
+        assert methods[0] == "POST" and methods[-1] == "PUT", (upload, requests)
+        assert len({i for _, i in requests}) == min(len(requests), len(site)), requests
+    assert any("PATCH" in [m for m, _ in r] for r in uploads.values()), uploads
+    for i, mirror in enumerate(site):
+        out = tmp_path / f"back-{i}"
+        run([skopeo, "--insecure-policy", "copy", "--src-tls-verify=false",
+             f"docker://{mirror.host}/pushed/app:1", f"dir:{out}"])
+        check_dir_image(out, image)
