@@ -126,12 +126,45 @@ def test_sixteen_cold_clients_over_three_replicas_cause_one_upstream_get(
         assert not list((mirror.data_dir / "tmp").glob("*.fill"))
 
 
+class BucketWatch:
+    """Lists the site's bucket every few milliseconds in a thread; the first time the
+    blob's object is listed, reads it whole: ``.seen`` holds the digest of what was
+    there (None: never listed)."""
+
+    def __init__(self, site, digest: str) -> None:
+        self.site, self.digest = site, digest
+        self.key = _s3.stored_key(site.storage["s3"], digest)
+        self.seen: str | None = None
+        self.looks = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and self.seen is None:
+            self.looks += 1
+            if self.key in self.site.objects():
+                data = self.site[0].cached_bytes(self.digest) or b""
+                self.seen = f"sha256:{hashlib.sha256(data).hexdigest()}"
+            time.sleep(0.02)
+
+    def __enter__(self) -> BucketWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
 def test_killing_the_owner_mid_fill_the_others_finish_with_one_more_get(
         slow_replicas, faulty_upstream, upstream, tmp_path):
+    """The owner is killed with more than one multipart part of the object uploaded:
+    the bucket never lists an object for the digest before its bytes are the blob."""
     site = slow_replicas
-    blob = fresh_blob(tmp_path, upstream, 4 * 1024 * 1024, "kill")
+    blob = fresh_blob(tmp_path, upstream, 12 * 1024 * 1024, "kill")
     faulty_upstream.arm("drip", f"/blobs/{blob.digest}", method="GET", times=1,
-                        chunk=64 * 1024, delay=0.1)            # ~6 s for the whole blob
+                        chunk=256 * 1024, delay=0.1)            # ~5 s for the whole blob
+    watch = BucketWatch(site, blob.digest).__enter__()
     mark = upstream.mark()
     rr = site.round_robin()
     results: list = []
@@ -144,7 +177,7 @@ def test_killing_the_owner_mid_fill_the_others_finish_with_one_more_get(
     while True:
         rows = sql(site.dsn, "SELECT owner, done FROM fill_leases WHERE digest = $1",
                    blob.digest)
-        if rows and rows[0]["done"] > 256 * 1024:
+        if rows and rows[0]["done"] > 9 * 1024 * 1024:      # past the first 8 MiB part
             break
         assert time.monotonic() < deadline, site.log_text()
         time.sleep(0.1)
@@ -153,6 +186,11 @@ def test_killing_the_owner_mid_fill_the_others_finish_with_one_more_get(
     owner.proc.wait(10)
     for t in clients:
         t.join(120)
+    watch.__exit__()
+    assert watch.looks > 10 and watch.seen == blob.digest, (watch.looks, watch.seen)
+    # what is left of the dead owner's upload is no object: at most its multipart upload
+    # (an S3 lifecycle rule aborts those), none of the survivors'
+    assert len(_s3.open_uploads({"storage": site.storage})) <= 1
     assert len(results) == 6
     cut = 0
     for n, digest, errors, _used in results:
