@@ -211,6 +211,58 @@ def test_killing_the_owner_mid_fill_the_others_finish_with_one_more_get(
     assert upstream.count("GET", f"/blobs/{blob.digest}", since=mark) == 2
 
 
+def test_a_replica_that_wakes_to_find_the_blob_committed_adopts_it(
+        slow_replicas, faulty_upstream, upstream, tmp_path):
+    """The owner is killed; one survivor (frozen with SIGSTOP meanwhile) sleeps through
+    the other's takeover and commit. Awake, it wins the free lease, finds the blob in
+    the site's index and bucket, and adopts it: no third upstream GET, no second write
+    (what the site's shared store says replaced the peer_recent_fills table)."""
+    site = slow_replicas
+    site.keep_versions()
+    blob = fresh_blob(tmp_path, upstream, 4 * 1024 * 1024, "asleep")
+    faulty_upstream.arm("drip", f"/blobs/{blob.digest}", method="GET", times=1,
+                        chunk=64 * 1024, delay=0.1)            # ~6 s for the whole blob
+    rr = site.round_robin()
+    results: list = []
+    clients = [threading.Thread(target=lambda m=m: results.append(
+        pull_blob(rr, REPO, blob, first=m, tries=10))) for m in site.mirrors]
+    clients[0].start()
+    deadline = time.monotonic() + 20
+    while not sql(site.dsn, "SELECT 1 FROM fill_leases WHERE digest = $1", blob.digest):
+        assert time.monotonic() < deadline, site.log_text()
+        time.sleep(0.05)
+    for t in clients[1:]:
+        t.start()
+    streaming = f"blob {blob.digest}: streaming it from"
+    while not all(streaming in site[i].log_text() for i in (1, 2)):
+        assert time.monotonic() < deadline, site.log_text()
+        time.sleep(0.05)
+    time.sleep(0.5)
+    owner, taker, sleeper = site[0], site[1], site[2]
+    os.kill(owner.proc.pid, signal.SIGKILL)
+    owner.proc.wait(10)
+    broke = f"blob {blob.digest}: the stream from"
+    while broke not in sleeper.log_text():
+        assert time.monotonic() < deadline, site.log_text()
+        time.sleep(0.01)
+    os.kill(sleeper.proc.pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 30
+        while f"cached blob {blob.digest}" not in taker.log_text():
+            assert time.monotonic() < deadline, site.log_text()
+            time.sleep(0.05)
+    finally:
+        os.kill(sleeper.proc.pid, signal.SIGCONT)
+    for t in clients:
+        t.join(120)
+    for n, digest, errors, _used in results:
+        assert digest == blob.digest and n == blob.size, (n, errors, site.log_text())
+    assert "committed by another replica of the site; this one stored no copy" \
+        in sleeper.log_text(), sleeper.log_text()[-3000:]
+    assert upstream.count("GET", f"/blobs/{blob.digest}") == 2, site.log_text()
+    assert site.writes(blob.digest) == 1
+
+
 def _peer_get(mirror, path: str, headers: dict | None = None) -> httpx.Response:
     return httpx.get(f"{mirror.url}{path}", headers=headers or {}, timeout=10)
 
