@@ -6,8 +6,9 @@ Starts a throw-away PostgreSQL, moto's S3 server and the real upstream registry
 (Debian's docker-registry) and, for each ``--replicas`` count, that many mirror
 processes sharing a database and a bucket (tests/support/replicas.py: ``services``).
 Each round pushes a fresh ``--mb`` MB blob and starts ``--clients`` GETs of it at once,
-round-robin over the replicas; prints the upstream GETs it cost and the wall time
-until every client had all its bytes (each checked against the digest).
+round-robin over the replicas; prints the upstream GETs and the writes of the blob's
+object to the bucket it cost (versions of the object: the bucket keeps them), and the
+wall time until every client had all its bytes (each checked against the digest).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def main() -> None:
         for n in args.replicas:
             config = {"upstreams": {"docker.io": {"url": upstream.url}}}
             with s.replicas(n, config) as site:
+                site.keep_versions()          # counts the writes of each blob's object
                 for r in range(args.rounds):
                     blob = make_layer(tmp / f"blob-{n}-{r}", int(args.mb * 1024 * 1024),
                                       seed=int.from_bytes(os.urandom(4), "big"))
@@ -67,9 +69,11 @@ def main() -> None:
                     mark = upstream.mark()
                     took, ok = burst(site, blob, args.clients)
                     gets = upstream.count("GET", f"/blobs/{blob.digest}", since=mark)
+                    writes = site.writes(blob.digest)
                     print(f"{n} replica{'s' if n > 1 else ''}, {args.clients} clients, "
                           f"{blob.size / 1e6:.0f} MB: {gets} upstream GET"
-                          f"{'s' if gets != 1 else ''}, {took:.2f} s"
+                          f"{'s' if gets != 1 else ''}, {writes} object write"
+                          f"{'s' if writes != 1 else ''}, {took:.2f} s"
                           f"{'' if ok else ', WRONG BYTES'}", flush=True)
                     blob.path.unlink()
 
