@@ -449,7 +449,9 @@ class Fill(Download):
                 raise DigestInvalid(f"content hashed to {self._temp.digest}, expected "
                                     f"{self.digest}")
         elif self._temp.size:
-            self.generation += 1
+            self.generation += 1          # and for the other workers following the claim:
+            if self.claim is not None:
+                self.claim.begin(self._temp.path, self.generation)
         self.cache.reserved -= self._reserved
         self._reserved = 0
         await self._discard()             # the temp file, and its upload (aborted)
