@@ -48,6 +48,7 @@ from .errors import (
     UpstreamUnavailable,
 )
 from .fill_shared import COMMITTED, FAILED, PASSED, Claim
+from .index import IndexUnavailable
 from .notify import events
 from .upstream_group import Endpoint, UpstreamGroup, error_reason
 
@@ -423,8 +424,7 @@ class Fill(Download):
 
     async def _commit(self) -> None:
         assert self._temp is not None
-        if self.site is not None and not self.uncached and not self.cache.store.local_files \
-                and await self.cache.learn_blob(self.digest):
+        if self.site is not None and not self.uncached and await self._committed_elsewhere():
             await self.adopt()      # another replica's download was committed first
             return
         # Committing moves the bytes from "reserved" to "cached": never count both.
@@ -432,6 +432,19 @@ class Fill(Download):
         self._reserved = 0
         await (self.cache.pass_through(self._temp, self.digest, self) if self.uncached
                else self.cache.commit_blob(self._temp, self.digest))
+
+    async def _committed_elsewhere(self) -> bool:
+        """Whether the site's shared store and index have the blob already (False on a
+        store of files, which is this replica's own, or an index out of reach: then
+        this fill commits its own copy, as it would on one machine)."""
+        if self.cache.store.local_files:
+            return False
+        try:
+            return await self.cache.learn_blob(self.digest)
+        except (IndexUnavailable, CacheUnavailable) as exc:
+            log.warning("blob %s: cannot tell whether another replica committed it "
+                        "(%s); committing this replica's copy", self.digest, exc)
+            return False
 
     async def adopt(self) -> None:
         """The blob is committed to the site's shared store already (another replica's
