@@ -15,9 +15,10 @@ import yaml
 
 from mirror.cluster import keys
 from tests.support import postgres as _postgres
+from tests.support.ports import free_port
 from tests.support.replicas import Replicas
 from tests.test_auth import USERS, auth_config, bearer, manifest, token
-from tests.test_startup_failures import mirror_cmd
+from tests.test_startup_failures import mirror_cmd, serve
 from tests.test_web_actions import hidden, login, page_client, target
 
 postgres, pg_dsn = _postgres.postgres, _postgres.pg_dsn
@@ -135,3 +136,31 @@ def test_mirror_migrate_creates_the_cluster_tables_once(tmp_path, pg_dsn):
 
     assert asyncio.run(tables()) == TABLES
     assert not (tmp_path / "data" / "index.db").exists()
+
+
+def test_a_short_site_key_stops_the_start_in_one_line(tmp_path, pg_dsn, upstream):
+    """A ``cluster_keys`` row too short to trust (written by hand, say): the replica does
+    not start, and says which key in which database, without the password or the key."""
+    async def plant() -> None:
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            await keys.migrate(conn)
+            await conn.execute("INSERT INTO cluster_keys (name, value) VALUES ('ui', $1)",
+                               b"k" * 8)
+        finally:
+            await conn.close()
+
+    asyncio.run(plant())
+    proc = serve(tmp_path, {**auth_config(upstream, tmp_path, token=False),
+                            "listen": f"127.0.0.1:{free_port()}",
+                            "data_dir": str(tmp_path / "data"),
+                            "index": {"postgres": {"dsn": pg_dsn}}})
+    assert proc.returncode == 1
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out, out
+    # after the log lines of joining the site, one line saying why it stops
+    errors = [line for line in proc.stderr.splitlines() if not re.match(r"\d{4}-", line)]
+    assert len(errors) == 1, out
+    line = errors[0]
+    assert line.startswith("mirror: index.postgres.dsn: cannot read the site's keys"), line
+    assert "cluster_keys" in line and "ui key" in line and "kkkkkkkk" not in line, line
