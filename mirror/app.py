@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 from starlette.routing import Route as HttpRoute
 
-from . import fileio, local_access, metrics, upstream_status
+from . import fileio, local_access, metrics, signing_keys, upstream_status
 from .accesslog import AccessLog
 from .api import EXCEPTION_HANDLERS, ROUTES, APIVersionHeader, Registry
 from .auth import Guard
@@ -108,12 +108,14 @@ class Mirror:
             await local.close()
             raise StartupError(f"{local.data_dir / local_access.NAME}: cannot write the local "
                                f"token: {exc.strerror or exc}") from None
-        try:
-            key = await fileio.run(web_session.load_key, local.data_dir)
-        except OSError as exc:
+        try:        # the data directory's, or the site's: signing_keys.py decides
+            keys = await signing_keys.load(config, local.data_dir,
+                                           site.pool if site is not None else None)
+        except signing_keys.CannotLoad as exc:
             await local.close()
-            raise StartupError(f"{local.data_dir / web_session.KEY_FILE}: cannot make the web "
-                               f"page's session key: {exc.strerror or exc}") from None
+            if site is not None:
+                await site.close()
+            raise StartupError(str(exc)) from None
         router = Router(config)
         notifier = Notifier(config.notifications, local.data_dir, router.display_name,
                             config.public_url, config.port, send=role.leader)
@@ -147,12 +149,12 @@ class Mirror:
             await hosted.open(leader=role.leader, leading=lambda: leadership.held)
             sources[HOSTED] = hosted
         peer_join.attach(self.app, site, local, sources)
-        guard = self.guard = Guard(config.auth, router, local.data_dir, config.public_url,
+        guard = self.guard = Guard(config.auth, router, keys.token, config.public_url,
                                    local_token) if config.auth else None
         self.app.state.registry = Registry(router, sources, local.repositories,
                                            local.not_ready, guard, hosted)
         # The pages (mounted at /ui, their own app) ask the viewer as the actions do.
-        self.app.state.web = self.web.state.web = web_session.WebState(config, key, local,
+        self.app.state.web = self.web.state.web = web_session.WebState(config, keys.ui, local,
                                                                        hosted, local_token)
         self.web.state.registry = self.app.state.registry
         metrics.persist = local.index.count

@@ -20,7 +20,6 @@ import fnmatch
 import hmac
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .config import AclRule, AuthConfig
@@ -28,7 +27,7 @@ from .errors import Denied, NameUnknown, NotFound, RegistryError, Unauthorized
 from .models import validate_name
 from .passwords import Htpasswd, Throttle
 from .routing import HOSTED, Router
-from .tokens import Grant, Tokens, load_key
+from .tokens import Grant, Tokens
 
 log = logging.getLogger("mirror.auth")
 
@@ -72,16 +71,20 @@ class Identity:
 
 
 class Guard:
-    def __init__(self, config: AuthConfig, router: Router, data_dir: Path,
+    def __init__(self, config: AuthConfig, router: Router, token_key: bytes | None,
                  public_url: str | None = None, local_token: str | None = None) -> None:
+        """``token_key``: the bearer-token signing key (signing_keys.py decides where it
+        lives); needed with ``auth.token``."""
+        if config.token and token_key is None:
+            raise ValueError("auth.token needs the token signing key")
         self.config = config
         self.local_token = local_token
         self.router = router
         self.public_url = public_url
         self.users = Htpasswd(config.htpasswd)
         self.throttle = Throttle(config.max_failures, config.failure_window)
-        self.tokens = Tokens(load_key(data_dir / "token.key"), config.issuer, config.service,
-                             config.token_ttl) if config.token else None
+        self.tokens = Tokens(token_key, config.issuer, config.service, config.token_ttl) \
+            if config.token and token_key is not None else None
         self.acl = Acl(config.acl, config.anonymous)
 
     def close(self) -> None:

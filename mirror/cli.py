@@ -125,8 +125,8 @@ def _admin_commands(sub) -> None:
     invalidate.add_argument("refs", nargs="+", metavar="REF", help="NAME[:TAG] (NAME is "
                             "NAME:latest), NAME:GLOB or a name glob, as for rm")
     migrate = sub.add_parser("migrate", help="create the index's schema, or bring it up to "
-                             "date (SQLite's index.db, or index.postgres); the server does "
-                             "this at start-up too")
+                             "date (SQLite's index.db, or index.postgres and then the "
+                             "cluster's tables); the server does this at start-up too")
     migrate.add_argument("-c", "--config", default=os.environ.get("MIRROR_CONFIG"),
                          help="config.yml (default: $MIRROR_CONFIG, else the embedded default)")
     migrate.add_argument("--data-dir", help="cache directory (overrides the config)")
@@ -268,15 +268,16 @@ def serve_forever(config, lock, argv: list[str]) -> int:
     except ListenError as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return 1
-    if config.auth is not None and config.auth.token:
+    from .signing_keys import TOKEN_FILE, issues_tokens, on_site
+    if issues_tokens(config) and not on_site(config):   # a site's key is in its PostgreSQL
         from .tokens import WeakKey, load_key
         try:
-            load_key(config.data_dir / "token.key")      # made now, or refused if weak
+            load_key(config.data_dir / TOKEN_FILE)       # made now, or refused if weak
         except WeakKey as exc:
             print(f"mirror: {exc}", file=sys.stderr)
             return 2
         except OSError as exc:
-            print(f"mirror: {config.data_dir / 'token.key'}: cannot make the token signing "
+            print(f"mirror: {config.data_dir / TOKEN_FILE}: cannot make the token signing "
                   f"key: {exc.strerror}", file=sys.stderr)
             return 2
     if config.workers > 1:

@@ -1,6 +1,7 @@
 """Bearer tokens the mirror issues: short-lived HS256 JWTs shaped like Docker Hub's
 (``access`` claims of type/name/actions), signed with a key kept in the data
-directory (``load_key``: 32 random bytes, written safely, a short one refused)."""
+directory (``load_key``: 32 random bytes, written safely, a short one refused), or with
+several replicas the site's key in PostgreSQL (signing_keys.py decides which)."""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ import pytest
 from mirror.passwords import hash_password
 from mirror.tokens import Tokens
 from tests.support.client import MANIFEST_ACCEPT
+from tests.support.keys import signing_key
 from tests.test_pull_through import check_manifest, hub_config
 
 USERS = {"alice": "wonderland", "bob": "builder"}
@@ -153,7 +154,7 @@ def test_token_auth_matrix(token_mirror, image_set):
     claims = json.loads(base64.urlsafe_b64decode(bob["Authorization"].split(".")[1] + "=="))
     assert claims["access"] == [{"type": "repository", "name": oci.repo, "actions": []}]
     # Expired and tampered tokens.
-    tokens = Tokens((m.data_dir / "token.key").read_bytes(), "mirror", "mirror", ttl=-120)
+    tokens = Tokens(signing_key(m, "token"), "mirror", "mirror", ttl=-120)
     expired = tokens.issue("alice", [])
     resp = manifest(m, docker.repo, "v1", {"Authorization": f"Bearer {expired}"})
     assert resp.status_code == 401 and 'error="invalid_token"' in resp.headers["www-authenticate"]

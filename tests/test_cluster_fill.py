@@ -399,20 +399,6 @@ def test_a_live_owner_that_peers_cannot_reach_costs_a_second_get_not_a_failure(
         assert upstream.count("GET", f"/blobs/{blob.digest}") == 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known defect since the index moved to PostgreSQL too: with the database gone the "
-    "index is unusable and the pull answers 500 instead of a clear 503 (issue 16, next)"))
-def test_a_replica_whose_postgresql_is_gone_still_serves_a_cold_pull(
-        tmp_path, postgres, pg_dsn, moto, upstream):
-    with Replicas(tmp_path, 1, pg_dsn,
-                  {"upstreams": {"docker.io": {"url": upstream.url}}}, s3=moto) as site:
-        postgres.psql(f"DROP DATABASE {pg_dsn.rsplit('/', 1)[1]} WITH (FORCE)")
-        blob = fresh_blob(tmp_path, upstream, 1024 * 1024, "nodb")
-        n, digest, errors, _ = pull_blob(site.round_robin(), REPO, blob)
-        assert digest == blob.digest and not errors, (errors, site.log_text())
-        assert "the fill lease cannot be had" in site[0].log_text()
-
-
 def test_the_cluster_migrations_apply_once(pg_dsn):
     from mirror.cluster import peer_join
 

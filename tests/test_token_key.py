@@ -16,7 +16,9 @@ from tests.test_auth import auth_config
 
 
 def test_a_new_key_is_32_random_bytes_private_to_the_owner(make_mirror, upstream, tmp_path):
-    m = make_mirror(auth_config(upstream, tmp_path, token=True))
+    # one machine, whatever MIRROR_TEST_INDEX says: a site's key is in PostgreSQL
+    # (tests/test_cluster_keys.py)
+    m = make_mirror({**auth_config(upstream, tmp_path, token=True), "index": {}})
     key = m.data_dir / "token.key"
     assert len(key.read_bytes()) == 32
     assert key.stat().st_mode & 0o777 == 0o600

@@ -2,7 +2,8 @@
 key (a login on one replica holds on the others), the bearer-token signing key (a token
 from one replica is good at all of them). On one machine these are files in the data
 directory (web/session.py, tokens.py); in a site the first replica to start makes each
-key and the others read it, so nothing is configured by hand.
+key and the others read it, so nothing is configured by hand (mirror/signing_keys.py
+decides which, and is the one caller).
 
 ``cluster_keys(name PRIMARY KEY, value bytea)``: ``shared(conn, name)`` inserts 32 random
 bytes unless the row is there (``ON CONFLICT DO NOTHING``, so of replicas starting at

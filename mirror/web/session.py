@@ -14,8 +14,9 @@ show, what actions accept), and the CSRF token its forms carry.
   need ``push``; remove and delete need ``delete``), ``ui.admin: open`` wherever it may
   pull. The local token (local_access.py) passes every check.
 - The session cookie is ``<payload>.<HMAC-SHA256>`` under a key kept in
-  ``data_dir/ui.key`` (made at first use, mode 0600, read by every worker): nothing is
-  stored per session, so every worker process knows every session. HttpOnly,
+  ``data_dir/ui.key`` (made at first use, mode 0600, read by every worker; with several
+  replicas, the site's key in PostgreSQL: signing_keys.py): nothing is stored per
+  session, so every worker process (and replica) knows every session. HttpOnly,
   SameSite=Strict, Secure over TLS, 12 hours.
 - CSRF: each form carries a token derived from the session (HMAC of its id), and
   every POST must carry it and come from this origin (``Origin``, else ``Referer``).
