@@ -48,21 +48,49 @@ def escaped(text: str) -> str:
     return "".join(f"\\x{b:02x}" for b in text.encode())
 
 
+def sent_statements(calls) -> list[tuple[int, str, bytes]]:
+    """(call index, SQL, the Bind message) of each statement bound on a PostgreSQL
+    connection, from the ``sendto`` calls in ``calls`` (the wire protocol: a Parse message
+    names a prepared statement and its SQL, a Bind runs it with its parameters)."""
+    sql: dict[bytes, str] = {}
+    found = []
+    for i, (name, _, args) in enumerate(calls):
+        if name != "sendto" or '"' not in args:
+            continue
+        data = syscalls._unhex(args.split('"', 2)[1]).encode("utf-8", "surrogateescape")
+        at = 0
+        while at + 5 <= len(data):
+            kind, length = data[at:at + 1], int.from_bytes(data[at + 1:at + 5], "big")
+            body = data[at + 5:at + 1 + length]
+            if kind == b"P":
+                statement, query = body.split(b"\0", 2)[:2]
+                sql[statement] = query.decode()
+            elif kind == b"B":
+                statement = body.split(b"\0", 2)[1]
+                found.append((i, sql.get(statement, ""), body))
+            at += 1 + length
+    return found
+
+
 @pytest.mark.skipif(not syscalls.available(), reason="needs strace")
-@pytest.mark.skipif(using_s3() or using_postgres(),
-                    reason="about files: the fsyncs and rename into blobs/ and the write to "
-                           "index.db-wal (S3 commits by completing an upload, PostgreSQL by "
-                           "its own commit; tests/test_s3_store.py covers the former)")
+@pytest.mark.skipif(using_s3(),
+                    reason="about files: the fsyncs and the rename into blobs/ (on S3 a blob "
+                           "is committed by completing its upload: tests/test_s3_store.py)")
 def test_bytes_rename_and_directory_are_synced_before_the_index_row(make_mirror, upstream,
                                                                     image_set, tmp_path):
+    """The index row is a write to index.db-wal, or with a PostgreSQL index the INSERT
+    sent to the server: either comes after the file's bytes and rename are synced."""
     mirror = make_mirror(hub_config(upstream))
     image = image_set.oci
     trace = syscalls.SyscallTrace(mirror.proc.pid, tmp_path / "strace.out", mirror.dir,
-                                  trace="%file,fsync,fdatasync,pwrite64")
+                                  trace="%file,fsync,fdatasync,pwrite64,sendto")
     with trace, httpx.Client(base_url=mirror.url, timeout=60) as client:
         pull(client, image)
     calls = traced_calls(trace.out_path.read_text(errors="replace"), str(mirror.dir))
     wal = str(mirror.data_dir / "index.db-wal")
+    inserts = [(i, body) for i, sql, body in sent_statements(calls)
+               if sql.startswith(("INSERT INTO blobs ", "INSERT INTO manifests "))]
+    assert bool(inserts) == using_postgres()
 
     digests = [image.digest, *(b.digest for b in image.blobs)]
     assert len(digests) >= 3
@@ -83,8 +111,10 @@ def test_bytes_rename_and_directory_are_synced_before_the_index_row(make_mirror,
         row = [i for i, (name, paths, args) in enumerate(calls)
                if i > r and name == "pwrite64" and paths[0].startswith(wal)
                and escaped(digest) in args]
+        row += [i for i, body in inserts if digest.encode() in body]   # any, even before
         assert row, f"{digest}: no index write after the rename"
-        assert dir_synced[0] < row[0], f"{digest}: index row written before the rename was synced"
+        assert dir_synced[0] < min(row), \
+            f"{digest}: index row written before the rename was synced"
 
 
 def verify(mirror, *extra) -> subprocess.CompletedProcess:
