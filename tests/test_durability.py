@@ -48,6 +48,22 @@ def escaped(text: str) -> str:
     return "".join(f"\\x{b:02x}" for b in text.encode())
 
 
+FRONTEND = set(b"BCDEFHPQSXcdf")   # PostgreSQL's frontend message types
+
+
+def pg_messages(data: bytes) -> list[tuple[bytes, bytes]]:
+    """(type, body) of each PostgreSQL frontend message in one ``sendto`` buffer, or []
+    when the buffer is not such messages end to end (HTTP, blob bytes to a client)."""
+    found, at = [], 0
+    while at + 5 <= len(data):
+        kind, length = data[at], int.from_bytes(data[at + 1:at + 5], "big")
+        if kind not in FRONTEND or length < 4:
+            return []
+        found.append((bytes([kind]), data[at + 5:at + 1 + length]))
+        at += 1 + length
+    return found if at == len(data) else []
+
+
 def sent_statements(calls) -> list[tuple[int, str, bytes]]:
     """(call index, SQL, the Bind message) of each statement bound on a PostgreSQL
     connection, from the ``sendto`` calls in ``calls`` (the wire protocol: a Parse message
@@ -58,17 +74,12 @@ def sent_statements(calls) -> list[tuple[int, str, bytes]]:
         if name != "sendto" or '"' not in args:
             continue
         data = syscalls._unhex(args.split('"', 2)[1]).encode("utf-8", "surrogateescape")
-        at = 0
-        while at + 5 <= len(data):
-            kind, length = data[at:at + 1], int.from_bytes(data[at + 1:at + 5], "big")
-            body = data[at + 5:at + 1 + length]
-            if kind == b"P":
-                statement, query = body.split(b"\0", 2)[:2]
-                sql[statement] = query.decode()
-            elif kind == b"B":
-                statement = body.split(b"\0", 2)[1]
-                found.append((i, sql.get(statement, ""), body))
-            at += 1 + length
+        for kind, body in pg_messages(data):
+            parts = body.split(b"\0", 2)
+            if kind == b"P" and len(parts) == 3:
+                sql[parts[0]] = parts[1].decode(errors="replace")
+            elif kind == b"B" and len(parts) == 3:
+                found.append((i, sql.get(parts[1], ""), body))
     return found
 
 
