@@ -169,7 +169,7 @@ def test_export_of_something_not_cached_fails_naming_it_and_writes_nothing(
     assert list(tmp_path.iterdir()) == []                # no bundle, no temp file
     # a cached tag whose blob went (evicted): named, nothing written
     layer = image_set.oci.blobs[-1]
-    mirror.cached_path(layer.digest).unlink()
+    mirror.drop_cached(layer.digest)
     done = cli(mirror.config_path, "export", "-o", str(bundle), "org/team/app:1.0",
                "--progress", "none")
     assert done.returncode == 1

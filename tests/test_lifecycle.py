@@ -15,12 +15,6 @@ from tests.test_pull_through import pull
 KB = 1000
 
 
-def content_bytes(data_dir) -> int:
-    """Bytes of cached content and fills in progress (the index is not counted)."""
-    return sum(p.stat().st_size for sub in ("blobs", "tmp")
-               for p in (data_dir / sub).rglob("*") if p.is_file())
-
-
 @pytest.fixture
 def rotating(make_registry, tmp_path):
     """Six ~600 KB images and one 'hot' image in a registry of the test's own."""
@@ -47,8 +41,8 @@ def test_rotating_pulls_stay_inside_the_budget_and_the_hot_image_stays(make_mirr
         for round_ in range(14):
             pull(client, hot)
             pull(client, images[round_ % len(images)])
-            peak = max(peak, content_bytes(mirror.data_dir))
-            assert content_bytes(mirror.data_dir) <= budget
+            peak = max(peak, mirror.stored_total())
+            assert mirror.stored_total() <= budget
     hot_gets = [r for r in registry.requests(since=mark)
                 if r.method == "GET" and r.path.startswith(f"/v2/{hot.repo}/")]
     assert hot_gets == []                 # revalidated with HEADs, never fetched again
@@ -90,13 +84,13 @@ def test_expire_unused_removes_content_under_budget(make_mirror, rotating):
     mirror = make_mirror(budget_config(registry, 100_000 * KB, expire_unused="1s"))
     with httpx.Client(base_url=mirror.url, timeout=30) as client:
         pull(client, images[0])
-        assert content_bytes(mirror.data_dir) > 0
+        assert mirror.stored_total() > 0
         time.sleep(1.5)
         mirror.restart()                 # the evictor takes a first look at start-up
         deadline = time.monotonic() + 10
-        while content_bytes(mirror.data_dir) and time.monotonic() < deadline:
+        while mirror.stored_total() and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert content_bytes(mirror.data_dir) == 0
+        assert mirror.stored_total() == 0
         mark = registry.mark()
         pull(client, images[0])          # and it comes back on the next pull
         assert registry.count("GET", "/blobs/", since=mark) == len(images[0].blobs)

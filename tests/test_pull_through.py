@@ -284,4 +284,11 @@ def test_memory_stays_flat_while_streaming_the_big_blob(mirror, client, image_se
     # The blob is never held in memory: growth stays far below its size (100 MiB in
     # the full suite) and within a fixed bound. Measured: +7 MB for 5 MiB, +27..31 MB for
     # 100 MiB, +28 MB for 250 MiB (thread-pool malloc arenas filling once, then flat).
-    assert peak - base < 48 * 1024 * 1024, (blob.size, peak - base)
+    bound = 48 * 1024 * 1024
+    if mirror.on_s3:
+        # A fill to S3 also holds its multipart upload's parts, by design a fixed number
+        # (mirror/storage/s3.py): max_concurrency in flight and the one being filled.
+        # Measured: +65 MB for 100 MiB, +76 MB for 250 MiB, +51 MB for 40 MiB.
+        from mirror.storage.s3 import MAX_CONCURRENCY, PART_SIZE
+        bound += PART_SIZE * (MAX_CONCURRENCY + 1)
+    assert peak - base < bound, (blob.size, peak - base)

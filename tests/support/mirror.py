@@ -3,7 +3,9 @@
 ``MirrorProcess(tmpdir, config)`` writes ``config`` (a dict, as config.yml would
 hold it; ``listen`` and ``data_dir`` are filled in) and starts the server with its
 log in ``<tmpdir>/mirror.log``. ``.url``, ``.host``, ``.data_dir``, ``.log_text()``,
-``.restart()``.
+``.restart()``. What it cached is read (``is_cached``, ``cached_bytes``,
+``stored_total``) and damaged (``replace_cached``, ``drop_cached``) wherever its
+blobs are, the data directory or the bucket (``on_s3``, MIRROR_TEST_STORAGE=s3).
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ import yaml
 
 from .index_backend import mirror_index
 from .ports import free_port, stop_process, wait_http
-from .s3 import stored_bytes, with_test_storage
+from .s3 import (
+    drop_stored,
+    is_stored,
+    replace_stored,
+    stored_bytes,
+    stored_sizes,
+    stored_total,
+    with_test_storage,
+)
 
 
 class MirrorProcess:
@@ -70,7 +80,23 @@ class MirrorProcess:
         return stored_bytes(self.config, digest)
 
     def is_cached(self, digest: str) -> bool:
-        return self.cached_bytes(digest) is not None
+        return is_stored(self.config, digest)
+
+    def stored_sizes(self) -> list[int]:
+        """The size of each committed blob (or manifest), as files or as objects."""
+        return stored_sizes(self.config)
+
+    def stored_total(self) -> int:
+        """Bytes of content held: files under blobs/ and tmp/, or objects in the bucket."""
+        return stored_total(self.config)
+
+    def replace_cached(self, digest: str, data: bytes) -> None:
+        """Overwrite what is committed under ``digest`` (a test damaging the cache)."""
+        replace_stored(self.config, digest, data)
+
+    def drop_cached(self, digest: str) -> None:
+        """Remove what is committed under ``digest``, leaving the index naming it."""
+        drop_stored(self.config, digest)
 
     @property
     def on_s3(self) -> bool:

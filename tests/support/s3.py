@@ -9,8 +9,9 @@ each other's objects.
 ``MIRROR_TEST_STORAGE=s3`` runs the whole suite's mirrors on S3: ``with_test_storage``
 (called by ``MirrorProcess``) adds ``storage: {s3: ...}`` with a fresh bucket on one
 moto server for the session, started on first use and stopped at exit.
-``stored_bytes`` / ``stored_keys`` read what a mirror stored, from its bucket or its
-data directory, whichever its config says.
+``is_stored``, ``stored_bytes``, ``stored_keys``, ``stored_sizes`` and ``stored_total``
+read what a mirror stored, from its bucket or its data directory, whichever its config
+says; ``replace_stored`` and ``drop_stored`` damage it there, behind the mirror's back.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def session_moto() -> MotoServer:
 def with_test_storage(config: dict) -> dict:
     """``config`` with S3 storage on a fresh bucket when ``MIRROR_TEST_STORAGE=s3`` (and
     the test did not choose its own storage)."""
-    if os.environ.get("MIRROR_TEST_STORAGE", "") != "s3" or config.get("storage"):
+    if not using_s3() or config.get("storage"):
         return config
     return {**config, "storage": s3_storage(session_moto())}
 
@@ -148,10 +149,8 @@ def stored_bytes(config: dict, digest: str) -> bytes | None:
     """The bytes a mirror with ``config`` committed under ``digest`` (None: none)."""
     s3 = (config.get("storage") or {}).get("s3")
     if s3 is None:
-        algorithm, hexpart = digest.split(":", 1)
-        path = Path(config["data_dir"]) / "blobs" / algorithm / hexpart[:2] / hexpart
         try:
-            return path.read_bytes()
+            return _fs_path(config, digest).read_bytes()
         except FileNotFoundError:
             return None
     client = _client(s3)
@@ -159,6 +158,75 @@ def stored_bytes(config: dict, digest: str) -> bytes | None:
         return client.get_object(Bucket=s3["bucket"], Key=_key(s3, digest))["Body"].read()
     except client.exceptions.NoSuchKey:
         return None
+
+
+def is_stored(config: dict, digest: str) -> bool:
+    """Whether a mirror with ``config`` committed ``digest`` (a HEAD on S3: no body)."""
+    s3 = (config.get("storage") or {}).get("s3")
+    if s3 is None:
+        return _fs_path(config, digest).is_file()
+    import botocore.exceptions
+    try:
+        _client(s3).head_object(Bucket=s3["bucket"], Key=_key(s3, digest))
+    except botocore.exceptions.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return False
+        raise
+    return True
+
+
+def _fs_path(config: dict, digest: str) -> Path:
+    algorithm, hexpart = digest.split(":", 1)
+    return Path(config["data_dir"]) / "blobs" / algorithm / hexpart[:2] / hexpart
+
+
+def replace_stored(config: dict, digest: str, data: bytes) -> None:
+    """Put ``data`` under ``digest`` behind the mirror's back (a test damaging its cache:
+    the file rewritten in place, or the object overwritten)."""
+    s3 = (config.get("storage") or {}).get("s3")
+    if s3 is None:
+        with open(_fs_path(config, digest), "r+b") as f:
+            f.write(data)
+            f.truncate()
+        return
+    _client(s3).put_object(Bucket=s3["bucket"], Key=_key(s3, digest), Body=data)
+
+
+def drop_stored(config: dict, digest: str) -> None:
+    """Remove what is stored under ``digest`` behind the mirror's back."""
+    s3 = (config.get("storage") or {}).get("s3")
+    if s3 is None:
+        _fs_path(config, digest).unlink()
+        return
+    _client(s3).delete_object(Bucket=s3["bucket"], Key=_key(s3, digest))
+
+
+def stored_sizes(config: dict) -> list[int]:
+    """The size of each blob (or manifest) a mirror committed: its files under
+    ``blobs/``, or the objects under ``blobs/`` in its bucket."""
+    s3 = (config.get("storage") or {}).get("s3")
+    if s3 is None:
+        return [p.stat().st_size for p in (Path(config["data_dir"]) / "blobs").glob("*/*/*")
+                if p.is_file()]
+    prefix = (s3.get("prefix") or "").strip("/")
+    pages = _client(s3).get_paginator("list_objects_v2").paginate(
+        Bucket=s3["bucket"], Prefix=f"{prefix + '/' if prefix else ''}blobs/")
+    return [o["Size"] for page in pages for o in page.get("Contents", [])]
+
+
+def stored_total(config: dict) -> int:
+    """Bytes of content a mirror holds: what it committed, and on the filesystem its
+    fills in progress under ``tmp/`` as well (the index is not counted)."""
+    total = sum(stored_sizes(config))
+    if not (config.get("storage") or {}).get("s3"):
+        total += sum(p.stat().st_size for p in (Path(config["data_dir"]) / "tmp").rglob("*")
+                     if p.is_file())
+    return total
+
+
+def using_s3() -> bool:
+    """Whether the suite's mirrors keep their blobs on S3 (``MIRROR_TEST_STORAGE=s3``)."""
+    return os.environ.get("MIRROR_TEST_STORAGE", "") == "s3"
 
 
 def stored_keys(config: dict) -> list[str]:
