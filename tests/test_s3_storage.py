@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 
 import httpx
@@ -335,3 +336,36 @@ def test_credentials_region_and_endpoint_from_the_aws_environment(make_mirror, u
         pull(client, image)
     s3 = {"endpoint": moto.url, "bucket": bucket}
     assert stored_bytes({"storage": {"s3": s3}}, image.digest) == image.manifest
+
+
+def test_an_object_deleted_while_the_mirror_opens_it_is_fetched_again_not_served_broken(
+        make_mirror, upstream, image_set, moto):
+    """Another replica's eviction deletes an object just as this mirror starts to serve
+    it: the mirror learns it before it sends a header (and fetches the blob again),
+    never a 200 whose body then breaks off. The store's answers pass through a proxy
+    that holds the object's next GET back while the test deletes the object."""
+    from tests.support.faulty import FaultyUpstream
+    image = image_set.docker
+    blob = image.largest_blob
+    with FaultyUpstream(moto.url, name="faulty-s3") as s3:
+        config = config_for(upstream.url, moto)
+        bucket = config["storage"]["s3"]["bucket"]
+        config["storage"]["s3"]["endpoint"] = s3.url
+        mirror = make_mirror(config)
+        assert read_blob(mirror, image.repo, blob) == (blob.size, blob.digest, None)
+        key = key_of(blob.digest)
+        s3.arm("hang", path_contains=key, method="GET", times=1, seconds=1.5)
+        seen, mark = s3.count(None, key), upstream.mark()
+        result: list = []
+        reader = threading.Thread(
+            target=lambda: result.append(read_blob(mirror, image.repo, blob)))
+        reader.start()
+        deadline = time.monotonic() + 20
+        while s3.count(None, key) == seen:        # the mirror has begun to open it
+            assert time.monotonic() < deadline, mirror.log_text()
+            time.sleep(0.005)
+        moto.inspect().delete_object(Bucket=bucket, Key=key)
+        reader.join(60)
+        assert result == [(blob.size, blob.digest, None)], mirror.log_text()
+        assert upstream.count("GET", f"/blobs/{blob.digest}", since=mark) == 1
+        assert "aborting response" not in mirror.log_text()

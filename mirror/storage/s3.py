@@ -277,33 +277,47 @@ class S3Store:
                                    f"{str(exc)[:300]}") from exc
         return int(meta["size"])
 
-    async def read(self, digest: str, start: int = 0,
-                   end: int | None = None) -> AsyncIterator[bytes]:
-        """Stream bytes ``start`` to ``end`` (exclusive; None: to the end) of a blob.
-        Raises BlobUnknown when it is not there."""
+    async def get(self, digest: str, start: int = 0, end: int | None = None) -> Any | None:
+        """Start a GET of bytes ``start`` to ``end`` (exclusive; None: to the end) of a
+        blob: the answer whose body ``stream`` reads, or None when the store does not
+        have the blob. A GET that has begun keeps its object's bytes even if the object
+        is deleted meanwhile (by another replica's eviction)."""
         key = self.key(digest)
-        if start < 0 or (end is not None and end < start):
+        if start < 0 or (end is not None and end <= start):
             raise ValueError(f"bad range {start}-{end}")
-        if end is not None and end == start:
-            return
         options: dict[str, Any] = {}
         if end is not None:
             options["range"] = (start, end)
         elif start:
             options["range"] = {"offset": start}
         try:
-            result = await obstore.get_async(self.client, key, options=options)  # type: ignore[arg-type]
-        except _MISSING as exc:
-            raise BlobUnknown(detail={"digest": digest}) from exc
+            return await obstore.get_async(self.client, key, options=options)  # type: ignore[arg-type]
+        except _MISSING:
+            return None
         except Exception as exc:
             raise CacheUnavailable(f"object store GET of {digest} failed: "
                                    f"{str(exc)[:300]}") from exc
+
+    async def stream(self, digest: str, started: Any) -> AsyncIterator[bytes]:
+        """The body of a GET ``get`` started."""
         try:
-            async for chunk in result.stream(min_chunk_size=READ_CHUNK):
+            async for chunk in started.stream(min_chunk_size=READ_CHUNK):
                 yield bytes(chunk)
         except Exception as exc:
             raise CacheUnavailable(f"object store GET of {digest} broke: "
                                    f"{str(exc)[:300]}") from exc
+
+    async def read(self, digest: str, start: int = 0,
+                   end: int | None = None) -> AsyncIterator[bytes]:
+        """Stream bytes ``start`` to ``end`` (exclusive; None: to the end) of a blob.
+        Raises BlobUnknown when it is not there."""
+        if end is not None and end == start and start >= 0:
+            return
+        started = await self.get(digest, start, end)
+        if started is None:
+            raise BlobUnknown(detail={"digest": digest})
+        async for chunk in self.stream(digest, started):
+            yield chunk
 
     async def delete(self, digest: str) -> None:
         """Remove a blob; removing one that is not there is not an error."""

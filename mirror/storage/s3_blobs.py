@@ -8,9 +8,12 @@ the ``BlobStore`` protocol.
   that verified digest, then drops the temp file. A blob written without a tee (a
   hosted upload's session file, a manifest, an import) is streamed from its file at
   ``commit``. A wrong digest aborts the upload: no object, no upload left behind.
-- **Reading:** ``open`` checks the object is there (a ``HEAD``) and streams it with
-  ``Range`` (no descriptor: no zero-copy send). ``redirect: true`` makes api.py answer
-  GETs of committed blobs with a 307 to ``presign``'s URL, as registry:2 does.
+- **Reading:** ``open`` starts the object's GET, so a blob that is gone (evicted by
+  another replica) is known before any header is sent, and one whose GET has begun
+  is read to the end even if it is deleted meanwhile; its body is what the response
+  streams. A ranged read starts a GET with ``Range`` (no descriptor: no zero-copy
+  send). ``redirect: true`` makes api.py answer GETs of committed blobs with a 307
+  to ``presign``'s URL, as registry:2 does; there ``open`` only checks (a ``HEAD``).
 - **Start-up:** ``check`` lists the prefix once; a store that cannot be reached or a
   bucket that is not there is one line naming ``storage.s3.bucket`` and
   ``storage.s3.endpoint``.
@@ -24,6 +27,7 @@ import os
 from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import obstore
 
@@ -63,9 +67,11 @@ class S3Blob:
 
     source = "cache"
 
-    def __init__(self, blobs: S3Blobs, holds: Holds, digest: str, size: int) -> None:
+    def __init__(self, blobs: S3Blobs, holds: Holds, digest: str, size: int,
+                 started: Any = None) -> None:
         self._blobs = blobs
         self._holds: Holds | None = holds
+        self._started = started         # the whole object's GET, begun by ``open``
         self.digest = digest
         self.size = size
 
@@ -84,9 +90,14 @@ class S3Blob:
     async def chunks(self, start: int = 0,
                      end: int | None = None) -> AsyncGenerator[bytes | bytearray, None]:
         end = self.size if end is None else end
+        started, self._started = self._started, None
         try:
             pos = start
-            async for chunk in self._blobs.read(self.digest, start, end):
+            if started is not None and start == 0 and end == self.size:
+                body = self._blobs.store.stream(self.digest, started)
+            else:                       # a range: its own GET
+                body = self._blobs.read(self.digest, start, end)
+            async for chunk in body:
                 pos += len(chunk)
                 yield chunk
             if pos < end:
@@ -96,6 +107,7 @@ class S3Blob:
             await self.aclose()
 
     async def aclose(self) -> None:
+        self._started = None            # a GET not read: dropping it closes its stream
         holds, self._holds = self._holds, None
         if holds is not None:
             holds.release(self.digest)
@@ -133,9 +145,14 @@ class S3Blobs:
         raise NotImplementedError("blobs are objects in a bucket, not files")
 
     async def open(self, digest: str, size: int, holds: Holds) -> S3Blob | None:
-        if await self.store.exists(digest) is None:
+        if self.redirect:               # the client will GET it from the store itself
+            if await self.store.exists(digest) is None:
+                return None
+            return S3Blob(self, holds, digest, size)
+        started = await self.store.get(digest)
+        if started is None:
             return None
-        return S3Blob(self, holds, digest, size)
+        return S3Blob(self, holds, digest, size, started)
 
     async def size(self, digest: str) -> int | None:
         return await self.store.exists(digest)
