@@ -425,12 +425,15 @@ class LocalCache:
             self._lock.release()
 
     async def not_ready(self) -> str | None:
-        """Why the cache cannot serve (None when it can): the index answers and the
-        data directory takes files."""
+        """Why the cache cannot serve (None when it can): the index answers, the blob
+        store answers and the data directory takes files."""
         try:
             await self.index.ping()
         except Exception as exc:
             return f"index: {exc}"
+        problem = await self.store.not_ready()
+        if problem is not None:
+            return problem
         if not await fileio.run(os.access, self.data_dir / "tmp", os.W_OK):
             return f"data directory {self.data_dir} is not writable"
         return None

@@ -369,3 +369,21 @@ def test_an_object_deleted_while_the_mirror_opens_it_is_fetched_again_not_served
         assert result == [(blob.size, blob.digest, None)], mirror.log_text()
         assert upstream.count("GET", f"/blobs/{blob.digest}", since=mark) == 1
         assert "aborting response" not in mirror.log_text()
+
+
+def test_readyz_says_not_ready_while_the_store_cannot_be_reached(make_mirror, upstream,
+                                                                  tmp_path):
+    """A load balancer takes a replica whose object store is gone out of rotation."""
+    from tests.support.s3 import MotoServer
+    (tmp_path / "own-moto").mkdir()
+    server = MotoServer(tmp_path / "own-moto").start()
+    try:
+        mirror = make_mirror(config_for(upstream.url, server))
+        assert httpx.get(f"{mirror.url}/readyz").text == "ready\n"
+        server.stop()
+        resp = httpx.get(f"{mirror.url}/readyz", timeout=30)
+        assert resp.status_code == 503, resp.text
+        assert resp.text.startswith("not ready: storage.s3: bucket "), resp.text
+        assert httpx.get(f"{mirror.url}/healthz").status_code == 200     # alive all the same
+    finally:
+        server.stop()

@@ -64,6 +64,9 @@ class BlobStore(Protocol):
     async def check(self) -> None:
         """Start-up: raise StorageUnavailable (one line) when the store is unusable."""
 
+    async def not_ready(self) -> str | None:
+        """For ``/readyz``: why the store cannot be used now (None when it can), quickly."""
+
     async def open(self, digest: str, size: int, holds: Holds) -> StoredBlob | None:
         """The committed blob for reading (None: not there), held by ``holds``."""
 

@@ -28,6 +28,9 @@ class FsStore:
     async def check(self) -> None:
         """The data directory was checked by the cache already."""
 
+    async def not_ready(self) -> str | None:
+        return None             # the cache checks that the data directory takes files
+
     def path_for(self, digest: str) -> Path:
         return blob_path(self.data_dir, digest)
 

@@ -42,6 +42,7 @@ log = logging.getLogger("mirror.storage.s3")
 
 PRESIGN_FOR = timedelta(minutes=20)      # registry:2's redirect URLs live as long
 CHECK_TIMEOUT = 30.0                     # seconds the start-up look at the bucket may take
+READY_TIMEOUT = 3.0                      # and a /readyz look (load balancers wait ~5 s)
 DELETES = 8                              # DELETEs in flight at once
 
 
@@ -140,6 +141,18 @@ class S3Blobs:
         except Exception as exc:
             text = " ".join(str(exc).split())
             raise StorageUnavailable(f"{where}: cannot be used: {_reason(text)}") from None
+
+    async def not_ready(self) -> str | None:
+        try:
+            async with asyncio.timeout(READY_TIMEOUT):
+                await obstore.list_with_delimiter_async(self.store.client,
+                                                        f"{self.config.prefix}blobs/")
+        except TimeoutError:
+            return f"storage.s3: bucket {self.config.bucket}: no answer within {READY_TIMEOUT:g}s"
+        except Exception as exc:
+            text = " ".join(str(exc).split())
+            return f"storage.s3: bucket {self.config.bucket}: {_reason(text)}"
+        return None
 
     def path_for(self, digest: str) -> Path:
         raise NotImplementedError("blobs are objects in a bucket, not files")
