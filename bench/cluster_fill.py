@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -24,26 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.support.client import RegistryClient  # noqa: E402
 from tests.support.images import make_layer, push_blob  # noqa: E402
-from tests.support.replicas import Replicas, pull_blob, services  # noqa: E402
+from tests.support.replicas import Replicas, burst, services  # noqa: E402
 
 REPO = "bench/cluster"
 
 
-def burst(site: Replicas, blob, clients: int) -> tuple[float, bool]:
-    rr = site.round_robin()
-    results: list = [None] * clients
-    start = threading.Barrier(clients)
-
-    def one(i: int) -> None:
-        first = rr.next()
-        start.wait()
-        results[i] = pull_blob(rr, REPO, blob, first=first)
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+def timed_burst(site: Replicas, blob, clients: int) -> tuple[float, bool]:
     began = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = burst(site.round_robin(), REPO, blob, clients)
     took = time.perf_counter() - began
     return took, all(r is not None and r[1] == blob.digest for r in results)
 
@@ -67,7 +54,7 @@ def main() -> None:
                     with RegistryClient(upstream.url) as client:
                         push_blob(client, None, REPO, blob)
                     mark = upstream.mark()
-                    took, ok = burst(site, blob, args.clients)
+                    took, ok = timed_burst(site, blob, args.clients)
                     gets = upstream.count("GET", f"/blobs/{blob.digest}", since=mark)
                     writes = site.writes(blob.digest)
                     print(f"{n} replica{'s' if n > 1 else ''}, {args.clients} clients, "

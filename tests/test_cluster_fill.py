@@ -27,7 +27,7 @@ from tests.support.client import RegistryClient
 from tests.support.fixtures import big_layer_size
 from tests.support.images import make_layer, push_blob
 from tests.support.ports import free_port
-from tests.support.replicas import Replicas, pull_blob
+from tests.support.replicas import Replicas, burst, pull_blob
 
 # the fixtures this module uses (tests/support/postgres.py, s3.py)
 postgres, pg_dsn, moto = _postgres.postgres, _postgres.pg_dsn, _s3.moto
@@ -51,22 +51,6 @@ def sql(dsn: str, query: str, *args):
         finally:
             await conn.close()
     return asyncio.run(main())
-
-
-def burst(rr, blob, clients: int) -> list:
-    results: list = [None] * clients
-    start = threading.Barrier(clients)
-
-    def one(i: int) -> None:
-        first = rr.next()
-        start.wait()
-        results[i] = pull_blob(rr, REPO, blob, first=first)
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    return results
 
 
 def _upstream_bytes(mirror) -> float:
@@ -95,7 +79,7 @@ def test_sixteen_cold_clients_over_three_replicas_cause_one_upstream_get(
     replicas.keep_versions()                  # each write of an object leaves a version
     mark = upstream.mark()
     began = time.monotonic()
-    results = burst(replicas.round_robin(), blob, 16)
+    results = burst(replicas.round_robin(), REPO, blob, 16)
     took = time.monotonic() - began
     for n, digest, errors, _used in results:
         assert digest == blob.digest and n == blob.size, (n, errors, replicas.log_text())
@@ -493,7 +477,7 @@ def test_replicas_with_two_workers_each_still_cost_one_upstream_get(
         for attempt in range(3):
             blob = fresh_blob(tmp_path, upstream, 12 * 1024 * 1024, f"w{attempt}")
             mark = upstream.mark()
-            for n, digest, errors, _ in burst(site.round_robin(), blob, 16):
+            for n, digest, errors, _ in burst(site.round_robin(), REPO, blob, 16):
                 assert digest == blob.digest and n == blob.size, (errors, site.log_text())
             assert upstream.count("GET", f"/blobs/{blob.digest}", since=mark) == 1
             served = set(re.findall(rf"\[(w\d)\] mirror\.access: .*\"GET /v2/{REPO}/blobs/"

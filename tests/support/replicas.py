@@ -200,3 +200,21 @@ def services(prefix: str) -> Iterator[Services]:
     with PostgresCluster(bin_dir) as pg, MotoServer(tmp) as moto, \
             RegistryProcess(tmp / "upstream") as upstream:
         yield Services(tmp, pg, moto, upstream)
+
+
+def burst(rr: RoundRobin, repo: str, blob, clients: int) -> list:
+    """``clients`` threads, each given its first replica in turn, pull ``blob`` through
+    ``rr`` at once (a barrier): ``pull_blob``'s results, in thread order."""
+    results: list = [None] * clients
+    start = threading.Barrier(clients)
+
+    def one(i: int) -> None:
+        first = rr.next()
+        start.wait()
+        results[i] = pull_blob(rr, repo, blob, first=first)
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    return results
