@@ -89,10 +89,11 @@ async def migrate(args, config: Config, router: Router) -> int:
 
 async def _migrate_site(config: Config) -> str:
     """The cluster components' migrations (the fill lease, the peer channel, the site's
-    keys: what each replica applies as it joins), and the version each is now at."""
+    keys, the upstream status: what each replica applies as it joins), and the version
+    each is now at."""
     import asyncpg  # type: ignore[import-untyped]
 
-    from .cluster import keys, peer_join
+    from .cluster import keys, peer_join, site_status
     from .index.pg_schema import COMPONENT as INDEX
 
     postgres = config.index.postgres
@@ -100,7 +101,8 @@ async def _migrate_site(config: Config) -> str:
     try:
         conn = await asyncpg.connect(postgres.dsn, timeout=10)
         try:
-            ran = await peer_join.migrate(conn) + await keys.migrate(conn)
+            ran = (await peer_join.migrate(conn) + await keys.migrate(conn)
+                   + await site_status.migrate(conn))
             rows = await conn.fetch("SELECT component, version FROM schema_versions "
                                     "WHERE component <> $1 ORDER BY component", INDEX)
         finally:

@@ -27,6 +27,7 @@ from .cache import CannotOpen, LocalCache
 from .catalog import Catalog
 from .cluster import peer_join
 from .cluster.leader import Leadership
+from .cluster.site_status import SiteStatus
 from .config import Config
 from .evict import Budget, Evictor
 from .hosted.store import HostedStore
@@ -138,6 +139,22 @@ class Mirror:
         # status files) stay role.leader's.
         leadership = Leadership.of(config, role.leader)
         await leadership.start()
+        if site is not None:    # the upstream status reaches the site's other replicas
+            shared = SiteStatus(site.pool, site.url, leading=lambda: leadership.held)
+            try:
+                await shared.start()
+            except Exception as exc:  # noqa: BLE001 (one line naming the key)
+                where = config.index.postgres.safe_dsn if config.index.postgres else "?"
+                await leadership.stop()
+                await site.close()
+                upstream_status.recorder = None
+                await status.close()
+                await notifier.stop()
+                await local.close()
+                raise StartupError(f"index.postgres.dsn: cannot set up the upstream status "
+                                   f"table in {where}: "
+                                   f"{type(exc).__name__}: {exc}"[:400]) from None
+            status.shared = shared
         evictor = Evictor(local, Budget.of(config), enforce=role.leader,
                           follow=local.follow, leading=lambda: leadership.held)
         evictor.start()
@@ -176,6 +193,7 @@ class Mirror:
             for source in sources.values():
                 await source.aclose()
             await leadership.stop()
+            await status.unshare()              # before the site's pool closes
             if site is not None:
                 await site.close()
             events.sink = None

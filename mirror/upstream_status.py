@@ -16,6 +16,13 @@ that looked last says, among the processes still running (a file whose process i
 gone keeps its times, not its say on up or down; with no running process's word a
 source counts as up, as a starting server presumes). The leader drops files of
 processes gone for ``KEPT`` seconds.
+
+In a site of replicas (``index.postgres``) each replica has its own data directory, so
+the files say only what that replica's processes saw. There app.py gives the recorder
+a ``Shared`` (mirror/cluster/site_status.py: a PostgreSQL table): every write of a file
+is also written there, and ``read_status(data_dir, shared=...)`` merges the rows of
+every process of every replica by the same rules (alive is judged by a heartbeat
+instead of a pid). If the table cannot be read, the files are (logged).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 from . import fileio
@@ -52,6 +59,26 @@ class SourceStatus:
     last_success_at: float | None
     ratelimit_remaining: int | None      # the last ratelimit-remaining header seen
     ratelimit_at: float | None
+    seen_by: str | None = None           # in a site: the replica whose say on up/down this is
+    error_by: str | None = None          # in a site: the replica that saw the last error
+
+
+# What one process saw of one source: (its say counts on up/down, upstream, source, its
+# state as the Recorder keeps it, the replica it ran on or None).
+View = tuple[bool, str, str, dict[str, Any], str | None]
+
+
+class Shared(Protocol):
+    """Where a process's view goes besides its files (a site of replicas)."""
+
+    async def write(self, upstream: str, sources: dict[str, dict[str, Any]]) -> None:
+        """Record this process's state of ``upstream``'s sources; never raises."""
+
+    async def stop(self) -> None:
+        """This process stops: its rows lose their say on up or down."""
+
+    async def views(self) -> list[View]:
+        """What every process of the site saw (raises when it cannot say)."""
 
 
 def _start_ticks(pid: int) -> int | None:
@@ -92,6 +119,7 @@ class Recorder:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._failed_logged = False
+        self.shared: Shared | None = None
 
     async def open(self, leader: bool) -> None:
         """Make the directory; the leader drops the files of processes long gone."""
@@ -116,6 +144,19 @@ class Recorder:
         for upstream in list(self._dirty):
             self._dirty.discard(upstream)
             await self._write(upstream)
+        await self.unshare()
+
+    async def unshare(self) -> None:
+        """Write what is not written yet to the ``shared`` table and leave it (before the
+        site's pool closes)."""
+        shared = self.shared
+        if shared is None:
+            return
+        for upstream in list(self._dirty):
+            self._dirty.discard(upstream)
+            await self._write(upstream)
+        self.shared = None
+        await shared.stop()
 
     # -- what the upstream modules see ----------------------------------------------------
 
@@ -202,9 +243,9 @@ class Recorder:
             await self._write(upstream)
 
     async def _write(self, upstream: str) -> None:
+        sources = {s: dict(v) for s, v in self._sources.get(upstream, {}).items()}
         data = {"upstream": upstream, "pid": self.pid, "started": self._ticks,
-                "written_at": time.time(),
-                "sources": {s: dict(v) for s, v in self._sources.get(upstream, {}).items()}}
+                "written_at": time.time(), "sources": sources}
         path = self.dir / f"{quote(upstream, safe='')}.{self.pid}.json"
         try:
             await fileio.run_to_end(_write_atomic, path, json.dumps(data).encode())
@@ -213,6 +254,8 @@ class Recorder:
                 self._failed_logged = True
                 log.warning("cannot write the upstream status to %s: %s", path,
                             exc.strerror or exc)
+        if self.shared is not None:
+            await self.shared.write(upstream, sources)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -225,6 +268,11 @@ def _write_atomic(path: Path, data: bytes) -> None:
 # -- module-level hooks: what the upstream modules call ----------------------------------------
 
 recorder: Recorder | None = None     # this process's, while a server runs (app.py)
+
+
+def site_wide() -> Shared | None:
+    """The site's table this process writes to (a site of replicas), for ``read_status``."""
+    return recorder.shared if recorder is not None else None
 
 
 def _safely(note: Any, into: Recorder) -> None:
@@ -284,9 +332,15 @@ def _files(directory: Path) -> list[tuple[Path, dict[str, Any]]]:
     return found
 
 
-async def read_status(data_dir: Path) -> list[SourceStatus]:
-    """Every upstream source any process of the server has seen, its files merged
-    (see the module doc), sorted by upstream and source."""
+async def read_status(data_dir: Path, shared: Shared | None = None) -> list[SourceStatus]:
+    """Every upstream source any process of the server (with ``shared``: of the site)
+    has seen, merged (see the module doc), sorted by upstream and source."""
+    if shared is not None:
+        try:
+            return merge(await shared.views())
+        except Exception as exc:  # noqa: BLE001 (the page shows this replica's view instead)
+            log.warning("cannot read the site's upstream status (showing this replica's): "
+                        "%s", f"{type(exc).__name__}: {exc}"[:300])
     return await fileio.run(_read_status, data_dir)
 
 
@@ -296,24 +350,33 @@ def _num(value: Any) -> float | None:
 
 
 def _read_status(data_dir: Path) -> list[SourceStatus]:
-    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    views: list[View] = []
     for _, data in _files(data_dir / DIR):
         alive = _alive(data.get("pid"), data.get("started"))
         upstream = str(data.get("upstream", ""))
-        for source, state in data["sources"].items():
-            if not isinstance(state, dict):
-                continue
-            into = merged.setdefault((upstream, str(source)), {"seen_at": None})
-            for field, at in (("last_error", "last_error_at"),
-                              ("ratelimit_remaining", "ratelimit_at"),
-                              ("last_success_at", "last_success_at")):
-                when = _num(state.get(at))
-                if when is not None and when > (into.get(at) or -math.inf):
-                    into[at], into[field] = when, state.get(field)
-            seen = _num(state.get("seen_at")) or _num(state.get("since"))
-            if alive and seen is not None and seen > (into["seen_at"] or -math.inf):
-                into.update(seen_at=seen, up=bool(state.get("up")),
-                            since=_num(state.get("since")))
+        views.extend((alive, upstream, str(source), state, None)
+                     for source, state in data["sources"].items() if isinstance(state, dict))
+    return merge(views)
+
+
+def merge(views: list[View]) -> list[SourceStatus]:
+    """The processes' views merged: the latest error, success and rate limit any saw; up
+    or down as the live one that looked last says (up when none alive has a say)."""
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    for alive, upstream, source, state, by in views:
+        into = merged.setdefault((upstream, source), {"seen_at": None})
+        for field, at in (("last_error", "last_error_at"),
+                          ("ratelimit_remaining", "ratelimit_at"),
+                          ("last_success_at", "last_success_at")):
+            when = _num(state.get(at))
+            if when is not None and when > (into.get(at) or -math.inf):
+                into[at], into[field] = when, state.get(field)
+                if field == "last_error":
+                    into["error_by"] = by
+        seen = _num(state.get("seen_at")) or _num(state.get("since"))
+        if alive and seen is not None and seen > (into["seen_at"] or -math.inf):
+            into.update(seen_at=seen, up=bool(state.get("up")),
+                        since=_num(state.get("since")), seen_by=by)
     found = []
     for (upstream, source), m in sorted(merged.items()):
         error, remaining = m.get("last_error"), m.get("ratelimit_remaining")
@@ -322,5 +385,6 @@ def _read_status(data_dir: Path) -> list[SourceStatus]:
             last_error=str(error) if error is not None else None,
             last_error_at=m.get("last_error_at"), last_success_at=m.get("last_success_at"),
             ratelimit_remaining=remaining if isinstance(remaining, int) else None,
-            ratelimit_at=m.get("ratelimit_at") if isinstance(remaining, int) else None))
+            ratelimit_at=m.get("ratelimit_at") if isinstance(remaining, int) else None,
+            seen_by=m.get("seen_by"), error_by=m.get("error_by")))
     return found

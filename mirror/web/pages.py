@@ -94,9 +94,11 @@ def _totals(hourly: dict[int, dict[str, int]], since: float) -> dict[str, int]:
 
 
 async def _health(s: Site) -> list[dict[str, Any]]:
-    """Each upstream's sources as any worker last saw them: up or down, last error and
-    success, rate limit left; a source nothing has asked yet is "unknown"."""
-    seen = await upstream_status.read_status(s.local.data_dir)
+    """Each upstream's sources as any worker (of any replica, in a site) last saw them: up
+    or down, last error and success, rate limit left; a source nothing has asked yet is
+    "unknown"."""
+    seen = await upstream_status.read_status(s.local.data_dir,
+                                             shared=upstream_status.site_wide())
     return [{"upstream": name, "url": up.url,
              "status": [st for st in seen if st.upstream == name]}
             for name, up in s.config.upstreams.items()]
