@@ -23,8 +23,9 @@ from tests.test_web_actions import hidden, login, page_client, target
 
 postgres, pg_dsn = _postgres.postgres, _postgres.pg_dsn
 
-# what `mirror migrate` makes besides the index: the site's keys and the peer channel's
-TABLES = ["cluster_keys", "fill_leases", "cluster_secret", "peer_uploads"]
+# what `mirror migrate` makes besides the index: the site's keys, the peer channel's, the
+# upstream status every replica's page reads
+TABLES = ["cluster_keys", "fill_leases", "cluster_secret", "peer_uploads", "upstream_status"]
 GONE = ["peer_recent_fills"]        # dropped by a later migration (the store says it now)
 
 
@@ -122,7 +123,8 @@ def test_mirror_migrate_creates_the_cluster_tables_once(tmp_path, pg_dsn):
                            cluster)
     assert applied, first.stdout
     components = applied.group(2)
-    assert int(applied.group(1)) >= 5 and "keys 1" in components.split(", ")
+    assert int(applied.group(1)) >= 6 and "keys 1" in components.split(", ")
+    assert "upstream_status 1" in components.split(", ")
     assert {"fill_lease", "peer_auth", "peer_uploads"} <= \
         {c.split()[0] for c in components.split(", ")}
     assert again.stdout.splitlines()[1] == f"cluster {where}: up to date ({components})"
