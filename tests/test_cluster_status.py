@@ -151,3 +151,26 @@ def test_a_site_whose_table_cannot_be_read_shows_this_replica_s_files(tmp_path, 
         await shared.write("hub", {"hub.test": _state(True, 300.0)})
         return await read_status(tmp_path, shared=shared)
     assert asyncio.run(main()) == []                       # the (empty) files' view
+
+
+def test_a_restarted_replica_with_the_same_pid_has_no_say_by_its_predecessor_s_rows(
+        tmp_path, pg_dsn):
+    async def main():
+        pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=2)
+        try:
+            before = SiteStatus(pool, "http://c.test", heartbeat=3600)
+            await before.start()
+            await before.write("hub", {"hub.test": _state(False, 500.0)})
+            seen = await read_status(tmp_path, shared=before)
+            # killed, restarted in its container: the same URL, the same pid
+            after = SiteStatus(pool, "http://c.test", heartbeat=0.05)
+            await after.start()
+            await asyncio.sleep(0.3)                        # a few heartbeats
+            later = await read_status(tmp_path, shared=after)
+            await after.stop()
+            return seen, later
+        finally:
+            await pool.close()
+    seen, later = asyncio.run(main())
+    assert not seen[0].up
+    assert later[0].up and later[0].seen_by is None and later[0].since is None

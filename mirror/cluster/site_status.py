@@ -12,10 +12,12 @@ source, times in epoch seconds as in the files. ``SiteStatus`` is the recorder's
   most every ``WRITE_EVERY`` seconds per upstream, at once on up or down), from its
   writer task, never a request's; a failure is logged (once until one succeeds again).
 - a heartbeat every ``HEARTBEAT`` seconds sets ``heartbeat_at = now()`` on the
-  process's rows (the database's clock, so replicas' clocks do not matter); a process
-  that stops sets ``stopped``. A row has a say on up or down while it is not stopped
-  and its heartbeat is younger than ``ALIVE`` seconds: a killed replica's say ends
-  within ``ALIVE``, a stopped one's at once.
+  process's rows (the database's clock: whether a replica is alive does not depend on
+  the replicas' clocks; which one looked last does, as the times are theirs). A process
+  that stops sets ``stopped``, as does one starting on the rows an earlier process of
+  its replica left under the same pid (a restarted container's pid 1). A row has a say
+  on up or down while it is not stopped and its heartbeat is younger than ``ALIVE``
+  seconds: a killed replica's say ends within ``ALIVE``, a stopped one's at once.
 - while this process leads the site (cluster/leader.py), the heartbeat also deletes,
   every ``PRUNE_EVERY`` seconds, the rows whose heartbeat is older than
   upstream_status.KEPT (processes gone for that long).
@@ -117,8 +119,13 @@ class SiteStatus:
 
     async def start(self) -> None:
         """Apply the table's migrations (raises when it cannot), then beat."""
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=TIMEOUT) as conn:
             await migrate(conn)
+            # rows of an earlier process of this replica given the same pid (a container
+            # restarted: pid 1 again) are that process's, which has stopped
+            await conn.execute("UPDATE upstream_status SET stopped = true "
+                               "WHERE replica = $1 AND pid = $2", self.replica, self.pid,
+                               timeout=TIMEOUT)
         self._task = asyncio.create_task(self._beat(), name="upstream status heartbeat")
 
     async def stop(self) -> None:
@@ -145,7 +152,7 @@ class SiteStatus:
             await self._run("write its upstream status", _UPSERT, rows, many=True)
 
     async def views(self) -> list[View]:
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=TIMEOUT) as conn:
             rows = await conn.fetch(_VIEWS, self.alive, timeout=TIMEOUT)
         return [(bool(r["alive"]), r["upstream"], r["source"],
                  {"up": r["up"], **{f: r[f] for f in _FIELDS}}, r["replica"])
@@ -153,7 +160,7 @@ class SiteStatus:
 
     async def prune(self) -> int:
         """Drop the rows of processes gone for ``KEPT`` seconds; how many."""
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=TIMEOUT) as conn:
             done = await conn.execute(
                 "DELETE FROM upstream_status WHERE heartbeat_at < now() - "
                 "make_interval(secs => $1)", KEPT, timeout=TIMEOUT)
@@ -163,7 +170,8 @@ class SiteStatus:
         while True:
             await asyncio.sleep(self.heartbeat)
             await self._run("beat", "UPDATE upstream_status SET heartbeat_at = now() "
-                            "WHERE replica = $1 AND pid = $2", self.replica, self.pid)
+                            "WHERE replica = $1 AND pid = $2 AND NOT stopped",
+                            self.replica, self.pid)
             if self.leading() and time.monotonic() - self._pruned >= PRUNE_EVERY:
                 self._pruned = time.monotonic()
                 try:
