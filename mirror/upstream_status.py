@@ -137,6 +137,20 @@ class Recorder:
 
     async def close(self) -> None:
         """Write what is not written yet."""
+        await self._flush()
+        await self.unshare()
+
+    async def unshare(self) -> None:
+        """Write what is not written yet, to the ``shared`` table too, and leave it (before
+        the site's pool closes)."""
+        shared = self.shared
+        if shared is None:
+            return
+        await self._flush()
+        self.shared = None
+        await shared.stop()
+
+    async def _flush(self) -> None:
         for task in self._tasks.values():
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
@@ -144,19 +158,6 @@ class Recorder:
         for upstream in list(self._dirty):
             self._dirty.discard(upstream)
             await self._write(upstream)
-        await self.unshare()
-
-    async def unshare(self) -> None:
-        """Write what is not written yet to the ``shared`` table and leave it (before the
-        site's pool closes)."""
-        shared = self.shared
-        if shared is None:
-            return
-        for upstream in list(self._dirty):
-            self._dirty.discard(upstream)
-            await self._write(upstream)
-        self.shared = None
-        await shared.stop()
 
     # -- what the upstream modules see ----------------------------------------------------
 
@@ -240,7 +241,11 @@ class Recorder:
             self._dirty.discard(upstream)
             self._urgent.discard(upstream)
             self._written[upstream] = loop.time()
-            await self._write(upstream)
+            try:
+                await self._write(upstream)
+            except asyncio.CancelledError:
+                self._dirty.add(upstream)     # stopping: the flush writes it again
+                raise
 
     async def _write(self, upstream: str) -> None:
         sources = {s: dict(v) for s, v in self._sources.get(upstream, {}).items()}
