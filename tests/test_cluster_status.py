@@ -3,10 +3,11 @@ each process's view of its upstreams reaches every replica's page through Postgr
 
 Two real mirror processes share one real PostgreSQL and a bucket on the real moto
 server (tests/support/replicas.py), in front of the real upstream registry through the
-fault-injecting proxy; only replica A is asked while the upstream fails, and replica B's
-page must say what A saw. The merge rules (the live process that looked last says up or
-down, a killed replica's say ends with its heartbeat, a stopped one's at once, the
-leader prunes the long gone) against the real table, with no server.
+fault-injecting proxy; only replica A is asked while the upstream fails, and replica
+B's page must say what A saw, until A stops. The merge rules (the live process that
+looked last says up or down, a killed replica's say ends with its heartbeat, a stopped
+one's at once, the leader prunes the long gone) against the real table, with no
+server.
 """
 
 from __future__ import annotations
@@ -74,6 +75,14 @@ def test_what_one_replica_sees_of_an_upstream_shows_on_the_other_s_page(
         row = wait_row(b, lambda r: state(r) == "up", 20, "B's page shows A's up")
         assert f'data-seen-by="{a.url}"' in row
         assert f'data-error-by="{a.url}"' in row         # the last error stays
+
+        faulty_upstream.arm("drop", times=None)          # down again for A, which stops:
+        with httpx.Client(base_url=a.url, timeout=60) as client:
+            assert get_manifest(client, image.repo, "no-such-tag-2").status_code >= 500
+        wait_row(b, lambda r: state(r) == "down", 5, "B's page shows A's down again")
+        a.stop()                                         # a stopped replica has no say
+        row = wait_row(b, lambda r: state(r) == "up", 5, "A's say ends with its stop")
+        assert f'data-seen-by="{b.url}"' in row and f'data-error-by="{a.url}"' in row
 
 
 def _rows(dsn: str, query: str, *args):
