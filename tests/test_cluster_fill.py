@@ -27,6 +27,7 @@ from tests.support.client import RegistryClient
 from tests.support.fixtures import big_layer_size
 from tests.support.images import make_layer, push_blob
 from tests.support.ports import free_port
+from tests.support.postgres import fetch
 from tests.support.replicas import Replicas, burst, pull_blob
 
 # the fixtures this module uses (tests/support/postgres.py, s3.py)
@@ -41,16 +42,6 @@ def fresh_blob(tmp_path, upstream, size: int, tag: str):
     with RegistryClient(upstream.url) as client:
         push_blob(client, None, REPO, blob)
     return blob
-
-
-def sql(dsn: str, query: str, *args):
-    async def main():
-        conn = await asyncpg.connect(dsn)
-        try:
-            return await conn.fetch(query, *args)
-        finally:
-            await conn.close()
-    return asyncio.run(main())
 
 
 def _upstream_bytes(mirror) -> float:
@@ -105,7 +96,7 @@ def test_sixteen_cold_clients_over_three_replicas_cause_one_upstream_get(
     owner = next(m for m, n in zip(replicas, fetched, strict=True) if n)
     assert 'route="peer"' in httpx.get(f"{owner.url}/metrics", timeout=10).text
     # Nothing left behind: no lease, no claim file.
-    assert not sql(replicas.dsn, "SELECT * FROM fill_leases")
+    assert not fetch(replicas.dsn, "SELECT * FROM fill_leases")
     for mirror in replicas:
         assert not list((mirror.data_dir / "tmp").glob("*.fill"))
 
@@ -159,7 +150,7 @@ def test_killing_the_owner_mid_fill_the_others_finish_with_one_more_get(
     # The owner is named in its lease (its URL and pid); let some bytes in first.
     deadline = time.monotonic() + 20
     while True:
-        rows = sql(site.dsn, "SELECT owner, done FROM fill_leases WHERE digest = $1",
+        rows = fetch(site.dsn, "SELECT owner, done FROM fill_leases WHERE digest = $1",
                    blob.digest)
         if rows and rows[0]["done"] > 9 * 1024 * 1024:      # past the first 8 MiB part
             break
@@ -212,7 +203,7 @@ def test_a_replica_that_wakes_to_find_the_blob_committed_adopts_it(
         pull_blob(rr, REPO, blob, first=m, tries=10))) for m in site.mirrors]
     clients[0].start()
     deadline = time.monotonic() + 20
-    while not sql(site.dsn, "SELECT 1 FROM fill_leases WHERE digest = $1", blob.digest):
+    while not fetch(site.dsn, "SELECT 1 FROM fill_leases WHERE digest = $1", blob.digest):
         assert time.monotonic() < deadline, site.log_text()
         time.sleep(0.05)
     for t in clients[1:]:
@@ -259,7 +250,7 @@ def test_the_peer_endpoint_wants_the_site_signature(replicas, upstream, tmp_path
     wrong = PeerAuth(os.urandom(32)).sign("GET", path)
     assert _peer_get(mirror, path, wrong).status_code == 401
     # The site's secret is in PostgreSQL (made by the first replica; one row).
-    rows = sql(replicas.dsn, "SELECT secret FROM cluster_secret")
+    rows = fetch(replicas.dsn, "SELECT secret FROM cluster_secret")
     assert len(rows) == 1
     auth = PeerAuth(bytes(rows[0]["secret"]))
     assert _peer_get(mirror, path, auth.sign("GET", path)).status_code == 404
@@ -327,10 +318,10 @@ def test_any_worker_of_the_owner_serves_its_download_to_peers(
             pull_blob(site.round_robin(), REPO, blob)))
         t.start()
         deadline = time.monotonic() + 20
-        while not sql(site.dsn, "SELECT 1 FROM fill_leases WHERE digest = $1", blob.digest):
+        while not fetch(site.dsn, "SELECT 1 FROM fill_leases WHERE digest = $1", blob.digest):
             assert time.monotonic() < deadline, owner.log_text()
             time.sleep(0.05)
-        auth = PeerAuth(bytes(sql(site.dsn, "SELECT secret FROM cluster_secret")[0][0]))
+        auth = PeerAuth(bytes(fetch(site.dsn, "SELECT secret FROM cluster_secret")[0][0]))
         path = f"/_mirror/peer/blobs/{blob.digest}"
         got: dict[int, bytes] = {}
 
@@ -372,7 +363,7 @@ def test_a_live_owner_that_peers_cannot_reach_costs_a_second_get_not_a_failure(
             pull_blob(rr, REPO, blob, first=site[0])))
         first.start()
         deadline = time.monotonic() + 20
-        while not sql(site.dsn, "SELECT 1 FROM fill_leases WHERE digest = $1", blob.digest):
+        while not fetch(site.dsn, "SELECT 1 FROM fill_leases WHERE digest = $1", blob.digest):
             assert time.monotonic() < deadline, site.log_text()
             time.sleep(0.05)
         n, digest, errors, _ = pull_blob(rr, REPO, blob, first=site[1])
@@ -436,7 +427,7 @@ def test_an_owner_that_hangs_loses_its_lease_and_the_others_take_over(
     first = threading.Thread(target=pull, args=(0,))
     first.start()
     deadline = time.monotonic() + 20
-    while not sql(site.dsn, "SELECT 1 FROM fill_leases WHERE digest = $1", blob.digest):
+    while not fetch(site.dsn, "SELECT 1 FROM fill_leases WHERE digest = $1", blob.digest):
         assert time.monotonic() < deadline, site.log_text()
         time.sleep(0.05)
     others = [threading.Thread(target=pull, args=(i,)) for i in (1, 2)]

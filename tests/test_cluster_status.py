@@ -24,6 +24,7 @@ from mirror.cluster.site_status import SiteStatus
 from mirror.upstream_status import KEPT, read_status
 from tests.support import postgres as _postgres
 from tests.support import s3 as _s3
+from tests.support.postgres import fetch
 from tests.support.replicas import Replicas
 from tests.test_pull_through import get_manifest
 
@@ -85,16 +86,6 @@ def test_what_one_replica_sees_of_an_upstream_shows_on_the_other_s_page(
         assert f'data-seen-by="{b.url}"' in row and f'data-error-by="{a.url}"' in row
 
 
-def _rows(dsn: str, query: str, *args):
-    async def main():
-        conn = await asyncpg.connect(dsn)
-        try:
-            return await conn.fetch(query, *args)
-        finally:
-            await conn.close()
-    return asyncio.run(main())
-
-
 def _state(up: bool, at: float, **more) -> dict:
     return {"up": up, "since": at, "seen_at": at, "last_error": None, "last_error_at": None,
             "last_success_at": None, "ratelimit_remaining": None, "ratelimit_at": None,
@@ -146,7 +137,7 @@ def test_the_site_s_rows_merge_by_the_rules_of_the_files(tmp_path, pg_dsn):
     assert not back[0].up and back[0].seen_by == "http://a.test"
     assert stopped[0].up and stopped[0].seen_by == "http://b.test"
     assert pruned == 1
-    assert [r["replica"] for r in _rows(pg_dsn, "SELECT replica FROM upstream_status")] == \
+    assert [r["replica"] for r in fetch(pg_dsn, "SELECT replica FROM upstream_status")] == \
         ["http://b.test"]
 
 

@@ -152,3 +152,18 @@ def pg_dsn(postgres: PostgresCluster) -> str:
     name = postgres.new_database()
     yield postgres.dsn(name)
     postgres.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def fetch(dsn: str, query: str, *args) -> list:
+    """Run one query on ``dsn`` from a test (its own connection, closed after): the rows."""
+    import asyncio
+
+    import asyncpg
+
+    async def main():
+        conn = await asyncpg.connect(dsn)
+        try:
+            return await conn.fetch(query, *args)
+        finally:
+            await conn.close()
+    return asyncio.run(main())
