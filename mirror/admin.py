@@ -696,13 +696,19 @@ async def verify(args, config: Config, router: Router) -> int:
                 if state == "corrupt":
                     await fileio.run(set_aside, cache.path_for(digest), quarantine, digest)
             await cache.index.bump_generation()      # a running server reloads its view
+    removed = "moved to " + str(quarantine) if quarantine else "removed"
+    return _verified(results, bad, hashed, "files", removed)
+
+
+def _verified(results: list, bad: list, hashed: int, what: str, removed: str) -> int:
+    """``mirror verify``'s report, of files or objects: a line per bad one (what was
+    done with it: ``removed`` if corrupt, forgotten if missing), then the totals."""
     for digest, size, manifest, state, _, _ in bad:
-        done = ("moved to " + str(quarantine) if quarantine else "removed") \
-            if state == "corrupt" else "forgotten"
+        done = removed if state == "corrupt" else "forgotten"
         print(f"{state} {'manifest' if manifest else 'blob'} {digest} ({human_size(size)}): "
               f"{done}")
     corrupt = sum(1 for r in bad if r[3] == "corrupt")
-    print(f"verified {len(results)} files ({hashed / GiB:.2f} GiB): {corrupt} corrupt, "
+    print(f"verified {len(results)} {what} ({hashed / GiB:.2f} GiB): {corrupt} corrupt, "
           f"{len(bad) - corrupt} missing")
     return 1 if bad else 0
 
@@ -721,10 +727,4 @@ async def _verify_stored(cache: LocalCache) -> int:
         await cache.index.forget([r[0] for r in bad if not r[2]], [r[0] for r in bad if r[2]])
         await cache.store.delete([r[0] for r in bad if r[3] == "corrupt"])
         await cache.index.bump_generation()      # a running server reloads its view
-    for digest, size, manifest, state, _, _ in bad:
-        print(f"{state} {'manifest' if manifest else 'blob'} {digest} ({human_size(size)}): "
-              f"{'deleted' if state == 'corrupt' else 'forgotten'}")
-    corrupt = sum(1 for r in bad if r[3] == "corrupt")
-    print(f"verified {len(results)} objects ({hashed / GiB:.2f} GiB): {corrupt} corrupt, "
-          f"{len(bad) - corrupt} missing")
-    return 1 if bad else 0
+    return _verified(results, bad, hashed, "objects", "deleted")
